@@ -1,0 +1,1 @@
+//! Splitvisor tools.
