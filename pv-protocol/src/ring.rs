@@ -163,7 +163,7 @@ struct Geometry<'a, P> {
 
 impl<'a, P: RingProtocol> Geometry<'a, P> {
     const SLOT_OK: () = assert!(
-        slot_size::<P>() % 4 == 0 && slot_size::<P>() <= PAGE_SIZE - RING_HEADER_SIZE,
+        slot_size::<P>().is_multiple_of(4) && slot_size::<P>() <= PAGE_SIZE - RING_HEADER_SIZE,
         "ring slots must be a multiple of 4 bytes and fit in one page"
     );
 

@@ -71,7 +71,7 @@ impl<'a> SharedRegion<'a> {
     /// access is one). Concurrent writes by another process or domain are expected and fine.
     pub unsafe fn from_raw(base: *mut u8, len: usize) -> Result<Self, RegionError> {
         let base = NonNull::new(base).ok_or(RegionError::Misaligned(0))?;
-        if base.as_ptr() as usize % 8 != 0 {
+        if !(base.as_ptr() as usize).is_multiple_of(8) {
             return Err(RegionError::Misaligned(base.as_ptr() as usize));
         }
         Ok(Self {
@@ -116,7 +116,7 @@ impl<'a> SharedRegion<'a> {
 
     fn check_u32(&self, offset: usize) -> Result<(), RegionError> {
         self.check(offset, 4)?;
-        if offset % 4 != 0 {
+        if !offset.is_multiple_of(4) {
             return Err(RegionError::UnalignedIndex(offset));
         }
         Ok(())
@@ -125,7 +125,7 @@ impl<'a> SharedRegion<'a> {
     /// The sub-region `offset..offset + len`, which must be 8-byte aligned.
     pub fn sub_region(&self, offset: usize, len: usize) -> Result<SharedRegion<'a>, RegionError> {
         self.check(offset, len)?;
-        if offset % 8 != 0 {
+        if !offset.is_multiple_of(8) {
             return Err(RegionError::Misaligned(self.base_addr() + offset));
         }
         Ok(Self {
@@ -184,26 +184,28 @@ impl<'a> SharedRegion<'a> {
     /// `offset + dst.len() <= len`.
     pub(crate) unsafe fn read_unchecked(&self, offset: usize, dst: &mut [u8]) {
         let mut i = 0;
-        let n = dst.len();
-        // SAFETY (all three loops): `offset + i + width <= offset + n <= len`, and each width is
-        // only used at an address aligned to it; `from_raw` keeps the memory valid and atomic-only.
-        // Relaxed: payload bytes are ordered by the index load (acquire) that made them visible.
-        while i + 8 <= n && (offset + i) % 8 == 0 {
-            let p = unsafe { self.base.as_ptr().add(offset + i) };
-            let v = unsafe { AtomicU64::from_ptr(p.cast()) }.load(Ordering::Relaxed);
-            dst[i..i + 8].copy_from_slice(&v.to_ne_bytes());
-            i += 8;
-        }
-        while i + 4 <= n && (offset + i) % 4 == 0 {
-            let p = unsafe { self.base.as_ptr().add(offset + i) };
-            let v = unsafe { AtomicU32::from_ptr(p.cast()) }.load(Ordering::Relaxed);
-            dst[i..i + 4].copy_from_slice(&v.to_ne_bytes());
-            i += 4;
-        }
-        while i < n {
-            let p = unsafe { self.base.as_ptr().add(offset + i) };
-            dst[i] = unsafe { AtomicU8::from_ptr(p) }.load(Ordering::Relaxed);
-            i += 1;
+        while i < dst.len() {
+            let at = offset + i;
+            let left = dst.len() - i;
+            // SAFETY: `at < offset + dst.len() <= len` (caller), so the pointer is in the region.
+            let p = unsafe { self.base.as_ptr().add(at) };
+            // Relaxed loads: payload bytes are ordered by the index load (acquire) that made them
+            // visible; each width is used only where it fits and `at` is aligned to it.
+            if left >= 8 && at.is_multiple_of(8) {
+                // SAFETY: 8 bytes at an 8-aligned address inside the region (`from_raw` contract).
+                let v = unsafe { AtomicU64::from_ptr(p.cast()) }.load(Ordering::Relaxed);
+                dst[i..i + 8].copy_from_slice(&v.to_ne_bytes());
+                i += 8;
+            } else if left >= 4 && at.is_multiple_of(4) {
+                // SAFETY: 4 bytes at a 4-aligned address inside the region.
+                let v = unsafe { AtomicU32::from_ptr(p.cast()) }.load(Ordering::Relaxed);
+                dst[i..i + 4].copy_from_slice(&v.to_ne_bytes());
+                i += 4;
+            } else {
+                // SAFETY: one byte inside the region.
+                dst[i] = unsafe { AtomicU8::from_ptr(p) }.load(Ordering::Relaxed);
+                i += 1;
+            }
         }
     }
 
@@ -213,29 +215,27 @@ impl<'a> SharedRegion<'a> {
     /// `offset + src.len() <= len`.
     pub(crate) unsafe fn write_unchecked(&self, offset: usize, src: &[u8]) {
         let mut i = 0;
-        let n = src.len();
-        // SAFETY (all three loops): as in `read_unchecked`. Relaxed: the producer index store
-        // (release) that follows publishes these bytes.
-        while i + 8 <= n && (offset + i) % 8 == 0 {
-            let p = unsafe { self.base.as_ptr().add(offset + i) };
-            let mut b = [0u8; 8];
-            b.copy_from_slice(&src[i..i + 8]);
-            unsafe { AtomicU64::from_ptr(p.cast()) }
-                .store(u64::from_ne_bytes(b), Ordering::Relaxed);
-            i += 8;
-        }
-        while i + 4 <= n && (offset + i) % 4 == 0 {
-            let p = unsafe { self.base.as_ptr().add(offset + i) };
-            let mut b = [0u8; 4];
-            b.copy_from_slice(&src[i..i + 4]);
-            unsafe { AtomicU32::from_ptr(p.cast()) }
-                .store(u32::from_ne_bytes(b), Ordering::Relaxed);
-            i += 4;
-        }
-        while i < n {
-            let p = unsafe { self.base.as_ptr().add(offset + i) };
-            unsafe { AtomicU8::from_ptr(p) }.store(src[i], Ordering::Relaxed);
-            i += 1;
+        while i < src.len() {
+            let at = offset + i;
+            let left = src.len() - i;
+            // SAFETY: `at < offset + src.len() <= len` (caller), so the pointer is in the region.
+            let p = unsafe { self.base.as_ptr().add(at) };
+            // Relaxed stores: the producer index store (release) that follows publishes them.
+            if left >= 8 && at.is_multiple_of(8) {
+                let v = u64::from_ne_bytes(src[i..i + 8].try_into().unwrap_or([0; 8]));
+                // SAFETY: 8 bytes at an 8-aligned address inside the region (`from_raw` contract).
+                unsafe { AtomicU64::from_ptr(p.cast()) }.store(v, Ordering::Relaxed);
+                i += 8;
+            } else if left >= 4 && at.is_multiple_of(4) {
+                let v = u32::from_ne_bytes(src[i..i + 4].try_into().unwrap_or([0; 4]));
+                // SAFETY: 4 bytes at a 4-aligned address inside the region.
+                unsafe { AtomicU32::from_ptr(p.cast()) }.store(v, Ordering::Relaxed);
+                i += 4;
+            } else {
+                // SAFETY: one byte inside the region.
+                unsafe { AtomicU8::from_ptr(p) }.store(src[i], Ordering::Relaxed);
+                i += 1;
+            }
         }
     }
 }
