@@ -14,9 +14,17 @@
 #[cfg(feature = "std")]
 extern crate std;
 
+pub mod blkif;
 pub mod byte_ring;
+pub mod console;
+pub mod evtchn;
+pub mod fixed;
+pub mod grant;
+pub mod hypercall;
+pub mod netif;
 pub mod ring;
 pub mod shared;
+pub mod store;
 #[cfg(feature = "test-utils")]
 pub mod test_utils;
 

@@ -411,12 +411,8 @@ fn run() -> Result<(), String> {
     for (pi, peer) in [(4usize, "crossbeam-channel"), (5, "rtrb")] {
         for vi in 0..4 {
             let _ = write!(t, "| {} | {peer} |", variants[vi].1);
-            for wi in 0..WINDOWS.len() {
-                let _ = write!(
-                    t,
-                    " {:.2}x |",
-                    results[vi][wi].rate() / results[pi][wi].rate()
-                );
+            for (ours, theirs) in results[vi].iter().zip(&results[pi]) {
+                let _ = write!(t, " {:.2}x |", ours.rate() / theirs.rate());
             }
             let _ = writeln!(t);
         }
