@@ -183,6 +183,19 @@ impl<'a> SharedRegion<'a> {
     /// # Safety
     /// `offset + dst.len() <= len`.
     pub(crate) unsafe fn read_unchecked(&self, offset: usize, dst: &mut [u8]) {
+        if offset.is_multiple_of(8) && dst.len().is_multiple_of(8) {
+            // Fast path for the common case (ring slots of 8-byte multiples).
+            for (i, chunk) in dst.chunks_exact_mut(8).enumerate() {
+                // SAFETY: `offset + 8 * i + 8 <= offset + dst.len() <= len` (caller), 8-aligned
+                // since the base and `offset` are; `from_raw` keeps the memory valid and
+                // atomic-only. Relaxed: ordered by the index load (acquire) that published it.
+                let v =
+                    unsafe { AtomicU64::from_ptr(self.base.as_ptr().add(offset + 8 * i).cast()) }
+                        .load(Ordering::Relaxed);
+                chunk.copy_from_slice(&v.to_ne_bytes());
+            }
+            return;
+        }
         let mut i = 0;
         while i < dst.len() {
             let at = offset + i;
@@ -214,6 +227,16 @@ impl<'a> SharedRegion<'a> {
     /// # Safety
     /// `offset + src.len() <= len`.
     pub(crate) unsafe fn write_unchecked(&self, offset: usize, src: &[u8]) {
+        if offset.is_multiple_of(8) && src.len().is_multiple_of(8) {
+            for (i, chunk) in src.chunks_exact(8).enumerate() {
+                let v = u64::from_ne_bytes(chunk.try_into().unwrap_or([0; 8]));
+                // SAFETY: as in the fast path of `read_unchecked`. Relaxed: published by the
+                // producer index store (release) that follows.
+                unsafe { AtomicU64::from_ptr(self.base.as_ptr().add(offset + 8 * i).cast()) }
+                    .store(v, Ordering::Relaxed);
+            }
+            return;
+        }
         let mut i = 0;
         while i < src.len() {
             let at = offset + i;

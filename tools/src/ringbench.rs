@@ -60,6 +60,12 @@ pub fn answer(r: &Req) -> Rsp {
     }
 }
 
+/// A stop flag alone in its cache lines, so that polling it does not bounce a line the other
+/// thread writes.
+#[derive(Debug, Default)]
+#[repr(align(128))]
+pub struct StopFlag(pub AtomicBool);
+
 /// How an end waits when the ring has nothing for it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum WaitMode {
@@ -126,6 +132,13 @@ impl Measurement {
     }
 }
 
+/// What a polling loop does between two looks at the ring (a PAUSE hint, as in rtrb's and
+/// crossbeam's own spin loops).
+#[inline(always)]
+pub fn relax() {
+    std::hint::spin_loop();
+}
+
 /// Waits until `ready(ring)` under `mode`; `final_check(ring)` re-arms the event index and
 /// reports whether work arrived meanwhile (then there is no sleep).
 fn wait<R>(
@@ -142,12 +155,12 @@ fn wait<R>(
                 if ready(ring) {
                     return;
                 }
-                std::hint::spin_loop();
+                relax();
             }
         }
     }
     match mode {
-        WaitMode::Poll => std::hint::spin_loop(),
+        WaitMode::Poll => relax(),
         WaitMode::Sleep | WaitMode::SpinThenSleep(_) => {
             if !final_check(ring) {
                 // A failed read (never expected on a live eventfd) just means one more loop.
@@ -223,7 +236,7 @@ pub fn run_back(
     kick: &EventFd,
     irq: &EventFd,
     mode: WaitMode,
-    stop: &AtomicBool,
+    stop: &StopFlag,
 ) -> u64 {
     let mut notifications = 0;
     let mut done = false;
@@ -239,13 +252,13 @@ pub fn run_back(
             irq.write(1).expect("eventfd write");
             notifications += 1;
         }
-        done |= stop.load(Ordering::Relaxed);
+        done |= stop.0.load(Ordering::Relaxed);
         if n == 0 && !done {
             wait(
                 mode,
                 kick,
                 ring,
-                |r| stop.load(Ordering::Relaxed) || r.has_unconsumed_requests().unwrap_or(true),
+                |r| stop.0.load(Ordering::Relaxed) || r.has_unconsumed_requests().unwrap_or(true),
                 |r| r.final_check_for_requests().unwrap_or(true),
             );
         }
@@ -255,7 +268,10 @@ pub fn run_back(
 
 /// Pins the calling thread to `cpu` when the machine has more than one core.
 pub fn bind_to_cpu(cpu: usize) {
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    // Not `available_parallelism()`: it reports the calling thread's affinity, which is already
+    // narrowed to one core in a thread spawned by a pinned thread.
+    // SAFETY: sysconf has no memory-safety preconditions.
+    let cores = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) }.max(1) as usize;
     if cores < 2 {
         return;
     }
