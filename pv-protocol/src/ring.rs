@@ -214,6 +214,44 @@ impl<'a, P: RingProtocol> Geometry<'a, P> {
                 .write_unchecked(self.slot_offset(idx), value.as_bytes())
         };
     }
+
+    /// Publishes our producer index at `prod` (moving it from `old` to `new`) and applies the
+    /// event-index rule to the consumer's index at `event`: `true` means notify the consumer.
+    fn publish(&self, prod: usize, event: usize, old: u32, new: u32) -> bool {
+        // Release: the consumer, after its acquire load of this index, must see the slots we
+        // wrote before it.
+        self.index(prod).store(new, Ordering::Release);
+        // Full fence: the new producer index must be visible to the consumer before we read its
+        // event index, pairing with the fence in `arm_event` on the other side; otherwise both
+        // could miss each other and the consumer would sleep on published work.
+        fence(Ordering::SeqCst);
+        need_notify(old, new, self.index(event).load(Ordering::Relaxed))
+    }
+
+    /// Asks the producer to notify once its index passes `value`; called before a final check.
+    fn arm_event(&self, event: usize, value: u32) {
+        // Relaxed store, then a full fence: the producer must see the new event index before we
+        // re-read its producer index, pairing with the fence in `publish`.
+        self.index(event).store(value, Ordering::Relaxed);
+        fence(Ordering::SeqCst);
+    }
+
+    /// Loads the peer's producer index at `prod` and checks that it puts at most `limit` entries
+    /// past our consumer index `cons`.
+    fn peer_prod(&self, prod: usize, which: &'static str, cons: u32, limit: u32) -> Result<u32> {
+        // Acquire: slots the peer wrote before its release store of this index must be visible
+        // before we copy them out.
+        let value = self.index(prod).load(Ordering::Acquire);
+        if value.wrapping_sub(cons) > limit {
+            return Err(RingError::ProducerOverrun {
+                which,
+                prod: value,
+                cons,
+                limit,
+            });
+        }
+        Ok(value)
+    }
 }
 
 /// The front end of a ring: produces requests, consumes responses.
@@ -286,21 +324,12 @@ impl<'a, P: RingProtocol> FrontRing<'a, P> {
 
     /// Publishes every pushed request and returns whether the back end must be notified.
     pub fn commit_requests(&mut self) -> bool {
-        let old = self.req_prod;
-        let new = self.req_prod_pvt;
+        let (old, new) = (self.req_prod, self.req_prod_pvt);
         if old == new {
             return false;
         }
         self.req_prod = new;
-        // Release: the back end, after its acquire load of req_prod, must see the slot contents
-        // written by push_request.
-        self.geo.index(REQ_PROD).store(new, Ordering::Release);
-        // Full fence: our req_prod store must be visible to the back end before we read its
-        // req_event, pairing with the fence in BackRing::final_check_for_requests (else both sides
-        // could miss each other and the back end would sleep on published work).
-        fence(Ordering::SeqCst);
-        let event = self.geo.index(REQ_EVENT).load(Ordering::Relaxed);
-        need_notify(old, new, event)
+        self.geo.publish(REQ_PROD, REQ_EVENT, old, new)
     }
 
     /// Validates the back end's `rsp_prod` and returns how many responses may be taken.
@@ -311,24 +340,14 @@ impl<'a, P: RingProtocol> FrontRing<'a, P> {
         if self.rsp_cons != self.rsp_prod_seen {
             return Ok(self.rsp_prod_seen.wrapping_sub(self.rsp_cons));
         }
-        // Acquire: response slots written before the back end's release store of rsp_prod must be
-        // visible before we copy them out.
-        let prod = self.geo.index(RSP_PROD).load(Ordering::Acquire);
-        let avail = prod.wrapping_sub(self.rsp_cons);
         // The back end can only answer requests we have published.
         let limit = self.req_prod.wrapping_sub(self.rsp_cons);
-        if avail > limit {
-            let e = RingError::ProducerOverrun {
-                which: "rsp_prod",
-                prod,
-                cons: self.rsp_cons,
-                limit,
-            };
-            self.broken = Some(e);
-            return Err(e);
-        }
+        let prod = self
+            .geo
+            .peer_prod(RSP_PROD, "rsp_prod", self.rsp_cons, limit)
+            .inspect_err(|e| self.broken = Some(*e))?;
         self.rsp_prod_seen = prod;
-        Ok(avail)
+        Ok(prod.wrapping_sub(self.rsp_cons))
     }
 
     /// Whether responses are waiting (validating the back end's index).
@@ -360,12 +379,7 @@ impl<'a, P: RingProtocol> FrontRing<'a, P> {
             return Ok(true);
         }
         let n = n.clamp(1, self.in_flight().max(1));
-        // Relaxed store, then a full fence: the back end must see our new rsp_event before we read
-        // rsp_prod again, pairing with the fence in BackRing::commit_responses.
-        self.geo
-            .index(RSP_EVENT)
-            .store(self.rsp_cons.wrapping_add(n), Ordering::Relaxed);
-        fence(Ordering::SeqCst);
+        self.geo.arm_event(RSP_EVENT, self.rsp_cons.wrapping_add(n));
         self.has_unconsumed_responses()
     }
 }
@@ -424,25 +438,15 @@ impl<'a, P: RingProtocol> BackRing<'a, P> {
         if self.req_cons != self.req_prod_seen {
             return Ok(self.req_prod_seen.wrapping_sub(self.req_cons));
         }
-        // Acquire: request slots written before the front end's release store of req_prod must be
-        // visible before we copy them out.
-        let prod = self.geo.index(REQ_PROD).load(Ordering::Acquire);
-        let avail = prod.wrapping_sub(self.req_cons);
         // At most `size` requests can be unanswered (Xen's RING_REQUEST_CONS_OVERFLOW): the slots
         // of requests we took but have not answered are not free for new requests.
         let limit = self.geo.size - self.outstanding();
-        if avail > limit {
-            let e = RingError::ProducerOverrun {
-                which: "req_prod",
-                prod,
-                cons: self.req_cons,
-                limit,
-            };
-            self.broken = Some(e);
-            return Err(e);
-        }
+        let prod = self
+            .geo
+            .peer_prod(REQ_PROD, "req_prod", self.req_cons, limit)
+            .inspect_err(|e| self.broken = Some(*e))?;
         self.req_prod_seen = prod;
-        Ok(avail)
+        Ok(prod.wrapping_sub(self.req_cons))
     }
 
     /// Whether requests are waiting (validating the front end's index).
@@ -476,19 +480,12 @@ impl<'a, P: RingProtocol> BackRing<'a, P> {
 
     /// Publishes every pushed response and returns whether the front end must be notified.
     pub fn commit_responses(&mut self) -> bool {
-        let old = self.rsp_prod;
-        let new = self.rsp_prod_pvt;
+        let (old, new) = (self.rsp_prod, self.rsp_prod_pvt);
         if old == new {
             return false;
         }
         self.rsp_prod = new;
-        // Release: the front end, after its acquire load of rsp_prod, must see the response slots.
-        self.geo.index(RSP_PROD).store(new, Ordering::Release);
-        // Full fence: our rsp_prod store must be visible before we read rsp_event, pairing with
-        // the fence in FrontRing::final_check_for_responses_after.
-        fence(Ordering::SeqCst);
-        let event = self.geo.index(RSP_EVENT).load(Ordering::Relaxed);
-        need_notify(old, new, event)
+        self.geo.publish(RSP_PROD, RSP_EVENT, old, new)
     }
 
     /// Before sleeping: asks to be notified of the next request, then checks once more
@@ -497,12 +494,7 @@ impl<'a, P: RingProtocol> BackRing<'a, P> {
         if self.has_unconsumed_requests()? {
             return Ok(true);
         }
-        // Relaxed store, then a full fence: the front end must see our new req_event before we
-        // read req_prod again, pairing with the fence in FrontRing::commit_requests.
-        self.geo
-            .index(REQ_EVENT)
-            .store(self.req_cons.wrapping_add(1), Ordering::Relaxed);
-        fence(Ordering::SeqCst);
+        self.geo.arm_event(REQ_EVENT, self.req_cons.wrapping_add(1));
         self.has_unconsumed_requests()
     }
 }
@@ -519,26 +511,10 @@ mod tests {
     use super::*;
     use crate::test_utils::{MockBackEnd, MockFrontEnd, RingMemory};
 
-    /// A 64-byte request and a 16-byte response, as the benchmark uses.
-    #[repr(C)]
-    #[derive(Debug, Clone, Copy, PartialEq, Eq, FromBytes, IntoBytes, KnownLayout, Immutable)]
-    struct Req {
-        id: u64,
-        data: [u64; 7],
-    }
-    #[repr(C)]
-    #[derive(Debug, Clone, Copy, PartialEq, Eq, FromBytes, IntoBytes, KnownLayout, Immutable)]
-    struct Rsp {
-        id: u64,
-        sum: u64,
-    }
-    #[derive(Debug)]
-    struct TestRing;
-    impl RingProtocol for TestRing {
-        type Req = Req;
-        type Rsp = Rsp;
-        const NAME: &'static str = "test";
-    }
+    type TestRing = crate::test_utils::EchoRing;
+    type Req = crate::test_utils::EchoReq;
+    type Rsp = crate::test_utils::EchoRsp;
+    use crate::test_utils::{echo_answer as answer, echo_request as req};
 
     /// A 12-byte slot, as the net tx ring has: exercises 4-byte copies.
     #[repr(C)]
@@ -555,20 +531,6 @@ mod tests {
         type Req = Small;
         type Rsp = u32;
         const NAME: &'static str = "small";
-    }
-
-    fn req(id: u64) -> Req {
-        Req {
-            id,
-            data: core::array::from_fn(|i| id.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ i as u64),
-        }
-    }
-
-    fn answer(r: &Req) -> Rsp {
-        Rsp {
-            id: r.id,
-            sum: r.data.iter().fold(0u64, |a, d| a.rotate_left(5) ^ d),
-        }
     }
 
     #[test]

@@ -13,11 +13,68 @@ use core::mem::offset_of;
 use core::ptr::NonNull;
 use core::sync::atomic::Ordering;
 
-use zerocopy::IntoBytes;
+use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
 
 use crate::PAGE_SIZE;
 use crate::ring::{BackRing, FrontRing, Result, RingProtocol, SringHeader, slot_size};
 use crate::shared::SharedRegion;
+
+/// The request of [`EchoRing`]: 64 bytes, a sequence number and a payload derived from it.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, FromBytes, IntoBytes, KnownLayout, Immutable)]
+pub struct EchoReq {
+    /// Sequence number.
+    pub id: u64,
+    /// Payload derived from `id` (see [`echo_request`]).
+    pub data: [u64; 7],
+}
+
+/// The response of [`EchoRing`]: 16 bytes, the id answered and a checksum of its payload.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, FromBytes, IntoBytes, KnownLayout, Immutable)]
+pub struct EchoRsp {
+    /// Id of the request answered.
+    pub id: u64,
+    /// FNV-1a-style checksum of the request's payload.
+    pub sum: u64,
+}
+
+const _: () = assert!(size_of::<EchoReq>() == 64 && size_of::<EchoRsp>() == 16);
+
+/// A test and benchmark protocol: 64-byte requests answered by checksums (32 slots a page).
+#[derive(Debug)]
+pub struct EchoRing;
+
+impl RingProtocol for EchoRing {
+    type Req = EchoReq;
+    type Rsp = EchoRsp;
+    const NAME: &'static str = "echo";
+}
+
+/// The request with sequence number `id`; every id gets a different payload (splitmix64).
+pub fn echo_request(id: u64) -> EchoReq {
+    let mut x = id;
+    EchoReq {
+        id,
+        data: core::array::from_fn(|_| {
+            x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
+            let mut z = x;
+            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+            z ^ (z >> 31)
+        }),
+    }
+}
+
+/// What an honest back end answers to `req`.
+pub fn echo_answer(req: &EchoReq) -> EchoRsp {
+    EchoRsp {
+        id: req.id,
+        sum: req.data.iter().fold(0xcbf2_9ce4_8422_2325, |a, d| {
+            (a ^ d).wrapping_mul(0x100_0000_01b3)
+        }),
+    }
+}
 
 /// Page-aligned, zeroed memory standing in for granted pages.
 #[derive(Debug)]

@@ -4,52 +4,11 @@
 
 use std::thread;
 
-use pv_protocol::test_utils::RingMemory;
-use pv_protocol::{BackRing, FrontRing, RingProtocol};
+use pv_protocol::test_utils::{EchoRing as StressRing, RingMemory, echo_answer, echo_request};
+use pv_protocol::{BackRing, FrontRing};
 use vmm_sys_util::eventfd::EventFd;
-use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
 
 const TOTAL: u64 = 10_000_000;
-
-#[repr(C)]
-#[derive(Debug, Clone, Copy, FromBytes, IntoBytes, KnownLayout, Immutable)]
-struct Req {
-    id: u64,
-    data: [u64; 7],
-}
-
-#[repr(C)]
-#[derive(Debug, Clone, Copy, FromBytes, IntoBytes, KnownLayout, Immutable)]
-struct Rsp {
-    id: u64,
-    sum: u64,
-}
-
-#[derive(Debug)]
-struct StressRing;
-impl RingProtocol for StressRing {
-    type Req = Req;
-    type Rsp = Rsp;
-    const NAME: &'static str = "stress";
-}
-
-fn payload(id: u64) -> [u64; 7] {
-    // splitmix64 of the id: every request carries different bytes.
-    let mut x = id.wrapping_add(0x9e37_79b9_7f4a_7c15);
-    core::array::from_fn(|_| {
-        x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = x;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    })
-}
-
-fn checksum(data: &[u64; 7]) -> u64 {
-    data.iter().fold(0xcbf2_9ce4_8422_2325, |a, d| {
-        (a ^ d).wrapping_mul(0x100_0000_01b3)
-    })
-}
 
 /// Sleeps until `evt` is signalled. A side that went to sleep after a final check that found no
 /// work must be notified; ten seconds of silence means a lost wake-up, and fails the test.
@@ -87,11 +46,8 @@ fn back_end_n(
                 "requests arrive in order, none lost or repeated"
             );
             seen += 1;
-            let rsp = Rsp {
-                id: req.id,
-                sum: checksum(&req.data),
-            };
-            ring.push_response(&rsp).expect("a request is outstanding");
+            ring.push_response(&echo_answer(&req))
+                .expect("a request is outstanding");
         }
         if ring.commit_responses() {
             irq.write(1).unwrap();
@@ -115,11 +71,7 @@ fn front_end_n(
     let (mut sent, mut received) = (0u64, 0u64);
     while received < total {
         while sent < total && ring.free_requests() > 0 {
-            let req = Req {
-                id: sent,
-                data: payload(sent),
-            };
-            ring.push_request(&req).unwrap();
+            ring.push_request(&echo_request(sent)).unwrap();
             sent += 1;
         }
         if ring.commit_requests() {
@@ -133,8 +85,8 @@ fn front_end_n(
                 "responses arrive in order, none lost or repeated"
             );
             assert_eq!(
-                rsp.sum,
-                checksum(&payload(received)),
+                rsp,
+                echo_answer(&echo_request(received)),
                 "response {received} corrupted"
             );
             received += 1;

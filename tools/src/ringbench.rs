@@ -6,59 +6,13 @@ use std::ptr::NonNull;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use pv_protocol::{BackRing, FrontRing, RingProtocol};
+use pv_protocol::{BackRing, FrontRing};
 use vmm_sys_util::eventfd::EventFd;
-use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
 
-/// A 64-byte request.
-#[repr(C)]
-#[derive(Debug, Clone, Copy, FromBytes, IntoBytes, KnownLayout, Immutable)]
-pub struct Req {
-    /// Sequence number.
-    pub id: u64,
-    /// Payload derived from the id.
-    pub data: [u64; 7],
-}
-
-/// A 16-byte response.
-#[repr(C)]
-#[derive(Debug, Clone, Copy, FromBytes, IntoBytes, KnownLayout, Immutable)]
-pub struct Rsp {
-    /// Id of the request answered.
-    pub id: u64,
-    /// Checksum of the request's payload.
-    pub sum: u64,
-}
-
-const _: () = assert!(size_of::<Req>() == 64 && size_of::<Rsp>() == 16);
-
-/// The benchmark's ring protocol: 64-byte slots, 32 per page.
-#[derive(Debug)]
-pub struct BenchRing;
-
-impl RingProtocol for BenchRing {
-    type Req = Req;
-    type Rsp = Rsp;
-    const NAME: &'static str = "bench";
-}
-
-/// The request with sequence number `id`.
-pub fn make_request(id: u64) -> Req {
-    Req {
-        id,
-        data: std::array::from_fn(|i| id.rotate_left(i as u32 * 9) ^ 0x5bd1_e995),
-    }
-}
-
-/// The back end's answer to `r`.
-pub fn answer(r: &Req) -> Rsp {
-    Rsp {
-        id: r.id,
-        sum: r.data.iter().fold(0xcbf2_9ce4_8422_2325, |a, d| {
-            (a ^ d).wrapping_mul(0x100_0000_01b3)
-        }),
-    }
-}
+pub use pv_protocol::test_utils::{
+    EchoReq as Req, EchoRing as BenchRing, EchoRsp as Rsp, echo_answer as answer,
+    echo_request as make_request,
+};
 
 /// A stop flag alone in its cache lines, so that polling it does not bounce a line the other
 /// thread writes.
@@ -125,8 +79,7 @@ impl Measurement {
 
     /// Checks response `r`, expected to answer request `id`.
     pub fn check(&mut self, id: u64, r: &Rsp) {
-        let want = answer(&make_request(id));
-        if r.id != want.id || r.sum != want.sum {
+        if *r != answer(&make_request(id)) {
             self.errors += 1;
         }
     }
