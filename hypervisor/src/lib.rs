@@ -1,1 +1,279 @@
-//! Placeholder: filled in by a later issue.
+//! Splitvisor's hypervisor: KVM domains that run the Splitvisor guest ABI.
+//!
+//! [`Hypervisor`] owns `/dev/kvm` and hands out [`Domain`]s. A domain is a KVM VM with memfd-backed
+//! memory ([`memory`]), booted straight into its ELF kernel's 64-bit entry point ([`boot`]), with
+//! one thread per vCPU ([`vcpu`]) that services hypercalls ([`hypercall`]) and keeps a console
+//! ([`console`]). On PVM hosts (a software hypervisor behind `/dev/kvm`, see HOST-KVM.md) each vCPU
+//! also gets its VIF page; on VMX/SVM hosts that step is skipped.
+#![deny(missing_docs)]
+
+pub mod boot;
+pub mod console;
+pub mod domain;
+pub mod hypercall;
+pub mod memory;
+pub mod vcpu;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use kvm_bindings::{Msrs, kvm_msr_entry, kvm_userspace_memory_region};
+use kvm_ioctls::{Kvm, VcpuFd};
+use pv_protocol::start_info::{MAX_VCPUS, StartFlags, vif_page};
+
+pub use console::Console;
+pub use domain::{Domain, DomainShared, DomainState};
+
+const MSR_PVM_VIF: u32 = 0x4b56_4d10;
+const MSR_PVM_ID: u32 = 0x4b56_4d11;
+const PVM_ID: u64 = 0x4d_5650; // "PVM"
+
+/// Errors from the hypervisor.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// `/dev/kvm` cannot be opened.
+    #[error("cannot open /dev/kvm (is KVM available to this user?)")]
+    NoKvm(#[source] kvm_ioctls::Error),
+    /// A KVM call failed.
+    #[error("{0} failed")]
+    Kvm(&'static str, #[source] kvm_ioctls::Error),
+    /// Bad domain configuration.
+    #[error("bad domain configuration: {0}")]
+    Config(String),
+    /// Guest memory.
+    #[error("guest memory")]
+    Memory(#[from] memory::MemoryError),
+    /// Boot structures.
+    #[error("boot")]
+    Boot(#[from] boot::BootError),
+    /// Spawning a vCPU thread.
+    #[error("cannot spawn a vCPU thread")]
+    Thread(#[source] std::io::Error),
+}
+
+/// Result alias for this crate.
+pub type Result<T> = std::result::Result<T, Error>;
+
+/// What kind of KVM this is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KvmFlavour {
+    /// A PVM software hypervisor: the native-speed recipe applies.
+    Pvm,
+    /// Hardware virtualization (VMX/SVM).
+    Hardware,
+}
+
+/// How to build a domain.
+#[derive(Debug, Clone)]
+pub struct DomainConfig {
+    /// Name.
+    pub name: String,
+    /// Memory in MiB.
+    pub mem_mib: u64,
+    /// vCPUs.
+    pub vcpus: u32,
+    /// ELF64 kernel image (default: the Splitvisor guest kernel).
+    pub kernel: Option<Vec<u8>>,
+    /// Command line for the guest.
+    pub cmdline: String,
+    /// Create paused.
+    pub start_paused: bool,
+    /// Echo console output to this process's stderr as it arrives.
+    pub echo_console: bool,
+}
+
+impl Default for DomainConfig {
+    fn default() -> Self {
+        Self {
+            name: "domain".into(),
+            mem_mib: 64,
+            vcpus: 1,
+            kernel: None,
+            cmdline: "selftest".into(),
+            start_paused: false,
+            echo_console: false,
+        }
+    }
+}
+
+/// The hypervisor: `/dev/kvm` and the domain ids it hands out.
+#[derive(Debug)]
+pub struct Hypervisor {
+    kvm: Kvm,
+    flavour: KvmFlavour,
+    next_id: AtomicU32,
+}
+
+impl Hypervisor {
+    /// Opens `/dev/kvm` and detects the flavour.
+    pub fn new() -> Result<Self> {
+        let kvm = Kvm::new().map_err(Error::NoKvm)?;
+        vcpu::init_kick();
+        let flavour = detect_flavour(&kvm);
+        tracing::info!(?flavour, "KVM opened");
+        Ok(Self {
+            kvm,
+            flavour,
+            next_id: AtomicU32::new(1),
+        })
+    }
+
+    /// PVM or hardware.
+    pub fn flavour(&self) -> KvmFlavour {
+        self.flavour
+    }
+
+    /// Creates and (unless asked to start paused) starts a domain.
+    pub fn create_domain(&self, cfg: DomainConfig) -> Result<Domain> {
+        if cfg.vcpus == 0 || cfg.vcpus as usize > MAX_VCPUS {
+            return Err(Error::Config(format!(
+                "vcpus = {} (1..={MAX_VCPUS})",
+                cfg.vcpus
+            )));
+        }
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let ram = memory::GuestRam::new(cfg.mem_mib << 20)?;
+        let kernel = cfg.kernel.as_deref().unwrap_or(guest_drivers::GUEST_KERNEL);
+        let entry = boot::load_kernel(&ram, kernel)?;
+        let mapped = boot::write_tables(&ram)?;
+
+        let vm = self
+            .kvm
+            .create_vm()
+            .map_err(|e| Error::Kvm("KVM_CREATE_VM", e))?;
+        let region = kvm_userspace_memory_region {
+            slot: 0,
+            flags: 0,
+            guest_phys_addr: 0,
+            memory_size: ram.size(),
+            userspace_addr: ram.host_base(),
+        };
+        // SAFETY: the region is `ram`'s live mapping; `ram` lives in the DomainShared that the
+        // vCPU threads hold, and the VmFd (kept by the Domain) is dropped only after they exit.
+        unsafe { vm.set_user_memory_region(region) }
+            .map_err(|e| Error::Kvm("KVM_SET_USER_MEMORY_REGION", e))?;
+
+        let mut vcpus = Vec::new();
+        for i in 0..cfg.vcpus {
+            let vcpu = vm
+                .create_vcpu(u64::from(i))
+                .map_err(|e| Error::Kvm("KVM_CREATE_VCPU", e))?;
+            self.setup_vcpu(&vcpu, i, entry)?;
+            vcpus.push(vcpu);
+        }
+        let tsc_khz = vcpus[0]
+            .get_tsc_khz()
+            .map(u64::from)
+            .unwrap_or_else(|_| host_tsc_khz());
+        let mut flags = StartFlags::empty();
+        if self.flavour == KvmFlavour::Pvm {
+            flags |= StartFlags::PVM_HOST;
+        }
+        boot::write_start_info(
+            &ram,
+            &boot::StartParams {
+                domid: id,
+                vcpus: cfg.vcpus,
+                mapped,
+                tsc_khz,
+                features: hypercall::features(),
+                flags,
+                cmdline: &cfg.cmdline,
+            },
+        )?;
+
+        let echo: Option<console::Echo> = cfg.echo_console.then(|| {
+            Box::new(|b: &[u8]| {
+                use std::io::Write;
+                let _ = std::io::stderr().write_all(b);
+            }) as console::Echo
+        });
+        let shared = Arc::new(DomainShared::new(
+            id,
+            cfg.name.clone(),
+            cfg.vcpus,
+            ram,
+            Console::new(echo),
+        ));
+        if cfg.start_paused {
+            let mut g = shared.lock();
+            g.state = DomainState::Paused;
+            g.pause_requested = true;
+        }
+        let mut threads = Vec::new();
+        for (i, vcpu) in vcpus.into_iter().enumerate() {
+            let dom = Arc::clone(&shared);
+            let t = std::thread::Builder::new()
+                .name(format!("dom{id}-vcpu{i}"))
+                .spawn(move || vcpu::run_loop(dom, vcpu, i as u32))
+                .map_err(Error::Thread)?;
+            threads.push(t);
+        }
+        tracing::info!(domid = id, name = %cfg.name, vcpus = cfg.vcpus, mem_mib = cfg.mem_mib,
+            "domain created");
+        Ok(Domain {
+            shared,
+            threads,
+            _vm: vm,
+        })
+    }
+
+    fn setup_vcpu(&self, vcpu: &VcpuFd, index: u32, entry: u64) -> Result<()> {
+        if self.flavour == KvmFlavour::Pvm {
+            // PVM: register the vCPU's VIF page, or supervisor code is emulated.
+            let msrs = Msrs::from_entries(&[kvm_msr_entry {
+                index: MSR_PVM_VIF,
+                data: vif_page(index) | 1,
+                ..Default::default()
+            }])
+            .map_err(|_| Error::Config("MSR list".into()))?;
+            let n = vcpu
+                .set_msrs(&msrs)
+                .map_err(|e| Error::Kvm("KVM_SET_MSRS (PVM VIF page)", e))?;
+            if n != 1 {
+                return Err(Error::Config("PVM VIF MSR rejected".into()));
+            }
+        }
+        let sregs = vcpu
+            .get_sregs()
+            .map_err(|e| Error::Kvm("KVM_GET_SREGS", e))?;
+        vcpu.set_sregs(&boot::long_mode_sregs(sregs))
+            .map_err(|e| Error::Kvm("KVM_SET_SREGS", e))?;
+        vcpu.set_regs(&boot::entry_regs(entry, index))
+            .map_err(|e| Error::Kvm("KVM_SET_REGS", e))?;
+        Ok(())
+    }
+}
+
+/// PVM iff the module is loaded and a probe vCPU reports the PVM id MSR.
+fn detect_flavour(kvm: &Kvm) -> KvmFlavour {
+    if !std::path::Path::new("/sys/module/kvm_pvm").exists() {
+        return KvmFlavour::Hardware;
+    }
+    let probe = || -> Option<u64> {
+        let vm = kvm.create_vm().ok()?;
+        let vcpu = vm.create_vcpu(0).ok()?;
+        let mut msrs = Msrs::from_entries(&[kvm_msr_entry {
+            index: MSR_PVM_ID,
+            ..Default::default()
+        }])
+        .ok()?;
+        (vcpu.get_msrs(&mut msrs).ok()? == 1).then(|| msrs.as_slice()[0].data)
+    };
+    if probe() == Some(PVM_ID) {
+        KvmFlavour::Pvm
+    } else {
+        KvmFlavour::Hardware
+    }
+}
+
+/// TSC frequency measured against the monotonic clock (when KVM does not report it).
+fn host_tsc_khz() -> u64 {
+    // SAFETY: rdtsc has no preconditions.
+    let t0 = unsafe { core::arch::x86_64::_rdtsc() };
+    let s = std::time::Instant::now();
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    // SAFETY: as above.
+    let t1 = unsafe { core::arch::x86_64::_rdtsc() };
+    ((t1 - t0) as f64 / s.elapsed().as_secs_f64() / 1000.0) as u64
+}

@@ -24,6 +24,7 @@ pub mod hypercall;
 pub mod netif;
 pub mod ring;
 pub mod shared;
+pub mod start_info;
 pub mod store;
 #[cfg(feature = "test-utils")]
 pub mod test_utils;

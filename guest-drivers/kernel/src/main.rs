@@ -1,0 +1,118 @@
+//! The Splitvisor guest kernel.
+//!
+//! A freestanding 64-bit kernel that the hypervisor enters directly in long mode on every vCPU
+//! (`rdi` = start-info page, `rsi` = vCPU index; memory identity-mapped). It talks to the
+//! hypervisor only through hypercalls (one `out` to the hypercall port after filling the vCPU's
+//! hypercall page) and shared pages described by pv-protocol. The job comes from the command
+//! line: `selftest` checks the hypervisor's services and shuts down with the number of failures
+//! as its exit code; `hostile` throws garbage at the hypervisor to prove it survives.
+// `cargo clippy --all-targets` checks this binary in test mode too (with std and its panic
+// handler); the freestanding attributes apply to the real build only.
+#![cfg_attr(not(test), no_std)]
+#![cfg_attr(not(test), no_main)]
+#![deny(missing_docs)]
+
+mod console;
+mod hcall;
+mod jobs;
+#[cfg(not(test))]
+mod mem;
+
+use core::sync::atomic::{AtomicU32, Ordering};
+
+use pv_protocol::hypercall::ShutdownReason;
+use pv_protocol::start_info::{MAX_VCPUS, START_INFO_GPA, StartInfo};
+
+use crate::hcall::Cpu;
+
+/// Bytes of boot stack per vCPU.
+const STACK_SIZE: usize = 64 * 1024;
+
+#[repr(C, align(4096))]
+struct Stacks([u8; STACK_SIZE * MAX_VCPUS]);
+
+/// Boot stacks, one per vCPU; the entry code picks `(index + 1) * STACK_SIZE` as the top.
+#[unsafe(no_mangle)]
+static mut BOOT_STACKS: Stacks = Stacks([0; STACK_SIZE * MAX_VCPUS]);
+
+// Entry: rdi = start-info, rsi = vCPU index. Each vCPU takes its own stack, clears the frame
+// pointer and calls `kmain`, which never returns.
+core::arch::global_asm!(
+    ".section .text.entry, \"ax\"",
+    ".globl _start",
+    "_start:",
+    "    cmp rsi, {max}",
+    "    jae 2f",
+    "    lea rax, [rsi + 1]",
+    "    imul rax, rax, {stack}",
+    "    lea rsp, [rip + {stacks}]",
+    "    add rsp, rax",
+    "    xor ebp, ebp",
+    "    call {kmain}",
+    "2:  hlt",
+    "    jmp 2b",
+    max = const MAX_VCPUS,
+    stack = const STACK_SIZE,
+    stacks = sym BOOT_STACKS,
+    kmain = sym kmain,
+);
+
+/// Secondary vCPUs that reached `kmain`.
+static SECONDARIES_UP: AtomicU32 = AtomicU32::new(0);
+
+extern "C" fn kmain(start_info: u64, index: u64) -> ! {
+    let cpu = Cpu::new(index as u32);
+    // SAFETY: the hypervisor maps the start-info page at this address before entering us and
+    // never changes it afterwards; the reference lives as long as the kernel.
+    let si: &'static StartInfo = unsafe { &*(start_info as *const StartInfo) };
+    if start_info != START_INFO_GPA || !si.is_compatible() {
+        console::print(&cpu, format_args!("guest: incompatible start-info\n"));
+        cpu.shutdown(ShutdownReason::Crash, 255);
+    }
+    if cpu.index != 0 {
+        SECONDARIES_UP.fetch_add(1, Ordering::AcqRel);
+        // Secondary vCPUs have no work yet: block until the domain goes away. `block` returns on
+        // any pending event, so loop.
+        loop {
+            cpu.block();
+        }
+    }
+    let cmdline = si.cmdline();
+    let job = cmdline.split_whitespace().next().unwrap_or("selftest");
+    kprintln!(
+        &cpu,
+        "splitvisor guest: domain {} with {} vCPU(s), {} MiB, cmdline {:?}",
+        si.domid,
+        si.nr_vcpus,
+        si.mem_bytes >> 20,
+        cmdline
+    );
+    let code = match job {
+        "selftest" => jobs::selftest(&cpu, si),
+        "hostile" => jobs::hostile(&cpu, si),
+        other => {
+            kprintln!(&cpu, "unknown job {other:?}");
+            2
+        }
+    };
+    cpu.shutdown(ShutdownReason::Poweroff, code)
+}
+
+/// The vCPU whose boot stack holds `sp`.
+pub fn cpu_of_stack(sp: usize) -> u32 {
+    let base = (&raw const BOOT_STACKS) as usize;
+    (sp.wrapping_sub(base) / STACK_SIZE).min(MAX_VCPUS - 1) as u32
+}
+
+/// How many secondary vCPUs have started.
+pub fn secondaries_up() -> u32 {
+    SECONDARIES_UP.load(Ordering::Acquire)
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(info: &core::panic::PanicInfo<'_>) -> ! {
+    let cpu = Cpu::current();
+    kprintln!(&cpu, "guest panic: {info}");
+    cpu.shutdown(ShutdownReason::Crash, 254)
+}

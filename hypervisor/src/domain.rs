@@ -1,0 +1,317 @@
+//! Domains: a KVM VM, its memory, its vCPU threads and its lifecycle.
+//!
+//! Each vCPU runs on its own thread ([`crate::vcpu`]). The state lives in [`DomainShared`],
+//! behind one mutex and condition variable: vCPU threads park there when paused, block there in
+//! `sched_op(block)`, and the owner waits there for shutdown. A vCPU thread in `KVM_RUN` is
+//! pulled out with a signal ([`crate::vcpu::kick`]).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use pv_protocol::hypercall::ShutdownReason;
+
+use crate::console::Console;
+use crate::memory::GuestRam;
+
+/// Why a domain stopped, or that it still runs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DomainState {
+    /// vCPUs run.
+    Running,
+    /// vCPUs are parked; their state is kept.
+    Paused,
+    /// The guest asked to shut down.
+    Shutdown {
+        /// Why.
+        reason: ShutdownReason,
+        /// The guest's exit code.
+        code: u32,
+    },
+    /// The guest crashed (triple fault, internal KVM error, failed entry).
+    Crashed {
+        /// What happened, with the vCPU's registers.
+        detail: String,
+    },
+    /// Destroyed by its owner while still running.
+    Destroyed,
+}
+
+impl DomainState {
+    /// Whether the vCPUs have stopped for good.
+    pub fn is_final(&self) -> bool {
+        matches!(
+            self,
+            Self::Shutdown { .. } | Self::Crashed { .. } | Self::Destroyed
+        )
+    }
+}
+
+#[derive(Debug)]
+pub(crate) struct Inner {
+    pub(crate) state: DomainState,
+    /// Set when vCPUs must leave `KVM_RUN` and park (pause) or exit (final state).
+    pub(crate) pause_requested: bool,
+    pub(crate) parked: u32,
+    /// Bumped whenever an event may have become pending; `sched_op(block)` waits for a change.
+    pub(crate) event_seq: u64,
+    /// Threads of the vCPUs currently inside the run loop, for kicks.
+    pub(crate) vcpu_threads: Vec<libc::pthread_t>,
+}
+
+/// What every vCPU thread of a domain shares.
+#[derive(Debug)]
+pub struct DomainShared {
+    /// Domain id (never reused while the hypervisor lives).
+    pub id: u32,
+    /// Name.
+    pub name: String,
+    /// vCPU count.
+    pub vcpus: u32,
+    /// Guest memory.
+    pub ram: GuestRam,
+    /// Console output.
+    pub console: Console,
+    pub(crate) inner: Mutex<Inner>,
+    pub(crate) changed: Condvar,
+    faults: Mutex<HashMap<&'static str, u64>>,
+}
+
+impl DomainShared {
+    pub(crate) fn new(id: u32, name: String, vcpus: u32, ram: GuestRam, console: Console) -> Self {
+        Self {
+            id,
+            name,
+            vcpus,
+            ram,
+            console,
+            inner: Mutex::new(Inner {
+                state: DomainState::Running,
+                pause_requested: false,
+                parked: 0,
+                event_seq: 0,
+                vcpu_threads: Vec::new(),
+            }),
+            changed: Condvar::new(),
+            faults: Mutex::new(HashMap::new()),
+        }
+    }
+
+    pub(crate) fn lock(&self) -> MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Current state.
+    pub fn state(&self) -> DomainState {
+        self.lock().state.clone()
+    }
+
+    /// Records guest misbehaviour of kind `kind`: logged at warn (with the domain id) the first
+    /// time, counted always. Returns the count so far.
+    pub fn guest_fault(&self, kind: &'static str, detail: std::fmt::Arguments<'_>) -> u64 {
+        let mut f = self.faults.lock().unwrap_or_else(|p| p.into_inner());
+        let n = f.entry(kind).or_insert(0);
+        *n += 1;
+        if *n == 1 {
+            tracing::warn!(
+                domid = self.id,
+                kind,
+                "guest fault: {detail} (further ones counted)"
+            );
+        } else {
+            tracing::debug!(domid = self.id, kind, "guest fault: {detail}");
+        }
+        *n
+    }
+
+    /// How many faults of `kind` the guest caused.
+    pub fn fault_count(&self, kind: &str) -> u64 {
+        let f = self.faults.lock().unwrap_or_else(|p| p.into_inner());
+        f.get(kind).copied().unwrap_or(0)
+    }
+
+    /// Moves to a final state (the first one wins) and stops every vCPU.
+    pub(crate) fn stop(&self, state: DomainState) {
+        let mut g = self.lock();
+        if g.state.is_final() {
+            return;
+        }
+        tracing::info!(domid = self.id, name = %self.name, ?state, "domain stopped");
+        g.state = state;
+        g.pause_requested = true;
+        self.changed.notify_all();
+        crate::vcpu::kick_all(&g.vcpu_threads);
+    }
+
+    /// Marks an event as possibly pending and wakes blocked vCPUs.
+    pub fn notify_event(&self) {
+        let mut g = self.lock();
+        g.event_seq = g.event_seq.wrapping_add(1);
+        self.changed.notify_all();
+    }
+
+    /// `sched_op(block)`: sleeps until an event arrives or the vCPU must stop.
+    pub(crate) fn block(&self) {
+        let g = self.lock();
+        let seq = g.event_seq;
+        let _g = self
+            .changed
+            .wait_while(g, |i| i.event_seq == seq && !i.pause_requested)
+            .unwrap_or_else(|p| p.into_inner());
+    }
+
+    /// Called by a vCPU thread between runs: parks while paused. Returns `false` when the vCPU
+    /// must exit (final state).
+    pub(crate) fn may_run(&self) -> bool {
+        let mut g = self.lock();
+        loop {
+            if g.state.is_final() {
+                return false;
+            }
+            if !g.pause_requested {
+                return true;
+            }
+            g.parked += 1;
+            self.changed.notify_all();
+            g = self
+                .changed
+                .wait_while(g, |i| i.pause_requested && !i.state.is_final())
+                .unwrap_or_else(|p| p.into_inner());
+            g.parked -= 1;
+        }
+    }
+}
+
+/// Errors from lifecycle operations.
+#[derive(Debug, thiserror::Error)]
+pub enum LifecycleError {
+    /// The domain has already stopped.
+    #[error("domain {0} is not running")]
+    NotRunning(u32),
+    /// vCPUs did not park in time.
+    #[error("domain {0}: vCPUs did not stop within {1:?}")]
+    Timeout(u32, Duration),
+}
+
+/// A running (or stopped) domain, owned by whoever created it. Dropping it destroys it.
+#[derive(Debug)]
+pub struct Domain {
+    /// The VM; declared first so it is closed before the memory it maps is released.
+    pub(crate) _vm: kvm_ioctls::VmFd,
+    pub(crate) shared: Arc<DomainShared>,
+    pub(crate) threads: Vec<JoinHandle<()>>,
+}
+
+impl Domain {
+    /// Domain id.
+    pub fn id(&self) -> u32 {
+        self.shared.id
+    }
+
+    /// Name.
+    pub fn name(&self) -> &str {
+        &self.shared.name
+    }
+
+    /// Current state.
+    pub fn state(&self) -> DomainState {
+        self.shared.state()
+    }
+
+    /// Console output so far.
+    pub fn console(&self) -> &Console {
+        &self.shared.console
+    }
+
+    /// The shared part (for back-ends and tests).
+    pub fn shared(&self) -> &Arc<DomainShared> {
+        &self.shared
+    }
+
+    /// Stops every vCPU (keeping its state) and waits until all are parked.
+    pub fn pause(&self) -> Result<(), LifecycleError> {
+        let timeout = Duration::from_secs(5);
+        let deadline = Instant::now() + timeout;
+        let mut g = self.shared.lock();
+        if g.state != DomainState::Running {
+            return Err(LifecycleError::NotRunning(self.id()));
+        }
+        g.pause_requested = true;
+        self.shared.changed.notify_all();
+        // Kicks can race with a vCPU just entering KVM_RUN; repeat them until all have parked.
+        while g.parked < self.shared.vcpus && !g.state.is_final() {
+            crate::vcpu::kick_all(&g.vcpu_threads);
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                g.pause_requested = false;
+                self.shared.changed.notify_all();
+                return Err(LifecycleError::Timeout(self.id(), timeout));
+            }
+            g = self
+                .shared
+                .changed
+                .wait_timeout(g, left.min(Duration::from_millis(10)))
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+        if g.state.is_final() {
+            return Err(LifecycleError::NotRunning(self.id()));
+        }
+        g.state = DomainState::Paused;
+        Ok(())
+    }
+
+    /// Lets paused vCPUs run again.
+    pub fn unpause(&self) -> Result<(), LifecycleError> {
+        let mut g = self.shared.lock();
+        if g.state != DomainState::Paused {
+            return Err(LifecycleError::NotRunning(self.id()));
+        }
+        g.state = DomainState::Running;
+        g.pause_requested = false;
+        self.shared.changed.notify_all();
+        Ok(())
+    }
+
+    /// Waits up to `timeout` for a final state; returns the state either way.
+    pub fn wait(&self, timeout: Duration) -> DomainState {
+        let g = self.shared.lock();
+        let (g, _) = self
+            .shared
+            .changed
+            .wait_timeout_while(g, timeout, |i| !i.state.is_final())
+            .unwrap_or_else(|p| p.into_inner());
+        g.state.clone()
+    }
+
+    /// Stops the domain if it still runs, joins its vCPU threads and releases its memory; returns
+    /// the final state.
+    pub fn destroy(mut self) -> DomainState {
+        self.teardown()
+    }
+
+    fn teardown(&mut self) -> DomainState {
+        self.shared.stop(DomainState::Destroyed);
+        // A kick can land just before a vCPU enters KVM_RUN; keep kicking until every thread is
+        // gone.
+        while self.threads.iter().any(|t| !t.is_finished()) {
+            crate::vcpu::kick_all(&self.shared.lock().vcpu_threads);
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        for t in self.threads.drain(..) {
+            if t.join().is_err() {
+                tracing::error!(domid = self.shared.id, "a vCPU thread panicked");
+            }
+        }
+        self.shared.state()
+    }
+}
+
+impl Drop for Domain {
+    fn drop(&mut self) {
+        if !self.threads.is_empty() {
+            self.teardown();
+        }
+    }
+}

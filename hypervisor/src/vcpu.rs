@@ -1,0 +1,186 @@
+//! vCPU threads: the `KVM_RUN` loop, exit handling, and kicks.
+//!
+//! A kick is a real-time signal with a handler that sets `immediate_exit` in the thread's own
+//! `kvm_run` page, so a kick that lands between the loop's state check and `KVM_RUN` is not lost:
+//! the next `KVM_RUN` returns `EINTR` at once (Firecracker's scheme).
+
+use std::cell::Cell;
+use std::sync::{Arc, Once};
+
+use kvm_bindings::kvm_run;
+use kvm_ioctls::{VcpuExit, VcpuFd};
+use pv_protocol::hypercall::HYPERCALL_PORT;
+use vmm_sys_util::signal::{SIGRTMIN, register_signal_handler};
+
+use crate::domain::{DomainShared, DomainState};
+
+thread_local! {
+    /// This thread's `kvm_run` page, for the kick handler; null outside vCPU threads.
+    static KVM_RUN: Cell<*mut kvm_run> = const { Cell::new(std::ptr::null_mut()) };
+}
+
+fn kick_signal() -> i32 {
+    SIGRTMIN()
+}
+
+extern "C" fn on_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    // Async-signal-safe: a const-initialised thread-local read and one byte store.
+    let run = KVM_RUN.with(|r| r.get());
+    if !run.is_null() {
+        // SAFETY: the pointer is this thread's own mapped kvm_run page, set by `run_loop` for as
+        // long as the VcpuFd (and so the mapping) lives, and cleared before it is dropped.
+        unsafe { (*run).immediate_exit = 1 };
+    }
+}
+
+/// Installs the kick handler (once per process).
+pub(crate) fn init_kick() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        if let Err(e) = register_signal_handler(kick_signal(), on_kick) {
+            tracing::error!("cannot install the vCPU kick handler: {e}");
+        }
+    });
+}
+
+/// Signals every thread in `threads` to leave `KVM_RUN`.
+pub(crate) fn kick_all(threads: &[libc::pthread_t]) {
+    for &t in threads {
+        // SAFETY: every id in the list belongs to a live vCPU thread: each removes itself (under
+        // the same lock the caller holds) before it exits.
+        unsafe { libc::pthread_kill(t, kick_signal()) };
+    }
+}
+
+/// Runs vCPU `index` of `dom` until the domain reaches a final state.
+pub(crate) fn run_loop(dom: Arc<DomainShared>, mut vcpu: VcpuFd, index: u32) {
+    // SAFETY: pthread_self has no preconditions.
+    let me = unsafe { libc::pthread_self() };
+    dom.lock().vcpu_threads.push(me);
+    let run_ptr: *mut kvm_run = vcpu.get_kvm_run();
+    KVM_RUN.with(|r| r.set(run_ptr));
+    while dom.may_run() {
+        match vcpu.run() {
+            Ok(exit) => {
+                if let Some(stop) = handle_exit(&dom, index, exit) {
+                    dom.stop(stop);
+                }
+            }
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                // Kicked: clear the flag, then look at the domain state again.
+                vcpu.set_kvm_immediate_exit(0);
+            }
+            Err(e) => {
+                let detail = format!("vCPU {index}: KVM_RUN failed: {e}; {}", registers(&vcpu));
+                tracing::error!(domid = dom.id, "{detail}");
+                dom.stop(DomainState::Crashed { detail });
+            }
+        }
+        if let Some(stop) = crash_state(&dom, &vcpu, index) {
+            dom.stop(stop);
+        }
+    }
+    KVM_RUN.with(|r| r.set(std::ptr::null_mut()));
+    dom.lock().vcpu_threads.retain(|&t| t != me);
+}
+
+thread_local! {
+    static PENDING_CRASH: Cell<Option<&'static str>> = const { Cell::new(None) };
+}
+
+/// Handles one exit; returns a final state to move to, if any. Exits that need the vCPU's
+/// registers (crashes) are recorded and turned into a state by [`crash_state`].
+fn handle_exit(dom: &DomainShared, index: u32, exit: VcpuExit<'_>) -> Option<DomainState> {
+    match exit {
+        VcpuExit::IoOut(port, _) if port == HYPERCALL_PORT => crate::hypercall::handle(dom, index),
+        VcpuExit::IoOut(port, _) => {
+            dom.guest_fault(
+                "stray-pio",
+                format_args!("vCPU {index}: out to port {port:#x}"),
+            );
+            None
+        }
+        VcpuExit::IoIn(port, data) => {
+            dom.guest_fault(
+                "stray-pio",
+                format_args!("vCPU {index}: in from port {port:#x}"),
+            );
+            data.fill(0xff);
+            None
+        }
+        VcpuExit::MmioRead(addr, data) => {
+            dom.guest_fault(
+                "stray-mmio",
+                format_args!("vCPU {index}: read at {addr:#x}"),
+            );
+            data.fill(0xff);
+            None
+        }
+        VcpuExit::MmioWrite(addr, _) => {
+            dom.guest_fault(
+                "stray-mmio",
+                format_args!("vCPU {index}: write at {addr:#x}"),
+            );
+            None
+        }
+        // No interrupt controller: a halted vCPU waits for an event, like sched_op(block). On
+        // PVM the first hlt after an I/O exit may return at once; the guest halts in a loop.
+        VcpuExit::Hlt => {
+            dom.block();
+            None
+        }
+        VcpuExit::Shutdown => {
+            PENDING_CRASH.with(|c| c.set(Some("triple fault")));
+            None
+        }
+        VcpuExit::InternalError => {
+            PENDING_CRASH.with(|c| c.set(Some("KVM internal error")));
+            None
+        }
+        VcpuExit::FailEntry(reason, _) => {
+            tracing::error!(
+                domid = dom.id,
+                "vCPU {index}: entry failed, reason {reason:#x}"
+            );
+            PENDING_CRASH.with(|c| c.set(Some("VM entry failed")));
+            None
+        }
+        other => {
+            tracing::error!(domid = dom.id, "vCPU {index}: unexpected exit {other:?}");
+            PENDING_CRASH.with(|c| c.set(Some("unexpected exit")));
+            None
+        }
+    }
+}
+
+fn crash_state(dom: &DomainShared, vcpu: &VcpuFd, index: u32) -> Option<DomainState> {
+    let what = PENDING_CRASH.with(|c| c.take())?;
+    let detail = format!("vCPU {index}: {what}; {}", registers(vcpu));
+    tracing::error!(domid = dom.id, name = %dom.name, "domain crashed: {detail}");
+    Some(DomainState::Crashed { detail })
+}
+
+fn registers(vcpu: &VcpuFd) -> String {
+    match (vcpu.get_regs(), vcpu.get_sregs()) {
+        (Ok(r), Ok(s)) => format!(
+            "rip={:#x} rsp={:#x} rflags={:#x} rax={:#x} rbx={:#x} rcx={:#x} rdx={:#x} rsi={:#x} \
+             rdi={:#x} rbp={:#x} cr0={:#x} cr2={:#x} cr3={:#x} cr4={:#x} efer={:#x}",
+            r.rip,
+            r.rsp,
+            r.rflags,
+            r.rax,
+            r.rbx,
+            r.rcx,
+            r.rdx,
+            r.rsi,
+            r.rdi,
+            r.rbp,
+            s.cr0,
+            s.cr2,
+            s.cr3,
+            s.cr4,
+            s.efer
+        ),
+        (Err(e), _) | (_, Err(e)) => format!("registers unavailable: {e}"),
+    }
+}
