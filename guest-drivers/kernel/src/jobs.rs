@@ -179,3 +179,27 @@ pub fn hostile(cpu: &Cpu, si: &StartInfo) -> u32 {
     );
     0
 }
+
+/// Prints `tick N` about every millisecond (by the TSC) forever; for pause/destroy tests.
+pub fn ticker(cpu: &Cpu, si: &StartInfo) -> u32 {
+    let per_ms = si.tsc_khz.max(1);
+    let mut n = 0u64;
+    loop {
+        kprintln!(cpu, "tick {n}");
+        n += 1;
+        // SAFETY: rdtsc has no preconditions.
+        let start = unsafe { core::arch::x86_64::_rdtsc() };
+        // SAFETY: as above.
+        while unsafe { core::arch::x86_64::_rdtsc() }.wrapping_sub(start) < per_ms {
+            core::hint::spin_loop();
+        }
+    }
+}
+
+/// Executes an undefined instruction with no IDT: a triple fault, which the host reports as a
+/// crash with the registers.
+pub fn crash(cpu: &Cpu) -> u32 {
+    kprintln!(cpu, "crashing on purpose");
+    // SAFETY: deliberately faults; nothing after it runs.
+    unsafe { core::arch::asm!("ud2", options(noreturn)) }
+}

@@ -90,6 +90,8 @@ extern "C" fn kmain(start_info: u64, index: u64) -> ! {
     let code = match job {
         "selftest" => jobs::selftest(&cpu, si),
         "hostile" => jobs::hostile(&cpu, si),
+        "ticker" => jobs::ticker(&cpu, si),
+        "crash" => jobs::crash(&cpu),
         other => {
             kprintln!(&cpu, "unknown job {other:?}");
             2

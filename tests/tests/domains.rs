@@ -1,0 +1,177 @@
+//! Real KVM domains running the Splitvisor guest kernel.
+
+use std::time::Duration;
+
+use hypervisor::{DomainConfig, DomainState};
+use pv_protocol::hypercall::ShutdownReason;
+use splitvisor_tests::hypervisor;
+
+const T: Duration = Duration::from_secs(30);
+
+fn cfg(name: &str, vcpus: u32, cmdline: &str) -> DomainConfig {
+    DomainConfig {
+        name: name.into(),
+        vcpus,
+        cmdline: cmdline.into(),
+        ..Default::default()
+    }
+}
+
+fn assert_selftest_passed(console: &str, state: &DomainState) {
+    assert!(!console.contains("FAIL"), "a check failed:\n{console}");
+    let summary = console
+        .lines()
+        .find(|l| l.starts_with("selftest: "))
+        .unwrap_or_else(|| panic!("no summary line:\n{console}"));
+    assert!(summary.ends_with(" 0 failed"), "{summary}");
+    assert!(console.contains("PASS all-vcpus-up"), "{console}");
+    assert_eq!(
+        *state,
+        DomainState::Shutdown {
+            reason: ShutdownReason::Poweroff,
+            code: 0
+        },
+        "{console}"
+    );
+}
+
+#[test]
+fn selftest_passes_with_one_and_with_two_vcpus() {
+    let hv = hypervisor();
+    for vcpus in [1, 2] {
+        let dom = hv
+            .create_domain(cfg("selftest", vcpus, "selftest"))
+            .unwrap();
+        let state = dom.wait(T);
+        assert_selftest_passed(&dom.console().text(), &state);
+        assert!(
+            dom.console()
+                .text()
+                .contains(&format!("with {vcpus} vCPU(s)"))
+        );
+    }
+}
+
+#[test]
+fn several_domains_run_at_once_with_distinct_ids() {
+    let hv = hypervisor();
+    let doms: Vec<_> = (0..3)
+        .map(|i| {
+            hv.create_domain(cfg(&format!("d{i}"), 2, "selftest"))
+                .unwrap()
+        })
+        .collect();
+    let mut ids: Vec<u32> = doms.iter().map(|d| d.id()).collect();
+    for d in &doms {
+        let state = d.wait(T);
+        assert_selftest_passed(&d.console().text(), &state);
+        assert!(
+            d.console()
+                .text()
+                .contains(&format!("domain {} with", d.id()))
+        );
+    }
+    ids.dedup();
+    assert_eq!(ids.len(), 3, "ids are unique");
+}
+
+#[test]
+fn hostile_guest_leaves_host_and_neighbour_unharmed() {
+    let hv = hypervisor();
+    let hostile = hv.create_domain(cfg("hostile", 2, "hostile")).unwrap();
+    let good = hv.create_domain(cfg("good", 2, "selftest")).unwrap();
+    let hs = hostile.wait(T);
+    let gs = good.wait(T);
+    assert_selftest_passed(&good.console().text(), &gs);
+    assert!(
+        hostile.console().text().contains("still alive"),
+        "{}",
+        hostile.console().text()
+    );
+    assert_eq!(
+        hs,
+        DomainState::Shutdown {
+            reason: ShutdownReason::Poweroff,
+            code: 0
+        }
+    );
+    // Its garbage was refused and counted, not obeyed.
+    assert!(hostile.shared().fault_count("bad-hypercall") > 100);
+    assert_eq!(
+        good.shared().fault_count("bad-hypercall"),
+        3,
+        "the selftest's own probes"
+    );
+}
+
+#[test]
+fn paused_domain_makes_no_progress_until_unpaused() {
+    let hv = hypervisor();
+    let dom = hv.create_domain(cfg("ticker", 2, "ticker")).unwrap();
+    assert!(
+        dom.console().wait_for("tick 5\n", T),
+        "{}",
+        dom.console().text()
+    );
+    dom.pause().unwrap();
+    assert_eq!(dom.state(), DomainState::Paused);
+    let frozen = dom.console().history().len();
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        dom.console().history().len(),
+        frozen,
+        "no output while paused"
+    );
+    dom.unpause().unwrap();
+    let last = dom
+        .console()
+        .text()
+        .lines()
+        .filter_map(|l| l.strip_prefix("tick "))
+        .filter_map(|n| n.parse::<u64>().ok())
+        .max()
+        .unwrap();
+    // It resumes from where it stopped: the next tick follows the last one.
+    assert!(dom.console().wait_for(&format!("tick {}\n", last + 3), T));
+    assert_eq!(dom.destroy(), DomainState::Destroyed);
+}
+
+#[test]
+fn domain_created_paused_starts_only_when_unpaused() {
+    let hv = hypervisor();
+    let dom = hv
+        .create_domain(DomainConfig {
+            start_paused: true,
+            ..cfg("paused", 1, "selftest")
+        })
+        .unwrap();
+    assert_eq!(dom.wait(Duration::from_millis(300)), DomainState::Paused);
+    assert!(dom.console().history().is_empty());
+    dom.unpause().unwrap();
+    let state = dom.wait(T);
+    assert_selftest_passed(&dom.console().text(), &state);
+}
+
+#[test]
+fn triple_fault_is_a_crash_with_registers_and_harms_no_neighbour() {
+    let hv = hypervisor();
+    let bad = hv.create_domain(cfg("crash", 1, "crash")).unwrap();
+    let good = hv.create_domain(cfg("good", 1, "selftest")).unwrap();
+    match bad.wait(T) {
+        DomainState::Crashed { detail } => {
+            assert!(detail.contains("triple fault"), "{detail}");
+            assert!(detail.contains("rip=0x2"), "registers logged: {detail}");
+        }
+        other => panic!("expected a crash, got {other:?}"),
+    }
+    let gs = good.wait(T);
+    assert_selftest_passed(&good.console().text(), &gs);
+}
+
+#[test]
+fn destroying_a_running_domain_stops_every_vcpu() {
+    let hv = hypervisor();
+    let dom = hv.create_domain(cfg("ticker", 4, "ticker")).unwrap();
+    assert!(dom.console().wait_for("tick 3\n", T));
+    assert_eq!(dom.destroy(), DomainState::Destroyed);
+}
