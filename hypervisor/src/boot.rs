@@ -171,6 +171,8 @@ pub struct StartParams<'a> {
     pub flags: StartFlags,
     /// Command line.
     pub cmdline: &'a str,
+    /// Event-channel ports.
+    pub max_ports: u32,
 }
 
 /// Writes the start-info page.
@@ -197,7 +199,7 @@ pub fn write_start_info(ram: &GuestRam, p: &StartParams<'_>) -> Result<()> {
         store_ring: pv_protocol::start_info::STORE_GPA,
         console_ring: pv_protocol::start_info::CONSOLE_GPA,
         console_evtchn: 0,
-        max_ports: 0,
+        max_ports: p.max_ports,
         flags: p.flags.bits(),
         _reserved: [0; 16],
         cmdline: [0; CMDLINE_MAX],

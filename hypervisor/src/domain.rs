@@ -63,6 +63,8 @@ pub(crate) struct Inner {
 /// What every vCPU thread of a domain shares.
 #[derive(Debug)]
 pub struct DomainShared {
+    /// The VM; declared first so it is closed before the memory it maps is released.
+    pub(crate) vm: kvm_ioctls::VmFd,
     /// Domain id (never reused while the hypervisor lives).
     pub id: u32,
     /// Name.
@@ -76,11 +78,27 @@ pub struct DomainShared {
     pub(crate) inner: Mutex<Inner>,
     pub(crate) changed: Condvar,
     faults: Mutex<HashMap<&'static str, u64>>,
+    /// Event-channel ports.
+    pub(crate) ports: Mutex<crate::evtchn::PortTable>,
+    /// Every live domain, for operations that reach another one.
+    pub(crate) registry: Arc<crate::evtchn::Registry>,
 }
 
 impl DomainShared {
-    pub(crate) fn new(id: u32, name: String, vcpus: u32, ram: GuestRam, console: Console) -> Self {
+    pub(crate) fn new(
+        vm: kvm_ioctls::VmFd,
+        registry: Arc<crate::evtchn::Registry>,
+        id: u32,
+        name: String,
+        vcpus: u32,
+        ram: GuestRam,
+        console: Console,
+        max_ports: u32,
+    ) -> Self {
         Self {
+            vm,
+            registry,
+            ports: Mutex::new(crate::evtchn::PortTable::new(max_ports)),
             id,
             name,
             vcpus,
@@ -151,14 +169,36 @@ impl DomainShared {
         self.changed.notify_all();
     }
 
-    /// `sched_op(block)`: sleeps until an event arrives or the vCPU must stop.
+    /// `sched_op(block)`: sleeps until an unmasked event is pending or the vCPU must stop.
     pub(crate) fn block(&self) {
-        let g = self.lock();
-        let seq = g.event_seq;
-        let _g = self
-            .changed
-            .wait_while(g, |i| i.event_seq == seq && !i.pause_requested)
-            .unwrap_or_else(|p| p.into_inner());
+        self.wait_until(None, || crate::evtchn::has_unmasked_pending(self));
+    }
+
+    /// Sleeps until `ready()` holds, `deadline` passes, or the vCPU must stop (pause or a final
+    /// state). `ready` is re-evaluated after every event notification.
+    pub(crate) fn wait_until(&self, deadline: Option<Instant>, ready: impl Fn() -> bool) {
+        let mut g = self.lock();
+        loop {
+            if g.pause_requested || ready() {
+                return;
+            }
+            let seq = g.event_seq;
+            let left = match deadline {
+                Some(d) => {
+                    let left = d.saturating_duration_since(Instant::now());
+                    if left.is_zero() {
+                        return;
+                    }
+                    left
+                }
+                None => Duration::from_secs(3600),
+            };
+            g = self
+                .changed
+                .wait_timeout_while(g, left, |i| i.event_seq == seq && !i.pause_requested)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
     }
 
     /// Called by a vCPU thread between runs: parks while paused. Returns `false` when the vCPU
@@ -197,8 +237,6 @@ pub enum LifecycleError {
 /// A running (or stopped) domain, owned by whoever created it. Dropping it destroys it.
 #[derive(Debug)]
 pub struct Domain {
-    /// The VM; declared first so it is closed before the memory it maps is released.
-    pub(crate) _vm: kvm_ioctls::VmFd,
     pub(crate) shared: Arc<DomainShared>,
     pub(crate) threads: Vec<JoinHandle<()>>,
 }
@@ -304,6 +342,7 @@ impl Domain {
                 tracing::error!(domid = self.shared.id, "a vCPU thread panicked");
             }
         }
+        self.shared.registry.remove(self.shared.id);
         self.shared.state()
     }
 }

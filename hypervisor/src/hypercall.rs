@@ -7,17 +7,26 @@
 
 use std::mem::offset_of;
 
+use pv_protocol::evtchn::{
+    AllocUnboundArg, BindInterdomainArg, EvtchnCommand, EvtchnOp, MAX_PORTS_2L, StatusArg,
+};
+use pv_protocol::grant::DomId;
 use pv_protocol::hypercall::{
     ABI_VERSION_MAJOR, ABI_VERSION_MINOR, ConsoleIoCmd, Errno, FeatureInfo, Features, Hypercall,
     HypercallRequest, SchedCmd, SchedShutdown, Shutdown, XenVersionCmd, encode_result,
 };
+use pv_protocol::hypercall::{Poll, SchedPoll};
 use pv_protocol::start_info::hypercall_page;
+use std::time::Duration;
+use zerocopy::FromBytes;
+
+use crate::evtchn;
 
 use crate::domain::{DomainShared, DomainState};
 
 /// Features this hypervisor offers.
 pub fn features() -> Features {
-    Features::PORT_IO_HYPERCALL | Features::CONSOLE_IO
+    Features::PORT_IO_HYPERCALL | Features::CONSOLE_IO | Features::EVTCHN_2L | Features::SCHED_POLL
 }
 
 /// Handles the hypercall vCPU `vcpu` just made; returns a final state if the domain stops.
@@ -118,12 +127,112 @@ fn dispatch(
             });
             Ok(0)
         }
-        // Event channels and grant tables land in the next steps of the hypervisor issue.
-        Hypercall::SchedOp(SchedCmd::Poll { .. })
-        | Hypercall::GrantTableOp(_)
-        | Hypercall::EventChannelOp { .. } => {
+        Hypercall::SchedOp(SchedCmd::Poll { arg }) => {
+            let raw: SchedPoll = dom
+                .ram
+                .read_obj(arg.0)
+                .map_err(|e| efault(dom, vcpu, "poll argument", e))?;
+            let p = Poll::parse(&raw).map_err(|e| {
+                dom.guest_fault("bad-hypercall", format_args!("vCPU {vcpu}: poll: {e}"));
+                e.errno()
+            })?;
+            let mut bytes = vec![0u8; p.nr_ports as usize * 4];
+            dom.ram
+                .read(p.ports.0, &mut bytes)
+                .map_err(|e| efault(dom, vcpu, "poll ports", e))?;
+            let ports: Vec<u32> = bytes
+                .chunks_exact(4)
+                .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect();
+            if ports.iter().any(|&port| port >= MAX_PORTS_2L) {
+                dom.guest_fault("bad-port", format_args!("vCPU {vcpu}: poll on {ports:?}"));
+                return Err(Errno::EINVAL);
+            }
+            evtchn::poll(dom, &ports, p.timeout_ns.map(Duration::from_nanos));
+            Ok(0)
+        }
+        Hypercall::EventChannelOp { op, arg } => event_channel_op(dom, vcpu, op, arg.0),
+        // Grant tables land in the next step of the hypervisor issue.
+        Hypercall::GrantTableOp(_) => {
             dom.guest_fault("unimplemented", format_args!("vCPU {vcpu}: {call:?}"));
             Err(Errno::ENOSYS)
         }
     }
+}
+
+/// Resolves `DOMID_SELF`; an unprivileged domain may name only itself.
+fn own_domain(dom: &DomainShared, named: DomId) -> Result<u32, Errno> {
+    if named == DomId::SELF || u32::from(named.0) == dom.id {
+        Ok(dom.id)
+    } else {
+        Err(Errno::EPERM)
+    }
+}
+
+fn remote_domain(dom: &DomainShared, named: DomId) -> u32 {
+    if named == DomId::SELF {
+        dom.id
+    } else {
+        u32::from(named.0)
+    }
+}
+
+fn event_channel_op(dom: &DomainShared, vcpu: u32, op: EvtchnOp, arg: u64) -> Result<u64, Errno> {
+    let mut bytes = vec![0u8; op.arg_size()];
+    dom.ram
+        .read(arg, &mut bytes)
+        .map_err(|e| efault(dom, vcpu, "event-channel argument", e))?;
+    let cmd = EvtchnCommand::parse(op, &bytes).map_err(|e| {
+        dom.guest_fault(
+            "bad-hypercall",
+            format_args!("vCPU {vcpu}: event channel: {e}"),
+        );
+        Errno::EINVAL
+    })?;
+    let reg = &dom.registry;
+    let fault = |e: Errno| {
+        dom.guest_fault("bad-port", format_args!("vCPU {vcpu}: {cmd:?}: {e:?}"));
+        e
+    };
+    // Output fields are written back into the guest's argument struct.
+    let write_u32 = |offset: usize, v: u32| {
+        dom.ram
+            .write_obj(arg + offset as u64, &v)
+            .map_err(|e| efault(dom, vcpu, "event-channel result", e))
+    };
+    match cmd {
+        EvtchnCommand::AllocUnbound { dom: d, remote_dom } => {
+            own_domain(dom, d).map_err(fault)?;
+            let port = evtchn::alloc_unbound(dom, remote_domain(dom, remote_dom)).map_err(fault)?;
+            write_u32(offset_of!(AllocUnboundArg, port), port)?;
+        }
+        EvtchnCommand::BindInterdomain {
+            remote_dom,
+            remote_port,
+        } => {
+            let rd = remote_domain(dom, remote_dom);
+            let port = evtchn::bind_interdomain(reg, dom, rd, remote_port.0).map_err(fault)?;
+            write_u32(offset_of!(BindInterdomainArg, local_port), port)?;
+        }
+        EvtchnCommand::Send(p) => evtchn::send(reg, dom, p.0).map_err(fault)?,
+        EvtchnCommand::Close(p) => evtchn::close(reg, dom, p.0).map_err(fault)?,
+        EvtchnCommand::Unmask(p) => evtchn::unmask(dom, p.0).map_err(fault)?,
+        EvtchnCommand::Status { dom: d, port } => {
+            own_domain(dom, d).map_err(fault)?;
+            let state = evtchn::status(dom, port.0).map_err(fault)?;
+            let mut st = StatusArg::read_from_bytes(&bytes).map_err(|_| Errno::EINVAL)?;
+            st.set_result(0, state);
+            dom.ram
+                .write_obj(arg, &st)
+                .map_err(|e| efault(dom, vcpu, "event-channel result", e))?;
+        }
+        EvtchnCommand::BindVirq { .. }
+        | EvtchnCommand::BindIpi { .. }
+        | EvtchnCommand::BindVcpu { .. }
+        | EvtchnCommand::Reset(_) => {
+            dom.guest_fault("unimplemented", format_args!("vCPU {vcpu}: {cmd:?}"));
+            return Err(Errno::ENOSYS);
+        }
+    }
+    Ok(0)
 }

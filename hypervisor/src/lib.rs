@@ -10,6 +10,7 @@
 pub mod boot;
 pub mod console;
 pub mod domain;
+pub mod evtchn;
 pub mod hypercall;
 pub mod memory;
 pub mod vcpu;
@@ -78,6 +79,8 @@ pub struct DomainConfig {
     pub cmdline: String,
     /// Create paused.
     pub start_paused: bool,
+    /// Event-channel ports (1..=4096).
+    pub max_ports: u32,
     /// Echo console output to this process's stderr as it arrives.
     pub echo_console: bool,
 }
@@ -92,6 +95,7 @@ impl Default for DomainConfig {
             cmdline: "selftest".into(),
             start_paused: false,
             echo_console: false,
+            max_ports: evtchn::DEFAULT_MAX_PORTS,
         }
     }
 }
@@ -102,6 +106,7 @@ pub struct Hypervisor {
     kvm: Kvm,
     flavour: KvmFlavour,
     next_id: AtomicU32,
+    registry: Arc<evtchn::Registry>,
 }
 
 impl Hypervisor {
@@ -115,6 +120,7 @@ impl Hypervisor {
             kvm,
             flavour,
             next_id: AtomicU32::new(1),
+            registry: Arc::default(),
         })
     }
 
@@ -123,8 +129,20 @@ impl Hypervisor {
         self.flavour
     }
 
+    /// The live domain `id`.
+    pub fn domain(&self, id: u32) -> Option<Arc<DomainShared>> {
+        self.registry.get(id)
+    }
+
     /// Creates and (unless asked to start paused) starts a domain.
     pub fn create_domain(&self, cfg: DomainConfig) -> Result<Domain> {
+        if !(1..=pv_protocol::evtchn::MAX_PORTS_2L).contains(&cfg.max_ports) {
+            return Err(Error::Config(format!(
+                "max_ports = {} (1..={})",
+                cfg.max_ports,
+                pv_protocol::evtchn::MAX_PORTS_2L
+            )));
+        }
         if cfg.vcpus == 0 || cfg.vcpus as usize > MAX_VCPUS {
             return Err(Error::Config(format!(
                 "vcpus = {} (1..={MAX_VCPUS})",
@@ -179,6 +197,7 @@ impl Hypervisor {
                 features: hypercall::features(),
                 flags,
                 cmdline: &cfg.cmdline,
+                max_ports: cfg.max_ports,
             },
         )?;
 
@@ -189,12 +208,16 @@ impl Hypervisor {
             }) as console::Echo
         });
         let shared = Arc::new(DomainShared::new(
+            vm,
+            Arc::clone(&self.registry),
             id,
             cfg.name.clone(),
             cfg.vcpus,
             ram,
             Console::new(echo),
+            cfg.max_ports,
         ));
+        self.registry.insert(&shared);
         if cfg.start_paused {
             let mut g = shared.lock();
             g.state = DomainState::Paused;
@@ -211,11 +234,7 @@ impl Hypervisor {
         }
         tracing::info!(domid = id, name = %cfg.name, vcpus = cfg.vcpus, mem_mib = cfg.mem_mib,
             "domain created");
-        Ok(Domain {
-            shared,
-            threads,
-            _vm: vm,
-        })
+        Ok(Domain { shared, threads })
     }
 
     fn setup_vcpu(&self, vcpu: &VcpuFd, index: u32, entry: u64) -> Result<()> {

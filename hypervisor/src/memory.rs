@@ -93,6 +93,19 @@ impl GuestRam {
         }
     }
 
+    /// The guest range `gpa..gpa + len` as a region for atomic access (shared-info bitmaps, grant
+    /// entries): the guest may write it concurrently.
+    pub fn region(&self, gpa: u64, len: usize) -> Result<pv_protocol::SharedRegion<'_>> {
+        self.check(gpa, len)?;
+        let base = self.host_base();
+        // SAFETY: `gpa..gpa + len` lies inside the mapping (checked above), which lives as long as
+        // `self`, and the returned region borrows `self`; the hypervisor touches guest memory
+        // concurrently with the guest only through this region's atomic accesses (and through
+        // vm-memory's volatile copies elsewhere).
+        unsafe { pv_protocol::SharedRegion::from_raw((base + gpa) as *mut u8, len) }
+            .map_err(|_| MemoryError::OutOfRange { gpa, len })
+    }
+
     /// Copies `buf.len()` bytes out of guest memory at `gpa`.
     pub fn read(&self, gpa: u64, buf: &mut [u8]) -> Result<()> {
         self.check(gpa, buf.len())?;

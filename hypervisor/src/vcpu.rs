@@ -9,6 +9,7 @@ use std::sync::{Arc, Once};
 
 use kvm_bindings::kvm_run;
 use kvm_ioctls::{VcpuExit, VcpuFd};
+use pv_protocol::evtchn::DOORBELL_PORT;
 use pv_protocol::hypercall::HYPERCALL_PORT;
 use vmm_sys_util::signal::{SIGRTMIN, register_signal_handler};
 
@@ -93,6 +94,27 @@ thread_local! {
 fn handle_exit(dom: &DomainShared, index: u32, exit: VcpuExit<'_>) -> Option<DomainState> {
     match exit {
         VcpuExit::IoOut(port, _) if port == HYPERCALL_PORT => crate::hypercall::handle(dom, index),
+        // A doorbell write the kernel did not match to a host endpoint: a plain send.
+        VcpuExit::IoOut(port, data) if port == DOORBELL_PORT => {
+            match <[u8; 4]>::try_from(data) {
+                Ok(b) => {
+                    let p = u32::from_le_bytes(b);
+                    if let Err(e) = crate::evtchn::send(&dom.registry, dom, p) {
+                        dom.guest_fault(
+                            "bad-port",
+                            format_args!("vCPU {index}: doorbell {p}: {e:?}"),
+                        );
+                    }
+                }
+                Err(_) => {
+                    dom.guest_fault(
+                        "stray-pio",
+                        format_args!("vCPU {index}: doorbell write of {} bytes", data.len()),
+                    );
+                }
+            }
+            None
+        }
         VcpuExit::IoOut(port, _) => {
             dom.guest_fault(
                 "stray-pio",

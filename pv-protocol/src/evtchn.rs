@@ -11,6 +11,12 @@ use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
 
 use crate::grant::DomId;
 
+/// I/O port of the event doorbell: a 32-bit `out` of a port number to it sends on that port.
+/// For ports bound to a host endpoint the host kernel catches the write (`KVM_IOEVENTFD` with a
+/// data match) and signals the endpoint without a VMM exit; any other write is handled by the VMM
+/// exactly like `EVTCHNOP_send` (errors are not reported back: use the hypercall to see them).
+pub const DOORBELL_PORT: u16 = 0x0514;
+
 /// An event-channel port number.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Port(pub u32);

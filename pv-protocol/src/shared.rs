@@ -152,6 +152,69 @@ impl<'a> SharedRegion<'a> {
         Ok(())
     }
 
+    fn check_u64(&self, offset: usize) -> Result<(), RegionError> {
+        self.check(offset, 8)?;
+        if !offset.is_multiple_of(8) {
+            return Err(RegionError::UnalignedIndex(offset));
+        }
+        Ok(())
+    }
+
+    fn atomic_u64(&self, offset: usize) -> Result<&AtomicU64, RegionError> {
+        self.check_u64(offset)?;
+        // SAFETY: bounds and 8-byte alignment checked just above; `from_raw`'s contract keeps the
+        // memory valid and atomic-only for `'a`.
+        Ok(unsafe { AtomicU64::from_ptr(self.base.as_ptr().add(offset).cast()) })
+    }
+
+    /// Atomically loads the `u64` at `offset` (8-byte aligned).
+    pub fn load_u64(&self, offset: usize, order: Ordering) -> Result<u64, RegionError> {
+        Ok(self.atomic_u64(offset)?.load(order))
+    }
+
+    /// Atomically ORs `bits` into the `u64` at `offset`; returns the previous value.
+    pub fn fetch_or_u64(
+        &self,
+        offset: usize,
+        bits: u64,
+        order: Ordering,
+    ) -> Result<u64, RegionError> {
+        Ok(self.atomic_u64(offset)?.fetch_or(bits, order))
+    }
+
+    /// Atomically ANDs `bits` into the `u64` at `offset`; returns the previous value.
+    pub fn fetch_and_u64(
+        &self,
+        offset: usize,
+        bits: u64,
+        order: Ordering,
+    ) -> Result<u64, RegionError> {
+        Ok(self.atomic_u64(offset)?.fetch_and(bits, order))
+    }
+
+    /// Atomic compare-and-exchange of the `u32` at `offset`: `Ok(previous)` if it held `current`
+    /// and now holds `new`, `Err(actual)` otherwise.
+    pub fn compare_exchange_u32(
+        &self,
+        offset: usize,
+        current: u32,
+        new: u32,
+    ) -> Result<Result<u32, u32>, RegionError> {
+        self.check_u32(offset)?;
+        // SAFETY: bounds and alignment checked just above.
+        let a = unsafe { self.atomic_u32(offset) };
+        // SeqCst: grant-table flag protocols pair this with the peer's own compare-exchange.
+        Ok(a.compare_exchange(current, new, Ordering::SeqCst, Ordering::SeqCst))
+    }
+
+    /// Atomically stores one byte at `offset`.
+    pub fn store_u8(&self, offset: usize, value: u8, order: Ordering) -> Result<(), RegionError> {
+        self.check(offset, 1)?;
+        // SAFETY: bounds checked just above; any address is aligned for a byte.
+        unsafe { AtomicU8::from_ptr(self.base.as_ptr().add(offset)) }.store(value, order);
+        Ok(())
+    }
+
     /// Copies `dst.len()` bytes out of the region, starting at `offset`.
     pub fn read(&self, offset: usize, dst: &mut [u8]) -> Result<(), RegionError> {
         self.check(offset, dst.len())?;

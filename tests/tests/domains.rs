@@ -97,11 +97,9 @@ fn hostile_guest_leaves_host_and_neighbour_unharmed() {
     );
     // Its garbage was refused and counted, not obeyed.
     assert!(hostile.shared().fault_count("bad-hypercall") > 100);
-    assert_eq!(
-        good.shared().fault_count("bad-hypercall"),
-        3,
-        "the selftest's own probes"
-    );
+    // The good guest's count holds only its own handful of deliberate probes, none of the
+    // hostile's.
+    assert!(good.shared().fault_count("bad-hypercall") < 10);
 }
 
 #[test]

@@ -118,6 +118,8 @@ pub fn selftest(cpu: &Cpu, si: &StartInfo) -> u32 {
         format_args!("{up} of {want} secondaries"),
     );
 
+    evtchn_checks(&mut c, si);
+
     kprintln!(cpu, "selftest: {} passed, {} failed", c.passed, c.failed);
     c.failed
 }
@@ -202,4 +204,168 @@ pub fn crash(cpu: &Cpu) -> u32 {
     kprintln!(cpu, "crashing on purpose");
     // SAFETY: deliberately faults; nothing after it runs.
     unsafe { core::arch::asm!("ud2", options(noreturn)) }
+}
+
+fn evtchn_checks(c: &mut Checks<'_>, si: &StartInfo) {
+    use crate::evtchn as ev;
+    use pv_protocol::evtchn::PortState;
+    let cpu = c.cpu;
+    let me = si.domid as u16;
+
+    let a = ev::alloc_unbound(cpu, me);
+    c.check(
+        "evtchn-alloc-unbound",
+        matches!(a, Ok(p) if p > 0),
+        format_args!("{a:?}"),
+    );
+    let a = a.unwrap_or(0);
+    let b = ev::bind_interdomain(cpu, me, a);
+    c.check(
+        "evtchn-bind-loopback",
+        matches!(b, Ok(p) if p > 0 && p != a),
+        format_args!("{b:?}"),
+    );
+    let b = b.unwrap_or(0);
+
+    let st = ev::status(cpu, a);
+    c.check(
+        "evtchn-status",
+        matches!(st, Ok(PortState::Interdomain { dom, port }) if dom.0 == me && port.0 == b),
+        format_args!("{st:?}"),
+    );
+
+    // a and b are masked (everything is masked at boot): sends mark them pending, nothing more.
+    ev::clear_pending(a);
+    ev::take_upcall();
+    let r = ev::send(cpu, b);
+    c.check(
+        "evtchn-send-marks-pending",
+        r == 0 && ev::is_pending(a) && !ev::take_upcall(),
+        format_args!("result {r}, pending {}", ev::is_pending(a)),
+    );
+    let r = ev::unmask(cpu, a);
+    c.check(
+        "evtchn-unmask-redelivers",
+        r == 0 && ev::take_upcall(),
+        format_args!("result {r}"),
+    );
+    ev::clear_pending(a);
+    ev::doorbell(b);
+    c.check(
+        "evtchn-doorbell-send",
+        ev::clear_pending(a),
+        format_args!("no pending bit"),
+    );
+    ev::send(cpu, a);
+    c.check(
+        "evtchn-send-both-ways",
+        ev::clear_pending(b),
+        format_args!("no pending bit"),
+    );
+
+    let r = ev::poll(cpu, &[b], 1_000_000);
+    c.check(
+        "evtchn-poll-times-out",
+        r == 0 && !ev::is_pending(b),
+        format_args!("result {r}"),
+    );
+    ev::send(cpu, a);
+    let r = ev::poll(cpu, &[b], 0);
+    c.check(
+        "evtchn-poll-returns-on-pending",
+        r == 0 && ev::clear_pending(b),
+        format_args!("result {r}"),
+    );
+
+    let r = ev::send(cpu, 4000);
+    c.check(
+        "evtchn-send-unallocated-einval",
+        r == Errno::EINVAL.as_i64(),
+        format_args!("result {r}"),
+    );
+    let r = ev::send(cpu, 5000);
+    c.check(
+        "evtchn-send-out-of-range-einval",
+        r == Errno::EINVAL.as_i64(),
+        format_args!("result {r}"),
+    );
+    let r = ev::bind_interdomain(cpu, 0x7fef, 1);
+    c.check(
+        "evtchn-bind-unknown-domain-einval",
+        r == Err(Errno::EINVAL.as_i64()),
+        format_args!("{r:?}"),
+    );
+    // A port offered to dom0 is not ours to bind.
+    let offered = ev::alloc_unbound(cpu, 0).unwrap_or(0);
+    let r = ev::bind_interdomain(cpu, me, offered);
+    c.check(
+        "evtchn-bind-not-offered-einval",
+        r == Err(Errno::EINVAL.as_i64()),
+        format_args!("{r:?}"),
+    );
+    ev::close(cpu, offered);
+
+    let r = ev::close(cpu, b);
+    let st = ev::status(cpu, a);
+    c.check(
+        "evtchn-close-unbinds-peer",
+        r == 0 && matches!(st, Ok(PortState::Unbound { dom }) if dom.0 == me),
+        format_args!("result {r}, peer {st:?}"),
+    );
+    let r = ev::send(cpu, b);
+    c.check(
+        "evtchn-send-closed-einval",
+        r == Errno::EINVAL.as_i64(),
+        format_args!("result {r}"),
+    );
+    ev::close(cpu, a);
+
+    if si.nr_vcpus < 2 {
+        kprintln!(cpu, "SKIP evtchn-wakes-blocked-vcpu: needs 2 vCPUs");
+        return;
+    }
+    let Ok(w1) = ev::alloc_unbound(cpu, me) else {
+        c.check("evtchn-wakes-blocked-vcpu", false, format_args!("no port"));
+        return;
+    };
+    let w2 = ev::bind_interdomain(cpu, me, w1).unwrap_or(0);
+    crate::WAKE_PORT.store(w1, core::sync::atomic::Ordering::Release);
+    ev::unmask(cpu, w1);
+    let before = crate::WOKEN.load(core::sync::atomic::Ordering::Acquire);
+    ev::send(cpu, w2);
+    let mut tries = 0;
+    while crate::WOKEN.load(core::sync::atomic::Ordering::Acquire) == before && tries < 100_000 {
+        cpu.yield_now();
+        tries += 1;
+    }
+    let woken = crate::WOKEN.load(core::sync::atomic::Ordering::Acquire) - before;
+    c.check(
+        "evtchn-wakes-blocked-vcpu",
+        woken == 1,
+        format_args!("{woken} wake-ups"),
+    );
+    ev::mask(w1);
+}
+
+/// Offers a port to dom0, prints it, then answers 100 notifications from the host through the
+/// doorbell; exits 0 when all arrived.
+pub fn evtchn_host(cpu: &Cpu) -> u32 {
+    use crate::evtchn as ev;
+    let Ok(port) = ev::alloc_unbound(cpu, 0) else {
+        kprintln!(cpu, "evtchn-host: alloc_unbound failed");
+        return 1;
+    };
+    kprintln!(cpu, "evtchn-host port {port}");
+    let mut n = 0;
+    while n < 100 {
+        ev::poll(cpu, &[port], 10_000_000_000);
+        if !ev::clear_pending(port) {
+            kprintln!(cpu, "evtchn-host: timed out after {n} round trips");
+            return 1;
+        }
+        n += 1;
+        ev::doorbell(port);
+    }
+    kprintln!(cpu, "evtchn-host: {n} round trips");
+    0
 }

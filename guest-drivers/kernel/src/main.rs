@@ -13,6 +13,7 @@
 #![deny(missing_docs)]
 
 mod console;
+mod evtchn;
 mod hcall;
 mod jobs;
 #[cfg(not(test))]
@@ -59,6 +60,10 @@ core::arch::global_asm!(
 
 /// Secondary vCPUs that reached `kmain`.
 static SECONDARIES_UP: AtomicU32 = AtomicU32::new(0);
+/// Port whose events secondary vCPUs consume (0: none yet).
+pub static WAKE_PORT: AtomicU32 = AtomicU32::new(0);
+/// Wake-ups secondary vCPUs saw on [`WAKE_PORT`].
+pub static WOKEN: AtomicU32 = AtomicU32::new(0);
 
 extern "C" fn kmain(start_info: u64, index: u64) -> ! {
     let cpu = Cpu::new(index as u32);
@@ -71,12 +76,17 @@ extern "C" fn kmain(start_info: u64, index: u64) -> ! {
     }
     if cpu.index != 0 {
         SECONDARIES_UP.fetch_add(1, Ordering::AcqRel);
-        // Secondary vCPUs have no work yet: block until the domain goes away. `block` returns on
-        // any pending event, so loop.
+        // Secondary vCPUs sleep in sched_op(block) and count wake-ups on the wake port (the
+        // selftest's proof that an event wakes a blocked vCPU).
         loop {
             cpu.block();
+            let port = WAKE_PORT.load(Ordering::Acquire);
+            if port != 0 && evtchn::clear_pending(port) {
+                WOKEN.fetch_add(1, Ordering::AcqRel);
+            }
         }
     }
+    evtchn::mask_all();
     let cmdline = si.cmdline();
     let job = cmdline.split_whitespace().next().unwrap_or("selftest");
     kprintln!(
@@ -91,6 +101,7 @@ extern "C" fn kmain(start_info: u64, index: u64) -> ! {
         "selftest" => jobs::selftest(&cpu, si),
         "hostile" => jobs::hostile(&cpu, si),
         "ticker" => jobs::ticker(&cpu, si),
+        "evtchn-host" => jobs::evtchn_host(&cpu),
         "crash" => jobs::crash(&cpu),
         other => {
             kprintln!(&cpu, "unknown job {other:?}");
