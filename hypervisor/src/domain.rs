@@ -89,19 +89,17 @@ impl DomainShared {
         vm: kvm_ioctls::VmFd,
         registry: Arc<crate::evtchn::Registry>,
         id: u32,
-        name: String,
-        vcpus: u32,
+        cfg: &crate::DomainConfig,
         ram: GuestRam,
         console: Console,
-        max_ports: u32,
     ) -> Self {
         Self {
             vm,
             registry,
-            ports: Mutex::new(crate::evtchn::PortTable::new(max_ports)),
+            ports: Mutex::new(crate::evtchn::PortTable::new(cfg.max_ports)),
             id,
-            name,
-            vcpus,
+            name: cfg.name.clone(),
+            vcpus: cfg.vcpus,
             ram,
             console,
             inner: Mutex::new(Inner {

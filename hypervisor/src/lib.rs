@@ -211,11 +211,9 @@ impl Hypervisor {
             vm,
             Arc::clone(&self.registry),
             id,
-            cfg.name.clone(),
-            cfg.vcpus,
+            &cfg,
             ram,
             Console::new(echo),
-            cfg.max_ports,
         ));
         self.registry.insert(&shared);
         if cfg.start_paused {
