@@ -12,8 +12,7 @@ use linux_loader::loader::KernelLoader;
 use linux_loader::loader::elf::Elf;
 use pv_protocol::hypercall::{ABI_VERSION_MAJOR, ABI_VERSION_MINOR, Features};
 use pv_protocol::start_info::{
-    CMDLINE_MAX, KERNEL_MIN_LOAD, MAX_GRANT_FRAMES, START_INFO_GPA, START_INFO_MAGIC, StartFlags,
-    StartInfo,
+    CMDLINE_MAX, KERNEL_MIN_LOAD, START_INFO_GPA, START_INFO_MAGIC, StartFlags, StartInfo,
 };
 use vm_memory::GuestAddress;
 
@@ -173,6 +172,8 @@ pub struct StartParams<'a> {
     pub cmdline: &'a str,
     /// Event-channel ports.
     pub max_ports: u32,
+    /// Grant-table frames.
+    pub grant_frames: u32,
 }
 
 /// Writes the start-info page.
@@ -194,7 +195,7 @@ pub fn write_start_info(ram: &GuestRam, p: &StartParams<'_>) -> Result<()> {
         shared_info: pv_protocol::start_info::SHARED_INFO_GPA,
         hypercall_pages: pv_protocol::start_info::HYPERCALL_GPA,
         grant_table: pv_protocol::start_info::GRANT_TABLE_GPA,
-        grant_frames: MAX_GRANT_FRAMES as u32,
+        grant_frames: p.grant_frames,
         store_evtchn: 0,
         store_ring: pv_protocol::start_info::STORE_GPA,
         console_ring: pv_protocol::start_info::CONSOLE_GPA,

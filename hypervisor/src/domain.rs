@@ -82,6 +82,10 @@ pub struct DomainShared {
     pub(crate) ports: Mutex<crate::evtchn::PortTable>,
     /// Every live domain, for operations that reach another one.
     pub(crate) registry: Arc<crate::evtchn::Registry>,
+    /// Grant-table frames.
+    pub grant_frames: u32,
+    /// Live host mappings of this domain's grants.
+    pub(crate) maptrack: Mutex<crate::grant::MapTrack>,
 }
 
 impl DomainShared {
@@ -97,6 +101,8 @@ impl DomainShared {
             vm,
             registry,
             ports: Mutex::new(crate::evtchn::PortTable::new(cfg.max_ports)),
+            grant_frames: cfg.grant_frames,
+            maptrack: Mutex::default(),
             id,
             name: cfg.name.clone(),
             vcpus: cfg.vcpus,

@@ -10,13 +10,13 @@ use std::mem::offset_of;
 use pv_protocol::evtchn::{
     AllocUnboundArg, BindInterdomainArg, EvtchnCommand, EvtchnOp, MAX_PORTS_2L, StatusArg,
 };
-use pv_protocol::grant::DomId;
+use pv_protocol::grant::{DomId, GnttabQuerySize, GnttabSetupTable, GrantStatus};
 use pv_protocol::hypercall::{
-    ABI_VERSION_MAJOR, ABI_VERSION_MINOR, ConsoleIoCmd, Errno, FeatureInfo, Features, Hypercall,
-    HypercallRequest, SchedCmd, SchedShutdown, Shutdown, XenVersionCmd, encode_result,
+    ABI_VERSION_MAJOR, ABI_VERSION_MINOR, ConsoleIoCmd, Errno, FeatureInfo, Features, GnttabCmd,
+    Hypercall, HypercallRequest, SchedCmd, SchedShutdown, Shutdown, XenVersionCmd, encode_result,
 };
 use pv_protocol::hypercall::{Poll, SchedPoll};
-use pv_protocol::start_info::hypercall_page;
+use pv_protocol::start_info::{GRANT_TABLE_GPA, hypercall_page};
 use std::time::Duration;
 use zerocopy::FromBytes;
 
@@ -26,7 +26,11 @@ use crate::domain::{DomainShared, DomainState};
 
 /// Features this hypervisor offers.
 pub fn features() -> Features {
-    Features::PORT_IO_HYPERCALL | Features::CONSOLE_IO | Features::EVTCHN_2L | Features::SCHED_POLL
+    Features::PORT_IO_HYPERCALL
+        | Features::CONSOLE_IO
+        | Features::EVTCHN_2L
+        | Features::SCHED_POLL
+        | Features::GRANT_TABLE_V1
 }
 
 /// Handles the hypercall vCPU `vcpu` just made; returns a final state if the domain stops.
@@ -152,10 +156,46 @@ fn dispatch(
             Ok(0)
         }
         Hypercall::EventChannelOp { op, arg } => event_channel_op(dom, vcpu, op, arg.0),
-        // Grant tables land in the next step of the hypervisor issue.
-        Hypercall::GrantTableOp(_) => {
-            dom.guest_fault("unimplemented", format_args!("vCPU {vcpu}: {call:?}"));
-            Err(Errno::ENOSYS)
+        Hypercall::GrantTableOp(GnttabCmd::QuerySize { arg }) => {
+            let mut q: GnttabQuerySize = dom
+                .ram
+                .read_obj(arg.0)
+                .map_err(|e| efault(dom, vcpu, "query_size argument", e))?;
+            if own_domain(dom, DomId(q.dom)).is_ok() {
+                q.nr_frames = dom.grant_frames;
+                q.max_nr_frames = dom.grant_frames;
+                q.status = GrantStatus::Okay.as_i16();
+            } else {
+                q.status = GrantStatus::BadDomain.as_i16();
+            }
+            dom.ram
+                .write_obj(arg.0, &q)
+                .map_err(|e| efault(dom, vcpu, "query_size argument", e))?;
+            Ok(0)
+        }
+        // The table sits at a fixed place (start-info says where): setup reports its frames.
+        Hypercall::GrantTableOp(GnttabCmd::SetupTable { arg }) => {
+            let mut t: GnttabSetupTable = dom
+                .ram
+                .read_obj(arg.0)
+                .map_err(|e| efault(dom, vcpu, "setup_table argument", e))?;
+            if own_domain(dom, DomId(t.dom)).is_err() {
+                t.status = GrantStatus::BadDomain.as_i16();
+            } else if t.nr_frames > dom.grant_frames {
+                t.status = GrantStatus::GeneralError.as_i16();
+            } else {
+                let frames: Vec<u8> = (0..u64::from(t.nr_frames))
+                    .flat_map(|i| ((GRANT_TABLE_GPA >> 12) + i).to_le_bytes())
+                    .collect();
+                dom.ram
+                    .write(t.frame_list, &frames)
+                    .map_err(|e| efault(dom, vcpu, "setup_table frame list", e))?;
+                t.status = GrantStatus::Okay.as_i16();
+            }
+            dom.ram
+                .write_obj(arg.0, &t)
+                .map_err(|e| efault(dom, vcpu, "setup_table argument", e))?;
+            Ok(0)
         }
     }
 }

@@ -11,6 +11,7 @@ pub mod boot;
 pub mod console;
 pub mod domain;
 pub mod evtchn;
+pub mod grant;
 pub mod hypercall;
 pub mod memory;
 pub mod vcpu;
@@ -20,7 +21,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 
 use kvm_bindings::{Msrs, kvm_msr_entry, kvm_userspace_memory_region};
 use kvm_ioctls::{Kvm, VcpuFd};
-use pv_protocol::start_info::{MAX_VCPUS, StartFlags, vif_page};
+use pv_protocol::start_info::{MAX_GRANT_FRAMES, MAX_VCPUS, StartFlags, vif_page};
 
 pub use console::Console;
 pub use domain::{Domain, DomainShared, DomainState};
@@ -81,6 +82,8 @@ pub struct DomainConfig {
     pub start_paused: bool,
     /// Event-channel ports (1..=4096).
     pub max_ports: u32,
+    /// Grant-table frames of 512 entries (1..=64).
+    pub grant_frames: u32,
     /// Echo console output to this process's stderr as it arrives.
     pub echo_console: bool,
 }
@@ -96,6 +99,7 @@ impl Default for DomainConfig {
             start_paused: false,
             echo_console: false,
             max_ports: evtchn::DEFAULT_MAX_PORTS,
+            grant_frames: grant::DEFAULT_GRANT_FRAMES,
         }
     }
 }
@@ -141,6 +145,12 @@ impl Hypervisor {
                 "max_ports = {} (1..={})",
                 cfg.max_ports,
                 pv_protocol::evtchn::MAX_PORTS_2L
+            )));
+        }
+        if cfg.grant_frames == 0 || cfg.grant_frames as usize > MAX_GRANT_FRAMES {
+            return Err(Error::Config(format!(
+                "grant_frames = {} (1..={MAX_GRANT_FRAMES})",
+                cfg.grant_frames
             )));
         }
         if cfg.vcpus == 0 || cfg.vcpus as usize > MAX_VCPUS {
@@ -198,6 +208,7 @@ impl Hypervisor {
                 flags,
                 cmdline: &cfg.cmdline,
                 max_ports: cfg.max_ports,
+                grant_frames: cfg.grant_frames,
             },
         )?;
 

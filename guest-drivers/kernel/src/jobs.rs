@@ -118,6 +118,22 @@ pub fn selftest(cpu: &Cpu, si: &StartInfo) -> u32 {
         format_args!("{up} of {want} secondaries"),
     );
 
+    let mut q = pv_protocol::grant::GnttabQuerySize {
+        dom: pv_protocol::grant::DomId::SELF.0,
+        ..Default::default()
+    };
+    let r = cpu.raw(nr::GRANT_TABLE_OP, [6, (&raw mut q) as u64, 1, 0, 0, 0]);
+    // SAFETY: `q` is a local the hypervisor wrote during the call.
+    let q = unsafe { core::ptr::read_volatile(&raw const q) };
+    c.check(
+        "grant-query-size",
+        r == 0 && q.status == 0 && q.nr_frames == si.grant_frames,
+        format_args!(
+            "result {r}, status {}, frames {} of {}",
+            q.status, q.nr_frames, si.grant_frames
+        ),
+    );
+
     evtchn_checks(&mut c, si);
 
     kprintln!(cpu, "selftest: {} passed, {} failed", c.passed, c.failed);
@@ -367,5 +383,89 @@ pub fn evtchn_host(cpu: &Cpu) -> u32 {
         ev::doorbell(port);
     }
     kprintln!(cpu, "evtchn-host: {n} round trips");
+    0
+}
+
+#[repr(C, align(4096))]
+struct Page([u8; 4096]);
+
+static mut OFFERED_RO: Page = Page([0; 4096]);
+static mut OFFERED_RW: Page = Page([0; 4096]);
+
+/// Grants pages to dom0 (and one to a stranger), then follows the host's lead over an event
+/// channel: tries to revoke while mapped (must be refused), revokes after unmap, checks what the
+/// host wrote. Grant refs: 1 read-only page, 2 writable page, 3 granted to domain 7, 4 a frame
+/// outside memory, 5 never granted.
+pub fn grant_offer(cpu: &Cpu, si: &StartInfo) -> u32 {
+    use crate::evtchn as ev;
+    use crate::grant::{EndError, end_access, grant};
+    let ro = (&raw mut OFFERED_RO) as u64;
+    let rw = (&raw mut OFFERED_RW) as u64;
+    // SAFETY: this job is the only user of the two pages (vCPU 0 only); the host reads or writes
+    // them only through grants, with its own synchronisation over the event channel.
+    unsafe {
+        let p = (&raw mut OFFERED_RO).cast::<u8>();
+        for i in 0..4096 {
+            p.add(i).write_volatile((i * 7) as u8);
+        }
+    }
+    grant(1, 0, ro, true);
+    grant(2, 0, rw, false);
+    grant(3, 7, ro, false);
+    grant(4, 0, si.mem_bytes + (16 << 12), false);
+    let Ok(port) = ev::alloc_unbound(cpu, 0) else {
+        return 1;
+    };
+    kprintln!(cpu, "grant-offer port {port} ro {ro:#x} rw {rw:#x}");
+    let step = |n: u32| -> bool {
+        ev::poll(cpu, &[port], 30_000_000_000);
+        let ok = ev::clear_pending(port);
+        if !ok {
+            kprintln!(cpu, "grant-offer: no signal for step {n}");
+        }
+        ok
+    };
+    if !step(1) {
+        return 1;
+    }
+    match end_access(2) {
+        Err(EndError::InUse) => kprintln!(cpu, "revoke-while-mapped refused"),
+        Ok(()) => kprintln!(cpu, "revoke-while-mapped ALLOWED"),
+    }
+    ev::doorbell(port);
+    if !step(2) {
+        return 1;
+    }
+    let r = end_access(2);
+    kprintln!(
+        cpu,
+        "revoke-after-unmap {}",
+        if r.is_ok() { "ok" } else { "refused" }
+    );
+    // SAFETY: the host unmapped the page (step 2) and we revoked the grant: ours again.
+    let wrote: [u8; 16] = core::array::from_fn(|i| unsafe {
+        // SAFETY: as above; `i < 16` stays inside the page.
+        (&raw const OFFERED_RW).cast::<u8>().add(i).read_volatile()
+    });
+    kprintln!(
+        cpu,
+        "host-data {}",
+        if &wrote == b"written by dom0!" {
+            "ok"
+        } else {
+            "bad"
+        }
+    );
+    let r = end_access(1);
+    kprintln!(
+        cpu,
+        "revoke-ro {}",
+        if r.is_ok() { "ok" } else { "refused" }
+    );
+    ev::doorbell(port);
+    // Stay up until the host has checked the revoked entries.
+    if !step(3) {
+        return 1;
+    }
     0
 }

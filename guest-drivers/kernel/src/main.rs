@@ -14,6 +14,7 @@
 
 mod console;
 mod evtchn;
+mod grant;
 mod hcall;
 mod jobs;
 #[cfg(not(test))]
@@ -102,6 +103,7 @@ extern "C" fn kmain(start_info: u64, index: u64) -> ! {
         "hostile" => jobs::hostile(&cpu, si),
         "ticker" => jobs::ticker(&cpu, si),
         "evtchn-host" => jobs::evtchn_host(&cpu),
+        "grant-offer" => jobs::grant_offer(&cpu, si),
         "crash" => jobs::crash(&cpu),
         other => {
             kprintln!(&cpu, "unknown job {other:?}");
