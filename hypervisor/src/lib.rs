@@ -14,6 +14,7 @@ pub mod evtchn;
 pub mod grant;
 pub mod hypercall;
 pub mod memory;
+pub mod store;
 pub mod vcpu;
 
 use std::sync::Arc;
