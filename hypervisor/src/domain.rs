@@ -58,6 +58,8 @@ pub(crate) struct Inner {
     pub(crate) event_seq: u64,
     /// Threads of the vCPUs currently inside the run loop, for kicks.
     pub(crate) vcpu_threads: Vec<libc::pthread_t>,
+    /// The PV-device thread has made its last pass (console output is all in).
+    pub(crate) pvdev_done: bool,
 }
 
 /// What every vCPU thread of a domain shares.
@@ -86,12 +88,19 @@ pub struct DomainShared {
     pub grant_frames: u32,
     /// Live host mappings of this domain's grants.
     pub(crate) maptrack: Mutex<crate::grant::MapTrack>,
+    /// The config store (shared by all domains).
+    pub store: Arc<crate::store::Store>,
+    /// Tells the PV-device thread to finish.
+    pub(crate) pvdev_stop: Arc<vmm_sys_util::eventfd::EventFd>,
 }
 
 impl DomainShared {
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn new(
         vm: kvm_ioctls::VmFd,
         registry: Arc<crate::evtchn::Registry>,
+        store: Arc<crate::store::Store>,
+        pvdev_stop: Arc<vmm_sys_util::eventfd::EventFd>,
         id: u32,
         cfg: &crate::DomainConfig,
         ram: GuestRam,
@@ -103,6 +112,8 @@ impl DomainShared {
             ports: Mutex::new(crate::evtchn::PortTable::new(cfg.max_ports)),
             grant_frames: cfg.grant_frames,
             maptrack: Mutex::default(),
+            store,
+            pvdev_stop,
             id,
             name: cfg.name.clone(),
             vcpus: cfg.vcpus,
@@ -114,6 +125,7 @@ impl DomainShared {
                 parked: 0,
                 event_seq: 0,
                 vcpu_threads: Vec::new(),
+                pvdev_done: false,
             }),
             changed: Condvar::new(),
             faults: Mutex::new(HashMap::new()),
@@ -164,6 +176,13 @@ impl DomainShared {
         g.pause_requested = true;
         self.changed.notify_all();
         crate::vcpu::kick_all(&g.vcpu_threads);
+        let _ = self.pvdev_stop.write(1);
+    }
+
+    /// Called by the PV-device thread when it exits.
+    pub(crate) fn pvdev_finished(&self) {
+        self.lock().pvdev_done = true;
+        self.changed.notify_all();
     }
 
     /// Marks an event as possibly pending and wakes blocked vCPUs.
@@ -243,6 +262,8 @@ pub enum LifecycleError {
 pub struct Domain {
     pub(crate) shared: Arc<DomainShared>,
     pub(crate) threads: Vec<JoinHandle<()>>,
+    /// The store/console service thread.
+    pub(crate) pvdev: Option<JoinHandle<()>>,
 }
 
 impl Domain {
@@ -316,13 +337,14 @@ impl Domain {
         Ok(())
     }
 
-    /// Waits up to `timeout` for a final state; returns the state either way.
+    /// Waits up to `timeout` for a final state (and for the console output written before it
+    /// to be collected); returns the state either way.
     pub fn wait(&self, timeout: Duration) -> DomainState {
         let g = self.shared.lock();
         let (g, _) = self
             .shared
             .changed
-            .wait_timeout_while(g, timeout, |i| !i.state.is_final())
+            .wait_timeout_while(g, timeout, |i| !(i.state.is_final() && i.pvdev_done))
             .unwrap_or_else(|p| p.into_inner());
         g.state.clone()
     }
@@ -346,6 +368,11 @@ impl Domain {
                 tracing::error!(domid = self.shared.id, "a vCPU thread panicked");
             }
         }
+        let _ = self.shared.pvdev_stop.write(1);
+        if self.pvdev.take().is_some_and(|t| t.join().is_err()) {
+            tracing::error!(domid = self.shared.id, "the PV-device thread panicked");
+        }
+        self.shared.store.release(self.shared.id);
         self.shared.registry.remove(self.shared.id);
         self.shared.state()
     }
@@ -353,7 +380,7 @@ impl Domain {
 
 impl Drop for Domain {
     fn drop(&mut self) {
-        if !self.threads.is_empty() {
+        if !self.threads.is_empty() || self.pvdev.is_some() {
             self.teardown();
         }
     }

@@ -14,6 +14,7 @@ pub mod evtchn;
 pub mod grant;
 pub mod hypercall;
 pub mod memory;
+mod pvdev;
 pub mod store;
 pub mod vcpu;
 
@@ -22,7 +23,12 @@ use std::sync::atomic::{AtomicU32, Ordering};
 
 use kvm_bindings::{Msrs, kvm_msr_entry, kvm_userspace_memory_region};
 use kvm_ioctls::{Kvm, VcpuFd};
-use pv_protocol::start_info::{MAX_GRANT_FRAMES, MAX_VCPUS, StartFlags, vif_page};
+use std::mem::offset_of;
+
+use pv_protocol::start_info::{
+    MAX_GRANT_FRAMES, MAX_VCPUS, START_INFO_GPA, StartFlags, StartInfo, vif_page,
+};
+use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
 pub use console::Console;
 pub use domain::{Domain, DomainShared, DomainState};
@@ -112,6 +118,7 @@ pub struct Hypervisor {
     flavour: KvmFlavour,
     next_id: AtomicU32,
     registry: Arc<evtchn::Registry>,
+    store: Arc<store::Store>,
 }
 
 impl Hypervisor {
@@ -126,12 +133,18 @@ impl Hypervisor {
             flavour,
             next_id: AtomicU32::new(1),
             registry: Arc::default(),
+            store: Arc::default(),
         })
     }
 
     /// PVM or hardware.
     pub fn flavour(&self) -> KvmFlavour {
         self.flavour
+    }
+
+    /// The config store (dom0's in-process API: call it with domid 0).
+    pub fn store(&self) -> &Arc<store::Store> {
+        &self.store
     }
 
     /// The live domain `id`.
@@ -219,15 +232,21 @@ impl Hypervisor {
                 let _ = std::io::stderr().write_all(b);
             }) as console::Echo
         });
+        let pvdev_stop = Arc::new(
+            EventFd::new(EFD_NONBLOCK).map_err(|e| Error::Thread(std::io::Error::other(e)))?,
+        );
         let shared = Arc::new(DomainShared::new(
             vm,
             Arc::clone(&self.registry),
+            Arc::clone(&self.store),
+            pvdev_stop,
             id,
             &cfg,
             ram,
             Console::new(echo),
         ));
         self.registry.insert(&shared);
+        let pvdev = self.start_pv_devices(&shared)?;
         if cfg.start_paused {
             let mut g = shared.lock();
             g.state = DomainState::Paused;
@@ -244,7 +263,55 @@ impl Hypervisor {
         }
         tracing::info!(domid = id, name = %cfg.name, vcpus = cfg.vcpus, mem_mib = cfg.mem_mib,
             "domain created");
-        Ok(Domain { shared, threads })
+        Ok(Domain {
+            shared,
+            threads,
+            pvdev: Some(pvdev),
+        })
+    }
+
+    /// Offers the store and console rings' ports to dom0, binds them, tells the guest their
+    /// numbers (start-info), introduces the domain to the store and starts their service thread.
+    fn start_pv_devices(&self, d: &Arc<DomainShared>) -> Result<std::thread::JoinHandle<()>> {
+        let port = |what| {
+            let p = evtchn::alloc_unbound(d, evtchn::DOM0)
+                .map_err(|e| Error::Config(format!("{what} port: {e:?}")))?;
+            let hp = evtchn::HostPort::bind(d, p)
+                .map_err(|e| Error::Config(format!("{what} port: {e:?}")))?;
+            Ok::<_, Error>((p, hp))
+        };
+        let (sp, store_port) = port("store")?;
+        let (cp, console_port) = port("console")?;
+        d.ram.write_obj(
+            START_INFO_GPA + offset_of!(StartInfo, store_evtchn) as u64,
+            &sp,
+        )?;
+        d.ram.write_obj(
+            START_INFO_GPA + offset_of!(StartInfo, console_evtchn) as u64,
+            &cp,
+        )?;
+        let wake = Arc::new(
+            EventFd::new(EFD_NONBLOCK).map_err(|e| Error::Thread(std::io::Error::other(e)))?,
+        );
+        let waker = Arc::clone(&wake);
+        self.store.introduce(
+            d.id,
+            &d.name,
+            Box::new(move || {
+                let _ = waker.write(1);
+            }),
+        );
+        let devs = pvdev::PvDevs {
+            store_port,
+            console_port,
+            wake,
+            stop: Arc::clone(&d.pvdev_stop),
+        };
+        let (dom, store) = (Arc::clone(d), Arc::clone(&self.store));
+        std::thread::Builder::new()
+            .name(format!("dom{}-pvdev", d.id))
+            .spawn(move || pvdev::run(dom, store, devs))
+            .map_err(Error::Thread)
     }
 
     fn setup_vcpu(&self, vcpu: &VcpuFd, index: u32, entry: u64) -> Result<()> {

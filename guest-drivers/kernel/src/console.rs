@@ -1,8 +1,98 @@
-//! Console output through the console-write hypercall, one line per call.
+//! Console output: the PV console ring (one doorbell per line), with the console-write
+//! hypercall as the early and last-resort path.
 
+use core::cell::UnsafeCell;
 use core::fmt::{self, Write};
+use core::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+
+use pv_protocol::SharedRegion;
+use pv_protocol::byte_ring::ByteRingProducer;
+use pv_protocol::console::OUT_RING;
+use pv_protocol::start_info::{CONSOLE_GPA, StartInfo};
 
 use crate::hcall::Cpu;
+
+/// The console ring's producer, behind a spin lock (several vCPUs print).
+struct Ring {
+    locked: AtomicBool,
+    port: AtomicU32,
+    producer: UnsafeCell<Option<ByteRingProducer<'static>>>,
+}
+
+// SAFETY: `producer` is only touched while `locked` is held (see `with`).
+unsafe impl Sync for Ring {}
+
+static RING: Ring = Ring {
+    locked: AtomicBool::new(false),
+    port: AtomicU32::new(0),
+    producer: UnsafeCell::new(None),
+};
+
+fn with<R>(f: impl FnOnce(&mut Option<ByteRingProducer<'static>>) -> R) -> R {
+    while RING
+        .locked
+        .compare_exchange_weak(false, true, Ordering::Acquire, Ordering::Relaxed)
+        .is_err()
+    {
+        core::hint::spin_loop();
+    }
+    // SAFETY: the lock is held, so this is the only reference.
+    let r = f(unsafe { &mut *RING.producer.get() });
+    RING.locked.store(false, Ordering::Release);
+    r
+}
+
+/// Switches output to the console ring named in start-info.
+pub fn init(si: &StartInfo) {
+    // SAFETY: the console page is identity-mapped at a fixed address for the kernel's lifetime
+    // and accessed (by us and the host) only atomically.
+    let Ok(page) = (unsafe { SharedRegion::from_raw(CONSOLE_GPA as *mut u8, 4096) }) else {
+        return;
+    };
+    let Ok(p) = ByteRingProducer::new(page, OUT_RING) else {
+        return;
+    };
+    with(|slot| *slot = Some(p));
+    RING.port.store(si.console_evtchn, Ordering::Release);
+}
+
+/// Writes `bytes` to the ring (waiting for space), or by hypercall if there is no ring.
+fn write(cpu: &Cpu, mut bytes: &[u8]) {
+    let port = RING.port.load(Ordering::Acquire);
+    let mut stalls = 0;
+    while !bytes.is_empty() {
+        let n = with(|p| p.as_mut().map(|p| p.write(bytes)));
+        match n {
+            Some(Ok(n)) if n > 0 => {
+                bytes = &bytes[n..];
+                crate::evtchn::doorbell(port);
+            }
+            Some(Ok(_)) if stalls < 100_000 => {
+                stalls += 1;
+                cpu.yield_now();
+            }
+            // No ring, a broken ring, or a host that stopped reading: the hypercall still works.
+            _ => {
+                cpu.console_write(bytes);
+                return;
+            }
+        }
+    }
+}
+
+/// Waits (boundedly) until the host has read everything written to the ring.
+pub fn flush(cpu: &Cpu) {
+    for _ in 0..100_000 {
+        let empty = with(|p| match p.as_mut().map(|p| p.free()) {
+            Some(Ok(free)) => free == OUT_RING.size as usize,
+            _ => true,
+        });
+        if empty {
+            return;
+        }
+        cpu.yield_now();
+    }
+}
 
 /// Formats into a bounded buffer (a longer message is cut, never overflows).
 struct Line {
@@ -26,7 +116,7 @@ pub fn print(cpu: &Cpu, args: fmt::Arguments<'_>) {
         len: 0,
     };
     let _ = line.write_fmt(args);
-    cpu.console_write(&line.buf[..line.len]);
+    write(cpu, &line.buf[..line.len]);
 }
 
 /// `kprintln!(cpu, "fmt", args...)`: prints one line on the console.

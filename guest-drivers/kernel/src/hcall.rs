@@ -87,8 +87,9 @@ impl Cpu {
         self.raw(nr::SCHED_OP, [2, (&raw const arg) as u64, 0, 0, 0, 0])
     }
 
-    /// Shuts the domain down; never returns.
+    /// Shuts the domain down (after the console ring drained); never returns.
     pub fn shutdown(&self, reason: ShutdownReason, exit_code: u32) -> ! {
+        crate::console::flush(self);
         loop {
             self.try_shutdown(reason as u32, exit_code);
         }

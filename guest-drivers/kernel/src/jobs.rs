@@ -135,6 +135,7 @@ pub fn selftest(cpu: &Cpu, si: &StartInfo) -> u32 {
     );
 
     evtchn_checks(&mut c, si);
+    store_checks(&mut c, si);
 
     kprintln!(cpu, "selftest: {} passed, {} failed", c.passed, c.failed);
     c.failed
@@ -468,4 +469,226 @@ pub fn grant_offer(cpu: &Cpu, si: &StartInfo) -> u32 {
         return 1;
     }
     0
+}
+
+fn store_checks(c: &mut Checks<'_>, si: &StartInfo) {
+    use crate::store::{StoreFail, request};
+    use pv_protocol::store::{MsgType, StoreErrno};
+    let cpu = c.cpu;
+    let mut out = [0u8; 4096];
+    let rd = |path: &str, out: &mut [u8]| {
+        request(cpu, MsgType::Read, 0, &[path.as_bytes(), b"\0"], out).map(|r| r.len)
+    };
+
+    let r = rd("domid", &mut out);
+    let mut num = [0u8; 10];
+    let digits = {
+        let mut n = si.domid;
+        let mut i = num.len();
+        loop {
+            i -= 1;
+            num[i] = b'0' + (n % 10) as u8;
+            n /= 10;
+            if n == 0 {
+                break i;
+            }
+        }
+    };
+    c.check(
+        "store-read-home",
+        matches!(r, Ok(n) if out[..n] == num[digits..]),
+        format_args!("{r:?}"),
+    );
+    let r = rd("name", &mut out);
+    c.check(
+        "store-read-name",
+        matches!(r, Ok(n) if n > 0),
+        format_args!("{r:?}"),
+    );
+
+    let w = request(cpu, MsgType::Write, 0, &[b"data/x\0", b"hello"], &mut out);
+    let r = rd("data/x", &mut out);
+    c.check(
+        "store-write-read",
+        w.is_ok() && matches!(r, Ok(5)) && &out[..5] == b"hello",
+        format_args!("write {w:?}, read {r:?}"),
+    );
+    let r = request(cpu, MsgType::Directory, 0, &[b"data\0"], &mut out);
+    c.check(
+        "store-directory",
+        matches!(r, Ok(rep) if &out[..rep.len] == b"x\0"),
+        format_args!("{r:?}"),
+    );
+    let r = rd("/local/domain", &mut out);
+    c.check(
+        "store-foreign-read-eacces",
+        r == Err(StoreFail::Errno(StoreErrno::EACCES)),
+        format_args!("{r:?}"),
+    );
+    let r = request(
+        cpu,
+        MsgType::Write,
+        0,
+        &[b"/local/domain/0/x\0", b"1"],
+        &mut out,
+    );
+    c.check(
+        "store-foreign-write-eacces",
+        r == Err(StoreFail::Errno(StoreErrno::EACCES)),
+        format_args!("{r:?}"),
+    );
+
+    // Watches: one event at registration, one for a change below the path.
+    let r = request(cpu, MsgType::Watch, 0, &[b"data\0", b"tok\0"], &mut out);
+    let first = crate::store::next_event(cpu, &mut out);
+    let w = request(cpu, MsgType::Write, 0, &[b"data/y\0", b"2"], &mut [0u8; 16]);
+    let second = crate::store::next_event(cpu, &mut out);
+    let ends_with = |n: usize, suffix: &[u8]| out[..n].ends_with(suffix);
+    c.check(
+        "store-watch-fires",
+        r.is_ok()
+            && first.is_some()
+            && w.is_ok()
+            && second.is_some_and(|n| ends_with(n, b"/data/y\0tok\0")),
+        format_args!("watch {r:?}, first {first:?}, second {second:?}"),
+    );
+    let _ = request(cpu, MsgType::Unwatch, 0, &[b"data\0", b"tok\0"], &mut out);
+
+    // Transactions: commit applies; a conflicting change makes the commit fail with EAGAIN.
+    let tx = request(cpu, MsgType::TransactionStart, 0, &[b"\0"], &mut out)
+        .map(|r| parse_u32(&out[..r.len]));
+    let tx = tx.ok().flatten().unwrap_or(0);
+    let w = request(
+        cpu,
+        MsgType::Write,
+        tx,
+        &[b"data/t\0", b"tx"],
+        &mut [0u8; 16],
+    );
+    let e = request(cpu, MsgType::TransactionEnd, tx, &[b"T\0"], &mut [0u8; 16]);
+    let r = rd("data/t", &mut out);
+    c.check(
+        "store-transaction-commits",
+        tx != 0 && w.is_ok() && e.is_ok() && matches!(r, Ok(2)),
+        format_args!("tx {tx}, write {w:?}, end {e:?}, read {r:?}"),
+    );
+    let tx = request(cpu, MsgType::TransactionStart, 0, &[b"\0"], &mut out)
+        .ok()
+        .and_then(|r| parse_u32(&out[..r.len]))
+        .unwrap_or(0);
+    let _ = request(
+        cpu,
+        MsgType::Write,
+        tx,
+        &[b"data/t\0", b"inside"],
+        &mut [0u8; 16],
+    );
+    let _ = request(
+        cpu,
+        MsgType::Write,
+        0,
+        &[b"data/t\0", b"outside"],
+        &mut [0u8; 16],
+    );
+    let e = request(cpu, MsgType::TransactionEnd, tx, &[b"T\0"], &mut [0u8; 16]);
+    c.check(
+        "store-transaction-conflict-eagain",
+        e == Err(StoreFail::Errno(StoreErrno::EAGAIN)),
+        format_args!("{e:?}"),
+    );
+
+    // Malformed messages get error replies; the connection keeps working.
+    let mut bad = [0u8; 16];
+    bad[0..4].copy_from_slice(&999u32.to_le_bytes());
+    let r = crate::store::raw(cpu, &bad, &mut out);
+    let p = request(cpu, MsgType::Read, 0, &[b"data/a b\0"], &mut out);
+    let still = rd("data/x", &mut out);
+    c.check(
+        "store-malformed-answered",
+        matches!(r, Err(StoreFail::Errno(_)))
+            && matches!(p, Err(StoreFail::Errno(StoreErrno::EINVAL)))
+            && still.is_ok(),
+        format_args!("unknown type {r:?}, bad path {p:?}, after {still:?}"),
+    );
+
+    // Quota: a guest cannot grow the store without bound.
+    let mut made = 0u32;
+    let quota_hit = loop {
+        let mut path = [0u8; 32];
+        let n = fmt_path(&mut path, made);
+        match request(cpu, MsgType::Write, 0, &[&path[..n], b"v"], &mut [0u8; 16]) {
+            Ok(_) => made += 1,
+            Err(e) => break Some(e),
+        }
+        if made > 5000 {
+            break None;
+        }
+    };
+    c.check(
+        "store-quota-enospc",
+        quota_hit == Some(StoreFail::Errno(StoreErrno::ENOSPC)),
+        format_args!("{quota_hit:?} after {made} nodes"),
+    );
+    let r = request(cpu, MsgType::Rm, 0, &[b"q\0"], &mut out);
+    let gone = rd("q/n0", &mut out);
+    c.check(
+        "store-rm-subtree",
+        r.is_ok() && gone == Err(StoreFail::Errno(StoreErrno::ENOENT)),
+        format_args!("rm {r:?}, then {gone:?}"),
+    );
+}
+
+fn parse_u32(b: &[u8]) -> Option<u32> {
+    let digits = b.split(|&c| c == 0).next()?;
+    if digits.is_empty() {
+        return None;
+    }
+    digits.iter().try_fold(0u32, |acc, &d| {
+        d.is_ascii_digit()
+            .then(|| acc.checked_mul(10)?.checked_add(u32::from(d - b'0')))
+            .flatten()
+    })
+}
+
+/// Writes `q/n<i>\0` into `buf`; returns its length.
+fn fmt_path(buf: &mut [u8; 32], i: u32) -> usize {
+    use core::fmt::Write;
+    struct W<'a>(&'a mut [u8; 32], usize);
+    impl Write for W<'_> {
+        fn write_str(&mut self, s: &str) -> core::fmt::Result {
+            let n = s.len().min(31 - self.1);
+            self.0[self.1..self.1 + n].copy_from_slice(&s.as_bytes()[..n]);
+            self.1 += n;
+            Ok(())
+        }
+    }
+    let mut w = W(buf, 0);
+    let _ = write!(w, "q/n{i}");
+    let n = w.1;
+    buf[n] = 0;
+    n + 1
+}
+
+/// Tries to read and write another domain's store subtree (`store-peek <domid>`); exits 0 when
+/// both are refused.
+pub fn store_peek(cpu: &Cpu, cmdline: &str) -> u32 {
+    use crate::store::{StoreFail, request};
+    use pv_protocol::store::{MsgType, StoreErrno};
+    let Some(victim) = cmdline.split_whitespace().nth(1) else {
+        kprintln!(cpu, "usage: store-peek DOMID");
+        return 2;
+    };
+    let mut path = [0u8; 64];
+    let mut len = 0;
+    for part in [b"/local/domain/".as_slice(), victim.as_bytes(), b"/name\0"] {
+        let n = part.len().min(64 - len);
+        path[len..len + n].copy_from_slice(&part[..n]);
+        len += n;
+    }
+    let mut out = [0u8; 256];
+    let r = request(cpu, MsgType::Read, 0, &[&path[..len]], &mut out);
+    let w = request(cpu, MsgType::Write, 0, &[&path[..len], b"pwned"], &mut out);
+    let denied = Err(StoreFail::Errno(StoreErrno::EACCES));
+    kprintln!(cpu, "store-peek read {r:?} write {w:?}");
+    if r == denied && w == denied { 0 } else { 1 }
 }

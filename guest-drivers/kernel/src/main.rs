@@ -19,6 +19,7 @@ mod hcall;
 mod jobs;
 #[cfg(not(test))]
 mod mem;
+mod store;
 
 use core::sync::atomic::{AtomicU32, Ordering};
 
@@ -88,6 +89,8 @@ extern "C" fn kmain(start_info: u64, index: u64) -> ! {
         }
     }
     evtchn::mask_all();
+    console::init(si);
+    store::init(si);
     let cmdline = si.cmdline();
     let job = cmdline.split_whitespace().next().unwrap_or("selftest");
     kprintln!(
@@ -104,6 +107,7 @@ extern "C" fn kmain(start_info: u64, index: u64) -> ! {
         "ticker" => jobs::ticker(&cpu, si),
         "evtchn-host" => jobs::evtchn_host(&cpu),
         "grant-offer" => jobs::grant_offer(&cpu, si),
+        "store-peek" => jobs::store_peek(&cpu, cmdline),
         "crash" => jobs::crash(&cpu),
         other => {
             kprintln!(&cpu, "unknown job {other:?}");

@@ -1,0 +1,294 @@
+//! The host ends of a domain's two built-in PV devices: the config-store ring and the console
+//! ring, served by one thread per domain.
+//!
+//! Both rings live in pages of the guest's memory (start-info says where) and each has an event
+//! channel bound to a host endpoint, so the guest's kicks arrive through the ioeventfd doorbell
+//! without a VMM exit. The thread sleeps in `poll` on those eventfds, a wake-up eventfd (store
+//! watch events) and a stop eventfd.
+//!
+//! Store messages are copied out of the ring, reassembled, bounded (`PAYLOAD_MAX`), parsed by
+//! pv-protocol and answered; a malformed one gets an error reply. A guest that stops reading its
+//! replies stops being served (its requests stay in its ring) rather than growing host memory.
+
+use std::collections::VecDeque;
+use std::os::fd::AsRawFd;
+use std::sync::Arc;
+
+use pv_protocol::byte_ring::{ByteRingConsumer, ByteRingProducer};
+use pv_protocol::console::OUT_RING;
+use pv_protocol::start_info::{CONSOLE_GPA, STORE_GPA};
+use pv_protocol::store::{
+    MsgType, PAYLOAD_MAX, PermList, REQ_RING, RSP_RING, StoreErrno, StoreMsgHeader, StoreRequest,
+    encode_error, encode_message, encode_watch_event,
+};
+use vmm_sys_util::eventfd::EventFd;
+use zerocopy::FromBytes;
+
+use crate::domain::DomainShared;
+use crate::evtchn::HostPort;
+use crate::store::Store;
+
+/// Replies queued for a guest beyond which it is no longer served until it reads them.
+const MAX_QUEUED_REPLY_BYTES: usize = 64 * 1024;
+
+/// The endpoints the service thread needs.
+#[derive(Debug)]
+pub(crate) struct PvDevs {
+    pub(crate) store_port: HostPort,
+    pub(crate) console_port: HostPort,
+    pub(crate) wake: Arc<EventFd>,
+    pub(crate) stop: Arc<EventFd>,
+}
+
+fn wait(fds: &[&EventFd]) {
+    let mut pfds: Vec<libc::pollfd> = fds
+        .iter()
+        .map(|f| libc::pollfd {
+            fd: f.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        })
+        .collect();
+    // SAFETY: `pfds` is a valid array of `pfds.len()` pollfds for the duration of the call.
+    unsafe { libc::poll(pfds.as_mut_ptr(), pfds.len() as libc::nfds_t, 1000) };
+    for f in fds {
+        // Non-blocking eventfds: a failed read only means nothing was signalled.
+        let _ = f.read();
+    }
+}
+
+/// Serves the store and console rings of `dom` until it stops.
+pub(crate) fn run(dom: Arc<DomainShared>, store: Arc<Store>, devs: PvDevs) {
+    serve(&dom, &store, &devs);
+    dom.pvdev_finished();
+}
+
+fn serve(dom: &Arc<DomainShared>, store: &Store, devs: &PvDevs) {
+    let (Ok(store_page), Ok(console_page)) = (
+        dom.ram.region(STORE_GPA, 4096),
+        dom.ram.region(CONSOLE_GPA, 4096),
+    ) else {
+        tracing::error!(domid = dom.id, "store or console page outside guest memory");
+        return;
+    };
+    let (Ok(mut req), Ok(mut rsp), Ok(mut out)) = (
+        ByteRingConsumer::new(store_page, REQ_RING),
+        ByteRingProducer::new(store_page, RSP_RING),
+        ByteRingConsumer::new(console_page, OUT_RING),
+    ) else {
+        tracing::error!(domid = dom.id, "bad ring layout");
+        return;
+    };
+    let mut conn = StoreConn {
+        dom,
+        store,
+        inbuf: Vec::new(),
+        outbuf: VecDeque::new(),
+        broken: false,
+    };
+    let mut stopping = false;
+    loop {
+        // Console first: output written just before a request stays in order.
+        let mut buf = [0u8; 2048];
+        let mut drained = false;
+        loop {
+            match out.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => {
+                    dom.console.write(&buf[..n]);
+                    drained = true;
+                }
+                Err(e) => {
+                    dom.guest_fault("console-ring", format_args!("{e}"));
+                    break;
+                }
+            }
+        }
+        if drained {
+            devs.console_port.notify();
+        }
+        if conn.service(&mut req, &mut rsp) {
+            devs.store_port.notify();
+        }
+        if stopping {
+            break;
+        }
+        wait(&[
+            devs.store_port.eventfd(),
+            devs.console_port.eventfd(),
+            &devs.wake,
+            &devs.stop,
+        ]);
+        // One more pass after the stop signal, so output written just before it is kept.
+        stopping = dom.state().is_final();
+    }
+}
+
+struct StoreConn<'a> {
+    dom: &'a DomainShared,
+    store: &'a Store,
+    inbuf: Vec<u8>,
+    outbuf: VecDeque<u8>,
+    broken: bool,
+}
+
+impl StoreConn<'_> {
+    /// Reads requests, answers them, flushes replies and watch events; returns whether the guest
+    /// should be notified.
+    fn service(&mut self, req: &mut ByteRingConsumer<'_>, rsp: &mut ByteRingProducer<'_>) -> bool {
+        if self.broken {
+            return false;
+        }
+        let mut progressed = false;
+        while self.outbuf.len() < MAX_QUEUED_REPLY_BYTES {
+            let mut chunk = [0u8; 1024];
+            match req.read(&mut chunk) {
+                Ok(0) => break,
+                Ok(n) => {
+                    self.inbuf.extend_from_slice(&chunk[..n]);
+                    progressed = true;
+                    self.handle_messages();
+                }
+                Err(e) => {
+                    self.dom
+                        .guest_fault("store-ring", format_args!("request ring: {e}"));
+                    self.broken = true;
+                    return progressed;
+                }
+            }
+        }
+        // Watch events go out only while replies are not piling up.
+        while self.outbuf.len() < MAX_QUEUED_REPLY_BYTES / 2 {
+            let Some((path, token)) = self.store.next_event(self.dom.id) else {
+                break;
+            };
+            let mut m = vec![0u8; 16 + path.len() + token.len() + 2];
+            if let Ok(n) = encode_watch_event(&mut m, &path, &token) {
+                self.outbuf.extend(&m[..n]);
+            }
+        }
+        while !self.outbuf.is_empty() {
+            let (a, _) = self.outbuf.as_slices();
+            match rsp.write(a) {
+                Ok(0) => break,
+                Ok(n) => {
+                    self.outbuf.drain(..n);
+                    progressed = true;
+                }
+                Err(e) => {
+                    self.dom
+                        .guest_fault("store-ring", format_args!("response ring: {e}"));
+                    self.broken = true;
+                    break;
+                }
+            }
+        }
+        progressed
+    }
+
+    fn handle_messages(&mut self) {
+        while self.inbuf.len() >= 16 {
+            let Ok((hdr, _)) = StoreMsgHeader::read_from_prefix(&self.inbuf) else {
+                return;
+            };
+            let len = hdr.len as usize;
+            if len > PAYLOAD_MAX {
+                // The stream cannot be resynchronised after a bogus length: answer and drop what
+                // is buffered.
+                self.dom
+                    .guest_fault("store-msg", format_args!("payload length {len} too large"));
+                self.reply_error(&hdr, StoreErrno::E2BIG);
+                self.inbuf.clear();
+                return;
+            }
+            if self.inbuf.len() < 16 + len {
+                return;
+            }
+            let msg: Vec<u8> = self.inbuf.drain(..16 + len).collect();
+            self.handle(&hdr, &msg[16..]);
+        }
+    }
+
+    fn reply_error(&mut self, hdr: &StoreMsgHeader, e: StoreErrno) {
+        let mut m = [0u8; 32];
+        if let Ok(n) = encode_error(&mut m, hdr.req_id, hdr.tx_id, e) {
+            self.outbuf.extend(&m[..n]);
+        }
+    }
+
+    fn reply(&mut self, hdr: &StoreMsgHeader, ty: MsgType, parts: &[&[u8]]) {
+        let size = 16 + parts.iter().map(|p| p.len()).sum::<usize>();
+        let mut m = vec![0u8; size];
+        match encode_message(&mut m, ty, hdr.req_id, hdr.tx_id, parts) {
+            Ok(n) => self.outbuf.extend(&m[..n]),
+            Err(_) => self.reply_error(hdr, StoreErrno::E2BIG),
+        }
+    }
+
+    fn handle(&mut self, hdr: &StoreMsgHeader, payload: &[u8]) {
+        let request = match StoreRequest::parse(hdr, payload) {
+            Ok(r) => r,
+            Err(e) => {
+                self.dom.guest_fault("store-msg", format_args!("{e}"));
+                return self.reply_error(hdr, e.errno());
+            }
+        };
+        let ty = request.msg_type();
+        let (d, tx, s) = (self.dom.id, hdr.tx_id, self.store);
+        let ok: &[&[u8]] = &[b"OK\0"];
+        let result: Result<Vec<u8>, StoreErrno> = match request {
+            StoreRequest::Read(p) => s.read(d, tx, p.as_str()),
+            StoreRequest::Write { path, value } => s
+                .write(d, tx, path.as_str(), value)
+                .map(|()| ok[0].to_vec()),
+            StoreRequest::Mkdir(p) => s.mkdir(d, tx, p.as_str()).map(|()| ok[0].to_vec()),
+            StoreRequest::Rm(p) => s.rm(d, tx, p.as_str()).map(|()| ok[0].to_vec()),
+            StoreRequest::Directory(p) => s.directory(d, tx, p.as_str()).map(|names| {
+                names
+                    .iter()
+                    .flat_map(|n| n.bytes().chain(std::iter::once(0)))
+                    .collect()
+            }),
+            StoreRequest::GetPerms(p) => s.get_perms(d, tx, p.as_str()).and_then(|perms| {
+                let mut b = vec![0u8; perms.len() * 8 + 8];
+                PermList::write(&perms, &mut b)
+                    .map(|l| l.as_bytes().to_vec())
+                    .map_err(|e| e.errno())
+            }),
+            StoreRequest::SetPerms { path, perms } => {
+                let list: Vec<_> = perms.iter().collect();
+                s.set_perms(d, tx, path.as_str(), &list)
+                    .map(|()| ok[0].to_vec())
+            }
+            StoreRequest::Watch { path, token } => {
+                s.watch(d, path.as_str(), token).map(|()| ok[0].to_vec())
+            }
+            StoreRequest::Unwatch { path, token } => {
+                s.unwatch(d, path.as_str(), token).map(|()| ok[0].to_vec())
+            }
+            StoreRequest::TransactionStart => s
+                .transaction_start(d)
+                .map(|id| format!("{id}\0").into_bytes()),
+            StoreRequest::TransactionEnd { commit } => {
+                s.transaction_end(d, tx, commit).map(|()| ok[0].to_vec())
+            }
+            StoreRequest::GetDomainPath(id) => {
+                Ok(format!("{}\0", crate::store::home(u32::from(id.0))).into_bytes())
+            }
+            // Toolstack operations are dom0's; a guest may not use them.
+            StoreRequest::Introduce { .. }
+            | StoreRequest::Release(_)
+            | StoreRequest::Resume(_)
+            | StoreRequest::SetTarget { .. }
+            | StoreRequest::IsDomainIntroduced(_)
+            | StoreRequest::Control(_) => Err(StoreErrno::EACCES),
+            StoreRequest::DirectoryPart { .. } | StoreRequest::ResetWatches => {
+                Err(StoreErrno::ENOSYS)
+            }
+        };
+        match result {
+            Ok(body) => self.reply(hdr, ty, &[&body]),
+            Err(e) => self.reply_error(hdr, e),
+        }
+    }
+}
