@@ -6,8 +6,8 @@
 //! Xen's 2-level ABI: set the port's pending bit; if it was clear and the port is not masked, set
 //! the selector bit and `upcall_pending` of vCPU 0 and wake blocked vCPUs.
 //!
-//! Guest -> host notifications on host-bound ports cost no VMM exit: the guest writes the port
-//! number to [`DOORBELL_PORT`] and `KVM_IOEVENTFD` (data match = port) signals the endpoint's
+//! Guest -> host notifications on host-bound ports cost no VMM exit: the guest rings the port's
+//! doorbell ([`doorbell_of`]) and `KVM_IOEVENTFD` (one-byte data match) signals the endpoint's
 //! eventfd in the kernel. Writes the kernel does not match fall through to the VMM, which treats
 //! them as a send.
 //!
@@ -21,7 +21,7 @@ use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
 
 use kvm_ioctls::IoEventAddress;
-use pv_protocol::evtchn::{DOORBELL_PORT, MAX_PORTS_2L, PortState};
+use pv_protocol::evtchn::{MAX_PORTS_2L, PortState, doorbell_of};
 use pv_protocol::hypercall::Errno;
 use pv_protocol::start_info::{SHARED_INFO_GPA, SharedInfo, VcpuInfo};
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
@@ -354,8 +354,9 @@ pub fn poll(d: &DomainShared, ports: &[u32], timeout: Option<Duration>) {
 }
 
 fn unregister_doorbell(d: &DomainShared, evt: &EventFd, port: u32) {
+    let (io, data) = doorbell_of(port);
     if let Err(e) =
-        d.vm.unregister_ioevent(evt, &IoEventAddress::Pio(u64::from(DOORBELL_PORT)), port)
+        d.vm.unregister_ioevent(evt, &IoEventAddress::Pio(u64::from(io)), data)
     {
         tracing::warn!(domid = d.id, port, "cannot unregister doorbell: {e}");
     }
@@ -381,11 +382,10 @@ impl HostPort {
             return Err(Errno::EINVAL);
         }
         let eventfd = Arc::new(EventFd::new(EFD_NONBLOCK).map_err(|_| Errno::ENOMEM)?);
-        if let Err(e) = d.vm.register_ioevent(
-            &eventfd,
-            &IoEventAddress::Pio(u64::from(DOORBELL_PORT)),
-            port,
-        ) {
+        let (io, data) = doorbell_of(port);
+        if let Err(e) =
+            d.vm.register_ioevent(&eventfd, &IoEventAddress::Pio(u64::from(io)), data)
+        {
             // Without the in-kernel doorbell the VMM path still delivers: slower, not wrong.
             tracing::warn!(
                 domid = d.id,

@@ -11,11 +11,29 @@ use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
 
 use crate::grant::DomId;
 
-/// I/O port of the event doorbell: a 32-bit `out` of a port number to it sends on that port.
-/// For ports bound to a host endpoint the host kernel catches the write (`KVM_IOEVENTFD` with a
-/// data match) and signals the endpoint without a VMM exit; any other write is handled by the VMM
-/// exactly like `EVTCHNOP_send` (errors are not reported back: use the hypercall to see them).
-pub const DOORBELL_PORT: u16 = 0x0514;
+/// First I/O port of the event doorbells. Event port `p` rings with `out imm8, al` to I/O port
+/// `DOORBELL_BASE + p / 256` with `al = p % 256` (see [`doorbell_of`]), so the guest needs no
+/// register for the I/O port and the host a one-byte data match. For ports bound to a host
+/// endpoint the host kernel catches the write (`KVM_IOEVENTFD` with a one-byte data match) and
+/// signals the endpoint without a VMM exit; any other doorbell write is handled by the VMM exactly
+/// like `EVTCHNOP_send` (errors are not reported back: use the hypercall to see them).
+pub const DOORBELL_BASE: u16 = 0xc0;
+/// Number of doorbell I/O ports (`MAX_PORTS_2L / 256`).
+pub const DOORBELL_PORTS: u16 = (MAX_PORTS_2L / 256) as u16;
+
+/// The (I/O port, data byte) that rings event port `port`.
+pub const fn doorbell_of(port: u32) -> (u16, u8) {
+    (DOORBELL_BASE + (port / 256) as u16, (port % 256) as u8)
+}
+
+/// The event port a doorbell write names, if `io_port` is a doorbell.
+pub const fn port_of_doorbell(io_port: u16, data: u8) -> Option<u32> {
+    if io_port >= DOORBELL_BASE && io_port < DOORBELL_BASE + DOORBELL_PORTS {
+        Some((io_port - DOORBELL_BASE) as u32 * 256 + data as u32)
+    } else {
+        None
+    }
+}
 
 /// An event-channel port number.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]

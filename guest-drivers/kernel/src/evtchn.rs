@@ -4,7 +4,8 @@ use core::mem::offset_of;
 use core::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 
 use pv_protocol::evtchn::{
-    AllocUnboundArg, BindInterdomainArg, DOORBELL_PORT, EvtchnOp, PortArg, PortState, StatusArg,
+    AllocUnboundArg, BindInterdomainArg, DOORBELL_BASE, EvtchnOp, PortArg, PortState, StatusArg,
+    doorbell_of,
 };
 use pv_protocol::grant::DomId;
 use pv_protocol::hypercall::{SchedPoll, nr};
@@ -112,11 +113,24 @@ pub fn send(cpu: &Cpu, port: u32) -> i64 {
 
 /// Send through the doorbell: no VMM exit for ports bound to host endpoints.
 pub fn doorbell(port: u32) {
-    // SAFETY: a port write the hypervisor (or the host kernel's ioeventfd) handles; no memory.
-    unsafe {
-        core::arch::asm!("out dx, eax", in("dx") DOORBELL_PORT, in("eax") port,
-            options(nomem, nostack, preserves_flags))
-    };
+    let (io, data) = doorbell_of(port);
+    macro_rules! ring {
+        ($($n:literal)*) => {
+            // One `out imm8, al` per doorbell I/O port (the port is an immediate).
+            match io - DOORBELL_BASE {
+                $($n => {
+                    // SAFETY: a port write the hypervisor (or the host kernel's ioeventfd)
+                    // handles; no memory is touched.
+                    unsafe {
+                        core::arch::asm!("out {p}, al", p = const DOORBELL_BASE + $n,
+                            in("al") data, options(nomem, nostack, preserves_flags))
+                    }
+                })*
+                _ => {}
+            }
+        };
+    }
+    ring!(0 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15);
 }
 
 /// `close`.

@@ -50,7 +50,7 @@ impl Cpu {
         // performs the call and stores the result before the instruction retires. The asm has no
         // `nomem`, so the compiler orders the page accesses around it.
         unsafe {
-            asm!("out dx, eax", in("dx") HYPERCALL_PORT, in("eax") 0u32,
+            asm!("out {port}, al", port = const HYPERCALL_PORT, in("al") 0u8,
                 options(nostack, preserves_flags))
         };
         // SAFETY: as for the write above.

@@ -692,3 +692,81 @@ pub fn store_peek(cpu: &Cpu, cmdline: &str) -> u32 {
     kprintln!(cpu, "store-peek read {r:?} write {w:?}");
     if r == denied && w == denied { 0 } else { 1 }
 }
+
+fn rdtsc() -> u64 {
+    // SAFETY: rdtsc has no preconditions.
+    unsafe { core::arch::x86_64::_rdtsc() }
+}
+
+/// Measures exit and event costs (`bench [N]`): prints `bench <name> <ns per operation>` lines,
+/// five rounds of each so the host can take medians. The event-channel round trips need a host
+/// responder bound to the port it prints.
+pub fn bench(cpu: &Cpu, si: &StartInfo, cmdline: &str) -> u32 {
+    use crate::evtchn as ev;
+    const ROUNDS: u64 = 5;
+    let n: u64 = cmdline
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| parse_u32(s.as_bytes()))
+        .map_or(20_000, u64::from)
+        .max(ROUNDS)
+        / ROUNDS;
+    let ns = |cycles: u64| cycles * 1_000_000 / si.tsc_khz.max(1) / n;
+    let timed = |name: &str, op: &dyn Fn()| {
+        for _ in 0..ROUNDS {
+            let t = rdtsc();
+            for _ in 0..n {
+                op();
+            }
+            kprintln!(cpu, "bench {name} {}", ns(rdtsc() - t));
+        }
+    };
+    timed("hypercall_ns", &|| {
+        cpu.raw(nr::XEN_VERSION, [0; 6]);
+    });
+    timed("pio_exit_vmm_ns", &|| {
+        // SAFETY: a write to a port the hypervisor ignores; no memory is touched.
+        unsafe { core::arch::asm!("out 0xe9, al", in("al") 0u8, options(nomem, nostack)) }
+    });
+    timed("pio_exit_kernel_ns", &|| {
+        // SAFETY: as above (the POST-code port).
+        unsafe { core::arch::asm!("out 0x80, al", in("al") 0u8, options(nomem, nostack)) }
+    });
+
+    let Ok(port) = ev::alloc_unbound(cpu, 0) else {
+        return 1;
+    };
+    kprintln!(cpu, "bench port {port}");
+    // Wait for the host responder: ping until it answers (pings sent before it bound are lost),
+    // then let stray answers to extra pings arrive and drop them.
+    let mut answered = false;
+    for _ in 0..300 {
+        ev::doorbell(port);
+        ev::poll(cpu, &[port], 100_000_000);
+        if ev::clear_pending(port) {
+            answered = true;
+            break;
+        }
+    }
+    if !answered {
+        kprintln!(cpu, "bench: no responder");
+        return 1;
+    }
+    ev::poll(cpu, &[port], 20_000_000);
+    ev::clear_pending(port);
+    let round_trip = |kick: &dyn Fn()| {
+        kick();
+        while !ev::clear_pending(port) {
+            ev::poll(cpu, &[port], 1_000_000_000);
+        }
+    };
+    timed("evtchn_rtt_doorbell_ns", &|| {
+        round_trip(&|| ev::doorbell(port))
+    });
+    timed("evtchn_rtt_hypercall_ns", &|| {
+        round_trip(&|| {
+            ev::send(cpu, port);
+        })
+    });
+    0
+}

@@ -108,6 +108,7 @@ extern "C" fn kmain(start_info: u64, index: u64) -> ! {
         "evtchn-host" => jobs::evtchn_host(&cpu),
         "grant-offer" => jobs::grant_offer(&cpu, si),
         "store-peek" => jobs::store_peek(&cpu, cmdline),
+        "bench" => jobs::bench(&cpu, si, cmdline),
         "crash" => jobs::crash(&cpu),
         other => {
             kprintln!(&cpu, "unknown job {other:?}");
