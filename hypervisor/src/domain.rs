@@ -373,6 +373,7 @@ impl Domain {
             tracing::error!(domid = self.shared.id, "the PV-device thread panicked");
         }
         self.shared.store.release(self.shared.id);
+        crate::evtchn::close_all(&self.shared);
         self.shared.registry.remove(self.shared.id);
         self.shared.state()
     }

@@ -202,16 +202,11 @@ fn lock_pair<'a>(
 
 /// `EVTCHNOP_bind_interdomain`: connects a new port of `d` to `remote_port` of `remote_dom`, which
 /// must be unbound and offered to `d`.
-pub fn bind_interdomain(
-    reg: &Registry,
-    d: &DomainShared,
-    remote_dom: u32,
-    remote_port: u32,
-) -> Result<u32, Errno> {
+pub fn bind_interdomain(d: &DomainShared, remote_dom: u32, remote_port: u32) -> Result<u32, Errno> {
     let remote = if remote_dom == d.id {
         None
     } else {
-        Some(reg.get(remote_dom).ok_or(Errno::EINVAL)?)
+        Some(d.registry.get(remote_dom).ok_or(Errno::EINVAL)?)
     };
     let r: &DomainShared = remote.as_deref().unwrap_or(d);
     let (mut mine, mut theirs) = lock_pair(d, r);
@@ -242,7 +237,7 @@ pub fn bind_interdomain(
 }
 
 /// `EVTCHNOP_send`.
-pub fn send(reg: &Registry, d: &DomainShared, port: u32) -> Result<(), Errno> {
+pub fn send(d: &DomainShared, port: u32) -> Result<(), Errno> {
     let binding = check_port(&table(d), port)?.clone();
     match binding {
         Binding::Free => Err(Errno::EINVAL),
@@ -258,7 +253,7 @@ pub fn send(reg: &Registry, d: &DomainShared, port: u32) -> Result<(), Errno> {
         } => {
             if remote_dom == d.id {
                 deliver(d, remote_port);
-            } else if let Some(r) = reg.get(remote_dom) {
+            } else if let Some(r) = d.registry.get(remote_dom) {
                 // Deliver only if the far end still points back at us (it may have closed).
                 let still = matches!(table(&r).get(remote_port),
                     Some(Binding::Interdomain { remote_dom, remote_port: p })
@@ -274,7 +269,7 @@ pub fn send(reg: &Registry, d: &DomainShared, port: u32) -> Result<(), Errno> {
 
 /// `EVTCHNOP_close`: frees `port`; an interdomain peer's port goes back to unbound (offered to
 /// us again), as in Xen.
-pub fn close(reg: &Registry, d: &DomainShared, port: u32) -> Result<(), Errno> {
+pub fn close(d: &DomainShared, port: u32) -> Result<(), Errno> {
     let binding = check_port(&table(d), port)?.clone();
     match binding {
         Binding::Interdomain {
@@ -284,7 +279,7 @@ pub fn close(reg: &Registry, d: &DomainShared, port: u32) -> Result<(), Errno> {
             let remote = if remote_dom == d.id {
                 None
             } else {
-                reg.get(remote_dom)
+                d.registry.get(remote_dom)
             };
             let r: &DomainShared = remote.as_deref().unwrap_or(d);
             let (mut mine, mut theirs) = lock_pair(d, r);
@@ -304,6 +299,15 @@ pub fn close(reg: &Registry, d: &DomainShared, port: u32) -> Result<(), Errno> {
         _ => table(d).set(port, Binding::Free),
     }
     Ok(())
+}
+
+/// Closes every port of `d` (domain destroy): interdomain peers go back to unbound, host
+/// doorbells are unregistered.
+pub fn close_all(d: &DomainShared) {
+    let n = table(d).ports.len() as u32;
+    for port in 1..n {
+        let _ = close(d, port);
+    }
 }
 
 /// `EVTCHNOP_status` of a port of `d`.

@@ -229,7 +229,6 @@ fn event_channel_op(dom: &DomainShared, vcpu: u32, op: EvtchnOp, arg: u64) -> Re
         );
         Errno::EINVAL
     })?;
-    let reg = &dom.registry;
     let fault = |e: Errno| {
         dom.guest_fault("bad-port", format_args!("vCPU {vcpu}: {cmd:?}: {e:?}"));
         e
@@ -251,11 +250,11 @@ fn event_channel_op(dom: &DomainShared, vcpu: u32, op: EvtchnOp, arg: u64) -> Re
             remote_port,
         } => {
             let rd = remote_domain(dom, remote_dom);
-            let port = evtchn::bind_interdomain(reg, dom, rd, remote_port.0).map_err(fault)?;
+            let port = evtchn::bind_interdomain(dom, rd, remote_port.0).map_err(fault)?;
             write_u32(offset_of!(BindInterdomainArg, local_port), port)?;
         }
-        EvtchnCommand::Send(p) => evtchn::send(reg, dom, p.0).map_err(fault)?,
-        EvtchnCommand::Close(p) => evtchn::close(reg, dom, p.0).map_err(fault)?,
+        EvtchnCommand::Send(p) => evtchn::send(dom, p.0).map_err(fault)?,
+        EvtchnCommand::Close(p) => evtchn::close(dom, p.0).map_err(fault)?,
         EvtchnCommand::Unmask(p) => evtchn::unmask(dom, p.0).map_err(fault)?,
         EvtchnCommand::Status { dom: d, port } => {
             own_domain(dom, d).map_err(fault)?;

@@ -100,7 +100,7 @@ fn handle_exit(dom: &DomainShared, index: u32, exit: VcpuExit<'_>) -> Option<Dom
         // A doorbell write the kernel did not match to a host endpoint: a plain send.
         VcpuExit::IoOut(io, &[data]) if port_of_doorbell(io, data).is_some() => {
             let p = port_of_doorbell(io, data).unwrap_or(0);
-            if let Err(e) = crate::evtchn::send(&dom.registry, dom, p) {
+            if let Err(e) = crate::evtchn::send(dom, p) {
                 dom.guest_fault(
                     "bad-port",
                     format_args!("vCPU {index}: doorbell {p}: {e:?}"),

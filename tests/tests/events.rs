@@ -107,3 +107,72 @@ fn selftest_event_channel_checks_pass_including_wakeup_of_a_blocked_vcpu() {
         );
     }
 }
+
+#[test]
+fn two_guests_exchange_events_over_a_channel_dom0_set_up_through_the_store() {
+    use hypervisor::evtchn;
+    let hv = hypervisor();
+    let cfg = |name: &str| DomainConfig {
+        name: name.into(),
+        cmdline: "evtchn-peer".into(),
+        ..Default::default()
+    };
+    let a = hv.create_domain(cfg("server")).unwrap();
+    let b = hv.create_domain(cfg("client")).unwrap();
+    // As a toolstack does: offer a port of A to B, and tell each side through the store.
+    let port = evtchn::alloc_unbound(a.shared(), b.id()).unwrap();
+    let s = hv.store();
+    s.write(
+        0,
+        0,
+        &format!("/local/domain/{}/peer", a.id()),
+        format!("serve {port}").as_bytes(),
+    )
+    .unwrap();
+    s.write(
+        0,
+        0,
+        &format!("/local/domain/{}/peer", b.id()),
+        format!("bind {} {port}", a.id()).as_bytes(),
+    )
+    .unwrap();
+    for (d, role) in [(&a, "server"), (&b, "client")] {
+        let state = d.wait(T);
+        let text = d.console().text();
+        assert!(
+            matches!(state, DomainState::Shutdown { code: 0, .. }),
+            "{role}: {state:?}\n{text}"
+        );
+        assert!(
+            text.contains(&format!("100 exchanges as {role}, extra false")),
+            "{text}"
+        );
+    }
+}
+
+#[test]
+fn destroying_a_domain_unbinds_its_peers_ports() {
+    use hypervisor::evtchn;
+    use pv_protocol::evtchn::PortState;
+    let hv = hypervisor();
+    let cfg = |name: &str| DomainConfig {
+        name: name.into(),
+        cmdline: "ticker".into(),
+        ..Default::default()
+    };
+    let a = hv.create_domain(cfg("a")).unwrap();
+    let b = hv.create_domain(cfg("b")).unwrap();
+    let pa = evtchn::alloc_unbound(a.shared(), b.id()).unwrap();
+    let pb = evtchn::bind_interdomain(b.shared(), a.id(), pa).unwrap();
+    assert!(matches!(
+        evtchn::status(a.shared(), pa).unwrap(),
+        PortState::Interdomain { .. }
+    ));
+    let a_shared = a.shared().clone();
+    b.destroy();
+    assert!(matches!(
+        evtchn::status(&a_shared, pa).unwrap(),
+        PortState::Unbound { .. }
+    ));
+    let _ = pb;
+}

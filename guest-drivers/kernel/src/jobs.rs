@@ -770,3 +770,76 @@ pub fn bench(cpu: &Cpu, si: &StartInfo, cmdline: &str) -> u32 {
     });
     0
 }
+
+/// Talks to another guest over an event channel that dom0 set up, learning its part from the
+/// store as a Xen front end does: the host writes `peer` = `serve <port>` (our port, offered to
+/// the peer) or `bind <domid> <port>`; then 100 pings go one way and 100 answers the other.
+pub fn evtchn_peer(cpu: &Cpu) -> u32 {
+    use crate::evtchn as ev;
+    use crate::store::request;
+    use pv_protocol::store::MsgType;
+    let mut out = [0u8; 128];
+    let _ = request(cpu, MsgType::Watch, 0, &[b"peer\0", b"p\0"], &mut out);
+    let mut plan = None;
+    for _ in 0..30 {
+        if let Ok(r) = request(cpu, MsgType::Read, 0, &[b"peer\0"], &mut out) {
+            plan = Some(r.len);
+            break;
+        }
+        crate::store::next_event(cpu, &mut [0u8; 256]);
+    }
+    let Some(len) = plan else {
+        kprintln!(cpu, "evtchn-peer: no plan in the store");
+        return 1;
+    };
+    let text = core::str::from_utf8(&out[..len]).unwrap_or("");
+    let mut words = text.split_whitespace();
+    let num = |w: Option<&str>| w.and_then(|w| parse_u32(w.as_bytes()));
+    let (port, serving) = match words.next() {
+        Some("serve") => (num(words.next()), true),
+        Some("bind") => {
+            let (d, p) = (num(words.next()), num(words.next()));
+            match (d, p) {
+                (Some(d), Some(p)) => (ev::bind_interdomain(cpu, d as u16, p).ok(), false),
+                _ => (None, false),
+            }
+        }
+        _ => (None, false),
+    };
+    let Some(port) = port else {
+        kprintln!(cpu, "evtchn-peer: bad plan {text:?}");
+        return 1;
+    };
+    let wait = |n: u32| -> bool {
+        for _ in 0..100 {
+            if ev::clear_pending(port) {
+                return true;
+            }
+            ev::poll(cpu, &[port], 100_000_000);
+        }
+        kprintln!(cpu, "evtchn-peer: nothing after {n} exchanges");
+        false
+    };
+    for i in 0..100 {
+        if serving {
+            if !wait(i) {
+                return 1;
+            }
+            ev::send(cpu, port);
+        } else {
+            ev::send(cpu, port);
+            if !wait(i) {
+                return 1;
+            }
+        }
+    }
+    // Exactly once: nothing extra arrives.
+    ev::poll(cpu, &[port], 50_000_000);
+    let extra = ev::clear_pending(port);
+    kprintln!(
+        cpu,
+        "evtchn-peer: 100 exchanges as {}, extra {extra}",
+        if serving { "server" } else { "client" }
+    );
+    u32::from(extra)
+}

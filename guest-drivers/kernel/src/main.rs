@@ -109,6 +109,7 @@ extern "C" fn kmain(start_info: u64, index: u64) -> ! {
         "grant-offer" => jobs::grant_offer(&cpu, si),
         "store-peek" => jobs::store_peek(&cpu, cmdline),
         "bench" => jobs::bench(&cpu, si, cmdline),
+        "evtchn-peer" => jobs::evtchn_peer(&cpu),
         "crash" => jobs::crash(&cpu),
         other => {
             kprintln!(&cpu, "unknown job {other:?}");
