@@ -87,11 +87,12 @@ fn serve(dom: &Arc<DomainShared>, store: &Store, devs: &PvDevs) {
         broken: false,
     };
     let mut stopping = false;
+    let mut console_broken = false;
     loop {
         // Console first: output written just before a request stays in order.
         let mut buf = [0u8; 2048];
         let mut drained = false;
-        loop {
+        while !console_broken {
             match out.read(&mut buf) {
                 Ok(0) => break,
                 Ok(n) => {
@@ -99,8 +100,9 @@ fn serve(dom: &Arc<DomainShared>, store: &Store, devs: &PvDevs) {
                     drained = true;
                 }
                 Err(e) => {
+                    // The ring stays broken; the guest still has the console hypercall.
                     dom.guest_fault("console-ring", format_args!("{e}"));
-                    break;
+                    console_broken = true;
                 }
             }
         }

@@ -97,6 +97,20 @@ fn hostile_guest_leaves_host_and_neighbour_unharmed() {
     );
     // Its garbage was refused and counted, not obeyed.
     assert!(hostile.shared().fault_count("bad-hypercall") > 100);
+    assert!(
+        hostile.shared().fault_count("bad-port") > 10,
+        "doorbells on random ports"
+    );
+    assert_eq!(
+        hostile.shared().fault_count("store-ring"),
+        1,
+        "store ring marked broken once"
+    );
+    assert_eq!(
+        hostile.shared().fault_count("console-ring"),
+        1,
+        "console ring marked broken once"
+    );
     // The good guest's count holds only its own handful of deliberate probes, none of the
     // hostile's.
     assert!(good.shared().fault_count("bad-hypercall") < 10);

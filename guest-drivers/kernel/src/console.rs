@@ -82,7 +82,7 @@ fn write(cpu: &Cpu, mut bytes: &[u8]) {
 
 /// Waits (boundedly) until the host has read everything written to the ring.
 pub fn flush(cpu: &Cpu) {
-    for _ in 0..100_000 {
+    for _ in 0..20_000 {
         let empty = with(|p| match p.as_mut().map(|p| p.free()) {
             Some(Ok(free)) => free == OUT_RING.size as usize,
             _ => true,

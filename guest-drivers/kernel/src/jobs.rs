@@ -134,6 +134,7 @@ pub fn selftest(cpu: &Cpu, si: &StartInfo) -> u32 {
         ),
     );
 
+    heap_checks(&mut c);
     evtchn_checks(&mut c, si);
     store_checks(&mut c, si);
 
@@ -194,8 +195,35 @@ pub fn hostile(cpu: &Cpu, si: &StartInfo) -> u32 {
     }
     kprintln!(
         cpu,
-        "hostile: 2000 garbage hypercalls, {errors} refused, {ok} accepted; still alive"
+        "hostile: 2000 garbage hypercalls, {errors} refused, {ok} accepted"
     );
+
+    // Garbage grant entries, and doorbells on random ports.
+    for gref in 0..64u32 {
+        let addr = pv_protocol::start_info::GRANT_TABLE_GPA as usize + gref as usize * 8;
+        // SAFETY: our own identity-mapped grant table; the host reads it only atomically.
+        unsafe { (addr as *mut u64).write_volatile(next()) };
+    }
+    for _ in 0..200 {
+        crate::evtchn::doorbell((next() % 4096) as u32);
+    }
+    // Wild ring indices: the host must mark those rings broken, not follow them.
+    kprintln!(cpu, "hostile: scribbling on the store and console rings");
+    crate::console::flush(cpu);
+    let store = pv_protocol::start_info::STORE_GPA as usize;
+    let console = pv_protocol::start_info::CONSOLE_GPA as usize;
+    // SAFETY: our own identity-mapped ring pages; the host reads the indices atomically.
+    unsafe {
+        ((store + 2052) as *mut u32).write_volatile(0xdead_beef); // req_prod
+        ((console + 3084) as *mut u32).write_volatile(0x8000_0000); // out_prod
+    }
+    crate::evtchn::doorbell(si.store_evtchn);
+    crate::evtchn::doorbell(si.console_evtchn);
+    for _ in 0..100 {
+        cpu.yield_now();
+    }
+    // The host stopped reading the broken console ring: this line goes out by hypercall.
+    cpu.console_write(b"hostile: still alive\n");
     0
 }
 
@@ -842,4 +870,23 @@ pub fn evtchn_peer(cpu: &Cpu) -> u32 {
         if serving { "server" } else { "client" }
     );
     u32::from(extra)
+}
+
+fn heap_checks(c: &mut Checks<'_>) {
+    use alloc::boxed::Box;
+    use alloc::vec::Vec;
+    let v: Vec<u64> = (0..10_000).collect();
+    let sum: u64 = v.iter().sum();
+    // black_box keeps the compiler from eliding the allocations.
+    let first = core::hint::black_box(Box::new([7u8; 100]));
+    let addr = (&raw const *first) as usize;
+    drop(first);
+    // A freed block of the same size class is reused.
+    let again = core::hint::black_box(Box::new([9u8; 100]));
+    let reused = (&raw const *again) as usize == addr;
+    c.check(
+        "allocator",
+        sum == 49_995_000 && reused && again[99] == 9,
+        format_args!("sum {sum}, reused {reused}"),
+    );
 }

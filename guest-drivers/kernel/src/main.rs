@@ -12,10 +12,13 @@
 #![cfg_attr(not(test), no_main)]
 #![deny(missing_docs)]
 
+extern crate alloc;
+
 mod console;
 mod evtchn;
 mod grant;
 mod hcall;
+mod heap;
 mod jobs;
 #[cfg(not(test))]
 mod mem;
