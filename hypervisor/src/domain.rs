@@ -3,7 +3,7 @@
 //! Each vCPU runs on its own thread ([`crate::vcpu`]). The state lives in [`DomainShared`],
 //! behind one mutex and condition variable: vCPU threads park there when paused, block there in
 //! `sched_op(block)`, and the owner waits there for shutdown. A vCPU thread in `KVM_RUN` is
-//! pulled out with a signal ([`crate::vcpu::kick`]).
+//! pulled out with a signal (`vcpu::kick_all`).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};

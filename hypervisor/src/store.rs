@@ -5,7 +5,7 @@
 //! home `/local/domain/<id>`. Each node carries a permission list: the first entry names the
 //! owner and the access everyone else gets; later entries grant access to specific domains. Dom0
 //! may do anything; the owner may do anything to its node. Guests reach the store through
-//! [`crate::pvdev`]'s ring server; dom0 calls this API directly.
+//! the `pvdev` ring server; dom0 calls this API directly.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};

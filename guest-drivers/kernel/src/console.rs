@@ -1,9 +1,8 @@
 //! Console output: the PV console ring (one doorbell per line), with the console-write
 //! hypercall as the early and last-resort path.
 
-use core::cell::UnsafeCell;
 use core::fmt::{self, Write};
-use core::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use core::sync::atomic::{AtomicU32, Ordering};
 
 use pv_protocol::SharedRegion;
 use pv_protocol::byte_ring::ByteRingProducer;
@@ -11,36 +10,11 @@ use pv_protocol::console::OUT_RING;
 use pv_protocol::start_info::{CONSOLE_GPA, StartInfo};
 
 use crate::hcall::Cpu;
+use crate::sync::SpinLock;
 
-/// The console ring's producer, behind a spin lock (several vCPUs print).
-struct Ring {
-    locked: AtomicBool,
-    port: AtomicU32,
-    producer: UnsafeCell<Option<ByteRingProducer<'static>>>,
-}
-
-// SAFETY: `producer` is only touched while `locked` is held (see `with`).
-unsafe impl Sync for Ring {}
-
-static RING: Ring = Ring {
-    locked: AtomicBool::new(false),
-    port: AtomicU32::new(0),
-    producer: UnsafeCell::new(None),
-};
-
-fn with<R>(f: impl FnOnce(&mut Option<ByteRingProducer<'static>>) -> R) -> R {
-    while RING
-        .locked
-        .compare_exchange_weak(false, true, Ordering::Acquire, Ordering::Relaxed)
-        .is_err()
-    {
-        core::hint::spin_loop();
-    }
-    // SAFETY: the lock is held, so this is the only reference.
-    let r = f(unsafe { &mut *RING.producer.get() });
-    RING.locked.store(false, Ordering::Release);
-    r
-}
+/// The console ring's producer (several vCPUs print) and its event port.
+static RING: SpinLock<Option<ByteRingProducer<'static>>> = SpinLock::new(None);
+static PORT: AtomicU32 = AtomicU32::new(0);
 
 /// Switches output to the console ring named in start-info.
 pub fn init(si: &StartInfo) {
@@ -52,16 +26,16 @@ pub fn init(si: &StartInfo) {
     let Ok(p) = ByteRingProducer::new(page, OUT_RING) else {
         return;
     };
-    with(|slot| *slot = Some(p));
-    RING.port.store(si.console_evtchn, Ordering::Release);
+    RING.with(|slot| *slot = Some(p));
+    PORT.store(si.console_evtchn, Ordering::Release);
 }
 
 /// Writes `bytes` to the ring (waiting for space), or by hypercall if there is no ring.
 fn write(cpu: &Cpu, mut bytes: &[u8]) {
-    let port = RING.port.load(Ordering::Acquire);
+    let port = PORT.load(Ordering::Acquire);
     let mut stalls = 0;
     while !bytes.is_empty() {
-        let n = with(|p| p.as_mut().map(|p| p.write(bytes)));
+        let n = RING.with(|p| p.as_mut().map(|p| p.write(bytes)));
         match n {
             Some(Ok(n)) if n > 0 => {
                 bytes = &bytes[n..];
@@ -83,7 +57,7 @@ fn write(cpu: &Cpu, mut bytes: &[u8]) {
 /// Waits (boundedly) until the host has read everything written to the ring.
 pub fn flush(cpu: &Cpu) {
     for _ in 0..20_000 {
-        let empty = with(|p| match p.as_mut().map(|p| p.free()) {
+        let empty = RING.with(|p| match p.as_mut().map(|p| p.free()) {
             Some(Ok(free)) => free == OUT_RING.size as usize,
             _ => true,
         });

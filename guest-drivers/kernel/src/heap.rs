@@ -2,8 +2,8 @@
 //! one free list per class. Small and predictable; an allocation larger than 1 MiB fails.
 
 use core::alloc::{GlobalAlloc, Layout};
-use core::cell::UnsafeCell;
-use core::sync::atomic::{AtomicBool, Ordering};
+
+use crate::sync::SpinLock;
 
 const ARENA_BYTES: usize = 8 << 20;
 const MIN_SHIFT: u32 = 4;
@@ -23,27 +23,7 @@ struct State {
 
 /// The global allocator.
 pub struct Heap {
-    locked: AtomicBool,
-    state: UnsafeCell<State>,
-}
-
-// SAFETY: `state` is only touched while `locked` is held.
-unsafe impl Sync for Heap {}
-
-impl Heap {
-    fn with<R>(&self, f: impl FnOnce(&mut State) -> R) -> R {
-        while self
-            .locked
-            .compare_exchange_weak(false, true, Ordering::Acquire, Ordering::Relaxed)
-            .is_err()
-        {
-            core::hint::spin_loop();
-        }
-        // SAFETY: the lock is held.
-        let r = f(unsafe { &mut *self.state.get() });
-        self.locked.store(false, Ordering::Release);
-        r
-    }
+    state: SpinLock<State>,
 }
 
 fn class(layout: Layout) -> Option<usize> {
@@ -61,7 +41,7 @@ unsafe impl GlobalAlloc for Heap {
         };
         let size = 1usize << (c as u32 + MIN_SHIFT);
         let base = (&raw mut ARENA).cast::<u8>();
-        self.with(|s| {
+        self.state.with(|s| {
             let head = s.free[c];
             if head != 0 {
                 // SAFETY: `head` is a freed block of this class inside the arena; its first word
@@ -83,7 +63,7 @@ unsafe impl GlobalAlloc for Heap {
         let Some(c) = class(layout) else {
             return;
         };
-        self.with(|s| {
+        self.state.with(|s| {
             // SAFETY: `ptr` came from `alloc` with the same layout (GlobalAlloc's contract), so it
             // is a block of class `c`, at least 16 bytes and word-aligned; it is ours again.
             unsafe { (ptr as *mut usize).write(s.free[c]) };
@@ -95,8 +75,7 @@ unsafe impl GlobalAlloc for Heap {
 /// The kernel's allocator.
 #[cfg_attr(not(test), global_allocator)]
 pub static HEAP: Heap = Heap {
-    locked: AtomicBool::new(false),
-    state: UnsafeCell::new(State {
+    state: SpinLock::new(State {
         bump: 0,
         free: [0; CLASSES],
     }),

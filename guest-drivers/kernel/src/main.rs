@@ -23,6 +23,7 @@ mod jobs;
 #[cfg(not(test))]
 mod mem;
 mod store;
+mod sync;
 
 use core::sync::atomic::{AtomicU32, Ordering};
 

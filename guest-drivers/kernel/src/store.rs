@@ -1,8 +1,5 @@
 //! Config-store client: requests over the store ring, replies and watch events back.
 
-use core::cell::UnsafeCell;
-use core::sync::atomic::{AtomicBool, Ordering};
-
 use pv_protocol::SharedRegion;
 use pv_protocol::byte_ring::{ByteRingConsumer, ByteRingProducer};
 use pv_protocol::start_info::{STORE_GPA, StartInfo};
@@ -13,6 +10,7 @@ use zerocopy::FromBytes;
 
 use crate::evtchn;
 use crate::hcall::Cpu;
+use crate::sync::SpinLock;
 
 /// A reply: its type and payload length in the caller's buffer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -46,32 +44,7 @@ struct Client {
     reply_buf: [u8; PAYLOAD_MAX],
 }
 
-struct Slot {
-    locked: AtomicBool,
-    client: UnsafeCell<Option<Client>>,
-}
-
-// SAFETY: `client` is only touched while `locked` is held.
-unsafe impl Sync for Slot {}
-
-static SLOT: Slot = Slot {
-    locked: AtomicBool::new(false),
-    client: UnsafeCell::new(None),
-};
-
-fn with<R>(f: impl FnOnce(&mut Option<Client>) -> R) -> R {
-    while SLOT
-        .locked
-        .compare_exchange_weak(false, true, Ordering::Acquire, Ordering::Relaxed)
-        .is_err()
-    {
-        core::hint::spin_loop();
-    }
-    // SAFETY: the lock is held.
-    let r = f(unsafe { &mut *SLOT.client.get() });
-    SLOT.locked.store(false, Ordering::Release);
-    r
-}
+static CLIENT: SpinLock<Option<Client>> = SpinLock::new(None);
 
 /// Connects to the store ring named in start-info.
 pub fn init(si: &StartInfo) {
@@ -87,7 +60,7 @@ pub fn init(si: &StartInfo) {
         return;
     };
     // The port stays masked: the client polls it, and blocked vCPUs need not wake for it.
-    with(|c| {
+    CLIENT.with(|c| {
         *c = Some(Client {
             port: si.store_evtchn,
             req,
@@ -194,7 +167,7 @@ pub fn request(
 
 /// Sends pre-encoded bytes (possibly malformed, for tests) and waits for a reply.
 pub fn raw(cpu: &Cpu, msg: &[u8], out: &mut [u8]) -> Result<Reply, StoreFail> {
-    with(|c| {
+    CLIENT.with(|c| {
         let c = c.as_mut().ok_or(StoreFail::Transport)?;
         c.send(cpu, msg)?;
         let r = c.receive(cpu, out)?;
@@ -212,7 +185,7 @@ pub fn raw(cpu: &Cpu, msg: &[u8], out: &mut [u8]) -> Result<Reply, StoreFail> {
 /// second for one to arrive.
 pub fn next_event(cpu: &Cpu, out: &mut [u8]) -> Option<usize> {
     for _ in 0..1000 {
-        let (got, port) = with(|c| {
+        let (got, port) = CLIENT.with(|c| {
             let c = c.as_mut()?;
             let _ = c.pump();
             if c.nevents == 0 {
