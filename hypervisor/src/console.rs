@@ -10,9 +10,16 @@ pub const HISTORY_BYTES: usize = 64 * 1024;
 /// Where live console output goes besides the history.
 pub type Echo = Box<dyn Fn(&[u8]) + Send + Sync>;
 
+/// The bounded history and how many bytes were ever written (a stream position).
+#[derive(Default)]
+struct History {
+    bytes: VecDeque<u8>,
+    total: u64,
+}
+
 /// A domain's console output.
 pub struct Console {
-    history: Mutex<VecDeque<u8>>,
+    history: Mutex<History>,
     grew: Condvar,
     echo: Option<Echo>,
 }
@@ -27,7 +34,7 @@ impl Console {
     /// A console that keeps history and passes output to `echo`.
     pub fn new(echo: Option<Echo>) -> Self {
         Self {
-            history: Mutex::new(VecDeque::new()),
+            history: Mutex::new(History::default()),
             grew: Condvar::new(),
             echo,
         }
@@ -47,16 +54,31 @@ impl Console {
             echo(&clean);
         }
         let mut h = self.history.lock().unwrap_or_else(|p| p.into_inner());
-        h.extend(clean);
-        let excess = h.len().saturating_sub(HISTORY_BYTES);
-        h.drain(..excess);
+        h.total += clean.len() as u64;
+        h.bytes.extend(clean);
+        let excess = h.bytes.len().saturating_sub(HISTORY_BYTES);
+        h.bytes.drain(..excess);
         self.grew.notify_all();
     }
 
     /// Everything still in the history.
     pub fn history(&self) -> Vec<u8> {
         let h = self.history.lock().unwrap_or_else(|p| p.into_inner());
-        h.iter().copied().collect()
+        h.bytes.iter().copied().collect()
+    }
+
+    /// Streams output: waits up to `timeout` for bytes past stream position `from` and returns
+    /// them with the new position. Bytes already dropped from the bounded history are skipped
+    /// (the returned data then starts at the oldest byte kept).
+    pub fn read_from(&self, from: u64, timeout: Duration) -> (Vec<u8>, u64) {
+        let h = self.history.lock().unwrap_or_else(|p| p.into_inner());
+        let (h, _) = self
+            .grew
+            .wait_timeout_while(h, timeout, |h| h.total <= from)
+            .unwrap_or_else(|p| p.into_inner());
+        let oldest = h.total - h.bytes.len() as u64;
+        let skip = from.saturating_sub(oldest) as usize;
+        (h.bytes.iter().skip(skip).copied().collect(), h.total)
     }
 
     /// The history as (lossy) text.
@@ -69,7 +91,7 @@ impl Console {
         let deadline = Instant::now() + timeout;
         let mut h = self.history.lock().unwrap_or_else(|p| p.into_inner());
         loop {
-            let (a, b) = h.as_slices();
+            let (a, b) = h.bytes.as_slices();
             let text = [a, b].concat();
             if String::from_utf8_lossy(&text).contains(needle) {
                 return true;
@@ -100,5 +122,19 @@ mod tests {
         let h = c.history();
         assert_eq!(h.len(), HISTORY_BYTES);
         assert!(h.iter().all(|&b| b == b'x'));
+    }
+
+    #[test]
+    fn a_reader_streams_from_its_position_and_skips_what_was_dropped() {
+        let c = Console::new(None);
+        c.write(b"one\n");
+        let (got, pos) = c.read_from(0, Duration::ZERO);
+        assert_eq!((got.as_slice(), pos), (b"one\n".as_slice(), 4));
+        c.write(b"two\n");
+        assert_eq!(c.read_from(pos, Duration::ZERO).0, b"two\n");
+        assert!(c.read_from(8, Duration::from_millis(10)).0.is_empty());
+        c.write(&vec![b'y'; HISTORY_BYTES]);
+        let (got, _) = c.read_from(pos, Duration::ZERO);
+        assert_eq!(got.len(), HISTORY_BYTES, "only what is still kept");
     }
 }
