@@ -1,1 +1,10 @@
-//! Placeholder: filled in by a later issue.
+//! Splitvisor's control domain (dom0): the back-ends that serve guests' PV devices.
+//!
+//! Back-ends are written against small traits ([`grants::GrantMapper`], a ring endpoint from
+//! pv-protocol, a notifier), never against KVM or guest memory directly, so the same code can
+//! later run in its own process.
+#![deny(missing_docs)]
+
+pub mod blkback;
+pub mod disk;
+pub mod grants;

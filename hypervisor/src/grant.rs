@@ -261,6 +261,51 @@ impl GrantMapping {
     }
 }
 
+impl GrantMapping {
+    /// Keeps the granting domain's memory alive for as long as the result lives, so the page can
+    /// be handed to the kernel for I/O (io_uring) by address.
+    pub fn pin(self) -> Result<PinnedGrant> {
+        let dom = self
+            .dom
+            .upgrade()
+            .ok_or(GrantError::BadDomain(self.domid))?;
+        let addr = dom
+            .ram
+            .region(self.gpa, PAGE_SIZE)
+            .map_err(|_| GrantError::BadFrame {
+                gref: self.gref,
+                frame: (self.gpa / 4096) as u32,
+            })?
+            .base_addr();
+        Ok(PinnedGrant {
+            _dom: dom,
+            addr,
+            mapping: self,
+        })
+    }
+}
+
+/// A grant mapping that also keeps its domain's memory alive: the page's host address is valid
+/// for `PAGE_SIZE` bytes (writable if the mapping is) until this is dropped.
+#[derive(Debug)]
+pub struct PinnedGrant {
+    mapping: GrantMapping,
+    addr: usize,
+    _dom: Arc<DomainShared>,
+}
+
+impl PinnedGrant {
+    /// Host address of the granted page.
+    pub fn host_addr(&self) -> *mut u8 {
+        self.addr as *mut u8
+    }
+
+    /// The mapping underneath.
+    pub fn mapping(&self) -> &GrantMapping {
+        &self.mapping
+    }
+}
+
 impl Drop for GrantMapping {
     fn drop(&mut self) {
         if let Some(d) = self.dom.upgrade() {

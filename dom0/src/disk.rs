@@ -1,0 +1,125 @@
+//! Disk images: raw files (sparse by default), opened read-only or exclusively writable.
+
+use std::fs::{File, OpenOptions};
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+
+use pv_protocol::SECTOR_SIZE;
+
+/// Errors opening or creating an image.
+#[derive(Debug, thiserror::Error)]
+pub enum DiskError {
+    /// The file cannot be opened or created.
+    #[error("{}", .0.display())]
+    Open(PathBuf, #[source] std::io::Error),
+    /// Another back-end has the image open writable (or we want it writable and someone has it).
+    #[error("{} is in use by another domain", .0.display())]
+    InUse(PathBuf),
+    /// The image size is not a whole number of sectors.
+    #[error("{path} is {size} bytes, not a multiple of {SECTOR_SIZE}", path = .0.display(), size = .1)]
+    BadSize(PathBuf, u64),
+}
+
+/// An open disk image.
+#[derive(Debug)]
+pub struct Disk {
+    file: File,
+    path: PathBuf,
+    sectors: u64,
+    readonly: bool,
+}
+
+impl Disk {
+    /// Creates a sparse image of `bytes` (a multiple of the sector size) if it does not exist.
+    pub fn create_sparse(path: &Path, bytes: u64) -> Result<(), DiskError> {
+        if !bytes.is_multiple_of(SECTOR_SIZE) {
+            return Err(DiskError::BadSize(path.into(), bytes));
+        }
+        let f = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(path)
+            .map_err(|e| DiskError::Open(path.into(), e))?;
+        f.set_len(bytes)
+            .map_err(|e| DiskError::Open(path.into(), e))
+    }
+
+    /// Opens an image. A writable open takes an exclusive lock, a read-only one a shared lock, so
+    /// two domains can never both have the same image writable.
+    pub fn open(path: &Path, readonly: bool) -> Result<Self, DiskError> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(!readonly)
+            .open(path)
+            .map_err(|e| DiskError::Open(path.into(), e))?;
+        let op = if readonly {
+            libc::LOCK_SH
+        } else {
+            libc::LOCK_EX
+        };
+        // SAFETY: flock on a descriptor we own; no memory is passed.
+        if unsafe { libc::flock(file.as_raw_fd(), op | libc::LOCK_NB) } != 0 {
+            return Err(DiskError::InUse(path.into()));
+        }
+        let bytes = file
+            .metadata()
+            .map_err(|e| DiskError::Open(path.into(), e))?
+            .len();
+        if !bytes.is_multiple_of(SECTOR_SIZE) {
+            return Err(DiskError::BadSize(path.into(), bytes));
+        }
+        Ok(Self {
+            file,
+            path: path.into(),
+            sectors: bytes / SECTOR_SIZE,
+            readonly,
+        })
+    }
+
+    /// Size in 512-byte sectors.
+    pub fn sectors(&self) -> u64 {
+        self.sectors
+    }
+
+    /// Whether writes are refused.
+    pub fn readonly(&self) -> bool {
+        self.readonly
+    }
+
+    /// The file (for I/O submission).
+    pub fn file(&self) -> &File {
+        &self.file
+    }
+
+    /// Where it lives.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_image_cannot_be_opened_writable_twice_and_readonly_shares() {
+        let dir = std::env::temp_dir().join(format!("sv-disk-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let img = dir.join("a.img");
+        Disk::create_sparse(&img, 1 << 20).unwrap();
+        let rw = Disk::open(&img, false).unwrap();
+        assert_eq!(rw.sectors(), 2048);
+        assert!(matches!(Disk::open(&img, false), Err(DiskError::InUse(_))));
+        assert!(matches!(Disk::open(&img, true), Err(DiskError::InUse(_))));
+        drop(rw);
+        let ro1 = Disk::open(&img, true).unwrap();
+        let _ro2 = Disk::open(&img, true).unwrap();
+        assert!(ro1.readonly());
+        assert!(matches!(Disk::open(&img, false), Err(DiskError::InUse(_))));
+        // Sparse: no blocks allocated yet.
+        use std::os::unix::fs::MetadataExt;
+        assert_eq!(std::fs::metadata(&img).unwrap().blocks(), 0);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

@@ -1,0 +1,354 @@
+//! blockback against a mock front end (pv-protocol test-utils) and mock grants, on real image
+//! files with real io_uring I/O.
+
+use std::cell::UnsafeCell;
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::ptr::NonNull;
+use std::sync::Arc;
+
+use dom0::blkback::{BlkBack, BlkBackError};
+use dom0::disk::Disk;
+use dom0::grants::{GrantFailure, GrantMapper, MappedPage};
+use pv_protocol::BackRing;
+use pv_protocol::blkif::{
+    BlkRequest, BlkResponse, BlkRing, BlkSegment, BlkStatus, BlkifRequestRaw, DirectSegments,
+    IndirectGrefs, IndirectOp, write_indirect_page,
+};
+use pv_protocol::grant::GrantRef;
+use pv_protocol::test_utils::{MockFrontEnd, RingMemory};
+
+#[repr(C, align(4096))]
+struct PageBuf(UnsafeCell<[u8; 4096]>);
+// SAFETY: test pages are touched by the test thread and by the kernel during synchronous I/O
+// that the test waits for; never concurrently.
+unsafe impl Sync for PageBuf {}
+// SAFETY: as above.
+unsafe impl Send for PageBuf {}
+
+#[derive(Default)]
+struct MemGrants {
+    pages: HashMap<u32, (Arc<PageBuf>, bool)>,
+}
+
+impl MemGrants {
+    fn grant(&mut self, gref: u32, readonly: bool) -> Arc<PageBuf> {
+        let p = Arc::new(PageBuf(UnsafeCell::new([0; 4096])));
+        self.pages.insert(gref, (Arc::clone(&p), readonly));
+        p
+    }
+}
+
+fn with_page<R>(p: &PageBuf, f: impl FnOnce(&mut [u8; 4096]) -> R) -> R {
+    // SAFETY: see PageBuf: no I/O is in flight while the test looks, and the reference does not
+    // outlive this call.
+    f(unsafe { &mut *p.0.get() })
+}
+
+fn snapshot(p: &PageBuf) -> [u8; 4096] {
+    with_page(p, |pg| *pg)
+}
+
+impl GrantMapper for MemGrants {
+    fn map(&self, gref: GrantRef, device_writes: bool) -> Result<MappedPage, GrantFailure> {
+        let fail = |why: &str| GrantFailure {
+            gref: gref.0,
+            reason: why.into(),
+        };
+        let (p, ro) = self.pages.get(&gref.0).ok_or_else(|| fail("not granted"))?;
+        if *ro && device_writes {
+            return Err(fail("read-only"));
+        }
+        let ptr = NonNull::new(p.0.get().cast::<u8>()).unwrap();
+        // SAFETY: the Arc keeps the page alive as long as the MappedPage.
+        Ok(unsafe { MappedPage::new(ptr, Box::new(Arc::clone(p))) })
+    }
+}
+
+struct Fixture {
+    dir: PathBuf,
+    img: PathBuf,
+}
+
+impl Fixture {
+    fn new(name: &str, mib: u64) -> Self {
+        let dir = std::env::temp_dir().join(format!("sv-blk-{}-{name}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let img = dir.join("disk.img");
+        Disk::create_sparse(&img, mib << 20).unwrap();
+        Self { dir, img }
+    }
+}
+
+impl Drop for Fixture {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn seg(gref: u32, first: u8, last: u8) -> BlkSegment {
+    BlkSegment {
+        gref: GrantRef(gref),
+        first_sect: first,
+        last_sect: last,
+    }
+}
+
+fn rw(write: bool, id: u64, sector: u64, segs: &[BlkSegment]) -> BlkifRequestRaw {
+    let segments = DirectSegments::from_slice(segs).unwrap();
+    let r = if write {
+        BlkRequest::Write {
+            id,
+            handle: 0,
+            sector,
+            segments,
+        }
+    } else {
+        BlkRequest::Read {
+            id,
+            handle: 0,
+            sector,
+            segments,
+        }
+    };
+    r.to_raw()
+}
+
+fn statuses(front: &mut MockFrontEnd<'_, BlkRing>) -> Vec<(u64, BlkStatus)> {
+    let mut v: Vec<(u64, BlkStatus)> = front
+        .responses()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            let r = BlkResponse::parse(r).unwrap();
+            (r.id, r.status)
+        })
+        .collect();
+    v.sort_by_key(|x| x.0);
+    v
+}
+
+#[test]
+fn writes_land_in_the_file_and_reads_come_back_into_the_granted_pages() {
+    let fx = Fixture::new("rw", 4);
+    let mut grants = MemGrants::default();
+    let a = grants.grant(1, true);
+    let b = grants.grant(2, true);
+    let c = grants.grant(3, false);
+    let d = grants.grant(4, false);
+    with_page(&a, |pg| {
+        for (i, x) in pg.iter_mut().enumerate() {
+            *x = (i % 251) as u8;
+        }
+    });
+    with_page(&b, |pg| {
+        for (i, x) in pg.iter_mut().enumerate() {
+            *x = (i % 13) as u8 + 100;
+        }
+    });
+    let mut mem = RingMemory::new(1);
+    let region = mem.region();
+    let mut front = MockFrontEnd::<BlkRing>::new(region, 1).unwrap();
+    let ring = BackRing::attach(region, 1).unwrap();
+    let disk = Disk::open(&fx.img, false).unwrap();
+    let mut back = BlkBack::new(2, ring, disk, grants).unwrap();
+
+    // 8 sectors from page a, then sectors 2..=5 of page b, at sector 8.
+    front
+        .submit(&[rw(true, 1, 8, &[seg(1, 0, 7), seg(2, 2, 5)])])
+        .unwrap();
+    back.process().unwrap();
+    assert_eq!(statuses(&mut front), [(1, BlkStatus::Okay)]);
+    let file = std::fs::read(&fx.img).unwrap();
+    assert_eq!(&file[8 * 512..16 * 512], &snapshot(&a)[..]);
+    assert_eq!(&file[16 * 512..20 * 512], &snapshot(&b)[2 * 512..6 * 512]);
+    assert!(file[..8 * 512].iter().all(|&x| x == 0));
+
+    front
+        .submit(&[rw(false, 2, 8, &[seg(3, 0, 7), seg(4, 4, 7)])])
+        .unwrap();
+    back.process().unwrap();
+    assert_eq!(statuses(&mut front), [(2, BlkStatus::Okay)]);
+    assert_eq!(&snapshot(&c)[..], &snapshot(&a)[..]);
+    assert_eq!(&snapshot(&d)[4 * 512..], &snapshot(&b)[2 * 512..6 * 512]);
+    assert_eq!(back.stats().written_bytes, 12 * 512);
+    assert_eq!(back.stats().read_bytes, 12 * 512);
+}
+
+#[test]
+fn flush_discard_and_indirect_requests_work() {
+    let fx = Fixture::new("misc", 4);
+    let mut grants = MemGrants::default();
+    let data: Vec<_> = (10..30).map(|g| grants.grant(g, false)).collect();
+    for (n, p) in data.iter().enumerate() {
+        with_page(p, |pg| pg.fill(n as u8 + 1));
+    }
+    // One indirect page describing 20 full-page segments.
+    let ind = grants.grant(99, true);
+    let segs: Vec<BlkSegment> = (10..30).map(|g| seg(g, 0, 7)).collect();
+    with_page(&ind, |pg| write_indirect_page(&segs, pg)).unwrap();
+    let mut mem = RingMemory::new(1);
+    let region = mem.region();
+    let mut front = MockFrontEnd::<BlkRing>::new(region, 1).unwrap();
+    let ring = BackRing::attach(region, 1).unwrap();
+    let mut back = BlkBack::new(2, ring, Disk::open(&fx.img, false).unwrap(), grants).unwrap();
+
+    let indirect = |id, op| {
+        BlkRequest::Indirect {
+            id,
+            handle: 0,
+            op,
+            sector: 64,
+            nr_segments: 20,
+            pages: IndirectGrefs::from_slice(&[GrantRef(99)]).unwrap(),
+        }
+        .to_raw()
+    };
+    let flush = BlkRequest::Flush {
+        id: 2,
+        handle: 0,
+        sector: 0,
+        segments: DirectSegments::new(),
+    }
+    .to_raw();
+    front
+        .submit(&[indirect(1, IndirectOp::Write), flush])
+        .unwrap();
+    back.process().unwrap();
+    assert_eq!(
+        statuses(&mut front),
+        [(1, BlkStatus::Okay), (2, BlkStatus::Okay)]
+    );
+    let file = std::fs::read(&fx.img).unwrap();
+    for n in 0..20 {
+        let at = (64 + n * 8) * 512;
+        assert!(
+            file[at..at + 4096].iter().all(|&x| x == n as u8 + 1),
+            "segment {n}"
+        );
+    }
+
+    // Discard the first 10 pages' worth, then read all 20 back through the indirect page.
+    let discard = BlkRequest::Discard {
+        id: 3,
+        handle: 0,
+        sector: 64,
+        nr_sectors: 80,
+        secure: false,
+    }
+    .to_raw();
+    front.submit(&[discard]).unwrap();
+    back.process().unwrap();
+    assert_eq!(statuses(&mut front), [(3, BlkStatus::Okay)]);
+    front.submit(&[indirect(4, IndirectOp::Read)]).unwrap();
+    back.process().unwrap();
+    assert_eq!(statuses(&mut front), [(4, BlkStatus::Okay)]);
+    // The pages now hold what was read: zeros where discarded, the data elsewhere.
+    for (n, p) in data.iter().enumerate() {
+        let want = if n < 10 { 0 } else { n as u8 + 1 };
+        assert!(snapshot(p).iter().all(|&x| x == want), "page {n}");
+    }
+}
+
+#[test]
+fn bad_requests_get_errors_and_the_ring_keeps_serving() {
+    let fx = Fixture::new("bad", 1);
+    let mut grants = MemGrants::default();
+    grants.grant(1, false);
+    grants.grant(2, true); // read-only grant
+    let mut mem = RingMemory::new(1);
+    let region = mem.region();
+    let mut front = MockFrontEnd::<BlkRing>::new(region, 1).unwrap();
+    let ring = BackRing::attach(region, 1).unwrap();
+    let mut back = BlkBack::new(7, ring, Disk::open(&fx.img, false).unwrap(), grants).unwrap();
+
+    let mut unknown = rw(false, 1, 0, &[seg(1, 0, 7)]);
+    unknown.operation = 42;
+    let past_end = rw(false, 2, 2048 - 4, &[seg(1, 0, 7)]);
+    let wrapping = rw(false, 3, u64::MAX - 2, &[seg(1, 0, 7)]);
+    let not_granted = rw(false, 4, 0, &[seg(77, 0, 7)]);
+    let into_readonly = rw(false, 5, 0, &[seg(2, 0, 7)]);
+    let mut bad_seg = rw(false, 6, 0, &[seg(1, 0, 7)]);
+    bad_seg.seg[0].first_sect = 6;
+    bad_seg.seg[0].last_sect = 3;
+    let mut zero_segs = rw(false, 7, 0, &[seg(1, 0, 7)]);
+    zero_segs.nr_segments = 0;
+    let good = rw(true, 8, 0, &[seg(2, 0, 7)]);
+    front
+        .submit(&[
+            unknown,
+            past_end,
+            wrapping,
+            not_granted,
+            into_readonly,
+            bad_seg,
+            zero_segs,
+            good,
+        ])
+        .unwrap();
+    back.process().unwrap();
+    assert_eq!(
+        statuses(&mut front),
+        [
+            (1, BlkStatus::NotSupported),
+            (2, BlkStatus::Error),
+            (3, BlkStatus::Error),
+            (4, BlkStatus::Error),
+            (5, BlkStatus::Error),
+            (6, BlkStatus::Error),
+            (7, BlkStatus::Error),
+            (8, BlkStatus::Okay),
+        ]
+    );
+    assert_eq!(back.stats().errors, 6);
+
+    // Hostile indices kill this ring only, with an error, not a panic.
+    front.scribble_req_prod(0x7fff_0000);
+    assert!(matches!(back.process(), Err(BlkBackError::Ring(_))));
+}
+
+#[test]
+fn a_read_only_disk_refuses_writes_flushes_and_discards() {
+    let fx = Fixture::new("ro", 1);
+    let mut grants = MemGrants::default();
+    grants.grant(1, false);
+    let mut mem = RingMemory::new(1);
+    let region = mem.region();
+    let mut front = MockFrontEnd::<BlkRing>::new(region, 1).unwrap();
+    let ring = BackRing::attach(region, 1).unwrap();
+    let mut back = BlkBack::new(3, ring, Disk::open(&fx.img, true).unwrap(), grants).unwrap();
+    let discard = BlkRequest::Discard {
+        id: 3,
+        handle: 0,
+        sector: 0,
+        nr_sectors: 8,
+        secure: false,
+    }
+    .to_raw();
+    let flush = BlkRequest::Flush {
+        id: 4,
+        handle: 0,
+        sector: 0,
+        segments: DirectSegments::new(),
+    }
+    .to_raw();
+    front
+        .submit(&[
+            rw(true, 1, 0, &[seg(1, 0, 7)]),
+            rw(false, 2, 0, &[seg(1, 0, 7)]),
+            discard,
+            flush,
+        ])
+        .unwrap();
+    back.process().unwrap();
+    assert_eq!(
+        statuses(&mut front),
+        [
+            (1, BlkStatus::Error),
+            (2, BlkStatus::Okay),
+            (3, BlkStatus::Error),
+            (4, BlkStatus::Error)
+        ]
+    );
+    assert!(std::fs::read(&fx.img).unwrap().iter().all(|&x| x == 0));
+}
