@@ -8,3 +8,4 @@
 pub mod blkback;
 pub mod disk;
 pub mod grants;
+pub mod vbd;

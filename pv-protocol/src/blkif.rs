@@ -825,6 +825,41 @@ impl RingProtocol for BlkRing {
     const NAME: &'static str = "blkif";
 }
 
+/// The byte the guest's `blkverify` job writes at disk byte `offset`: a function of the position
+/// alone, so the host can check an image afterwards without talking to the guest.
+pub const fn verify_pattern(offset: u64) -> u8 {
+    ((offset / 512).wrapping_mul(131) + (offset % 512).wrapping_mul(7) + 0x5a) as u8
+}
+
+/// One segment of `blkverify`'s data pages: (page, first sector, last sector).
+pub type VerifySeg = (usize, u8, u8);
+
+/// The regions the guest's `blkverify` job writes: (first disk sector, segments), in several
+/// sizes and alignments up to the largest direct request (region 2: 11 full pages, which it
+/// discards afterwards). Shared with the host-side test that checks the image.
+pub const VERIFY_REGIONS: [(u64, &[VerifySeg]); 5] = [
+    (0, &[(0, 0, 0)]),
+    (8, &[(0, 0, 7)]),
+    (
+        1000,
+        &[
+            (0, 0, 7),
+            (1, 0, 7),
+            (2, 0, 7),
+            (3, 0, 7),
+            (4, 0, 7),
+            (5, 0, 7),
+            (6, 0, 7),
+            (7, 0, 7),
+            (8, 0, 7),
+            (9, 0, 7),
+            (10, 0, 7),
+        ],
+    ),
+    (5000, &[(3, 3, 5)]),
+    (7001, &[(0, 2, 7), (1, 0, 7), (2, 0, 3)]),
+];
+
 #[cfg(test)]
 mod tests {
     use super::*;

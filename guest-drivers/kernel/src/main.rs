@@ -14,6 +14,7 @@
 
 extern crate alloc;
 
+mod blkfront;
 mod console;
 mod evtchn;
 mod grant;
@@ -114,6 +115,7 @@ extern "C" fn kmain(start_info: u64, index: u64) -> ! {
         "store-peek" => jobs::store_peek(&cpu, cmdline),
         "bench" => jobs::bench(&cpu, si, cmdline),
         "evtchn-peer" => jobs::evtchn_peer(&cpu),
+        "blkverify" => jobs::blkverify(&cpu),
         "crash" => jobs::crash(&cpu),
         other => {
             kprintln!(&cpu, "unknown job {other:?}");

@@ -1,0 +1,321 @@
+//! A virtual block device attached to a running domain: the toolstack's store entries, the
+//! XenbusState handshake, and the back-end thread that serves the ring.
+//!
+//! Store layout (Xen's): the front-end directory `/local/domain/<dom>/device/vbd/<devid>` (owned
+//! by the guest) and the back-end directory `/local/domain/0/backend/vbd/<dom>/<devid>` (owned by
+//! dom0, readable by the guest). The back end publishes its features and `InitWait`; the front end
+//! grants a ring page, offers an event channel to dom0, writes `ring-ref`, `event-channel` and
+//! `Initialised`; the back end maps the ring, binds the channel and switches to `Connected`.
+//! Closing (the front end's `Closing`, a detach, or the domain's end) tears down in order: stop
+//! serving, unbind, unmap, `Closed`.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use hypervisor::DomainShared;
+use hypervisor::evtchn::HostPort;
+use hypervisor::store::Store;
+use pv_protocol::blkif::{BlkRing, keys};
+use pv_protocol::grant::{DomId, GrantRef};
+use pv_protocol::ring::BackRing;
+use pv_protocol::store::{Perm, PermKind};
+use pv_protocol::{PAGE_SIZE, SharedRegion};
+
+use crate::blkback::{BlkBack, MAX_INDIRECT_SEGMENTS};
+use crate::disk::{Disk, DiskError};
+use crate::grants::DomainGrants;
+
+/// XenbusState values.
+pub mod state {
+    /// Initialising.
+    pub const INITIALISING: u32 = 1;
+    /// Back end waits for the front end.
+    pub const INIT_WAIT: u32 = 2;
+    /// Front end published its ring.
+    pub const INITIALISED: u32 = 3;
+    /// Connected.
+    pub const CONNECTED: u32 = 4;
+    /// Closing.
+    pub const CLOSING: u32 = 5;
+    /// Closed.
+    pub const CLOSED: u32 = 6;
+}
+
+/// Errors attaching a disk.
+#[derive(Debug, thiserror::Error)]
+pub enum VbdError {
+    /// The image.
+    #[error("disk image")]
+    Disk(#[from] DiskError),
+    /// The store refused an entry.
+    #[error("store: {0:?} writing {1}")]
+    Store(pv_protocol::store::StoreErrno, String),
+    /// The back-end thread could not start.
+    #[error("cannot start the back-end thread")]
+    Thread(#[source] std::io::Error),
+}
+
+/// An attached disk; dropping it detaches it (the back end closes and releases everything).
+#[derive(Debug)]
+pub struct Vbd {
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+    backend: String,
+    frontend: String,
+    store: Arc<Store>,
+}
+
+fn w(store: &Store, path: &str, value: &str) -> Result<(), VbdError> {
+    store
+        .write(0, 0, path, value.as_bytes())
+        .map_err(|e| VbdError::Store(e, path.into()))
+}
+
+fn read_u32(store: &Store, path: &str) -> Option<u32> {
+    let v = store.read(0, 0, path).ok()?;
+    std::str::from_utf8(&v).ok()?.trim().parse().ok()
+}
+
+impl Vbd {
+    /// Attaches `image` to `dom` as virtual block device `devid` (Xen numbering: 51712 = xvda).
+    pub fn attach(
+        store: &Arc<Store>,
+        dom: &Arc<DomainShared>,
+        devid: u32,
+        image: &Path,
+        readonly: bool,
+    ) -> Result<Self, VbdError> {
+        let disk = Disk::open(image, readonly)?;
+        let id = dom.id;
+        let backend = format!("/local/domain/0/backend/vbd/{id}/{devid}");
+        let frontend = format!("/local/domain/{id}/device/vbd/{devid}");
+        // Back end first: features, then InitWait; the guest may read it.
+        w(store, &format!("{backend}/frontend"), &frontend)?;
+        w(store, &format!("{backend}/frontend-id"), &id.to_string())?;
+        w(
+            store,
+            &format!("{backend}/{}", keys::SECTORS),
+            &disk.sectors().to_string(),
+        )?;
+        w(store, &format!("{backend}/{}", keys::SECTOR_SIZE), "512")?;
+        w(
+            store,
+            &format!("{backend}/{}", keys::INFO),
+            if readonly { "4" } else { "0" },
+        )?;
+        w(
+            store,
+            &format!("{backend}/mode"),
+            if readonly { "r" } else { "w" },
+        )?;
+        w(
+            store,
+            &format!("{backend}/{}", keys::FEATURE_FLUSH_CACHE),
+            "1",
+        )?;
+        w(store, &format!("{backend}/{}", keys::FEATURE_DISCARD), "1")?;
+        w(
+            store,
+            &format!("{backend}/{}", keys::FEATURE_MAX_INDIRECT_SEGMENTS),
+            &MAX_INDIRECT_SEGMENTS.to_string(),
+        )?;
+        w(
+            store,
+            &format!("{backend}/state"),
+            &state::INIT_WAIT.to_string(),
+        )?;
+        let readable = [
+            Perm {
+                kind: PermKind::None,
+                domid: DomId(0),
+            },
+            Perm {
+                kind: PermKind::Read,
+                domid: DomId(id as u16),
+            },
+        ];
+        let parent = format!("/local/domain/0/backend/vbd/{id}");
+        for p in [parent.clone(), backend.clone()] {
+            store
+                .set_perms(0, 0, &p, &readable)
+                .map_err(|e| VbdError::Store(e, p.clone()))?;
+        }
+        for k in store.directory(0, 0, &backend).unwrap_or_default() {
+            let p = format!("{backend}/{k}");
+            store
+                .set_perms(0, 0, &p, &readable)
+                .map_err(|e| VbdError::Store(e, p.clone()))?;
+        }
+        // Front end directory, in the guest's home (so owned by the guest).
+        w(store, &format!("{frontend}/backend"), &backend)?;
+        w(store, &format!("{frontend}/backend-id"), "0")?;
+        w(
+            store,
+            &format!("{frontend}/state"),
+            &state::INITIALISING.to_string(),
+        )?;
+
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread = {
+            let (store, dom, stop) = (Arc::clone(store), Arc::clone(dom), Arc::clone(&stop));
+            let (backend, frontend) = (backend.clone(), frontend.clone());
+            std::thread::Builder::new()
+                .name(format!("dom{id}-vbd{devid}"))
+                .spawn(move || serve(&store, &dom, disk, &backend, &frontend, &stop))
+                .map_err(VbdError::Thread)?
+        };
+        Ok(Self {
+            stop,
+            thread: Some(thread),
+            backend,
+            frontend,
+            store: Arc::clone(store),
+        })
+    }
+
+    /// The back end's current XenbusState.
+    pub fn backend_state(&self) -> Option<u32> {
+        read_u32(&self.store, &format!("{}/state", self.backend))
+    }
+
+    /// The front end's current XenbusState.
+    pub fn frontend_state(&self) -> Option<u32> {
+        read_u32(&self.store, &format!("{}/state", self.frontend))
+    }
+}
+
+impl Drop for Vbd {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        // The toolstack's part of detaching: the back-end directory goes (the guest's own goes
+        // with the domain).
+        let _ = self.store.rm(0, 0, &self.backend);
+        let parent = self.backend.rsplit_once('/').map(|(p, _)| p);
+        if let Some(parent) =
+            parent.filter(|p| self.store.directory(0, 0, p).is_ok_and(|d| d.is_empty()))
+        {
+            let _ = self.store.rm(0, 0, parent);
+        }
+    }
+}
+
+/// The back-end thread: handshake, then serve until stopped or closed.
+fn serve(
+    store: &Store,
+    dom: &Arc<DomainShared>,
+    disk: Disk,
+    backend: &str,
+    frontend: &str,
+    stop: &AtomicBool,
+) {
+    let id = dom.id;
+    let set_state = |s: u32| {
+        let _ = store.write(0, 0, &format!("{backend}/state"), s.to_string().as_bytes());
+    };
+    let gone = || stop.load(Ordering::Relaxed) || dom.state().is_final();
+    // Wait for the front end's ring (polling the store is fine for a handshake).
+    let deadline = Instant::now() + Duration::from_secs(3600);
+    loop {
+        if gone() || Instant::now() > deadline {
+            set_state(state::CLOSED);
+            return;
+        }
+        if read_u32(store, &format!("{frontend}/state")) == Some(state::INITIALISED) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let (Some(ring_ref), Some(port)) = (
+        read_u32(store, &format!("{frontend}/{}", keys::RING_REF)),
+        read_u32(store, &format!("{frontend}/{}", keys::EVENT_CHANNEL)),
+    ) else {
+        dom.guest_fault(
+            "vbd-handshake",
+            format_args!("{frontend}: no ring-ref or event-channel"),
+        );
+        set_state(state::CLOSED);
+        return;
+    };
+    let ring_page =
+        match hypervisor::grant::map(dom, GrantRef(ring_ref), 0, false).and_then(|m| m.pin()) {
+            Ok(p) => p,
+            Err(e) => {
+                dom.guest_fault("vbd-handshake", format_args!("{frontend}: ring grant: {e}"));
+                set_state(state::CLOSED);
+                return;
+            }
+        };
+    // SAFETY: the pinned grant keeps the ring page mapped and claimed for as long as `ring_page`
+    // lives, which outlives the ring endpoint and the back end below (dropped first).
+    let region = match unsafe { SharedRegion::from_raw(ring_page.host_addr(), PAGE_SIZE) } {
+        Ok(r) => r,
+        Err(_) => {
+            set_state(state::CLOSED);
+            return;
+        }
+    };
+    let (ring, hp) = match (
+        BackRing::<BlkRing>::attach(region, 1),
+        HostPort::bind(dom, port),
+    ) {
+        (Ok(r), Ok(h)) => (r, h),
+        _ => {
+            dom.guest_fault(
+                "vbd-handshake",
+                format_args!("{frontend}: bad ring or port {port}"),
+            );
+            set_state(state::CLOSED);
+            return;
+        }
+    };
+    let mut back = match BlkBack::new(id, ring, disk, DomainGrants::new(Arc::clone(dom))) {
+        Ok(b) => b,
+        Err(e) => {
+            tracing::error!(domid = id, "{frontend}: {e}");
+            set_state(state::CLOSED);
+            return;
+        }
+    };
+    set_state(state::CONNECTED);
+    tracing::info!(
+        domid = id,
+        "{frontend} connected to {}",
+        back.disk().path().display()
+    );
+    loop {
+        match back.process() {
+            Ok(true) => hp.notify(),
+            Ok(false) => {}
+            Err(e) => {
+                dom.guest_fault("vbd-ring", format_args!("{frontend}: {e}"));
+                break;
+            }
+        }
+        if gone()
+            || read_u32(store, &format!("{frontend}/state")).is_some_and(|s| s >= state::CLOSING)
+        {
+            break;
+        }
+        match back.final_check() {
+            Ok(true) => continue,
+            Ok(false) => {
+                hp.wait(Duration::from_millis(100));
+            }
+            Err(e) => {
+                dom.guest_fault("vbd-ring", format_args!("{frontend}: {e}"));
+                break;
+            }
+        }
+    }
+    // Tear down in order: stop serving, unbind, unmap, Closed.
+    drop(back);
+    drop(hp);
+    drop(ring_page);
+    set_state(state::CLOSED);
+}

@@ -1,0 +1,276 @@
+//! Block front end: finds its disk in the store, does the XenbusState handshake with the back
+//! end, and issues requests over a one-page block ring with data in granted pages.
+
+use pv_protocol::blkif::{BlkRequest, BlkResponse, BlkRing, BlkSegment, BlkStatus, DirectSegments};
+use pv_protocol::grant::GrantRef;
+use pv_protocol::ring::FrontRing;
+use pv_protocol::store::MsgType;
+use pv_protocol::{PAGE_SIZE, SharedRegion};
+
+use crate::evtchn as ev;
+use crate::hcall::Cpu;
+use crate::store::{StoreFail, request};
+
+/// Grant ref of the ring page; data pages use the refs after it.
+const RING_GREF: u32 = 8;
+/// First grant ref of the data pages.
+pub const DATA_GREF: u32 = 16;
+/// Data pages the front end owns (enough for the largest direct request, 11 pages).
+pub const DATA_PAGES: usize = 16;
+
+#[repr(C, align(4096))]
+struct Pages<const N: usize>([[u8; PAGE_SIZE]; N]);
+
+static mut RING_PAGE: Pages<1> = Pages([[0; PAGE_SIZE]; 1]);
+static mut DATA: Pages<DATA_PAGES> = Pages([[0; PAGE_SIZE]; DATA_PAGES]);
+
+/// A connected block device.
+#[derive(Debug)]
+pub struct BlkFront {
+    ring: FrontRing<'static, BlkRing>,
+    port: u32,
+    /// Disk size in sectors.
+    pub sectors: u64,
+    next_id: u64,
+}
+
+fn read(cpu: &Cpu, path: &[u8], out: &mut [u8]) -> Result<usize, StoreFail> {
+    request(cpu, MsgType::Read, 0, &[path, b"\0"], out).map(|r| r.len)
+}
+
+fn write(cpu: &Cpu, path: &[u8], value: &[u8]) -> Result<(), StoreFail> {
+    request(
+        cpu,
+        MsgType::Write,
+        0,
+        &[path, b"\0", value],
+        &mut [0u8; 16],
+    )
+    .map(|_| ())
+}
+
+fn num(b: &[u8]) -> Option<u64> {
+    let s = core::str::from_utf8(b).ok()?;
+    s.trim_end_matches('\0').trim().parse().ok()
+}
+
+/// Builds `prefix/suffix` into `buf`.
+fn join<'b>(buf: &'b mut [u8; 128], prefix: &[u8], suffix: &[u8]) -> &'b [u8] {
+    let n = (prefix.len() + 1 + suffix.len()).min(128);
+    let p = prefix.len().min(n);
+    buf[..p].copy_from_slice(&prefix[..p]);
+    if p < n {
+        buf[p] = b'/';
+        let s = (n - p - 1).min(suffix.len());
+        buf[p + 1..p + 1 + s].copy_from_slice(&suffix[..s]);
+    }
+    &buf[..n]
+}
+
+/// Host address (= guest address) of data page `i`.
+pub fn data_page(i: usize) -> *mut u8 {
+    // SAFETY: only the address is computed; `i` is kept below DATA_PAGES by callers.
+    unsafe {
+        (&raw mut DATA)
+            .cast::<u8>()
+            .add(i.min(DATA_PAGES - 1) * PAGE_SIZE)
+    }
+}
+
+impl BlkFront {
+    /// Waits (about `tries` x 10 ms) for a disk in the store, then connects to it.
+    pub fn connect(cpu: &Cpu, tries: u32) -> Result<Self, &'static str> {
+        let mut out = [0u8; 256];
+        // The toolstack may attach the disk just after the domain started.
+        let mut dev = [0u8; 32];
+        let mut devlen = 0;
+        for _ in 0..tries {
+            let first = request(cpu, MsgType::Directory, 0, &[b"device/vbd\0"], &mut out)
+                .ok()
+                .and_then(|r| out[..r.len].split(|&b| b == 0).next())
+                .filter(|s| !s.is_empty());
+            if let Some(first) = first {
+                devlen = first.len().min(32);
+                dev[..devlen].copy_from_slice(&first[..devlen]);
+                break;
+            }
+            ev::poll(cpu, &[], 10_000_000);
+        }
+        if devlen == 0 {
+            return Err("no disk in device/vbd");
+        }
+        let mut fe = [0u8; 128];
+        let fe_len = join(&mut fe, b"device/vbd", &dev[..devlen]).len();
+        let fe = &fe[..fe_len];
+        let mut key = [0u8; 128];
+        let n =
+            read(cpu, join(&mut key, fe, b"backend"), &mut out).map_err(|_| "no backend path")?;
+        let mut be = [0u8; 128];
+        let be_len = n.min(128);
+        be[..be_len].copy_from_slice(&out[..be_len]);
+        let be = &be[..be_len];
+        // Wait for the back end's InitWait.
+        let state_of = |cpu: &Cpu, dir: &[u8]| -> Option<u64> {
+            let mut k = [0u8; 128];
+            let mut o = [0u8; 16];
+            let n = read(cpu, join(&mut k, dir, b"state"), &mut o).ok()?;
+            num(&o[..n])
+        };
+        let mut waited = 0;
+        while state_of(cpu, be) != Some(2) {
+            waited += 1;
+            if waited > 1000 {
+                return Err("back end never reached InitWait");
+            }
+            ev::poll(cpu, &[], 5_000_000);
+        }
+        let n = read(cpu, join(&mut key, be, b"sectors"), &mut out).map_err(|_| "no sectors")?;
+        let sectors = num(&out[..n]).ok_or("bad sectors")?;
+
+        // Ring page and data pages, granted to dom0.
+        let ring_addr = (&raw mut RING_PAGE) as u64;
+        crate::grant::grant(RING_GREF, 0, ring_addr, false);
+        for i in 0..DATA_PAGES {
+            crate::grant::grant(DATA_GREF + i as u32, 0, data_page(i) as u64, false);
+        }
+        // SAFETY: the ring page is a static, identity-mapped page this kernel shares only with
+        // the back end, which (like us) accesses it only atomically.
+        let region = unsafe { SharedRegion::from_raw(ring_addr as *mut u8, PAGE_SIZE) }
+            .map_err(|_| "ring page")?;
+        let ring = FrontRing::new(region, 1).map_err(|_| "ring init")?;
+        let port = ev::alloc_unbound(cpu, 0).map_err(|_| "no event channel")?;
+
+        let mut v = [0u8; 16];
+        let w = |cpu: &Cpu, k: &[u8], val: &[u8]| {
+            let mut kb = [0u8; 128];
+            write(cpu, join(&mut kb, fe, k), val)
+        };
+        w(cpu, b"ring-ref", fmt_u32(&mut v, RING_GREF)).map_err(|_| "write ring-ref")?;
+        w(cpu, b"event-channel", fmt_u32(&mut v, port)).map_err(|_| "write event-channel")?;
+        w(cpu, b"protocol", b"x86_64-abi").map_err(|_| "write protocol")?;
+        w(cpu, b"state", b"3").map_err(|_| "write state")?;
+        let mut waited = 0;
+        while state_of(cpu, be) != Some(4) {
+            waited += 1;
+            if waited > 1000 {
+                return Err("back end never connected");
+            }
+            ev::poll(cpu, &[], 5_000_000);
+        }
+        w(cpu, b"state", b"4").map_err(|_| "write state")?;
+        Ok(Self {
+            ring,
+            port,
+            sectors,
+            next_id: 1,
+        })
+    }
+
+    /// Issues one request and waits for its response.
+    pub fn submit(&mut self, cpu: &Cpu, req: BlkRequest) -> BlkStatus {
+        let raw = req.to_raw();
+        if self.ring.push_request(&raw).is_err() {
+            return BlkStatus::Error;
+        }
+        if self.ring.commit_requests() {
+            ev::doorbell(self.port);
+        }
+        for _ in 0..10_000 {
+            match self.ring.take_response() {
+                Ok(Some(r)) => {
+                    return BlkResponse::parse(&r).map_or(BlkStatus::Error, |r| r.status);
+                }
+                Ok(None) => {}
+                Err(_) => return BlkStatus::Error,
+            }
+            if !self.ring.final_check_for_responses().unwrap_or(true) {
+                ev::poll(cpu, &[self.port], 100_000_000);
+                ev::clear_pending(self.port);
+            }
+        }
+        BlkStatus::Error
+    }
+
+    /// A read or write of whole-or-partial data pages: `(page, first_sect, last_sect)` each.
+    pub fn rw(
+        &mut self,
+        cpu: &Cpu,
+        write: bool,
+        sector: u64,
+        segs: &[(usize, u8, u8)],
+    ) -> BlkStatus {
+        let mut segments = DirectSegments::new();
+        for &(page, first, last) in segs {
+            let s = BlkSegment {
+                gref: GrantRef(DATA_GREF + page as u32),
+                first_sect: first,
+                last_sect: last,
+            };
+            if segments.try_push(s).is_err() {
+                return BlkStatus::Error;
+            }
+        }
+        let id = self.next_id;
+        self.next_id += 1;
+        let req = if write {
+            BlkRequest::Write {
+                id,
+                handle: 0,
+                sector,
+                segments,
+            }
+        } else {
+            BlkRequest::Read {
+                id,
+                handle: 0,
+                sector,
+                segments,
+            }
+        };
+        self.submit(cpu, req)
+    }
+
+    /// Flushes the disk cache.
+    pub fn flush(&mut self, cpu: &Cpu) -> BlkStatus {
+        let id = self.next_id;
+        self.next_id += 1;
+        self.submit(
+            cpu,
+            BlkRequest::Flush {
+                id,
+                handle: 0,
+                sector: 0,
+                segments: DirectSegments::new(),
+            },
+        )
+    }
+
+    /// Discards `nr_sectors` at `sector`.
+    pub fn discard(&mut self, cpu: &Cpu, sector: u64, nr_sectors: u64) -> BlkStatus {
+        let id = self.next_id;
+        self.next_id += 1;
+        self.submit(
+            cpu,
+            BlkRequest::Discard {
+                id,
+                handle: 0,
+                sector,
+                nr_sectors,
+                secure: false,
+            },
+        )
+    }
+}
+
+fn fmt_u32(buf: &mut [u8; 16], mut v: u32) -> &[u8] {
+    let mut i = buf.len();
+    loop {
+        i -= 1;
+        buf[i] = b'0' + (v % 10) as u8;
+        v /= 10;
+        if v == 0 {
+            break;
+        }
+    }
+    &buf[i..]
+}
