@@ -76,3 +76,55 @@ fn blkverify_passes_and_the_image_holds_exactly_what_the_guest_wrote() {
     );
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn two_domains_with_their_own_disks_and_a_read_only_disk_refusing_writes() {
+    let dir = std::env::temp_dir().join(format!("sv-blk2-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (rw_img, ro_img) = (dir.join("a.img"), dir.join("b.img"));
+    Disk::create_sparse(&rw_img, 16 << 20).unwrap();
+    // The read-only image holds the pattern in region 1, written by the host.
+    let mut content = vec![0u8; 16 << 20];
+    let (sector, segs) = VERIFY_REGIONS[1];
+    let mut off = sector * 512;
+    for &(_, first, last) in segs {
+        for _ in u64::from(first) * 512..(u64::from(last) + 1) * 512 {
+            content[off as usize] = verify_pattern(off);
+            off += 1;
+        }
+    }
+    std::fs::write(&ro_img, &content).unwrap();
+
+    let hv = hypervisor();
+    let cfg = |name: &str, cmd: &str| DomainConfig {
+        name: name.into(),
+        cmdline: cmd.into(),
+        ..Default::default()
+    };
+    let a = hv.create_domain(cfg("a", "blkverify")).unwrap();
+    let b = hv.create_domain(cfg("b", "blkro")).unwrap();
+    let va = Vbd::attach(hv.store(), a.shared(), 51712, &rw_img, false).unwrap();
+    let vb = Vbd::attach(hv.store(), b.shared(), 51712, &ro_img, true).unwrap();
+    // Nobody else may open a.img writable (or at all, while it is), nor b.img writable.
+    assert!(Vbd::attach(hv.store(), b.shared(), 51728, &rw_img, true).is_err());
+    assert!(Vbd::attach(hv.store(), a.shared(), 51728, &ro_img, false).is_err());
+    for (d, summary) in [
+        (&a, "blkverify: 14 passed, 0 failed"),
+        (&b, "blkro: 3 passed, 0 failed"),
+    ] {
+        let state = d.wait(T);
+        let text = d.console().text();
+        assert!(
+            matches!(state, DomainState::Shutdown { code: 0, .. }),
+            "{state:?}\n{text}"
+        );
+        assert!(text.contains(summary), "{text}");
+    }
+    drop((va, vb));
+    assert_eq!(
+        std::fs::read(&ro_img).unwrap(),
+        content,
+        "the read-only image is unchanged"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -984,3 +984,74 @@ pub fn blkverify(cpu: &Cpu) -> u32 {
     kprintln!(cpu, "blkverify: {} passed, {} failed", c.passed, c.failed);
     c.failed
 }
+
+/// Writes the `blkverify` patterns (all regions but the discarded one), flushes, says so, then
+/// sleeps forever: the durability test kills the whole VMM process at that point.
+pub fn blkwrite(cpu: &Cpu) -> u32 {
+    use pv_protocol::blkif::BlkStatus;
+    let mut disk = match crate::blkfront::BlkFront::connect(cpu, 500) {
+        Ok(d) => d,
+        Err(e) => {
+            kprintln!(cpu, "blkwrite: {e}");
+            return 1;
+        }
+    };
+    for (i, &(sector, segs)) in BLKVERIFY_REGIONS.iter().enumerate() {
+        if i == 2 {
+            continue;
+        }
+        fill_region(sector, segs, true);
+        if disk.rw(cpu, true, sector, segs) != BlkStatus::Okay {
+            kprintln!(cpu, "blkwrite: write {i} failed");
+            return 1;
+        }
+    }
+    if disk.flush(cpu) != BlkStatus::Okay {
+        kprintln!(cpu, "blkwrite: flush failed");
+        return 1;
+    }
+    kprintln!(cpu, "blkwrite: flushed");
+    loop {
+        cpu.block();
+    }
+}
+
+/// On a read-only disk: a write must fail, a read must succeed (and see the host's pattern in
+/// region 1). Exit code = failures.
+pub fn blkro(cpu: &Cpu) -> u32 {
+    use pv_protocol::blkif::BlkStatus;
+    let mut c = Checks {
+        cpu,
+        passed: 0,
+        failed: 0,
+    };
+    let mut disk = match crate::blkfront::BlkFront::connect(cpu, 500) {
+        Ok(d) => d,
+        Err(e) => {
+            kprintln!(cpu, "FAIL blk-connect: {e}");
+            return 1;
+        }
+    };
+    let (sector, segs) = BLKVERIFY_REGIONS[1];
+    fill_region(sector, segs, false);
+    let w = disk.rw(cpu, true, sector, segs);
+    c.check(
+        "blk-ro-write-refused",
+        w == BlkStatus::Error,
+        format_args!("{w:?}"),
+    );
+    let r = disk.rw(cpu, false, sector, segs);
+    c.check(
+        "blk-ro-read",
+        r == BlkStatus::Okay && check_region(sector, segs, false),
+        format_args!("{r:?}"),
+    );
+    let f = disk.flush(cpu);
+    c.check(
+        "blk-ro-flush-refused",
+        f == BlkStatus::Error,
+        format_args!("{f:?}"),
+    );
+    kprintln!(cpu, "blkro: {} passed, {} failed", c.passed, c.failed);
+    c.failed
+}

@@ -116,6 +116,8 @@ extern "C" fn kmain(start_info: u64, index: u64) -> ! {
         "bench" => jobs::bench(&cpu, si, cmdline),
         "evtchn-peer" => jobs::evtchn_peer(&cpu),
         "blkverify" => jobs::blkverify(&cpu),
+        "blkwrite" => jobs::blkwrite(&cpu),
+        "blkro" => jobs::blkro(&cpu),
         "crash" => jobs::crash(&cpu),
         other => {
             kprintln!(&cpu, "unknown job {other:?}");

@@ -1,25 +1,67 @@
 //! Boots one Splitvisor domain and shows its console: the project's main job until the `xl`
 //! toolstack lands.
 //!
-//! `splitvisor-boot [--vcpus N] [--mem MIB] [--kernel ELF] [--timeout SECS] [CMDLINE...]`
-//! (default command line: `selftest`). Exits with the guest's exit code, or 1 if it crashed.
+//! `splitvisor-boot [--vcpus N] [--mem MIB] [--kernel ELF] [--disk PATH[,ro][,size=MIB]]...
+//! [--timeout SECS] [CMDLINE...]` (default command line: `selftest`). Each `--disk` attaches a raw
+//! image (created sparse with `size=` if missing) as xvda, xvdb, ... Exits with the guest's exit
+//! code, or 1 if it crashed.
 
 use std::process::ExitCode;
 use std::time::Duration;
 
+use std::path::PathBuf;
+
+use dom0::disk::Disk;
+use dom0::vbd::Vbd;
 use hypervisor::{DomainConfig, DomainState, Hypervisor};
 
 fn usage() -> &'static str {
-    "usage: splitvisor-boot [--vcpus N] [--mem MIB] [--kernel ELF] [--timeout SECS] [CMDLINE...]"
+    "usage: splitvisor-boot [--vcpus N] [--mem MIB] [--kernel ELF] [--disk PATH[,ro][,size=MIB]]... [--timeout SECS] [CMDLINE...]"
 }
 
-fn parse() -> Result<(DomainConfig, Duration), String> {
+/// One `--disk PATH[,ro][,size=MIB]`.
+struct DiskArg {
+    path: PathBuf,
+    readonly: bool,
+    size_mib: Option<u64>,
+}
+
+fn parse_disk(spec: &str) -> Result<DiskArg, String> {
+    let mut parts = spec.split(',');
+    let path = parts
+        .next()
+        .filter(|p| !p.is_empty())
+        .ok_or("--disk needs a path")?;
+    let mut d = DiskArg {
+        path: PathBuf::from(path),
+        readonly: false,
+        size_mib: None,
+    };
+    for p in parts {
+        match p.split_once('=') {
+            None if p == "ro" => d.readonly = true,
+            None if p == "rw" => d.readonly = false,
+            Some(("size", v)) => {
+                d.size_mib = Some(
+                    v.trim_end_matches('M')
+                        .parse()
+                        .map_err(|e| format!("--disk size {v:?}: {e}"))?,
+                )
+            }
+            _ => return Err(format!("--disk: unknown option {p:?} (ro, rw, size=MIB)")),
+        }
+    }
+    Ok(d)
+}
+
+fn parse() -> Result<(DomainConfig, Duration, Vec<DiskArg>), String> {
     let mut cfg = DomainConfig {
         name: "boot".into(),
         echo_console: true,
         ..Default::default()
     };
     let mut timeout = Duration::from_secs(60);
+    let mut disks = Vec::new();
     let mut cmdline = Vec::new();
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -38,6 +80,7 @@ fn parse() -> Result<(DomainConfig, Duration), String> {
                 let path = value("--kernel")?;
                 cfg.kernel = Some(std::fs::read(&path).map_err(|e| format!("{path}: {e}"))?);
             }
+            "--disk" => disks.push(parse_disk(&value("--disk")?)?),
             "--timeout" => {
                 timeout = Duration::from_secs(
                     value("--timeout")?
@@ -55,7 +98,7 @@ fn parse() -> Result<(DomainConfig, Duration), String> {
     if !cmdline.is_empty() {
         cfg.cmdline = cmdline.join(" ");
     }
-    Ok((cfg, timeout))
+    Ok((cfg, timeout, disks))
 }
 
 fn error_chain(e: &dyn std::error::Error) -> String {
@@ -77,7 +120,7 @@ fn main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
-    let (cfg, timeout) = match parse() {
+    let (cfg, timeout, disks) = match parse() {
         Ok(v) => v,
         Err(e) => {
             eprintln!("splitvisor-boot: {e}");
@@ -106,6 +149,24 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    let mut vbds = Vec::new();
+    for (i, d) in disks.iter().enumerate() {
+        if let (Some(mib), false) = (d.size_mib, d.path.exists()) {
+            if let Err(e) = Disk::create_sparse(&d.path, mib << 20) {
+                eprintln!("splitvisor-boot: {}", error_chain(&e));
+                return ExitCode::from(2);
+            }
+        }
+        // Xen numbering: xvda = 51712, xvdb = 51728, ...
+        let devid = 51712 + 16 * i as u32;
+        match Vbd::attach(hv.store(), dom.shared(), devid, &d.path, d.readonly) {
+            Ok(v) => vbds.push(v),
+            Err(e) => {
+                eprintln!("splitvisor-boot: {}: {}", d.path.display(), error_chain(&e));
+                return ExitCode::from(2);
+            }
+        }
+    }
     let state = dom.wait(timeout);
     let state = if state.is_final() {
         state
