@@ -151,11 +151,10 @@ fn main() -> ExitCode {
     };
     let mut vbds = Vec::new();
     for (i, d) in disks.iter().enumerate() {
-        if let (Some(mib), false) = (d.size_mib, d.path.exists()) {
-            if let Err(e) = Disk::create_sparse(&d.path, mib << 20) {
-                eprintln!("splitvisor-boot: {}", error_chain(&e));
-                return ExitCode::from(2);
-            }
+        let create = d.size_mib.filter(|_| !d.path.exists());
+        if let Some(Err(e)) = create.map(|mib| Disk::create_sparse(&d.path, mib << 20)) {
+            eprintln!("splitvisor-boot: {}", error_chain(&e));
+            return ExitCode::from(2);
         }
         // Xen numbering: xvda = 51712, xvdb = 51728, ...
         let devid = 51712 + 16 * i as u32;
