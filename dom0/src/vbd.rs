@@ -88,7 +88,17 @@ impl Vbd {
         image: &Path,
         readonly: bool,
     ) -> Result<Self, VbdError> {
-        let disk = Disk::open(image, readonly)?;
+        Self::attach_disk(store, dom, devid, Disk::open(image, readonly)?)
+    }
+
+    /// As [`attach`](Self::attach), with a disk the caller opened (for example with `O_DIRECT`).
+    pub fn attach_disk(
+        store: &Arc<Store>,
+        dom: &Arc<DomainShared>,
+        devid: u32,
+        disk: Disk,
+    ) -> Result<Self, VbdError> {
+        let readonly = disk.readonly();
         let id = dom.id;
         let backend = format!("/local/domain/0/backend/vbd/{id}/{devid}");
         let frontend = format!("/local/domain/{id}/device/vbd/{devid}");

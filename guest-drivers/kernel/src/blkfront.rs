@@ -11,17 +11,20 @@ use crate::evtchn as ev;
 use crate::hcall::Cpu;
 use crate::store::{StoreFail, request};
 
-/// Grant ref of the ring page; data pages use the refs after it.
+/// Grant ref of the ring page.
 const RING_GREF: u32 = 8;
+/// Grant ref of the indirect-segment page.
+const INDIRECT_GREF: u32 = 9;
 /// First grant ref of the data pages.
 pub const DATA_GREF: u32 = 16;
-/// Data pages the front end owns (enough for the largest direct request, 11 pages).
-pub const DATA_PAGES: usize = 16;
+/// Data pages the front end owns: 1 MiB, one full indirect request.
+pub const DATA_PAGES: usize = 256;
 
 #[repr(C, align(4096))]
 struct Pages<const N: usize>([[u8; PAGE_SIZE]; N]);
 
 static mut RING_PAGE: Pages<1> = Pages([[0; PAGE_SIZE]; 1]);
+static mut INDIRECT_PAGE: Pages<1> = Pages([[0; PAGE_SIZE]; 1]);
 static mut DATA: Pages<DATA_PAGES> = Pages([[0; PAGE_SIZE]; DATA_PAGES]);
 
 /// A connected block device.
@@ -133,6 +136,7 @@ impl BlkFront {
         for i in 0..DATA_PAGES {
             crate::grant::grant(DATA_GREF + i as u32, 0, data_page(i) as u64, false);
         }
+        crate::grant::grant(INDIRECT_GREF, 0, (&raw mut INDIRECT_PAGE) as u64, true);
         // SAFETY: the ring page is a static, identity-mapped page this kernel shares only with
         // the back end, which (like us) accesses it only atomically.
         let region = unsafe { SharedRegion::from_raw(ring_addr as *mut u8, PAGE_SIZE) }
@@ -168,27 +172,101 @@ impl BlkFront {
 
     /// Issues one request and waits for its response.
     pub fn submit(&mut self, cpu: &Cpu, req: BlkRequest) -> BlkStatus {
-        let raw = req.to_raw();
-        if self.ring.push_request(&raw).is_err() {
+        if !self.push(req) {
             return BlkStatus::Error;
         }
+        self.kick();
+        self.wait_one(cpu).map_or(BlkStatus::Error, |(_, s)| s)
+    }
+
+    /// Queues a request without publishing it; `false` if the ring is full.
+    pub fn push(&mut self, req: BlkRequest) -> bool {
+        self.ring.push_request(&req.to_raw()).is_ok()
+    }
+
+    /// Publishes queued requests, ringing the doorbell only if the back end asked.
+    pub fn kick(&mut self) {
         if self.ring.commit_requests() {
             ev::doorbell(self.port);
         }
-        for _ in 0..10_000 {
-            match self.ring.take_response() {
-                Ok(Some(r)) => {
-                    return BlkResponse::parse(&r).map_or(BlkStatus::Error, |r| r.status);
+    }
+
+    /// Requests in flight.
+    pub fn in_flight(&self) -> u32 {
+        self.ring.in_flight()
+    }
+
+    /// A finished request: polls the ring for a while (no exits while the back end is busy),
+    /// then sleeps in `sched_op(poll)` once the event index is armed.
+    pub fn wait_one(&mut self, cpu: &Cpu) -> Option<(u64, BlkStatus)> {
+        for _ in 0..100_000 {
+            for _ in 0..2_000 {
+                match self.ring.take_response() {
+                    Ok(Some(r)) => {
+                        return BlkResponse::parse(&r).ok().map(|r| (r.id, r.status));
+                    }
+                    Ok(None) => core::hint::spin_loop(),
+                    Err(_) => return None,
                 }
-                Ok(None) => {}
-                Err(_) => return BlkStatus::Error,
             }
             if !self.ring.final_check_for_responses().unwrap_or(true) {
                 ev::poll(cpu, &[self.port], 100_000_000);
                 ev::clear_pending(self.port);
             }
         }
-        BlkStatus::Error
+        None
+    }
+
+    /// The next request id.
+    pub fn next_id(&mut self) -> u64 {
+        self.next_id += 1;
+        self.next_id
+    }
+
+    /// A read or write of data pages `first_page..first_page + pages` (whole pages) at `sector`
+    /// through the indirect page (up to 256 pages, 1 MiB).
+    pub fn rw_indirect(
+        &mut self,
+        cpu: &Cpu,
+        write: bool,
+        sector: u64,
+        first_page: usize,
+        pages: usize,
+    ) -> BlkStatus {
+        let pages = pages.min(DATA_PAGES - first_page.min(DATA_PAGES));
+        let mut segs = [BlkSegment::default(); DATA_PAGES];
+        for (i, s) in segs.iter_mut().take(pages).enumerate() {
+            *s = BlkSegment {
+                gref: GrantRef(DATA_GREF + (first_page + i) as u32),
+                first_sect: 0,
+                last_sect: 7,
+            };
+        }
+        // SAFETY: the indirect page is ours and the back end reads it only during a request;
+        // none is in flight while it is rewritten (requests through it are issued one at a time).
+        let page = unsafe { &mut *(&raw mut INDIRECT_PAGE).cast::<[u8; PAGE_SIZE]>() };
+        if pv_protocol::blkif::write_indirect_page(&segs[..pages], page).is_err() {
+            return BlkStatus::Error;
+        }
+        let id = self.next_id();
+        let mut grefs = pv_protocol::blkif::IndirectGrefs::new();
+        let _ = grefs.try_push(GrantRef(INDIRECT_GREF));
+        let op = if write {
+            pv_protocol::blkif::IndirectOp::Write
+        } else {
+            pv_protocol::blkif::IndirectOp::Read
+        };
+        self.submit(
+            cpu,
+            BlkRequest::Indirect {
+                id,
+                handle: 0,
+                op,
+                sector,
+                nr_segments: pages as u16,
+                pages: grefs,
+            },
+        )
     }
 
     /// A read or write of whole-or-partial data pages: `(page, first_sect, last_sect)` each.

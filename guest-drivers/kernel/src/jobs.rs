@@ -1055,3 +1055,93 @@ pub fn blkro(cpu: &Cpu) -> u32 {
     kprintln!(cpu, "blkro: {} passed, {} failed", c.passed, c.failed);
     c.failed
 }
+
+/// `blkbench [SECONDS]`: 4 KiB random reads at queue depth 32, then 1 MiB sequential reads and
+/// writes (one indirect request at a time), each for SECONDS; prints IOPS and MB/s.
+pub fn blkbench(cpu: &Cpu, si: &StartInfo, cmdline: &str) -> u32 {
+    use crate::blkfront::{BlkFront, DATA_GREF};
+    use pv_protocol::blkif::{BlkRequest, BlkSegment, BlkStatus, DirectSegments};
+    use pv_protocol::grant::GrantRef;
+    let secs = cmdline
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| parse_u32(s.as_bytes()))
+        .unwrap_or(5);
+    let mut disk = match BlkFront::connect(cpu, 500) {
+        Ok(d) => d,
+        Err(e) => {
+            kprintln!(cpu, "blkbench: {e}");
+            return 1;
+        }
+    };
+    let tsc_per_s = si.tsc_khz * 1000;
+    let budget = u64::from(secs) * tsc_per_s;
+    let pages_4k = disk.sectors / 8;
+    let mut seed = 0x2545_f491_4f6c_dd1du64;
+    let mut rand = move || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed
+    };
+
+    // 4 KiB random reads, 32 in flight; slot i uses data page i.
+    const QD: usize = 32;
+    let read4k = |disk: &mut BlkFront, page: usize, sector: u64| {
+        let id = disk.next_id() << 8 | page as u64;
+        let seg = BlkSegment {
+            gref: GrantRef(DATA_GREF + page as u32),
+            first_sect: 0,
+            last_sect: 7,
+        };
+        let segments = DirectSegments::from_slice(&[seg]).unwrap_or_default();
+        disk.push(BlkRequest::Read {
+            id,
+            handle: 0,
+            sector,
+            segments,
+        })
+    };
+    for page in 0..QD {
+        read4k(&mut disk, page, (rand() % pages_4k) * 8);
+    }
+    disk.kick();
+    let start = rdtsc();
+    let mut done = 0u64;
+    let mut errors = 0u64;
+    while rdtsc() - start < budget {
+        let Some((id, status)) = disk.wait_one(cpu) else {
+            errors += 1;
+            break;
+        };
+        done += 1;
+        errors += u64::from(status != BlkStatus::Okay);
+        read4k(&mut disk, (id & 0xff) as usize, (rand() % pages_4k) * 8);
+        disk.kick();
+    }
+    let elapsed = rdtsc() - start;
+    while disk.in_flight() > 0 {
+        if disk.wait_one(cpu).is_none() {
+            break;
+        }
+    }
+    let iops = done * tsc_per_s / elapsed.max(1);
+    kprintln!(cpu, "blkbench randread_4k_qd32_iops {iops} errors {errors}");
+
+    // 1 MiB sequential, one request at a time.
+    for (name, write) in [("seqread_1m_mbps", false), ("seqwrite_1m_mbps", true)] {
+        let span = disk.sectors / 2048;
+        let start = rdtsc();
+        let mut n = 0u64;
+        while rdtsc() - start < budget {
+            let sector = (n % span) * 2048;
+            if disk.rw_indirect(cpu, write, sector, 0, 256) != BlkStatus::Okay {
+                errors += 1;
+            }
+            n += 1;
+        }
+        let mbps = n * tsc_per_s / (rdtsc() - start).max(1);
+        kprintln!(cpu, "blkbench {name} {mbps} errors {errors}");
+    }
+    u32::from(errors > 0)
+}

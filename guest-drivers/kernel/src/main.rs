@@ -118,6 +118,7 @@ extern "C" fn kmain(start_info: u64, index: u64) -> ! {
         "blkverify" => jobs::blkverify(&cpu),
         "blkwrite" => jobs::blkwrite(&cpu),
         "blkro" => jobs::blkro(&cpu),
+        "blkbench" => jobs::blkbench(&cpu, si, cmdline),
         "crash" => jobs::crash(&cpu),
         other => {
             kprintln!(&cpu, "unknown job {other:?}");
