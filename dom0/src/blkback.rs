@@ -5,8 +5,9 @@
 //! I/O. A good request's segments are granted pages, mapped through the [`GrantMapper`] trait and
 //! handed to the kernel as an iovec: the disk reads into and writes from the guest's pages with
 //! no bounce copy. Flush is `fsync` (after the data, when a flush carries data), discard is a
-//! punched hole. Many requests go in flight at once and their completions are reaped in batches;
-//! responses are pushed in a batch and the front end is notified only when the event index asks.
+//! punched hole. New requests are submitted as soon as they are seen while earlier ones are in
+//! flight, completions are answered as they arrive, responses are published in batches, and the
+//! front end is notified only when the event index asks.
 
 use std::os::fd::AsRawFd;
 
@@ -73,6 +74,10 @@ pub struct BlkBack<'a, G: GrantMapper> {
     grants: G,
     uring: IoUring,
     stats: BlkStats,
+    /// Requests in flight, by slot (the slot index is the io_uring user data >> 1).
+    slots: Vec<Option<Inflight>>,
+    free: Vec<usize>,
+    in_flight: usize,
 }
 
 impl<G: GrantMapper> std::fmt::Debug for BlkBack<'_, G> {
@@ -104,6 +109,9 @@ impl<'a, G: GrantMapper> BlkBack<'a, G> {
             grants,
             uring,
             stats: BlkStats::default(),
+            slots: Vec::new(),
+            free: Vec::new(),
+            in_flight: 0,
         })
     }
 
@@ -117,41 +125,53 @@ impl<'a, G: GrantMapper> BlkBack<'a, G> {
         &self.disk
     }
 
-    /// Serves every request on the ring now; returns whether the front end must be notified.
+    /// Serves the ring until it is idle: new requests are submitted as soon as they are seen,
+    /// completions are answered as they arrive (so the disk queue stays full), and responses
+    /// are published in batches. Returns with nothing in flight; the caller then re-arms the
+    /// event index ([`final_check`](Self::final_check)) and sleeps.
     pub fn process(&mut self) -> Result<bool, BlkBackError> {
-        let mut batch: Vec<Inflight> = Vec::new();
-        let mut answers: Vec<BlkResponse> = Vec::new();
-        while let Some(raw) = self.ring.take_request()? {
-            match self.prepare(&raw) {
-                Ok(inflight) => batch.push(inflight),
-                Err(Refused(status, why)) => {
-                    tracing::warn!(
-                        domid = self.domid,
-                        id = raw.id(),
-                        op = raw.operation,
-                        "block request refused: {why}"
-                    );
-                    answers.push(BlkResponse {
-                        id: raw.id(),
-                        operation: raw.operation,
-                        status,
-                    });
+        let mut notify = false;
+        loop {
+            let mut answers: Vec<BlkResponse> = Vec::new();
+            let mut submitted = 0;
+            // Take requests while the submission queue has room for their entries (<= 2 each).
+            while self.sq_room() >= 2 {
+                let Some(raw) = self.ring.take_request()? else {
+                    break;
+                };
+                match self.prepare(&raw) {
+                    Ok(inflight) => {
+                        self.submit(inflight)?;
+                        submitted += 1;
+                    }
+                    Err(Refused(status, why)) => {
+                        tracing::warn!(domid = self.domid, id = raw.id(), op = raw.operation,
+                            "block request refused: {why}");
+                        answers.push(BlkResponse { id: raw.id(), operation: raw.operation, status });
+                    }
                 }
             }
-            if batch.len() * 2 + 2 > URING_DEPTH as usize {
-                self.run(&mut batch, &mut answers)?;
+            if submitted > 0 {
+                self.uring.submit().map_err(BlkBackError::Uring)?;
+            }
+            // Wait for a completion only when there is nothing else to do.
+            if answers.is_empty() && submitted == 0 && self.in_flight > 0 {
+                self.uring.submit_and_wait(1).map_err(BlkBackError::Uring)?;
+            }
+            self.reap(&mut answers);
+            for a in &answers {
+                match a.status {
+                    BlkStatus::Okay => self.stats.ok += 1,
+                    BlkStatus::Error => self.stats.errors += 1,
+                    BlkStatus::NotSupported => self.stats.unsupported += 1,
+                }
+                self.ring.push_response(&a.to_raw())?;
+            }
+            notify |= self.ring.commit_responses();
+            if self.in_flight == 0 && !self.ring.has_unconsumed_requests()? {
+                return Ok(notify);
             }
         }
-        self.run(&mut batch, &mut answers)?;
-        for a in &answers {
-            match a.status {
-                BlkStatus::Okay => self.stats.ok += 1,
-                BlkStatus::Error => self.stats.errors += 1,
-                BlkStatus::NotSupported => self.stats.unsupported += 1,
-            }
-            self.ring.push_response(&a.to_raw())?;
-        }
-        Ok(self.ring.commit_responses())
     }
 
     /// Before sleeping: re-arms the request event; `true` means more requests arrived.
@@ -159,63 +179,58 @@ impl<'a, G: GrantMapper> BlkBack<'a, G> {
         Ok(self.ring.final_check_for_requests()?)
     }
 
-    /// Submits the batch, waits for all of it, and turns completions into responses.
-    fn run(
-        &mut self,
-        batch: &mut Vec<Inflight>,
-        answers: &mut Vec<BlkResponse>,
-    ) -> Result<(), BlkBackError> {
-        if batch.is_empty() {
-            return Ok(());
-        }
-        let fd = types::Fd(self.disk.file().as_raw_fd());
-        let mut wanted = 0;
-        {
-            let mut sq = self.uring.submission();
-            for (i, r) in batch.iter().enumerate() {
-                for e in sqes_for(r, fd, i as u64) {
-                    // SAFETY: the iovecs and pages each entry points to live in `batch`, which is
-                    // kept until every completion below has been reaped.
-                    unsafe { sq.push(&e) }.map_err(|_| {
-                        BlkBackError::Uring(std::io::Error::other("submission queue full"))
-                    })?;
-                    wanted += 1;
-                }
+    fn sq_room(&mut self) -> usize {
+        let sq = self.uring.submission();
+        sq.capacity() - sq.len()
+    }
+
+    /// Queues the entries of one request (submitted by the caller's next `submit`).
+    fn submit(&mut self, r: Inflight) -> Result<(), BlkBackError> {
+        let slot = match self.free.pop() {
+            Some(i) => i,
+            None => {
+                self.slots.push(None);
+                self.slots.len() - 1
             }
+        };
+        let fd = types::Fd(self.disk.file().as_raw_fd());
+        let entries = sqes_for(&r, fd, slot as u64);
+        self.slots[slot] = Some(r);
+        self.in_flight += 1;
+        let mut sq = self.uring.submission();
+        for e in entries {
+            // SAFETY: the iovecs and pages the entry points to live in `self.slots[slot]` until
+            // its last completion has been reaped (`reap` frees the slot only then).
+            unsafe { sq.push(&e) }
+                .map_err(|_| BlkBackError::Uring(std::io::Error::other("submission queue full")))?;
         }
-        self.uring
-            .submit_and_wait(wanted)
-            .map_err(BlkBackError::Uring)?;
-        let mut reaped = 0;
-        while reaped < wanted {
-            let done: Vec<(u64, i32)> = self
-                .uring
-                .completion()
-                .map(|c| (c.user_data(), c.result()))
-                .collect();
-            if done.is_empty() {
-                self.uring.submit_and_wait(1).map_err(BlkBackError::Uring)?;
+        Ok(())
+    }
+
+    /// Turns every completion that is ready into a response for finished requests.
+    fn reap(&mut self, answers: &mut Vec<BlkResponse>) {
+        let done: Vec<(u64, i32)> = self.uring.completion().map(|c| (c.user_data(), c.result())).collect();
+        for (ud, res) in done {
+            let slot = (ud >> 1) as usize;
+            let Some(r) = self.slots.get_mut(slot).and_then(Option::as_mut) else {
+                continue;
+            };
+            r.sqes -= 1;
+            let is_data = ud & 1 == 0;
+            if res < 0 || (is_data && r.expect > 0 && i64::from(res) != r.expect) {
+                if !r.failed {
+                    tracing::warn!(domid = self.domid, id = r.id, "disk I/O failed: result {res}");
+                }
+                r.failed = true;
+            }
+            if r.sqes > 0 {
                 continue;
             }
-            for (ud, res) in done {
-                reaped += 1;
-                let r = &mut batch[(ud >> 1) as usize];
-                r.sqes -= 1;
-                let is_data = ud & 1 == 0;
-                if res < 0 || (is_data && r.expect > 0 && i64::from(res) != r.expect) {
-                    if !r.failed {
-                        tracing::warn!(
-                            domid = self.domid,
-                            id = r.id,
-                            "disk I/O failed: result {res}"
-                        );
-                    }
-                    r.failed = true;
-                }
-            }
-        }
-        for r in batch.drain(..) {
-            debug_assert_eq!(r.sqes, 0);
+            let Some(r) = self.slots[slot].take() else {
+                continue;
+            };
+            self.free.push(slot);
+            self.in_flight -= 1;
             if !r.failed {
                 if r.write {
                     self.stats.written_bytes += r.expect.max(0) as u64;
@@ -226,14 +241,9 @@ impl<'a, G: GrantMapper> BlkBack<'a, G> {
             answers.push(BlkResponse {
                 id: r.id,
                 operation: r.op,
-                status: if r.failed {
-                    BlkStatus::Error
-                } else {
-                    BlkStatus::Okay
-                },
+                status: if r.failed { BlkStatus::Error } else { BlkStatus::Okay },
             });
         }
-        Ok(())
     }
 
     fn prepare(&mut self, raw: &BlkifRequestRaw) -> Result<Inflight, Refused> {
