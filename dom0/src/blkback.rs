@@ -145,9 +145,17 @@ impl<'a, G: GrantMapper> BlkBack<'a, G> {
                         submitted += 1;
                     }
                     Err(Refused(status, why)) => {
-                        tracing::warn!(domid = self.domid, id = raw.id(), op = raw.operation,
-                            "block request refused: {why}");
-                        answers.push(BlkResponse { id: raw.id(), operation: raw.operation, status });
+                        tracing::warn!(
+                            domid = self.domid,
+                            id = raw.id(),
+                            op = raw.operation,
+                            "block request refused: {why}"
+                        );
+                        answers.push(BlkResponse {
+                            id: raw.id(),
+                            operation: raw.operation,
+                            status,
+                        });
                     }
                 }
             }
@@ -209,7 +217,11 @@ impl<'a, G: GrantMapper> BlkBack<'a, G> {
 
     /// Turns every completion that is ready into a response for finished requests.
     fn reap(&mut self, answers: &mut Vec<BlkResponse>) {
-        let done: Vec<(u64, i32)> = self.uring.completion().map(|c| (c.user_data(), c.result())).collect();
+        let done: Vec<(u64, i32)> = self
+            .uring
+            .completion()
+            .map(|c| (c.user_data(), c.result()))
+            .collect();
         for (ud, res) in done {
             let slot = (ud >> 1) as usize;
             let Some(r) = self.slots.get_mut(slot).and_then(Option::as_mut) else {
@@ -219,7 +231,11 @@ impl<'a, G: GrantMapper> BlkBack<'a, G> {
             let is_data = ud & 1 == 0;
             if res < 0 || (is_data && r.expect > 0 && i64::from(res) != r.expect) {
                 if !r.failed {
-                    tracing::warn!(domid = self.domid, id = r.id, "disk I/O failed: result {res}");
+                    tracing::warn!(
+                        domid = self.domid,
+                        id = r.id,
+                        "disk I/O failed: result {res}"
+                    );
                 }
                 r.failed = true;
             }
@@ -241,7 +257,11 @@ impl<'a, G: GrantMapper> BlkBack<'a, G> {
             answers.push(BlkResponse {
                 id: r.id,
                 operation: r.op,
-                status: if r.failed { BlkStatus::Error } else { BlkStatus::Okay },
+                status: if r.failed {
+                    BlkStatus::Error
+                } else {
+                    BlkStatus::Okay
+                },
             });
         }
     }
