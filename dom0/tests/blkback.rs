@@ -95,23 +95,14 @@ fn seg(gref: u32, first: u8, last: u8) -> BlkSegment {
 }
 
 fn rw(write: bool, id: u64, sector: u64, segs: &[BlkSegment]) -> BlkifRequestRaw {
-    let segments = DirectSegments::from_slice(segs).unwrap();
-    let r = if write {
-        BlkRequest::Write {
-            id,
-            handle: 0,
-            sector,
-            segments,
-        }
-    } else {
-        BlkRequest::Read {
-            id,
-            handle: 0,
-            sector,
-            segments,
-        }
-    };
-    r.to_raw()
+    BlkRequest::data(
+        write,
+        id,
+        0,
+        sector,
+        DirectSegments::from_slice(segs).unwrap(),
+    )
+    .to_raw()
 }
 
 fn statuses(front: &mut MockFrontEnd<'_, BlkRing>) -> Vec<(u64, BlkStatus)> {

@@ -662,6 +662,31 @@ impl BlkRequest {
         }
     }
 
+    /// A read (`write == false`) or write of `segments` at `sector`.
+    pub const fn data(
+        write: bool,
+        id: u64,
+        handle: u16,
+        sector: u64,
+        segments: DirectSegments,
+    ) -> Self {
+        if write {
+            Self::Write {
+                id,
+                handle,
+                sector,
+                segments,
+            }
+        } else {
+            Self::Read {
+                id,
+                handle,
+                sector,
+                segments,
+            }
+        }
+    }
+
     /// The request id.
     pub const fn id(&self) -> u64 {
         match self {

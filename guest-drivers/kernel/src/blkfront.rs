@@ -288,30 +288,14 @@ impl BlkFront {
                 return BlkStatus::Error;
             }
         }
-        let id = self.next_id;
-        self.next_id += 1;
-        let req = if write {
-            BlkRequest::Write {
-                id,
-                handle: 0,
-                sector,
-                segments,
-            }
-        } else {
-            BlkRequest::Read {
-                id,
-                handle: 0,
-                sector,
-                segments,
-            }
-        };
+        let id = self.next_id();
+        let req = BlkRequest::data(write, id, 0, sector, segments);
         self.submit(cpu, req)
     }
 
     /// Flushes the disk cache.
     pub fn flush(&mut self, cpu: &Cpu) -> BlkStatus {
-        let id = self.next_id;
-        self.next_id += 1;
+        let id = self.next_id();
         self.submit(
             cpu,
             BlkRequest::Flush {
@@ -325,8 +309,7 @@ impl BlkFront {
 
     /// Discards `nr_sectors` at `sector`.
     pub fn discard(&mut self, cpu: &Cpu, sector: u64, nr_sectors: u64) -> BlkStatus {
-        let id = self.next_id;
-        self.next_id += 1;
+        let id = self.next_id();
         self.submit(
             cpu,
             BlkRequest::Discard {

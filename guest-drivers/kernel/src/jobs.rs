@@ -893,6 +893,14 @@ fn heap_checks(c: &mut Checks<'_>) {
 
 use pv_protocol::blkif::{VERIFY_REGIONS as BLKVERIFY_REGIONS, VerifySeg as Seg};
 
+/// Connects to the first disk (waiting up to about 5 s for the toolstack to attach it), or
+/// prints why not.
+fn connect_disk(cpu: &Cpu) -> Option<crate::blkfront::BlkFront> {
+    crate::blkfront::BlkFront::connect(cpu, 500)
+        .map_err(|e| kprintln!(cpu, "FAIL blk-connect: {e}"))
+        .ok()
+}
+
 fn fill_region(sector: u64, segs: &[Seg], pattern: bool) {
     let mut off = sector * 512;
     for &(page, first, last) in segs {
@@ -940,12 +948,8 @@ pub fn blkverify(cpu: &Cpu) -> u32 {
         passed: 0,
         failed: 0,
     };
-    let mut disk = match crate::blkfront::BlkFront::connect(cpu, 500) {
-        Ok(d) => d,
-        Err(e) => {
-            kprintln!(cpu, "FAIL blk-connect: {e}");
-            return 1;
-        }
+    let Some(mut disk) = connect_disk(cpu) else {
+        return 1;
     };
     c.check("blk-connect", true, format_args!(""));
     kprintln!(cpu, "blkverify: disk of {} sectors", disk.sectors);
@@ -989,12 +993,8 @@ pub fn blkverify(cpu: &Cpu) -> u32 {
 /// sleeps forever: the durability test kills the whole VMM process at that point.
 pub fn blkwrite(cpu: &Cpu) -> u32 {
     use pv_protocol::blkif::BlkStatus;
-    let mut disk = match crate::blkfront::BlkFront::connect(cpu, 500) {
-        Ok(d) => d,
-        Err(e) => {
-            kprintln!(cpu, "blkwrite: {e}");
-            return 1;
-        }
+    let Some(mut disk) = connect_disk(cpu) else {
+        return 1;
     };
     for (i, &(sector, segs)) in BLKVERIFY_REGIONS.iter().enumerate() {
         if i == 2 {
@@ -1025,12 +1025,8 @@ pub fn blkro(cpu: &Cpu) -> u32 {
         passed: 0,
         failed: 0,
     };
-    let mut disk = match crate::blkfront::BlkFront::connect(cpu, 500) {
-        Ok(d) => d,
-        Err(e) => {
-            kprintln!(cpu, "FAIL blk-connect: {e}");
-            return 1;
-        }
+    let Some(mut disk) = connect_disk(cpu) else {
+        return 1;
     };
     let (sector, segs) = BLKVERIFY_REGIONS[1];
     fill_region(sector, segs, false);
@@ -1067,12 +1063,8 @@ pub fn blkbench(cpu: &Cpu, si: &StartInfo, cmdline: &str) -> u32 {
         .nth(1)
         .and_then(|s| parse_u32(s.as_bytes()))
         .unwrap_or(5);
-    let mut disk = match BlkFront::connect(cpu, 500) {
-        Ok(d) => d,
-        Err(e) => {
-            kprintln!(cpu, "blkbench: {e}");
-            return 1;
-        }
+    let Some(mut disk) = connect_disk(cpu) else {
+        return 1;
     };
     let tsc_per_s = si.tsc_khz * 1000;
     let budget = u64::from(secs) * tsc_per_s;
