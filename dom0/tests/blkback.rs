@@ -343,3 +343,50 @@ fn a_read_only_disk_refuses_writes_flushes_and_discards() {
     );
     assert!(std::fs::read(&fx.img).unwrap().iter().all(|&x| x == 0));
 }
+
+#[test]
+fn a_hostile_ring_dies_alone_while_a_good_one_keeps_being_served() {
+    let fx = Fixture::new("two", 1);
+    let fx2 = Fixture::new("two-b", 1);
+    let mut good_grants = MemGrants::default();
+    let page_a = good_grants.grant(1, false);
+    with_page(&page_a, |pg| pg.fill(0x42));
+    let mut bad_grants = MemGrants::default();
+    bad_grants.grant(1, false);
+    let (mut good_mem, mut bad_mem) = (RingMemory::new(1), RingMemory::new(1));
+    let (good_region, bad_region) = (good_mem.region(), bad_mem.region());
+    let mut good_front = MockFrontEnd::<BlkRing>::new(good_region, 1).unwrap();
+    let bad_front = MockFrontEnd::<BlkRing>::new(bad_region, 1).unwrap();
+    let mut good = BlkBack::new(
+        2,
+        BackRing::attach(good_region, 1).unwrap(),
+        Disk::open(&fx.img, false).unwrap(),
+        good_grants,
+    )
+    .unwrap();
+    let mut bad = BlkBack::new(
+        3,
+        BackRing::attach(bad_region, 1).unwrap(),
+        Disk::open(&fx2.img, false).unwrap(),
+        bad_grants,
+    )
+    .unwrap();
+    // The hostile front end publishes garbage requests and then a runaway index.
+    let mut garbage = rw(true, 1, 0, &[seg(1, 0, 7)]);
+    garbage.operation = 0xff;
+    bad_front.scribble_slot(0, zerocopy::IntoBytes::as_bytes(&garbage));
+    bad_front.scribble_req_prod(1000);
+    assert!(matches!(bad.process(), Err(BlkBackError::Ring(_))));
+    // The good one is untouched.
+    good_front
+        .submit(&[rw(true, 9, 16, &[seg(1, 0, 7)])])
+        .unwrap();
+    good.process().unwrap();
+    assert_eq!(statuses(&mut good_front), [(9, BlkStatus::Okay)]);
+    let file = std::fs::read(&fx.img).unwrap();
+    assert!(file[16 * 512..24 * 512].iter().all(|&x| x == 0x42));
+    assert!(
+        std::fs::read(&fx2.img).unwrap().iter().all(|&x| x == 0),
+        "nothing written for the hostile one"
+    );
+}
