@@ -1,6 +1,7 @@
 //! What a back-end needs from the grant system: a granted page it can hand to the kernel for I/O.
 
 use std::any::Any;
+use std::collections::HashMap;
 use std::ptr::NonNull;
 use std::sync::Arc;
 
@@ -63,34 +64,79 @@ pub trait GrantMapper: Send {
 }
 
 /// The real thing: grants of a live domain, through the hypervisor's checked grant table.
-#[derive(Debug, Clone)]
+///
+/// With `persistent` (Xen's `feature-persistent`, when both ends offer it) a grant stays mapped
+/// after its first use and is reused by later requests, saving a map and an unmap per segment;
+/// the front end agrees not to revoke such grants while connected (and cannot: they stay
+/// claimed). Mappings are released when this value is dropped, at disconnect.
+#[derive(Debug)]
 pub struct DomainGrants {
     dom: Arc<hypervisor::DomainShared>,
+    persistent: Option<std::sync::Mutex<HashMap<u32, Arc<hypervisor::grant::PinnedGrant>>>>,
 }
 
 impl DomainGrants {
-    /// Grants of `dom`, mapped for dom0.
+    /// Grants of `dom`, mapped for dom0 per request.
     pub fn new(dom: Arc<hypervisor::DomainShared>) -> Self {
-        Self { dom }
+        Self {
+            dom,
+            persistent: None,
+        }
+    }
+
+    /// Grants of `dom`, kept mapped after first use (writable unless the grant is read-only).
+    pub fn persistent(dom: Arc<hypervisor::DomainShared>) -> Self {
+        Self {
+            dom,
+            persistent: Some(std::sync::Mutex::default()),
+        }
+    }
+
+    fn pin(
+        &self,
+        gref: GrantRef,
+        writable: bool,
+    ) -> Result<Arc<hypervisor::grant::PinnedGrant>, GrantFailure> {
+        let fail = |e: hypervisor::grant::GrantError| GrantFailure {
+            gref: gref.0,
+            reason: e.to_string(),
+        };
+        let Some(cache) = &self.persistent else {
+            return hypervisor::grant::map(&self.dom, gref, 0, !writable)
+                .and_then(|m| m.pin())
+                .map(Arc::new)
+                .map_err(fail);
+        };
+        let mut cache = cache.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(hit) = cache.get(&gref.0) {
+            if writable && !hit.mapping().writable() {
+                return Err(fail(hypervisor::grant::GrantError::ReadOnly(gref.0)));
+            }
+            return Ok(Arc::clone(hit));
+        }
+        // Map writable when the grant allows it (so later writes reuse it too), else read-only.
+        let mapped = match hypervisor::grant::map(&self.dom, gref, 0, false) {
+            Err(hypervisor::grant::GrantError::ReadOnly(_)) if !writable => {
+                hypervisor::grant::map(&self.dom, gref, 0, true)
+            }
+            other => other,
+        };
+        let pinned = Arc::new(mapped.and_then(|m| m.pin()).map_err(fail)?);
+        cache.insert(gref.0, Arc::clone(&pinned));
+        Ok(pinned)
     }
 }
 
 impl GrantMapper for DomainGrants {
     fn map(&self, gref: GrantRef, device_writes: bool) -> Result<MappedPage, GrantFailure> {
-        let fail = |e: hypervisor::grant::GrantError| GrantFailure {
-            gref: gref.0,
-            reason: e.to_string(),
-        };
-        let pinned = hypervisor::grant::map(&self.dom, gref, 0, !device_writes)
-            .and_then(|m| m.pin())
-            .map_err(fail)?;
+        let pinned = self.pin(gref, device_writes)?;
         let ptr = NonNull::new(pinned.host_addr()).ok_or(GrantFailure {
             gref: gref.0,
             reason: "null page".into(),
         })?;
         // SAFETY: `PinnedGrant` keeps the domain's memory alive and the grant claimed (the guest
-        // cannot revoke it) for as long as it lives, and it was mapped writable when the device
-        // writes.
+        // cannot revoke it) for as long as it lives (the Arc held by the page), and it was mapped
+        // writable when the device writes (checked against the cached mapping above).
         Ok(unsafe { MappedPage::new(ptr, Box::new(pinned)) })
     }
 }

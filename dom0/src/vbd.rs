@@ -129,6 +129,11 @@ impl Vbd {
         w(store, &format!("{backend}/{}", keys::FEATURE_DISCARD), "1")?;
         w(
             store,
+            &format!("{backend}/{}", keys::FEATURE_PERSISTENT),
+            "1",
+        )?;
+        w(
+            store,
             &format!("{backend}/{}", keys::FEATURE_MAX_INDIRECT_SEGMENTS),
             &MAX_INDIRECT_SEGMENTS.to_string(),
         )?;
@@ -284,7 +289,15 @@ fn serve(
             return;
         }
     };
-    let mut back = match BlkBack::new(id, ring, disk, DomainGrants::new(Arc::clone(dom))) {
+    // Persistent grants when the front end offers them too (we always do).
+    let persistent =
+        read_u32(store, &format!("{frontend}/{}", keys::FEATURE_PERSISTENT)) == Some(1);
+    let grants = if persistent {
+        DomainGrants::persistent(Arc::clone(dom))
+    } else {
+        DomainGrants::new(Arc::clone(dom))
+    };
+    let mut back = match BlkBack::new(id, ring, disk, grants) {
         Ok(b) => b,
         Err(e) => {
             tracing::error!(domid = id, "{frontend}: {e}");

@@ -152,6 +152,8 @@ impl BlkFront {
         w(cpu, b"ring-ref", fmt_u32(&mut v, RING_GREF)).map_err(|_| "write ring-ref")?;
         w(cpu, b"event-channel", fmt_u32(&mut v, port)).map_err(|_| "write event-channel")?;
         w(cpu, b"protocol", b"x86_64-abi").map_err(|_| "write protocol")?;
+        // Our data pages are granted for good: let the back end keep them mapped.
+        w(cpu, b"feature-persistent", b"1").map_err(|_| "write feature-persistent")?;
         w(cpu, b"state", b"3").map_err(|_| "write state")?;
         let mut waited = 0;
         while state_of(cpu, be) != Some(4) {

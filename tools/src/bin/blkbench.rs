@@ -57,12 +57,21 @@ fn fio(image: &Path, seconds: u32, rw: &str, bs: &str, depth: u32) -> Result<f64
     value.ok_or_else(|| "fio reported no figure".to_string())
 }
 
+/// The guest's figure for `key`; refuses a case that had I/O errors.
 fn guest_value(text: &str, key: &str) -> Result<f64, String> {
-    text.lines()
+    let line = text
+        .lines()
         .find_map(|l| l.strip_prefix(&format!("blkbench {key} ")))
-        .and_then(|v| v.split_whitespace().next())
+        .ok_or_else(|| format!("guest printed no {key}:\n{text}"))?;
+    let mut words = line.split_whitespace();
+    let value: f64 = words
+        .next()
         .and_then(|v| v.parse().ok())
-        .ok_or_else(|| format!("guest printed no {key}:\n{text}"))
+        .ok_or_else(|| format!("bad {key} line {line:?}"))?;
+    if words.next() == Some("errors") && words.next() != Some("0") {
+        return Err(format!("the guest saw I/O errors in {key}: {line:?}"));
+    }
+    Ok(value)
 }
 
 fn prepare(image: &Path) -> Result<(), String> {
