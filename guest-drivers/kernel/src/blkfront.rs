@@ -219,6 +219,12 @@ impl BlkFront {
         None
     }
 
+    /// A finished request, if one is there now (no waiting).
+    pub fn try_one(&mut self) -> Option<(u64, BlkStatus)> {
+        let r = self.ring.take_response().ok().flatten()?;
+        BlkResponse::parse(&r).ok().map(|r| (r.id, r.status))
+    }
+
     /// The next request id.
     pub fn next_id(&mut self) -> u64 {
         self.next_id += 1;

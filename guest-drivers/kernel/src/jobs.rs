@@ -1102,13 +1102,18 @@ pub fn blkbench(cpu: &Cpu, si: &StartInfo, cmdline: &str) -> u32 {
     let mut done = 0u64;
     let mut errors = 0u64;
     while rdtsc() - start < budget {
-        let Some((id, status)) = disk.wait_one(cpu) else {
+        let Some(first) = disk.wait_one(cpu) else {
             errors += 1;
             break;
         };
-        done += 1;
-        errors += u64::from(status != BlkStatus::Okay);
-        read4k(&mut disk, (id & 0xff) as usize, (rand() % pages_4k) * 8);
+        // Re-issue every request that finished, then publish them together.
+        let mut next = Some(first);
+        while let Some((id, status)) = next {
+            done += 1;
+            errors += u64::from(status != BlkStatus::Okay);
+            read4k(&mut disk, (id & 0xff) as usize, (rand() % pages_4k) * 8);
+            next = disk.try_one();
+        }
         disk.kick();
     }
     let elapsed = rdtsc() - start;
