@@ -220,6 +220,48 @@ impl Drop for Vbd {
     }
 }
 
+/// Maps the front end's ring: `ring-ref` (one page) or, with `ring-page-order` = k,
+/// `ring-ref0` .. `ring-ref{2^k - 1}`. The pages must be contiguous in guest memory (so they
+/// are in the host mapping too); a front end that grants scattered pages is refused.
+fn map_ring(
+    store: &Store,
+    dom: &Arc<DomainShared>,
+    frontend: &str,
+) -> Result<Vec<hypervisor::grant::PinnedGrant>, String> {
+    let order = read_u32(store, &format!("{frontend}/{}", keys::RING_PAGE_ORDER)).unwrap_or(0);
+    if order > MAX_RING_PAGE_ORDER {
+        return Err(format!("ring-page-order {order} > {MAX_RING_PAGE_ORDER}"));
+    }
+    let refs: Vec<u32> = if order == 0 {
+        vec![read_u32(store, &format!("{frontend}/{}", keys::RING_REF)).ok_or("no ring-ref")?]
+    } else {
+        (0..1u32 << order)
+            .map(|i| read_u32(store, &format!("{frontend}/{}{i}", keys::RING_REF)))
+            .collect::<Option<_>>()
+            .ok_or("missing ring-refN")?
+    };
+    let mut pages = Vec::with_capacity(refs.len());
+    for (i, r) in refs.iter().enumerate() {
+        let p = hypervisor::grant::map(dom, GrantRef(*r), 0, false)
+            .and_then(|m| m.pin())
+            .map_err(|e| format!("ring grant {r}: {e}"))?;
+        let base = pages.first().map_or(
+            p.host_addr() as usize,
+            |f: &hypervisor::grant::PinnedGrant| f.host_addr() as usize,
+        );
+        if p.host_addr() as usize != base + i * PAGE_SIZE {
+            return Err(format!(
+                "ring page {i} (ref {r}) is not contiguous with the first"
+            ));
+        }
+        pages.push(p);
+    }
+    Ok(pages)
+}
+
+/// Largest `ring-page-order` accepted (16 pages).
+pub const MAX_RING_PAGE_ORDER: u32 = 4;
+
 /// The back-end thread: handshake, then serve until stopped or closed.
 fn serve(
     store: &Store,
@@ -246,37 +288,36 @@ fn serve(
         }
         std::thread::sleep(Duration::from_millis(5));
     }
-    let (Some(ring_ref), Some(port)) = (
-        read_u32(store, &format!("{frontend}/{}", keys::RING_REF)),
-        read_u32(store, &format!("{frontend}/{}", keys::EVENT_CHANNEL)),
-    ) else {
+    let Some(port) = read_u32(store, &format!("{frontend}/{}", keys::EVENT_CHANNEL)) else {
         dom.guest_fault(
             "vbd-handshake",
-            format_args!("{frontend}: no ring-ref or event-channel"),
+            format_args!("{frontend}: no event-channel"),
         );
         set_state(state::CLOSED);
         return;
     };
-    let ring_page =
-        match hypervisor::grant::map(dom, GrantRef(ring_ref), 0, false).and_then(|m| m.pin()) {
-            Ok(p) => p,
-            Err(e) => {
-                dom.guest_fault("vbd-handshake", format_args!("{frontend}: ring grant: {e}"));
-                set_state(state::CLOSED);
-                return;
-            }
-        };
-    // SAFETY: the pinned grant keeps the ring page mapped and claimed for as long as `ring_page`
-    // lives, which outlives the ring endpoint and the back end below (dropped first).
-    let region = match unsafe { SharedRegion::from_raw(ring_page.host_addr(), PAGE_SIZE) } {
-        Ok(r) => r,
-        Err(_) => {
+    let ring_pages = match map_ring(store, dom, frontend) {
+        Ok(p) => p,
+        Err(why) => {
+            dom.guest_fault("vbd-handshake", format_args!("{frontend}: {why}"));
             set_state(state::CLOSED);
             return;
         }
     };
+    let pages = ring_pages.len();
+    // SAFETY: the pinned grants keep the ring pages mapped and claimed for as long as
+    // `ring_pages` lives, which outlives the ring endpoint and the back end below (dropped
+    // first); `map_ring` checked that they are contiguous in host memory.
+    let region =
+        match unsafe { SharedRegion::from_raw(ring_pages[0].host_addr(), pages * PAGE_SIZE) } {
+            Ok(r) => r,
+            Err(_) => {
+                set_state(state::CLOSED);
+                return;
+            }
+        };
     let (ring, hp) = match (
-        BackRing::<BlkRing>::attach(region, 1),
+        BackRing::<BlkRing>::attach(region, pages),
         HostPort::bind(dom, port),
     ) {
         (Ok(r), Ok(h)) => (r, h),
@@ -339,6 +380,6 @@ fn serve(
     // Tear down in order: stop serving, unbind, unmap, Closed.
     drop(back);
     drop(hp);
-    drop(ring_page);
+    drop(ring_pages);
     set_state(state::CLOSED);
 }

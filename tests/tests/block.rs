@@ -39,6 +39,12 @@ fn blkverify_passes_and_the_image_holds_exactly_what_the_guest_wrote() {
         Some(4),
         "the front end reached Connected"
     );
+    // blkverify connects with a 4-page ring (ring-page-order 2).
+    let order = format!(
+        "/local/domain/{}/device/vbd/51712/ring-page-order",
+        dom.id()
+    );
+    assert_eq!(hv.store().read(0, 0, &order).unwrap(), b"2");
     drop(dom);
     // The back end notices the domain's end, releases everything and says Closed.
     let t = std::time::Instant::now();

@@ -11,8 +11,10 @@ use crate::evtchn as ev;
 use crate::hcall::Cpu;
 use crate::store::{StoreFail, request};
 
-/// Grant ref of the ring page.
-const RING_GREF: u32 = 8;
+/// Grant ref of the first ring page (a multi-page ring uses the following refs too).
+const RING_GREF: u32 = 10;
+/// Most ring pages (ring-page-order 2).
+pub const MAX_RING_PAGES: usize = 4;
 /// Grant ref of the indirect-segment page.
 const INDIRECT_GREF: u32 = 9;
 /// First grant ref of the data pages.
@@ -23,7 +25,7 @@ pub const DATA_PAGES: usize = 256;
 #[repr(C, align(4096))]
 struct Pages<const N: usize>([[u8; PAGE_SIZE]; N]);
 
-static mut RING_PAGE: Pages<1> = Pages([[0; PAGE_SIZE]; 1]);
+static mut RING_PAGE: Pages<MAX_RING_PAGES> = Pages([[0; PAGE_SIZE]; MAX_RING_PAGES]);
 static mut INDIRECT_PAGE: Pages<1> = Pages([[0; PAGE_SIZE]; 1]);
 static mut DATA: Pages<DATA_PAGES> = Pages([[0; PAGE_SIZE]; DATA_PAGES]);
 
@@ -81,8 +83,10 @@ pub fn data_page(i: usize) -> *mut u8 {
 }
 
 impl BlkFront {
-    /// Waits (about `tries` x 10 ms) for a disk in the store, then connects to it.
-    pub fn connect(cpu: &Cpu, tries: u32) -> Result<Self, &'static str> {
+    /// Waits (about `tries` x 10 ms) for a disk in the store, then connects to it with a ring of
+    /// `2^order` pages (`order` <= 2; 0 uses the single-page `ring-ref` form).
+    pub fn connect(cpu: &Cpu, tries: u32, order: u32) -> Result<Self, &'static str> {
+        let pages = 1usize << order.min(2);
         let mut out = [0u8; 256];
         // The toolstack may attach the disk just after the domain started.
         let mut dev = [0u8; 32];
@@ -130,18 +134,25 @@ impl BlkFront {
         let n = read(cpu, join(&mut key, be, b"sectors"), &mut out).map_err(|_| "no sectors")?;
         let sectors = num(&out[..n]).ok_or("bad sectors")?;
 
-        // Ring page and data pages, granted to dom0.
+        // Ring pages and data pages, granted to dom0.
         let ring_addr = (&raw mut RING_PAGE) as u64;
-        crate::grant::grant(RING_GREF, 0, ring_addr, false);
+        for i in 0..pages {
+            crate::grant::grant(
+                RING_GREF + i as u32,
+                0,
+                ring_addr + (i * PAGE_SIZE) as u64,
+                false,
+            );
+        }
         for i in 0..DATA_PAGES {
             crate::grant::grant(DATA_GREF + i as u32, 0, data_page(i) as u64, false);
         }
         crate::grant::grant(INDIRECT_GREF, 0, (&raw mut INDIRECT_PAGE) as u64, true);
         // SAFETY: the ring page is a static, identity-mapped page this kernel shares only with
         // the back end, which (like us) accesses it only atomically.
-        let region = unsafe { SharedRegion::from_raw(ring_addr as *mut u8, PAGE_SIZE) }
+        let region = unsafe { SharedRegion::from_raw(ring_addr as *mut u8, pages * PAGE_SIZE) }
             .map_err(|_| "ring page")?;
-        let ring = FrontRing::new(region, 1).map_err(|_| "ring init")?;
+        let ring = FrontRing::new(region, pages).map_err(|_| "ring init")?;
         let port = ev::alloc_unbound(cpu, 0).map_err(|_| "no event channel")?;
 
         let mut v = [0u8; 16];
@@ -149,7 +160,22 @@ impl BlkFront {
             let mut kb = [0u8; 128];
             write(cpu, join(&mut kb, fe, k), val)
         };
-        w(cpu, b"ring-ref", fmt_u32(&mut v, RING_GREF)).map_err(|_| "write ring-ref")?;
+        if pages == 1 {
+            w(cpu, b"ring-ref", fmt_u32(&mut v, RING_GREF)).map_err(|_| "write ring-ref")?;
+        } else {
+            for i in 0..pages as u32 {
+                let mut k = [0u8; 16];
+                k[..8].copy_from_slice(b"ring-ref");
+                let digits = fmt_u32(&mut v, i).len();
+                k[8..8 + digits].copy_from_slice(fmt_u32(&mut v, i));
+                let key = &k[..8 + digits];
+                let mut v2 = [0u8; 16];
+                w(cpu, key, fmt_u32(&mut v2, RING_GREF + i)).map_err(|_| "write ring-refN")?;
+            }
+            let mut v2 = [0u8; 16];
+            w(cpu, b"ring-page-order", fmt_u32(&mut v2, order.min(2)))
+                .map_err(|_| "write ring-page-order")?;
+        }
         w(cpu, b"event-channel", fmt_u32(&mut v, port)).map_err(|_| "write event-channel")?;
         w(cpu, b"protocol", b"x86_64-abi").map_err(|_| "write protocol")?;
         // Our data pages are granted for good: let the back end keep them mapped.

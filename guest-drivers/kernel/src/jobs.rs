@@ -893,10 +893,10 @@ fn heap_checks(c: &mut Checks<'_>) {
 
 use pv_protocol::blkif::{VERIFY_REGIONS as BLKVERIFY_REGIONS, VerifySeg as Seg};
 
-/// Connects to the first disk (waiting up to about 5 s for the toolstack to attach it), or
-/// prints why not.
-fn connect_disk(cpu: &Cpu) -> Option<crate::blkfront::BlkFront> {
-    crate::blkfront::BlkFront::connect(cpu, 500)
+/// Connects to the first disk (waiting up to about 5 s for the toolstack to attach it) with a
+/// ring of `2^order` pages, or prints why not.
+fn connect_disk(cpu: &Cpu, order: u32) -> Option<crate::blkfront::BlkFront> {
+    crate::blkfront::BlkFront::connect(cpu, 500, order)
         .map_err(|e| kprintln!(cpu, "FAIL blk-connect: {e}"))
         .ok()
 }
@@ -948,7 +948,7 @@ pub fn blkverify(cpu: &Cpu) -> u32 {
         passed: 0,
         failed: 0,
     };
-    let Some(mut disk) = connect_disk(cpu) else {
+    let Some(mut disk) = connect_disk(cpu, 2) else {
         return 1;
     };
     c.check("blk-connect", true, format_args!(""));
@@ -993,7 +993,7 @@ pub fn blkverify(cpu: &Cpu) -> u32 {
 /// sleeps forever: the durability test kills the whole VMM process at that point.
 pub fn blkwrite(cpu: &Cpu) -> u32 {
     use pv_protocol::blkif::BlkStatus;
-    let Some(mut disk) = connect_disk(cpu) else {
+    let Some(mut disk) = connect_disk(cpu, 0) else {
         return 1;
     };
     for (i, &(sector, segs)) in BLKVERIFY_REGIONS.iter().enumerate() {
@@ -1025,7 +1025,7 @@ pub fn blkro(cpu: &Cpu) -> u32 {
         passed: 0,
         failed: 0,
     };
-    let Some(mut disk) = connect_disk(cpu) else {
+    let Some(mut disk) = connect_disk(cpu, 0) else {
         return 1;
     };
     let (sector, segs) = BLKVERIFY_REGIONS[1];
@@ -1063,7 +1063,7 @@ pub fn blkbench(cpu: &Cpu, si: &StartInfo, cmdline: &str) -> u32 {
         .nth(1)
         .and_then(|s| parse_u32(s.as_bytes()))
         .unwrap_or(5);
-    let Some(mut disk) = connect_disk(cpu) else {
+    let Some(mut disk) = connect_disk(cpu, 2) else {
         return 1;
     };
     let tsc_per_s = si.tsc_khz * 1000;
