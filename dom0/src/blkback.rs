@@ -25,8 +25,8 @@ use crate::grants::{GrantMapper, MappedPage};
 
 /// Indirect segments per request this back-end advertises (`feature-max-indirect-segments`).
 pub const MAX_INDIRECT_SEGMENTS: usize = 256;
-/// io_uring submission-queue depth: requests in flight per reap.
-const URING_DEPTH: u32 = 256;
+/// io_uring submission-queue depth.
+const URING_DEPTH: u32 = 1024;
 
 /// Errors that stop serving a ring.
 #[derive(Debug, thiserror::Error)]
@@ -58,8 +58,10 @@ pub struct BlkStats {
 struct Inflight {
     id: u64,
     op: u8,
-    sqes: u8,
+    sqes: u16,
     failed: bool,
+    /// Data goes through the registered buffer, one fixed read/write per segment.
+    fixed: bool,
     expect: i64,
     write: bool,
     _iovecs: Box<[libc::iovec]>,
@@ -78,6 +80,8 @@ pub struct BlkBack<'a, G: GrantMapper> {
     slots: Vec<Option<Inflight>>,
     free: Vec<usize>,
     in_flight: usize,
+    /// The guest's memory is registered with io_uring as fixed buffer 0.
+    fixed: bool,
 }
 
 impl<G: GrantMapper> std::fmt::Debug for BlkBack<'_, G> {
@@ -102,6 +106,20 @@ impl<'a, G: GrantMapper> BlkBack<'a, G> {
         grants: G,
     ) -> Result<Self, BlkBackError> {
         let uring = IoUring::new(URING_DEPTH).map_err(BlkBackError::Uring)?;
+        // Register the guest's memory once, so the kernel does not pin pages per I/O.
+        let fixed = grants.io_region().is_some_and(|(base, len)| {
+            let iov = libc::iovec {
+                iov_base: base.as_ptr().cast(),
+                iov_len: len,
+            };
+            // SAFETY: `io_region`'s contract: the range stays mapped as long as `grants` lives,
+            // and `grants` lives inside this back end, which owns (and so outlives) the ring.
+            let r = unsafe { uring.submitter().register_buffers(&[iov]) };
+            if let Err(e) = &r {
+                tracing::warn!(domid, "no io_uring fixed buffer, per-I/O pinning: {e}");
+            }
+            r.is_ok()
+        });
         Ok(Self {
             domid,
             ring,
@@ -112,6 +130,7 @@ impl<'a, G: GrantMapper> BlkBack<'a, G> {
             slots: Vec::new(),
             free: Vec::new(),
             in_flight: 0,
+            fixed,
         })
     }
 
@@ -134,8 +153,9 @@ impl<'a, G: GrantMapper> BlkBack<'a, G> {
         loop {
             let mut answers: Vec<BlkResponse> = Vec::new();
             let mut submitted = 0;
-            // Take requests while the submission queue has room for their entries (<= 2 each).
-            while self.sq_room() >= 2 {
+            // Take requests while the submission queue has room for the largest one's entries
+            // (one per segment with fixed buffers, plus an fsync).
+            while self.sq_room() > MAX_INDIRECT_SEGMENTS {
                 let Some(raw) = self.ring.take_request()? else {
                     break;
                 };
@@ -223,13 +243,20 @@ impl<'a, G: GrantMapper> BlkBack<'a, G> {
             .map(|c| (c.user_data(), c.result()))
             .collect();
         for (ud, res) in done {
-            let slot = (ud >> 1) as usize;
+            let slot = (ud >> UD_SHIFT) as usize;
+            let k = (ud & UD_MASK) as usize;
             let Some(r) = self.slots.get_mut(slot).and_then(Option::as_mut) else {
                 continue;
             };
-            r.sqes -= 1;
-            let is_data = ud & 1 == 0;
-            if res < 0 || (is_data && r.expect > 0 && i64::from(res) != r.expect) {
+            r.sqes = r.sqes.saturating_sub(1);
+            // k = 0: the fsync; k >= 1: data (one entry, or with fixed buffers entry k covers
+            // segment k, whose length is iovec k).
+            let expected = match (k, r.fixed) {
+                (0, _) => None,
+                (k, true) => r._iovecs.get(k).map(|v| v.iov_len as i64),
+                (_, false) => Some(r.expect).filter(|&e| e > 0),
+            };
+            if res < 0 || expected.is_some_and(|e| i64::from(res) != e) {
                 if !r.failed {
                     tracing::warn!(
                         domid = self.domid,
@@ -304,6 +331,7 @@ impl<'a, G: GrantMapper> BlkBack<'a, G> {
                     op,
                     sqes: 1,
                     failed: false,
+                    fixed: false,
                     expect: 0,
                     write: true,
                     _iovecs: Box::new([
@@ -403,22 +431,36 @@ impl<'a, G: GrantMapper> BlkBack<'a, G> {
         });
         for s in segments {
             let page = self.map(s.gref, !write)?;
-            iovecs.push(libc::iovec {
-                iov_base: page
-                    .addr(usize::from(s.first_sect) * SECTOR_SIZE as usize)
-                    .cast(),
-                iov_len: (u64::from(s.last_sect - s.first_sect) + 1) as usize
-                    * SECTOR_SIZE as usize,
-            });
+            let base = page.addr(usize::from(s.first_sect) * SECTOR_SIZE as usize);
+            let len = (u64::from(s.last_sect - s.first_sect) + 1) as usize * SECTOR_SIZE as usize;
             pages.push(page);
+            // With fixed buffers every entry is one contiguous host range: merge a segment
+            // that continues the previous one (a guest's adjacent pages) into it.
+            if let Some(prev) = iovecs.last_mut().filter(|p| {
+                self.fixed
+                    && p.iov_base as usize + p.iov_len == base as usize
+                    && !p.iov_base.is_null()
+            }) {
+                prev.iov_len += len;
+                continue;
+            }
+            iovecs.push(libc::iovec {
+                iov_base: base.cast(),
+                iov_len: len,
+            });
         }
         let expect = (sectors * SECTOR_SIZE) as i64;
-        let data_sqes = u8::from(!segments.is_empty());
+        let data_sqes = if self.fixed {
+            (iovecs.len() - 1) as u16
+        } else {
+            u16::from(!segments.is_empty())
+        };
         Ok(Inflight {
             id,
             op,
-            sqes: data_sqes + u8::from(flush),
+            sqes: data_sqes + u16::from(flush),
             failed: false,
+            fixed: self.fixed,
             expect,
             write,
             _iovecs: iovecs.into_boxed_slice(),
@@ -427,9 +469,14 @@ impl<'a, G: GrantMapper> BlkBack<'a, G> {
     }
 }
 
-/// The submission entries for one request; user data is `index << 1 | (1 for the fsync)`.
+/// User data of a completion: the request's slot above these bits, the entry within it below
+/// (0: the fsync; 1 + n: data entry n).
+const UD_SHIFT: u32 = 13;
+const UD_MASK: u64 = (1 << UD_SHIFT) - 1;
+
+/// The submission entries for one request.
 fn sqes_for(r: &Inflight, fd: types::Fd, index: u64) -> Vec<squeue::Entry> {
-    let ud = index << 1;
+    let ud = index << UD_SHIFT;
     let iov = &r._iovecs;
     let mut out = Vec::new();
     if r.op == BlkOp::Discard as u8 {
@@ -439,15 +486,39 @@ fn sqes_for(r: &Inflight, fd: types::Fd, index: u64) -> Vec<squeue::Entry> {
                 .offset(offset)
                 .mode(libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE)
                 .build()
-                .user_data(ud),
+                .user_data(ud | 1),
         );
         return out;
     }
     let offset = iov[0].iov_len as u64;
     let data = &iov[1..];
-    let has_data = !data.is_empty();
-    let fsync = r.sqes > u8::from(has_data);
-    if has_data {
+    let data_sqes = if r.fixed {
+        data.len()
+    } else {
+        usize::from(!data.is_empty())
+    };
+    let fsync = usize::from(r.sqes) > data_sqes;
+    // A flush with data: the fsync runs only after the data (linked entries run in order).
+    let link = |e: squeue::Entry| {
+        if fsync {
+            e.flags(squeue::Flags::IO_LINK)
+        } else {
+            e
+        }
+    };
+    if r.fixed {
+        let mut off = offset;
+        for (n, v) in data.iter().enumerate() {
+            let (buf, len) = (v.iov_base.cast::<u8>(), v.iov_len as u32);
+            let e = if r.write {
+                opcode::WriteFixed::new(fd, buf, len, 0).offset(off).build()
+            } else {
+                opcode::ReadFixed::new(fd, buf, len, 0).offset(off).build()
+            };
+            out.push(link(e).user_data(ud | (n as u64 + 1)));
+            off += u64::from(len);
+        }
+    } else if !data.is_empty() {
         let e = if r.write {
             opcode::Writev::new(fd, data.as_ptr(), data.len() as u32)
                 .offset(offset)
@@ -457,16 +528,10 @@ fn sqes_for(r: &Inflight, fd: types::Fd, index: u64) -> Vec<squeue::Entry> {
                 .offset(offset)
                 .build()
         };
-        // A flush with data: the fsync runs only after the write completed.
-        let e = if fsync {
-            e.flags(squeue::Flags::IO_LINK)
-        } else {
-            e
-        };
-        out.push(e.user_data(ud));
+        out.push(link(e).user_data(ud | 1));
     }
     if fsync {
-        out.push(opcode::Fsync::new(fd).build().user_data(ud | 1));
+        out.push(opcode::Fsync::new(fd).build().user_data(ud));
     }
     out
 }

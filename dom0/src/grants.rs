@@ -61,6 +61,13 @@ impl MappedPage {
 pub trait GrantMapper: Send {
     /// Maps `gref`; `device_writes` when the back-end will write into the page (a disk read).
     fn map(&self, gref: GrantRef, device_writes: bool) -> Result<MappedPage, GrantFailure>;
+
+    /// The host range every mapped page lies in, when it is one fixed range that stays valid as
+    /// long as this mapper lives: the back end may then register it with the kernel once
+    /// (io_uring fixed buffers) instead of having the kernel pin pages on every I/O.
+    fn io_region(&self) -> Option<(NonNull<u8>, usize)> {
+        None
+    }
 }
 
 /// The real thing: grants of a live domain, through the hypervisor's checked grant table.
@@ -128,6 +135,12 @@ impl DomainGrants {
 }
 
 impl GrantMapper for DomainGrants {
+    fn io_region(&self) -> Option<(NonNull<u8>, usize)> {
+        // The domain's whole memory: one mapping, kept alive by the Arc this value holds.
+        let base = NonNull::new(self.dom.ram.host_base() as *mut u8)?;
+        Some((base, self.dom.ram.size() as usize))
+    }
+
     fn map(&self, gref: GrantRef, device_writes: bool) -> Result<MappedPage, GrantFailure> {
         let pinned = self.pin(gref, device_writes)?;
         let ptr = NonNull::new(pinned.host_addr()).ok_or(GrantFailure {
