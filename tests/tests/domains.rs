@@ -127,7 +127,17 @@ fn paused_domain_makes_no_progress_until_unpaused() {
     );
     dom.pause().unwrap();
     assert_eq!(dom.state(), DomainState::Paused);
-    let frozen = dom.console().history().len();
+    // Lines the guest wrote into its console ring just before the pause may still be on their
+    // way into the history: let it settle first.
+    let mut frozen = dom.console().history().len();
+    loop {
+        std::thread::sleep(Duration::from_millis(50));
+        let now = dom.console().history().len();
+        if now == frozen {
+            break;
+        }
+        frozen = now;
+    }
     std::thread::sleep(Duration::from_millis(300));
     assert_eq!(
         dom.console().history().len(),
