@@ -60,11 +60,15 @@ struct Inflight {
     op: u8,
     sqes: u16,
     failed: bool,
-    /// Data goes through the registered buffer, one fixed read/write per segment.
+    /// Data goes through the registered buffer, one fixed read/write per contiguous run.
     fixed: bool,
+    /// Bytes the whole request moves (0 for a flush or discard).
     expect: i64,
     write: bool,
-    _iovecs: Box<[libc::iovec]>,
+    /// `iovecs[0].iov_len` is the file offset (a discard: offset and length in 0 and 1); the
+    /// rest are the data runs in the guest's pages.
+    iovecs: Box<[libc::iovec]>,
+    /// Keeps the granted pages mapped until the kernel is done with them.
     _pages: Vec<MappedPage>,
 }
 
@@ -253,7 +257,7 @@ impl<'a, G: GrantMapper> BlkBack<'a, G> {
             // segment k, whose length is iovec k).
             let expected = match (k, r.fixed) {
                 (0, _) => None,
-                (k, true) => r._iovecs.get(k).map(|v| v.iov_len as i64),
+                (k, true) => r.iovecs.get(k).map(|v| v.iov_len as i64),
                 (_, false) => Some(r.expect).filter(|&e| e > 0),
             };
             if res < 0 || expected.is_some_and(|e| i64::from(res) != e) {
@@ -334,7 +338,7 @@ impl<'a, G: GrantMapper> BlkBack<'a, G> {
                     fixed: false,
                     expect: 0,
                     write: true,
-                    _iovecs: Box::new([
+                    iovecs: Box::new([
                         libc::iovec {
                             iov_base: std::ptr::null_mut(),
                             iov_len: (sector * SECTOR_SIZE) as usize,
@@ -463,7 +467,7 @@ impl<'a, G: GrantMapper> BlkBack<'a, G> {
             fixed: self.fixed,
             expect,
             write,
-            _iovecs: iovecs.into_boxed_slice(),
+            iovecs: iovecs.into_boxed_slice(),
             _pages: pages,
         })
     }
@@ -477,7 +481,7 @@ const UD_MASK: u64 = (1 << UD_SHIFT) - 1;
 /// The submission entries for one request.
 fn sqes_for(r: &Inflight, fd: types::Fd, index: u64) -> Vec<squeue::Entry> {
     let ud = index << UD_SHIFT;
-    let iov = &r._iovecs;
+    let iov = &r.iovecs;
     let mut out = Vec::new();
     if r.op == BlkOp::Discard as u8 {
         let (offset, len) = (iov[0].iov_len as u64, iov[1].iov_len as u64);
