@@ -12,8 +12,8 @@ use dom0::disk::Disk;
 use dom0::grants::{GrantFailure, GrantMapper, MappedPage};
 use pv_protocol::BackRing;
 use pv_protocol::blkif::{
-    BlkRequest, BlkResponse, BlkRing, BlkSegment, BlkStatus, BlkifRequestRaw, DirectSegments,
-    IndirectGrefs, IndirectOp, write_indirect_page,
+    BlkRequest, BlkRing, BlkSegment, BlkStatus, BlkifRequestRaw, DirectSegments, IndirectGrefs,
+    IndirectOp, write_indirect_page,
 };
 use pv_protocol::grant::GrantRef;
 use pv_protocol::test_utils::{MockFrontEnd, RingMemory};
@@ -105,20 +105,6 @@ fn rw(write: bool, id: u64, sector: u64, segs: &[BlkSegment]) -> BlkifRequestRaw
     .to_raw()
 }
 
-fn statuses(front: &mut MockFrontEnd<'_, BlkRing>) -> Vec<(u64, BlkStatus)> {
-    let mut v: Vec<(u64, BlkStatus)> = front
-        .responses()
-        .unwrap()
-        .iter()
-        .map(|r| {
-            let r = BlkResponse::parse(r).unwrap();
-            (r.id, r.status)
-        })
-        .collect();
-    v.sort_by_key(|x| x.0);
-    v
-}
-
 #[test]
 fn writes_land_in_the_file_and_reads_come_back_into_the_granted_pages() {
     let fx = Fixture::new("rw", 4);
@@ -149,7 +135,7 @@ fn writes_land_in_the_file_and_reads_come_back_into_the_granted_pages() {
         .submit(&[rw(true, 1, 8, &[seg(1, 0, 7), seg(2, 2, 5)])])
         .unwrap();
     back.process().unwrap();
-    assert_eq!(statuses(&mut front), [(1, BlkStatus::Okay)]);
+    assert_eq!(front.blk_statuses(), [(1, BlkStatus::Okay)]);
     let file = std::fs::read(&fx.img).unwrap();
     assert_eq!(&file[8 * 512..16 * 512], &snapshot(&a)[..]);
     assert_eq!(&file[16 * 512..20 * 512], &snapshot(&b)[2 * 512..6 * 512]);
@@ -159,7 +145,7 @@ fn writes_land_in_the_file_and_reads_come_back_into_the_granted_pages() {
         .submit(&[rw(false, 2, 8, &[seg(3, 0, 7), seg(4, 4, 7)])])
         .unwrap();
     back.process().unwrap();
-    assert_eq!(statuses(&mut front), [(2, BlkStatus::Okay)]);
+    assert_eq!(front.blk_statuses(), [(2, BlkStatus::Okay)]);
     assert_eq!(&snapshot(&c)[..], &snapshot(&a)[..]);
     assert_eq!(&snapshot(&d)[4 * 512..], &snapshot(&b)[2 * 512..6 * 512]);
     assert_eq!(back.stats().written_bytes, 12 * 512);
@@ -207,7 +193,7 @@ fn flush_discard_and_indirect_requests_work() {
         .unwrap();
     back.process().unwrap();
     assert_eq!(
-        statuses(&mut front),
+        front.blk_statuses(),
         [(1, BlkStatus::Okay), (2, BlkStatus::Okay)]
     );
     let file = std::fs::read(&fx.img).unwrap();
@@ -230,10 +216,10 @@ fn flush_discard_and_indirect_requests_work() {
     .to_raw();
     front.submit(&[discard]).unwrap();
     back.process().unwrap();
-    assert_eq!(statuses(&mut front), [(3, BlkStatus::Okay)]);
+    assert_eq!(front.blk_statuses(), [(3, BlkStatus::Okay)]);
     front.submit(&[indirect(4, IndirectOp::Read)]).unwrap();
     back.process().unwrap();
-    assert_eq!(statuses(&mut front), [(4, BlkStatus::Okay)]);
+    assert_eq!(front.blk_statuses(), [(4, BlkStatus::Okay)]);
     // The pages now hold what was read: zeros where discarded, the data elsewhere.
     for (n, p) in data.iter().enumerate() {
         let want = if n < 10 { 0 } else { n as u8 + 1 };
@@ -279,7 +265,7 @@ fn bad_requests_get_errors_and_the_ring_keeps_serving() {
         .unwrap();
     back.process().unwrap();
     assert_eq!(
-        statuses(&mut front),
+        front.blk_statuses(),
         [
             (1, BlkStatus::NotSupported),
             (2, BlkStatus::Error),
@@ -333,7 +319,7 @@ fn a_read_only_disk_refuses_writes_flushes_and_discards() {
         .unwrap();
     back.process().unwrap();
     assert_eq!(
-        statuses(&mut front),
+        front.blk_statuses(),
         [
             (1, BlkStatus::Error),
             (2, BlkStatus::Okay),
@@ -382,7 +368,7 @@ fn a_hostile_ring_dies_alone_while_a_good_one_keeps_being_served() {
         .submit(&[rw(true, 9, 16, &[seg(1, 0, 7)])])
         .unwrap();
     good.process().unwrap();
-    assert_eq!(statuses(&mut good_front), [(9, BlkStatus::Okay)]);
+    assert_eq!(good_front.blk_statuses(), [(9, BlkStatus::Okay)]);
     let file = std::fs::read(&fx.img).unwrap();
     assert!(file[16 * 512..24 * 512].iter().all(|&x| x == 0x42));
     assert!(

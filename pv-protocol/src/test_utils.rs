@@ -199,6 +199,27 @@ impl<'a, P: RingProtocol> MockFrontEnd<'a, P> {
     }
 }
 
+impl MockFrontEnd<'_, crate::blkif::BlkRing> {
+    /// Takes every published block response as `(id, status)`, sorted by id (a back end may
+    /// answer in any order).
+    ///
+    /// # Panics
+    /// If the ring is broken or a response does not parse (test code).
+    pub fn blk_statuses(&mut self) -> Vec<(u64, crate::blkif::BlkStatus)> {
+        let mut v: Vec<_> = self
+            .responses()
+            .expect("ring intact")
+            .iter()
+            .map(|r| {
+                let r = crate::blkif::BlkResponse::parse(r).expect("valid response");
+                (r.id, r.status)
+            })
+            .collect();
+        v.sort_by_key(|x| x.0);
+        v
+    }
+}
+
 /// A back end driven by a test, to exercise a front end.
 #[derive(Debug)]
 pub struct MockBackEnd<'a, P: RingProtocol> {

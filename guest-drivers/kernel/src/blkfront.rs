@@ -10,6 +10,7 @@ use pv_protocol::{PAGE_SIZE, SharedRegion};
 use crate::evtchn as ev;
 use crate::hcall::Cpu;
 use crate::store::{StoreFail, request};
+use crate::text::{fmt_u32, parse_u64};
 
 /// Grant ref of the first ring page (a multi-page ring uses the following refs too).
 const RING_GREF: u32 = 10;
@@ -52,11 +53,6 @@ fn write(cpu: &Cpu, path: &[u8], value: &[u8]) -> Result<(), StoreFail> {
         &mut [0u8; 16],
     )
     .map(|_| ())
-}
-
-fn num(b: &[u8]) -> Option<u64> {
-    let s = core::str::from_utf8(b).ok()?;
-    s.trim_end_matches('\0').trim().parse().ok()
 }
 
 /// Builds `prefix/suffix` into `buf`.
@@ -121,7 +117,7 @@ impl BlkFront {
             let mut k = [0u8; 128];
             let mut o = [0u8; 16];
             let n = read(cpu, join(&mut k, dir, b"state"), &mut o).ok()?;
-            num(&o[..n])
+            parse_u64(&o[..n])
         };
         let mut waited = 0;
         while state_of(cpu, be) != Some(2) {
@@ -132,7 +128,7 @@ impl BlkFront {
             ev::poll(cpu, &[], 5_000_000);
         }
         let n = read(cpu, join(&mut key, be, b"sectors"), &mut out).map_err(|_| "no sectors")?;
-        let sectors = num(&out[..n]).ok_or("bad sectors")?;
+        let sectors = parse_u64(&out[..n]).ok_or("bad sectors")?;
 
         // Ring pages and data pages, granted to dom0.
         let ring_addr = (&raw mut RING_PAGE) as u64;
@@ -355,17 +351,4 @@ impl BlkFront {
             },
         )
     }
-}
-
-fn fmt_u32(buf: &mut [u8; 16], mut v: u32) -> &[u8] {
-    let mut i = buf.len();
-    loop {
-        i -= 1;
-        buf[i] = b'0' + (v % 10) as u8;
-        v /= 10;
-        if v == 0 {
-            break;
-        }
-    }
-    &buf[i..]
 }

@@ -509,22 +509,11 @@ fn store_checks(c: &mut Checks<'_>, si: &StartInfo) {
     };
 
     let r = rd("domid", &mut out);
-    let mut num = [0u8; 10];
-    let digits = {
-        let mut n = si.domid;
-        let mut i = num.len();
-        loop {
-            i -= 1;
-            num[i] = b'0' + (n % 10) as u8;
-            n /= 10;
-            if n == 0 {
-                break i;
-            }
-        }
-    };
+    let mut num = [0u8; 16];
+    let home = crate::text::fmt_u32(&mut num, si.domid);
     c.check(
         "store-read-home",
-        matches!(r, Ok(n) if out[..n] == num[digits..]),
+        matches!(r, Ok(n) if out[..n] == *home),
         format_args!("{r:?}"),
     );
     let r = rd("name", &mut out);
@@ -666,35 +655,14 @@ fn store_checks(c: &mut Checks<'_>, si: &StartInfo) {
     );
 }
 
-fn parse_u32(b: &[u8]) -> Option<u32> {
-    let digits = b.split(|&c| c == 0).next()?;
-    if digits.is_empty() {
-        return None;
-    }
-    digits.iter().try_fold(0u32, |acc, &d| {
-        d.is_ascii_digit()
-            .then(|| acc.checked_mul(10)?.checked_add(u32::from(d - b'0')))
-            .flatten()
-    })
-}
-
 /// Writes `q/n<i>\0` into `buf`; returns its length.
 fn fmt_path(buf: &mut [u8; 32], i: u32) -> usize {
-    use core::fmt::Write;
-    struct W<'a>(&'a mut [u8; 32], usize);
-    impl Write for W<'_> {
-        fn write_str(&mut self, s: &str) -> core::fmt::Result {
-            let n = s.len().min(31 - self.1);
-            self.0[self.1..self.1 + n].copy_from_slice(&s.as_bytes()[..n]);
-            self.1 += n;
-            Ok(())
-        }
-    }
-    let mut w = W(buf, 0);
-    let _ = write!(w, "q/n{i}");
-    let n = w.1;
-    buf[n] = 0;
-    n + 1
+    let mut d = [0u8; 16];
+    let digits = crate::text::fmt_u32(&mut d, i);
+    buf[..3].copy_from_slice(b"q/n");
+    buf[3..3 + digits.len()].copy_from_slice(digits);
+    buf[3 + digits.len()] = 0;
+    4 + digits.len()
 }
 
 /// Tries to read and write another domain's store subtree (`store-peek <domid>`); exits 0 when
@@ -892,6 +860,8 @@ fn heap_checks(c: &mut Checks<'_>) {
 }
 
 use pv_protocol::blkif::{VERIFY_REGIONS as BLKVERIFY_REGIONS, VerifySeg as Seg};
+
+use crate::text::parse_u32;
 
 /// Connects to the first disk (waiting up to about 5 s for the toolstack to attach it) with a
 /// ring of `2^order` pages, or prints why not.

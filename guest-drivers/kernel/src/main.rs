@@ -25,6 +25,7 @@ mod jobs;
 mod mem;
 mod store;
 mod sync;
+mod text;
 
 use core::sync::atomic::{AtomicU32, Ordering};
 
