@@ -226,15 +226,21 @@ impl<'a, G: GrantMapper> BlkBack<'a, G> {
             }
         };
         let fd = types::Fd(self.disk.file().as_raw_fd());
-        let entries = sqes_for(&r, fd, slot as u64);
+        let mut sq = self.uring.submission();
+        let mut full = false;
+        sqes_for(&r, fd, slot as u64, &mut |e| {
+            // SAFETY: the iovecs and pages the entry points to move into `self.slots[slot]`
+            // below (a boxed slice and a Vec: their heap memory does not move) and live there
+            // until the last completion has been reaped (`reap` frees the slot only then).
+            full |= unsafe { sq.push(&e) }.is_err();
+        });
+        drop(sq);
         self.slots[slot] = Some(r);
         self.in_flight += 1;
-        let mut sq = self.uring.submission();
-        for e in entries {
-            // SAFETY: the iovecs and pages the entry points to live in `self.slots[slot]` until
-            // its last completion has been reaped (`reap` frees the slot only then).
-            unsafe { sq.push(&e) }
-                .map_err(|_| BlkBackError::Uring(std::io::Error::other("submission queue full")))?;
+        if full {
+            return Err(BlkBackError::Uring(std::io::Error::other(
+                "submission queue full",
+            )));
         }
         Ok(())
     }
@@ -478,21 +484,20 @@ impl<'a, G: GrantMapper> BlkBack<'a, G> {
 const UD_SHIFT: u32 = 13;
 const UD_MASK: u64 = (1 << UD_SHIFT) - 1;
 
-/// The submission entries for one request.
-fn sqes_for(r: &Inflight, fd: types::Fd, index: u64) -> Vec<squeue::Entry> {
+/// Emits the submission entries for one request into `push`.
+fn sqes_for(r: &Inflight, fd: types::Fd, index: u64, push: &mut impl FnMut(squeue::Entry)) {
     let ud = index << UD_SHIFT;
     let iov = &r.iovecs;
-    let mut out = Vec::new();
     if r.op == BlkOp::Discard as u8 {
         let (offset, len) = (iov[0].iov_len as u64, iov[1].iov_len as u64);
-        out.push(
+        push(
             opcode::Fallocate::new(fd, len)
                 .offset(offset)
                 .mode(libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE)
                 .build()
                 .user_data(ud | 1),
         );
-        return out;
+        return;
     }
     let offset = iov[0].iov_len as u64;
     let data = &iov[1..];
@@ -519,7 +524,7 @@ fn sqes_for(r: &Inflight, fd: types::Fd, index: u64) -> Vec<squeue::Entry> {
             } else {
                 opcode::ReadFixed::new(fd, buf, len, 0).offset(off).build()
             };
-            out.push(link(e).user_data(ud | (n as u64 + 1)));
+            push(link(e).user_data(ud | (n as u64 + 1)));
             off += u64::from(len);
         }
     } else if !data.is_empty() {
@@ -532,10 +537,9 @@ fn sqes_for(r: &Inflight, fd: types::Fd, index: u64) -> Vec<squeue::Entry> {
                 .offset(offset)
                 .build()
         };
-        out.push(link(e).user_data(ud | 1));
+        push(link(e).user_data(ud | 1));
     }
     if fsync {
-        out.push(opcode::Fsync::new(fd).build().user_data(ud));
+        push(opcode::Fsync::new(fd).build().user_data(ud));
     }
-    out
 }
