@@ -72,6 +72,11 @@ struct Inflight {
     _pages: Vec<MappedPage>,
 }
 
+// SAFETY: the raw pointers in `iovecs` point into the pages that `_pages` (which is Send) keeps
+// mapped; they are plain addresses handed to the kernel, dereferenced by no thread of ours, and
+// travel together with the pages that keep them valid.
+unsafe impl Send for Inflight {}
+
 /// The back end of one block ring.
 pub struct BlkBack<'a, G: GrantMapper> {
     domid: u32,

@@ -104,6 +104,20 @@ impl Disk {
     pub fn path(&self) -> &Path {
         &self.path
     }
+
+    /// A second handle on the same open image (one per queue of a multi-queue device). It shares
+    /// the open file description, so the lock is held until the last handle is dropped.
+    pub fn try_clone(&self) -> Result<Self, DiskError> {
+        Ok(Self {
+            file: self
+                .file
+                .try_clone()
+                .map_err(|e| DiskError::Open(self.path.clone(), e))?,
+            path: self.path.clone(),
+            sectors: self.sectors,
+            readonly: self.readonly,
+        })
+    }
 }
 
 #[cfg(test)]
@@ -120,7 +134,11 @@ mod tests {
         assert_eq!(rw.sectors(), 2048);
         assert!(matches!(Disk::open(&img, false), Err(DiskError::InUse(_))));
         assert!(matches!(Disk::open(&img, true), Err(DiskError::InUse(_))));
+        // A clone (a second queue) keeps the lock after the first handle goes.
+        let clone = rw.try_clone().unwrap();
         drop(rw);
+        assert!(matches!(Disk::open(&img, false), Err(DiskError::InUse(_))));
+        drop(clone);
         let ro1 = Disk::open(&img, true).unwrap();
         let _ro2 = Disk::open(&img, true).unwrap();
         assert!(ro1.readonly());

@@ -137,6 +137,17 @@ impl Vbd {
             &format!("{backend}/{}", keys::FEATURE_MAX_INDIRECT_SEGMENTS),
             &MAX_INDIRECT_SEGMENTS.to_string(),
         )?;
+        let max_queues = max_queues();
+        w(
+            store,
+            &format!("{backend}/{}", keys::MULTI_QUEUE_MAX_QUEUES),
+            &max_queues.to_string(),
+        )?;
+        w(
+            store,
+            &format!("{backend}/{}", keys::MAX_RING_PAGE_ORDER),
+            &MAX_RING_PAGE_ORDER.to_string(),
+        )?;
         w(
             store,
             &format!("{backend}/state"),
@@ -179,7 +190,7 @@ impl Vbd {
             let (backend, frontend) = (backend.clone(), frontend.clone());
             std::thread::Builder::new()
                 .name(format!("dom{id}-vbd{devid}"))
-                .spawn(move || serve(&store, &dom, disk, &backend, &frontend, &stop))
+                .spawn(move || serve(&store, &dom, disk, &backend, &frontend, &stop, max_queues))
                 .map_err(VbdError::Thread)?
         };
         Ok(Self {
@@ -220,23 +231,21 @@ impl Drop for Vbd {
     }
 }
 
-/// Maps the front end's ring: `ring-ref` (one page) or, with `ring-page-order` = k,
-/// `ring-ref0` .. `ring-ref{2^k - 1}`. The pages must be contiguous in guest memory (so they
-/// are in the host mapping too); a front end that grants scattered pages is refused.
+/// Maps one queue's ring: `ring-ref` (one page) or, with `ring-page-order` = k,
+/// `ring-ref0` .. `ring-ref{2^k - 1}`, under `dir` (the front-end directory, or its `queue-N`
+/// subdirectory). The pages must be contiguous in guest memory (so they are in the host mapping
+/// too); a front end that grants scattered pages is refused.
 fn map_ring(
     store: &Store,
     dom: &Arc<DomainShared>,
-    frontend: &str,
+    dir: &str,
+    order: u32,
 ) -> Result<Vec<hypervisor::grant::PinnedGrant>, String> {
-    let order = read_u32(store, &format!("{frontend}/{}", keys::RING_PAGE_ORDER)).unwrap_or(0);
-    if order > MAX_RING_PAGE_ORDER {
-        return Err(format!("ring-page-order {order} > {MAX_RING_PAGE_ORDER}"));
-    }
     let refs: Vec<u32> = if order == 0 {
-        vec![read_u32(store, &format!("{frontend}/{}", keys::RING_REF)).ok_or("no ring-ref")?]
+        vec![read_u32(store, &format!("{dir}/{}", keys::RING_REF)).ok_or("no ring-ref")?]
     } else {
         (0..1u32 << order)
-            .map(|i| read_u32(store, &format!("{frontend}/{}{i}", keys::RING_REF)))
+            .map(|i| read_u32(store, &format!("{dir}/{}{i}", keys::RING_REF)))
             .collect::<Option<_>>()
             .ok_or("missing ring-refN")?
     };
@@ -262,7 +271,69 @@ fn map_ring(
 /// Largest `ring-page-order` accepted (16 pages).
 pub const MAX_RING_PAGE_ORDER: u32 = 4;
 
-/// The back-end thread: handshake, then serve until stopped or closed.
+/// Most queues a device offers (`multi-queue-max-queues`), whatever the host's core count.
+pub const MAX_QUEUES: u32 = 8;
+
+/// Queues offered: one per online host core (Xen blkback's default), at most [`MAX_QUEUES`].
+pub fn max_queues() -> u32 {
+    // SAFETY: sysconf reads a system constant; no memory is passed.
+    let cores = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) };
+    u32::try_from(cores).unwrap_or(1).clamp(1, MAX_QUEUES)
+}
+
+/// One queue's ring as the front end published it: the pinned pages and the channel.
+struct QueueRing {
+    pages: Vec<hypervisor::grant::PinnedGrant>,
+    port: u32,
+}
+
+/// Reads the front end's queue count, ring order, and every queue's ring and channel (Xen's
+/// layout: top-level keys for one queue, `queue-N/` subdirectories for several).
+fn read_queues(
+    store: &Store,
+    dom: &Arc<DomainShared>,
+    frontend: &str,
+    max_queues: u32,
+) -> Result<Vec<QueueRing>, String> {
+    let nq = match store.read(
+        0,
+        0,
+        &format!("{frontend}/{}", keys::MULTI_QUEUE_NUM_QUEUES),
+    ) {
+        Err(_) => 1,
+        Ok(v) => std::str::from_utf8(&v)
+            .ok()
+            .and_then(|v| v.trim().parse::<u32>().ok())
+            .filter(|n| (1..=max_queues).contains(n))
+            .ok_or_else(|| {
+                format!(
+                    "multi-queue-num-queues {:?} outside 1..={max_queues}",
+                    String::from_utf8_lossy(&v)
+                )
+            })?,
+    };
+    let order = read_u32(store, &format!("{frontend}/{}", keys::RING_PAGE_ORDER)).unwrap_or(0);
+    if order > MAX_RING_PAGE_ORDER {
+        return Err(format!("ring-page-order {order} > {MAX_RING_PAGE_ORDER}"));
+    }
+    (0..nq)
+        .map(|q| {
+            let dir = if nq == 1 {
+                frontend.to_owned()
+            } else {
+                format!("{frontend}/queue-{q}")
+            };
+            let port = read_u32(store, &format!("{dir}/{}", keys::EVENT_CHANNEL))
+                .ok_or_else(|| format!("queue {q}: no event-channel"))?;
+            let pages =
+                map_ring(store, dom, &dir, order).map_err(|why| format!("queue {q}: {why}"))?;
+            Ok(QueueRing { pages, port })
+        })
+        .collect()
+}
+
+/// The back-end thread: handshake, then serve every queue (one thread each) until stopped or
+/// closed.
 fn serve(
     store: &Store,
     dom: &Arc<DomainShared>,
@@ -270,13 +341,13 @@ fn serve(
     backend: &str,
     frontend: &str,
     stop: &AtomicBool,
+    max_queues: u32,
 ) {
-    let id = dom.id;
     let set_state = |s: u32| {
         let _ = store.write(0, 0, &format!("{backend}/state"), s.to_string().as_bytes());
     };
     let gone = || stop.load(Ordering::Relaxed) || dom.state().is_final();
-    // Wait for the front end's ring (polling the store is fine for a handshake).
+    // Wait for the front end's rings (polling the store is fine for a handshake).
     let deadline = Instant::now() + Duration::from_secs(3600);
     loop {
         if gone() || Instant::now() > deadline {
@@ -288,44 +359,10 @@ fn serve(
         }
         std::thread::sleep(Duration::from_millis(5));
     }
-    let Some(port) = read_u32(store, &format!("{frontend}/{}", keys::EVENT_CHANNEL)) else {
-        dom.guest_fault(
-            "vbd-handshake",
-            format_args!("{frontend}: no event-channel"),
-        );
-        set_state(state::CLOSED);
-        return;
-    };
-    let ring_pages = match map_ring(store, dom, frontend) {
-        Ok(p) => p,
+    let queues = match read_queues(store, dom, frontend, max_queues) {
+        Ok(q) => q,
         Err(why) => {
             dom.guest_fault("vbd-handshake", format_args!("{frontend}: {why}"));
-            set_state(state::CLOSED);
-            return;
-        }
-    };
-    let pages = ring_pages.len();
-    // SAFETY: the pinned grants keep the ring pages mapped and claimed for as long as
-    // `ring_pages` lives, which outlives the ring endpoint and the back end below (dropped
-    // first); `map_ring` checked that they are contiguous in host memory.
-    let region =
-        match unsafe { SharedRegion::from_raw(ring_pages[0].host_addr(), pages * PAGE_SIZE) } {
-            Ok(r) => r,
-            Err(_) => {
-                set_state(state::CLOSED);
-                return;
-            }
-        };
-    let (ring, hp) = match (
-        BackRing::<BlkRing>::attach(region, pages),
-        HostPort::bind(dom, port),
-    ) {
-        (Ok(r), Ok(h)) => (r, h),
-        _ => {
-            dom.guest_fault(
-                "vbd-handshake",
-                format_args!("{frontend}: bad ring or port {port}"),
-            );
             set_state(state::CLOSED);
             return;
         }
@@ -333,25 +370,85 @@ fn serve(
     // Persistent grants when the front end offers them too (we always do).
     let persistent =
         read_u32(store, &format!("{frontend}/{}", keys::FEATURE_PERSISTENT)) == Some(1);
+    // Every queue gets its own handle on the image, ring, channel, io_uring and grant cache;
+    // queues share nothing but the file.
+    let mut backs = Vec::with_capacity(queues.len());
+    for (q, qr) in queues.iter().enumerate() {
+        match connect_queue(dom, qr, &disk, persistent) {
+            Ok(b) => backs.push(b),
+            Err(why) => {
+                dom.guest_fault("vbd-handshake", format_args!("{frontend} queue {q}: {why}"));
+                set_state(state::CLOSED);
+                return;
+            }
+        }
+    }
+    drop(disk);
+    set_state(state::CONNECTED);
+    tracing::info!(
+        domid = dom.id,
+        "{frontend} connected ({} queue(s))",
+        backs.len()
+    );
+    let closing = || {
+        gone() || read_u32(store, &format!("{frontend}/state")).is_some_and(|s| s >= state::CLOSING)
+    };
+    std::thread::scope(|s| {
+        let mut backs = backs.into_iter();
+        let first = backs.next();
+        for (q, b) in backs.enumerate() {
+            let closing = &closing;
+            let spawned = std::thread::Builder::new()
+                .name(format!("dom{}-vbd-q{}", dom.id, q + 1))
+                .spawn_scoped(s, move || serve_queue(dom, frontend, b, closing));
+            if let Err(e) = spawned {
+                tracing::error!(domid = dom.id, "{frontend}: no thread for a queue: {e}");
+            }
+        }
+        if let Some(b) = first {
+            serve_queue(dom, frontend, b, &closing);
+        }
+    });
+    // Tear down in order: stop serving (done: every queue's back end and channel are dropped by
+    // its thread), unmap, Closed.
+    drop(queues);
+    set_state(state::CLOSED);
+}
+
+/// A queue ready to serve: its back end and the bound channel.
+type QueueBack<'a> = (BlkBack<'a, DomainGrants>, HostPort);
+
+fn connect_queue<'a>(
+    dom: &Arc<DomainShared>,
+    qr: &'a QueueRing,
+    disk: &Disk,
+    persistent: bool,
+) -> Result<QueueBack<'a>, String> {
+    let pages = qr.pages.len();
+    // SAFETY: the pinned grants keep the ring pages mapped and claimed for as long as `qr`
+    // lives, which outlives the ring endpoint and the back end built on it (the `'a` borrow);
+    // `map_ring` checked that they are contiguous in host memory.
+    let region = unsafe { SharedRegion::from_raw(qr.pages[0].host_addr(), pages * PAGE_SIZE) }
+        .map_err(|_| "ring region".to_string())?;
+    let ring = BackRing::<BlkRing>::attach(region, pages).map_err(|e| format!("ring: {e}"))?;
+    let hp = HostPort::bind(dom, qr.port).map_err(|e| format!("port {}: {e:?}", qr.port))?;
     let grants = if persistent {
         DomainGrants::persistent(Arc::clone(dom))
     } else {
         DomainGrants::new(Arc::clone(dom))
     };
-    let mut back = match BlkBack::new(id, ring, disk, grants) {
-        Ok(b) => b,
-        Err(e) => {
-            tracing::error!(domid = id, "{frontend}: {e}");
-            set_state(state::CLOSED);
-            return;
-        }
-    };
-    set_state(state::CONNECTED);
-    tracing::info!(
-        domid = id,
-        "{frontend} connected to {}",
-        back.disk().path().display()
-    );
+    let disk = disk.try_clone().map_err(|e| e.to_string())?;
+    let back = BlkBack::new(dom.id, ring, disk, grants).map_err(|e| e.to_string())?;
+    Ok((back, hp))
+}
+
+/// Serves one queue until the device closes or the ring breaks.
+fn serve_queue(
+    dom: &Arc<DomainShared>,
+    frontend: &str,
+    (mut back, hp): QueueBack<'_>,
+    closing: &(dyn Fn() -> bool + Sync),
+) {
     loop {
         match back.process() {
             Ok(true) => hp.notify(),
@@ -361,9 +458,7 @@ fn serve(
                 break;
             }
         }
-        if gone()
-            || read_u32(store, &format!("{frontend}/state")).is_some_and(|s| s >= state::CLOSING)
-        {
+        if closing() {
             break;
         }
         match back.final_check() {
@@ -377,9 +472,8 @@ fn serve(
             }
         }
     }
-    // Tear down in order: stop serving, unbind, unmap, Closed.
+    // The back end (its in-flight I/O drained, its grant mappings released) goes before the
+    // channel is unbound.
     drop(back);
     drop(hp);
-    drop(ring_pages);
-    set_state(state::CLOSED);
 }

@@ -45,6 +45,27 @@ fn blkverify_passes_and_the_image_holds_exactly_what_the_guest_wrote() {
         dom.id()
     );
     assert_eq!(hv.store().read(0, 0, &order).unwrap(), b"2");
+    // It takes every queue the back end offers (one per host core, up to 4 in the guest), each
+    // with its own ring and channel in `queue-N/`; requests rotate over them.
+    let queues = dom0::vbd::max_queues().min(4);
+    assert!(
+        text.contains(&format!("{queues} queue(s)")),
+        "expected {queues} queues:\n{text}"
+    );
+    let fe = format!("/local/domain/{}/device/vbd/51712", dom.id());
+    if queues > 1 {
+        let nq = hv
+            .store()
+            .read(0, 0, &format!("{fe}/multi-queue-num-queues"))
+            .unwrap();
+        assert_eq!(nq, queues.to_string().as_bytes());
+        for q in 0..queues {
+            for key in ["event-channel", "ring-ref0", "ring-ref3"] {
+                let p = format!("{fe}/queue-{q}/{key}");
+                assert!(hv.store().read(0, 0, &p).is_ok(), "{p} missing");
+            }
+        }
+    }
     drop(dom);
     // The back end notices the domain's end, releases everything and says Closed.
     let t = std::time::Instant::now();
@@ -132,5 +153,57 @@ fn two_domains_with_their_own_disks_and_a_read_only_disk_refusing_writes() {
         content,
         "the read-only image is unchanged"
     );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// A front end that lies in the handshake (too many queues, a ring order past the limit, a ring
+/// made of ungranted pages) gets its device closed and a fault on its account; the back end
+/// never connects, and the domain keeps running.
+#[test]
+fn a_hostile_handshake_is_refused_and_the_device_closed() {
+    let dir = std::env::temp_dir().join(format!("sv-blkhs-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let img = dir.join("a.img");
+    Disk::create_sparse(&img, 1 << 20).unwrap();
+    let hv = hypervisor();
+    let dom = hv
+        .create_domain(DomainConfig {
+            name: "hs".into(),
+            cmdline: "ticker".into(),
+            ..Default::default()
+        })
+        .unwrap();
+    let fe = format!("/local/domain/{}/device/vbd", dom.id());
+    let bad: [&[(&str, &str)]; 3] = [
+        &[("multi-queue-num-queues", "9"), ("event-channel", "1")],
+        &[("ring-page-order", "5"), ("event-channel", "1")],
+        &[("ring-ref", "4000"), ("event-channel", "1")],
+    ];
+    for (i, keys) in bad.iter().enumerate() {
+        let devid = 51712 + 16 * i as u32;
+        let vbd = Vbd::attach(hv.store(), dom.shared(), devid, &img, false).unwrap();
+        // The toolstack (dom0) impersonates a hostile front end writing its keys.
+        for (k, v) in keys.iter() {
+            hv.store()
+                .write(0, 0, &format!("{fe}/{devid}/{k}"), v.as_bytes())
+                .unwrap();
+        }
+        hv.store()
+            .write(0, 0, &format!("{fe}/{devid}/state"), b"3")
+            .unwrap();
+        let t = std::time::Instant::now();
+        while vbd.backend_state() != Some(state::CLOSED) && t.elapsed() < Duration::from_secs(5) {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert_eq!(vbd.backend_state(), Some(state::CLOSED), "case {i}");
+        assert_eq!(
+            dom.shared().fault_count("vbd-handshake"),
+            i as u64 + 1,
+            "case {i}"
+        );
+        drop(vbd);
+    }
+    assert!(!dom.state().is_final(), "{:?}", dom.state());
+    drop(dom);
     std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -1,5 +1,6 @@
 //! Block front end: finds its disk in the store, does the XenbusState handshake with the back
-//! end, and issues requests over a one-page block ring with data in granted pages.
+//! end, and issues requests over one or more block rings (Xen's multi-queue layout) of 1-4
+//! pages each, with data in granted pages.
 
 use pv_protocol::blkif::{BlkRequest, BlkResponse, BlkRing, BlkSegment, BlkStatus, DirectSegments};
 use pv_protocol::grant::GrantRef;
@@ -12,10 +13,12 @@ use crate::hcall::Cpu;
 use crate::store::{StoreFail, request};
 use crate::text::{fmt_u32, parse_u64};
 
-/// Grant ref of the first ring page (a multi-page ring uses the following refs too).
-const RING_GREF: u32 = 10;
-/// Most ring pages (ring-page-order 2).
+/// Grant ref of queue 0's first ring page; queue `q`'s page `i` is `RING_GREF + 16 q + i`.
+const RING_GREF: u32 = 1024;
+/// Most ring pages per queue (ring-page-order 2).
 pub const MAX_RING_PAGES: usize = 4;
+/// Most queues (each a ring and an event channel).
+pub const MAX_QUEUES: usize = 4;
 /// Grant ref of the indirect-segment page.
 const INDIRECT_GREF: u32 = 9;
 /// First grant ref of the data pages.
@@ -26,15 +29,25 @@ pub const DATA_PAGES: usize = 256;
 #[repr(C, align(4096))]
 struct Pages<const N: usize>([[u8; PAGE_SIZE]; N]);
 
-static mut RING_PAGE: Pages<MAX_RING_PAGES> = Pages([[0; PAGE_SIZE]; MAX_RING_PAGES]);
+static mut RING_PAGE: Pages<{ MAX_RING_PAGES * MAX_QUEUES }> =
+    Pages([[0; PAGE_SIZE]; MAX_RING_PAGES * MAX_QUEUES]);
 static mut INDIRECT_PAGE: Pages<1> = Pages([[0; PAGE_SIZE]; 1]);
 static mut DATA: Pages<DATA_PAGES> = Pages([[0; PAGE_SIZE]; DATA_PAGES]);
+
+/// One queue: a ring and the event channel that signals it.
+#[derive(Debug)]
+struct Queue {
+    ring: FrontRing<'static, BlkRing>,
+    port: u32,
+}
 
 /// A connected block device.
 #[derive(Debug)]
 pub struct BlkFront {
-    ring: FrontRing<'static, BlkRing>,
-    port: u32,
+    queues: [Option<Queue>; MAX_QUEUES],
+    nq: usize,
+    /// The queue the next synchronous request goes to (they rotate over all queues).
+    cur: usize,
     /// Disk size in sectors.
     pub sectors: u64,
     next_id: u64,
@@ -79,10 +92,12 @@ pub fn data_page(i: usize) -> *mut u8 {
 }
 
 impl BlkFront {
-    /// Waits (about `tries` x 10 ms) for a disk in the store, then connects to it with a ring of
-    /// `2^order` pages (`order` <= 2; 0 uses the single-page `ring-ref` form).
-    pub fn connect(cpu: &Cpu, tries: u32, order: u32) -> Result<Self, &'static str> {
-        let pages = 1usize << order.min(2);
+    /// Waits (about `tries` x 10 ms) for a disk in the store, then connects to it with up to
+    /// `queues` queues (as many as the back end offers), each a ring of `2^order` pages
+    /// (`order` <= 2; 0 uses the single-page `ring-ref` form).
+    pub fn connect(cpu: &Cpu, tries: u32, order: u32, queues: usize) -> Result<Self, &'static str> {
+        let order = order.min(2);
+        let pages = 1usize << order;
         let mut out = [0u8; 256];
         // The toolstack may attach the disk just after the domain started.
         let mut dev = [0u8; 32];
@@ -129,50 +144,89 @@ impl BlkFront {
         }
         let n = read(cpu, join(&mut key, be, b"sectors"), &mut out).map_err(|_| "no sectors")?;
         let sectors = parse_u64(&out[..n]).ok_or("bad sectors")?;
+        // A back end without the key offers one queue.
+        let offered = read(cpu, join(&mut key, be, b"multi-queue-max-queues"), &mut out)
+            .ok()
+            .and_then(|n| parse_u64(&out[..n]))
+            .unwrap_or(1);
+        let nq = queues.clamp(1, MAX_QUEUES).min(offered.max(1) as usize);
 
-        // Ring pages and data pages, granted to dom0.
-        let ring_addr = (&raw mut RING_PAGE) as u64;
-        for i in 0..pages {
-            crate::grant::grant(
-                RING_GREF + i as u32,
-                0,
-                ring_addr + (i * PAGE_SIZE) as u64,
-                false,
-            );
-        }
+        // Data pages and the indirect page, granted to dom0.
         for i in 0..DATA_PAGES {
             crate::grant::grant(DATA_GREF + i as u32, 0, data_page(i) as u64, false);
         }
         crate::grant::grant(INDIRECT_GREF, 0, (&raw mut INDIRECT_PAGE) as u64, true);
-        // SAFETY: the ring page is a static, identity-mapped page this kernel shares only with
-        // the back end, which (like us) accesses it only atomically.
-        let region = unsafe { SharedRegion::from_raw(ring_addr as *mut u8, pages * PAGE_SIZE) }
-            .map_err(|_| "ring page")?;
-        let ring = FrontRing::new(region, pages).map_err(|_| "ring init")?;
-        let port = ev::alloc_unbound(cpu, 0).map_err(|_| "no event channel")?;
 
-        let mut v = [0u8; 16];
         let w = |cpu: &Cpu, k: &[u8], val: &[u8]| {
             let mut kb = [0u8; 128];
             write(cpu, join(&mut kb, fe, k), val)
         };
-        if pages == 1 {
-            w(cpu, b"ring-ref", fmt_u32(&mut v, RING_GREF)).map_err(|_| "write ring-ref")?;
-        } else {
-            for i in 0..pages as u32 {
-                let mut k = [0u8; 16];
-                k[..8].copy_from_slice(b"ring-ref");
-                let digits = fmt_u32(&mut v, i).len();
-                k[8..8 + digits].copy_from_slice(fmt_u32(&mut v, i));
-                let key = &k[..8 + digits];
-                let mut v2 = [0u8; 16];
-                w(cpu, key, fmt_u32(&mut v2, RING_GREF + i)).map_err(|_| "write ring-refN")?;
+        let mut v = [0u8; 16];
+        let mut qs: [Option<Queue>; MAX_QUEUES] = [const { None }; MAX_QUEUES];
+        for (q, slot) in qs.iter_mut().enumerate().take(nq) {
+            let ring_addr = (&raw mut RING_PAGE) as u64 + (q * MAX_RING_PAGES * PAGE_SIZE) as u64;
+            let gref0 = RING_GREF + 16 * q as u32;
+            for i in 0..pages {
+                crate::grant::grant(
+                    gref0 + i as u32,
+                    0,
+                    ring_addr + (i * PAGE_SIZE) as u64,
+                    false,
+                );
             }
-            let mut v2 = [0u8; 16];
-            w(cpu, b"ring-page-order", fmt_u32(&mut v2, order.min(2)))
+            // SAFETY: the ring pages are static, identity-mapped pages this kernel shares only
+            // with the back end, which (like us) accesses them only atomically; each queue has
+            // its own.
+            let region = unsafe { SharedRegion::from_raw(ring_addr as *mut u8, pages * PAGE_SIZE) }
+                .map_err(|_| "ring page")?;
+            let ring = FrontRing::new(region, pages).map_err(|_| "ring init")?;
+            let port = ev::alloc_unbound(cpu, 0).map_err(|_| "no event channel")?;
+            // Keys live in `queue-N/` when there are several queues (Xen's layout).
+            let mut dir = [0u8; 16];
+            let dir_len = if nq == 1 {
+                0
+            } else {
+                let digits = fmt_u32(&mut v, q as u32);
+                let nd = digits.len();
+                dir[..6].copy_from_slice(b"queue-");
+                dir[6..6 + nd].copy_from_slice(digits);
+                dir[6 + nd] = b'/';
+                7 + nd
+            };
+            let mut k = [0u8; 32];
+            let key = |k: &mut [u8; 32], name: &[u8], idx: Option<u32>| -> usize {
+                k[..dir_len].copy_from_slice(&dir[..dir_len]);
+                k[dir_len..dir_len + name.len()].copy_from_slice(name);
+                let mut n = dir_len + name.len();
+                if let Some(i) = idx {
+                    let mut d = [0u8; 16];
+                    let digits = fmt_u32(&mut d, i);
+                    k[n..n + digits.len()].copy_from_slice(digits);
+                    n += digits.len();
+                }
+                n
+            };
+            if pages == 1 {
+                let n = key(&mut k, b"ring-ref", None);
+                w(cpu, &k[..n], fmt_u32(&mut v, gref0)).map_err(|_| "write ring-ref")?;
+            } else {
+                for i in 0..pages as u32 {
+                    let n = key(&mut k, b"ring-ref", Some(i));
+                    w(cpu, &k[..n], fmt_u32(&mut v, gref0 + i)).map_err(|_| "write ring-refN")?;
+                }
+            }
+            let n = key(&mut k, b"event-channel", None);
+            w(cpu, &k[..n], fmt_u32(&mut v, port)).map_err(|_| "write event-channel")?;
+            *slot = Some(Queue { ring, port });
+        }
+        if pages > 1 {
+            w(cpu, b"ring-page-order", fmt_u32(&mut v, order))
                 .map_err(|_| "write ring-page-order")?;
         }
-        w(cpu, b"event-channel", fmt_u32(&mut v, port)).map_err(|_| "write event-channel")?;
+        if offered > 1 {
+            w(cpu, b"multi-queue-num-queues", fmt_u32(&mut v, nq as u32))
+                .map_err(|_| "write multi-queue-num-queues")?;
+        }
         w(cpu, b"protocol", b"x86_64-abi").map_err(|_| "write protocol")?;
         // Our data pages are granted for good: let the back end keep them mapped.
         w(cpu, b"feature-persistent", b"1").map_err(|_| "write feature-persistent")?;
@@ -187,45 +241,63 @@ impl BlkFront {
         }
         w(cpu, b"state", b"4").map_err(|_| "write state")?;
         Ok(Self {
-            ring,
-            port,
+            queues: qs,
+            nq,
+            cur: 0,
             sectors,
             next_id: 1,
         })
     }
 
+    /// Queues connected.
+    pub fn queues(&self) -> usize {
+        self.nq
+    }
+
+    fn queue(&mut self, q: usize) -> &mut Queue {
+        // `connect` filled slots 0..nq; callers index below `queues()`.
+        self.queues[q.min(self.nq - 1)]
+            .as_mut()
+            .expect("connected queue")
+    }
+
     /// Issues one request and waits for its response.
+    /// Successive calls rotate over the queues, so every ring carries traffic.
     pub fn submit(&mut self, cpu: &Cpu, req: BlkRequest) -> BlkStatus {
-        if !self.push(req) {
+        let q = self.cur;
+        self.cur = (self.cur + 1) % self.nq;
+        if !self.push(q, req) {
             return BlkStatus::Error;
         }
-        self.kick();
-        self.wait_one(cpu).map_or(BlkStatus::Error, |(_, s)| s)
+        self.kick(q);
+        self.wait_one(cpu, q).map_or(BlkStatus::Error, |(_, s)| s)
     }
 
-    /// Queues a request without publishing it; `false` if the ring is full.
-    pub fn push(&mut self, req: BlkRequest) -> bool {
-        self.ring.push_request(&req.to_raw()).is_ok()
+    /// Queues a request on queue `q` without publishing it; `false` if the ring is full.
+    pub fn push(&mut self, q: usize, req: BlkRequest) -> bool {
+        self.queue(q).ring.push_request(&req.to_raw()).is_ok()
     }
 
-    /// Publishes queued requests, ringing the doorbell only if the back end asked.
-    pub fn kick(&mut self) {
-        if self.ring.commit_requests() {
-            ev::doorbell(self.port);
+    /// Publishes queue `q`'s queued requests, ringing the doorbell only if the back end asked.
+    pub fn kick(&mut self, q: usize) {
+        let queue = self.queue(q);
+        if queue.ring.commit_requests() {
+            ev::doorbell(queue.port);
         }
     }
 
-    /// Requests in flight.
-    pub fn in_flight(&self) -> u32 {
-        self.ring.in_flight()
+    /// Requests in flight on queue `q`.
+    pub fn in_flight(&mut self, q: usize) -> u32 {
+        self.queue(q).ring.in_flight()
     }
 
     /// A finished request: polls the ring for a while (no exits while the back end is busy),
     /// then sleeps in `sched_op(poll)` once the event index is armed.
-    pub fn wait_one(&mut self, cpu: &Cpu) -> Option<(u64, BlkStatus)> {
+    pub fn wait_one(&mut self, cpu: &Cpu, q: usize) -> Option<(u64, BlkStatus)> {
+        let queue = self.queue(q);
         for _ in 0..100_000 {
             for _ in 0..2_000 {
-                match self.ring.take_response() {
+                match queue.ring.take_response() {
                     Ok(Some(r)) => {
                         return BlkResponse::parse(&r).ok().map(|r| (r.id, r.status));
                     }
@@ -233,17 +305,17 @@ impl BlkFront {
                     Err(_) => return None,
                 }
             }
-            if !self.ring.final_check_for_responses().unwrap_or(true) {
-                ev::poll(cpu, &[self.port], 100_000_000);
-                ev::clear_pending(self.port);
+            if !queue.ring.final_check_for_responses().unwrap_or(true) {
+                ev::poll(cpu, &[queue.port], 100_000_000);
+                ev::clear_pending(queue.port);
             }
         }
         None
     }
 
-    /// A finished request, if one is there now (no waiting).
-    pub fn try_one(&mut self) -> Option<(u64, BlkStatus)> {
-        let r = self.ring.take_response().ok().flatten()?;
+    /// A finished request on queue `q`, if one is there now (no waiting).
+    pub fn try_one(&mut self, q: usize) -> Option<(u64, BlkStatus)> {
+        let r = self.queue(q).ring.take_response().ok().flatten()?;
         BlkResponse::parse(&r).ok().map(|r| (r.id, r.status))
     }
 

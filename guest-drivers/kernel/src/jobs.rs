@@ -863,10 +863,10 @@ use pv_protocol::blkif::{VERIFY_REGIONS as BLKVERIFY_REGIONS, VerifySeg as Seg};
 
 use crate::text::parse_u32;
 
-/// Connects to the first disk (waiting up to about 5 s for the toolstack to attach it) with a
-/// ring of `2^order` pages, or prints why not.
-fn connect_disk(cpu: &Cpu, order: u32) -> Option<crate::blkfront::BlkFront> {
-    crate::blkfront::BlkFront::connect(cpu, 500, order)
+/// Connects to the first disk (waiting up to about 5 s for the toolstack to attach it) with up
+/// to `queues` rings of `2^order` pages, or prints why not.
+fn connect_disk(cpu: &Cpu, order: u32, queues: usize) -> Option<crate::blkfront::BlkFront> {
+    crate::blkfront::BlkFront::connect(cpu, 500, order, queues)
         .map_err(|e| kprintln!(cpu, "FAIL blk-connect: {e}"))
         .ok()
 }
@@ -918,11 +918,17 @@ pub fn blkverify(cpu: &Cpu) -> u32 {
         passed: 0,
         failed: 0,
     };
-    let Some(mut disk) = connect_disk(cpu, 2) else {
+    // As many queues as the back end offers: requests rotate over them, so every ring is used.
+    let Some(mut disk) = connect_disk(cpu, 2, crate::blkfront::MAX_QUEUES) else {
         return 1;
     };
     c.check("blk-connect", true, format_args!(""));
-    kprintln!(cpu, "blkverify: disk of {} sectors", disk.sectors);
+    kprintln!(
+        cpu,
+        "blkverify: disk of {} sectors, {} queue(s)",
+        disk.sectors,
+        disk.queues()
+    );
     for (i, &(sector, segs)) in BLKVERIFY_REGIONS.iter().enumerate() {
         fill_region(sector, segs, true);
         let s = disk.rw(cpu, true, sector, segs);
@@ -963,7 +969,7 @@ pub fn blkverify(cpu: &Cpu) -> u32 {
 /// sleeps forever: the durability test kills the whole VMM process at that point.
 pub fn blkwrite(cpu: &Cpu) -> u32 {
     use pv_protocol::blkif::BlkStatus;
-    let Some(mut disk) = connect_disk(cpu, 0) else {
+    let Some(mut disk) = connect_disk(cpu, 0, 1) else {
         return 1;
     };
     for (i, &(sector, segs)) in BLKVERIFY_REGIONS.iter().enumerate() {
@@ -995,7 +1001,7 @@ pub fn blkro(cpu: &Cpu) -> u32 {
         passed: 0,
         failed: 0,
     };
-    let Some(mut disk) = connect_disk(cpu, 0) else {
+    let Some(mut disk) = connect_disk(cpu, 0, 1) else {
         return 1;
     };
     let (sector, segs) = BLKVERIFY_REGIONS[1];
@@ -1022,20 +1028,25 @@ pub fn blkro(cpu: &Cpu) -> u32 {
     c.failed
 }
 
-/// `blkbench [SECONDS]`: 4 KiB random reads at queue depth 32, then 1 MiB sequential reads and
-/// writes (one indirect request at a time), each for SECONDS; prints IOPS and MB/s.
+/// `blkbench [SECONDS [QUEUES]]`: 4 KiB random reads at queue depth 32 (spread over QUEUES
+/// rings, default 1), then 1 MiB sequential reads and writes (one indirect request at a time),
+/// each for SECONDS; prints IOPS and MB/s.
 pub fn blkbench(cpu: &Cpu, si: &StartInfo, cmdline: &str) -> u32 {
     use crate::blkfront::{BlkFront, DATA_GREF};
     use pv_protocol::blkif::{BlkRequest, BlkSegment, BlkStatus, DirectSegments};
     use pv_protocol::grant::GrantRef;
-    let secs = cmdline
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| parse_u32(s.as_bytes()))
-        .unwrap_or(5);
-    let Some(mut disk) = connect_disk(cpu, 2) else {
+    let mut args = cmdline.split_whitespace().skip(1);
+    let mut arg = |default| {
+        args.next()
+            .and_then(|s| parse_u32(s.as_bytes()))
+            .unwrap_or(default)
+    };
+    let secs = arg(5);
+    let queues = arg(1) as usize;
+    let Some(mut disk) = connect_disk(cpu, 2, queues) else {
         return 1;
     };
+    let nq = disk.queues();
     let tsc_per_s = si.tsc_khz * 1000;
     let budget = u64::from(secs) * tsc_per_s;
     let pages_4k = disk.sectors / 8;
@@ -1047,7 +1058,7 @@ pub fn blkbench(cpu: &Cpu, si: &StartInfo, cmdline: &str) -> u32 {
         seed
     };
 
-    // 4 KiB random reads, 32 in flight; slot i uses data page i.
+    // 4 KiB random reads, 32 in flight; slot i uses data page i, on queue i % nq.
     const QD: usize = 32;
     let read4k = |disk: &mut BlkFront, page: usize, sector: u64| {
         let id = disk.next_id() << 8 | page as u64;
@@ -1057,43 +1068,61 @@ pub fn blkbench(cpu: &Cpu, si: &StartInfo, cmdline: &str) -> u32 {
             last_sect: 7,
         };
         let segments = DirectSegments::from_slice(&[seg]).unwrap_or_default();
-        disk.push(BlkRequest::Read {
-            id,
-            handle: 0,
-            sector,
-            segments,
-        })
+        disk.push(
+            page % nq,
+            BlkRequest::Read {
+                id,
+                handle: 0,
+                sector,
+                segments,
+            },
+        )
     };
     for page in 0..QD {
         read4k(&mut disk, page, (rand() % pages_4k) * 8);
     }
-    disk.kick();
+    for q in 0..nq {
+        disk.kick(q);
+    }
     let start = rdtsc();
     let mut done = 0u64;
     let mut errors = 0u64;
+    let (mut round, mut idle_since) = (0usize, rdtsc());
     while rdtsc() - start < budget {
-        let Some(first) = disk.wait_one(cpu) else {
-            errors += 1;
-            break;
-        };
-        // Re-issue every request that finished, then publish them together.
-        let mut next = Some(first);
-        while let Some((id, status)) = next {
+        let q = round % nq;
+        round += 1;
+        // Re-issue every request that finished on this queue, then publish them together.
+        let mut any = false;
+        while let Some((id, status)) = disk.try_one(q) {
+            any = true;
             done += 1;
             errors += u64::from(status != BlkStatus::Okay);
             read4k(&mut disk, (id & 0xff) as usize, (rand() % pages_4k) * 8);
-            next = disk.try_one();
         }
-        disk.kick();
+        if any {
+            disk.kick(q);
+            idle_since = rdtsc();
+        } else if rdtsc() - idle_since > tsc_per_s {
+            // Nothing for a second: a broken ring, not a slow disk.
+            errors += 1;
+            break;
+        } else {
+            core::hint::spin_loop();
+        }
     }
     let elapsed = rdtsc() - start;
-    while disk.in_flight() > 0 {
-        if disk.wait_one(cpu).is_none() {
-            break;
+    for q in 0..nq {
+        while disk.in_flight(q) > 0 {
+            if disk.wait_one(cpu, q).is_none() {
+                break;
+            }
         }
     }
     let iops = done * tsc_per_s / elapsed.max(1);
-    kprintln!(cpu, "blkbench randread_4k_qd32_iops {iops} errors {errors}");
+    kprintln!(
+        cpu,
+        "blkbench randread_4k_qd32_iops {iops} errors {errors} queues {nq}"
+    );
 
     // 1 MiB sequential, one request at a time.
     for (name, write) in [("seqread_1m_mbps", false), ("seqwrite_1m_mbps", true)] {

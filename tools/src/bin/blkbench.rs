@@ -132,25 +132,38 @@ fn run() -> Result<(), String> {
 
     eprintln!("blkbench: guest through blockback, {seconds} s per case");
     let hv = Hypervisor::new().map_err(|e| e.to_string())?;
-    let dom = hv
-        .create_domain(DomainConfig {
-            name: "blkbench".into(),
-            mem_mib: 128,
-            cmdline: format!("blkbench {seconds}"),
-            ..Default::default()
-        })
-        .map_err(|e| format!("create: {e}"))?;
-    let disk = Disk::open_with(&image, false, true).map_err(|e| e.to_string())?;
-    let vbd = Vbd::attach_disk(hv.store(), dom.shared(), 51712, disk).map_err(|e| e.to_string())?;
-    let state = dom.wait(Duration::from_secs(u64::from(seconds) * 6 + 60));
-    let text = dom.console().text();
-    drop(vbd);
-    if !state.is_final() {
-        return Err(format!("guest did not finish: {state:?}\n{text}"));
-    }
+    let guest = |queues: u32| -> Result<String, String> {
+        let dom = hv
+            .create_domain(DomainConfig {
+                name: format!("blkbench-q{queues}"),
+                mem_mib: 128,
+                cmdline: format!("blkbench {seconds} {queues}"),
+                ..Default::default()
+            })
+            .map_err(|e| format!("create: {e}"))?;
+        let disk = Disk::open_with(&image, false, true).map_err(|e| e.to_string())?;
+        let vbd =
+            Vbd::attach_disk(hv.store(), dom.shared(), 51712, disk).map_err(|e| e.to_string())?;
+        let state = dom.wait(Duration::from_secs(u64::from(seconds) * 6 + 60));
+        let text = dom.console().text();
+        drop(vbd);
+        if !state.is_final() {
+            return Err(format!("guest did not finish: {state:?}\n{text}"));
+        }
+        Ok(text)
+    };
+    let text = guest(1)?;
     let g_rand = guest_value(&text, "randread_4k_qd32_iops")?;
     let g_seqr = guest_value(&text, "seqread_1m_mbps")?;
     let g_seqw = guest_value(&text, "seqwrite_1m_mbps")?;
+    // The same load spread over every queue the back end offers (one per host core).
+    let queues = dom0::vbd::max_queues();
+    let g_rand_mq = if queues > 1 {
+        eprintln!("blkbench: again with {queues} queues");
+        Some(guest_value(&guest(queues)?, "randread_4k_qd32_iops")?)
+    } else {
+        None
+    };
 
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let mut t = String::new();
@@ -173,6 +186,13 @@ fn run() -> Result<(), String> {
         "| 4 KiB random read, depth 32 (IOPS) | {fio_rand:.0} | {g_rand:.0} | {:.2}x |",
         g_rand / fio_rand
     );
+    if let Some(mq) = g_rand_mq {
+        let _ = writeln!(
+            t,
+            "| 4 KiB random read, depth 32 over {queues} queues (IOPS) | {fio_rand:.0} | {mq:.0} | {:.2}x |",
+            mq / fio_rand
+        );
+    }
     let _ = writeln!(
         t,
         "| 1 MiB sequential read, depth 1 (MiB/s) | {fio_seqr:.0} | {g_seqr:.0} | {:.2}x |",
