@@ -9,6 +9,7 @@
 
 pub mod boot;
 pub mod console;
+pub mod cpuid;
 pub mod domain;
 pub mod evtchn;
 pub mod grant;
@@ -200,7 +201,7 @@ impl Hypervisor {
             let vcpu = vm
                 .create_vcpu(u64::from(i))
                 .map_err(|e| Error::Kvm("KVM_CREATE_VCPU", e))?;
-            self.setup_vcpu(&vcpu, i, entry)?;
+            self.setup_vcpu(&vcpu, i, cfg.vcpus, entry)?;
             vcpus.push(vcpu);
         }
         let tsc_khz = vcpus[0]
@@ -314,7 +315,8 @@ impl Hypervisor {
             .map_err(Error::Thread)
     }
 
-    fn setup_vcpu(&self, vcpu: &VcpuFd, index: u32, entry: u64) -> Result<()> {
+    fn setup_vcpu(&self, vcpu: &VcpuFd, index: u32, nr_vcpus: u32, entry: u64) -> Result<()> {
+        cpuid::setup(vcpu, index, nr_vcpus)?;
         if self.flavour == KvmFlavour::Pvm {
             // PVM: register the vCPU's VIF page, or supervisor code is emulated.
             let msrs = Msrs::from_entries(&[kvm_msr_entry {
