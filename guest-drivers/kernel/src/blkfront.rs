@@ -313,6 +313,31 @@ impl BlkFront {
         None
     }
 
+    /// Sleeps until some queue has at least `batch` (clamped to its requests in flight)
+    /// responses waiting, instead of polling: one wake-up per batch, and the vCPU's core is free
+    /// for the back end meanwhile. Returns at once if responses are already there.
+    pub fn sleep_for_batch(&mut self, cpu: &Cpu, batch: u32) {
+        let mut ports = [0u32; MAX_QUEUES];
+        for (q, port) in ports.iter_mut().enumerate().take(self.nq) {
+            let queue = self.queue(q);
+            if queue.ring.in_flight() == 0 {
+                continue;
+            }
+            if queue
+                .ring
+                .final_check_for_responses_after(batch)
+                .unwrap_or(true)
+            {
+                return;
+            }
+            *port = queue.port;
+        }
+        ev::poll(cpu, &ports[..self.nq], 100_000_000);
+        for &p in &ports[..self.nq] {
+            ev::clear_pending(p);
+        }
+    }
+
     /// A finished request on queue `q`, if one is there now (no waiting).
     pub fn try_one(&mut self, q: usize) -> Option<(u64, BlkStatus)> {
         let r = self.queue(q).ring.take_response().ok().flatten()?;

@@ -1028,8 +1028,9 @@ pub fn blkro(cpu: &Cpu) -> u32 {
     c.failed
 }
 
-/// `blkbench [SECONDS [QUEUES]]`: 4 KiB random reads at queue depth 32 (spread over QUEUES
-/// rings, default 1), then 1 MiB sequential reads and writes (one indirect request at a time),
+/// `blkbench [SECONDS [QUEUES [BATCH]]]`: 4 KiB random reads at queue depth 32 (spread over
+/// QUEUES rings, default 1; polling for responses, or with BATCH > 0 sleeping until BATCH are
+/// ready), then 1 MiB sequential reads and writes (one indirect request at a time),
 /// each for SECONDS; prints IOPS and MB/s.
 pub fn blkbench(cpu: &Cpu, si: &StartInfo, cmdline: &str) -> u32 {
     use crate::blkfront::{BlkFront, DATA_GREF};
@@ -1043,6 +1044,8 @@ pub fn blkbench(cpu: &Cpu, si: &StartInfo, cmdline: &str) -> u32 {
     };
     let secs = arg(5);
     let queues = arg(1) as usize;
+    // 0: poll while requests are in flight; n: sleep until n responses are ready.
+    let batch = arg(0);
     let Some(mut disk) = connect_disk(cpu, 2, queues) else {
         return 1;
     };
@@ -1106,6 +1109,8 @@ pub fn blkbench(cpu: &Cpu, si: &StartInfo, cmdline: &str) -> u32 {
             // Nothing for a second: a broken ring, not a slow disk.
             errors += 1;
             break;
+        } else if batch > 0 && q == nq - 1 {
+            disk.sleep_for_batch(cpu, batch);
         } else {
             core::hint::spin_loop();
         }

@@ -98,6 +98,9 @@ fn prepare(image: &Path) -> Result<(), String> {
         .map_err(|e| format!("{}: {e}", image.display()))
 }
 
+/// Responses a sleeping guest waits for before it is woken (half the queue depth).
+const SLEEP_BATCH: u32 = 16;
+
 fn run() -> Result<(), String> {
     let mut seconds = 5u32;
     let mut image = PathBuf::from("target/blkbench.img");
@@ -132,12 +135,12 @@ fn run() -> Result<(), String> {
 
     eprintln!("blkbench: guest through blockback, {seconds} s per case");
     let hv = Hypervisor::new().map_err(|e| e.to_string())?;
-    let guest = |queues: u32| -> Result<String, String> {
+    let guest = |queues: u32, batch: u32| -> Result<String, String> {
         let dom = hv
             .create_domain(DomainConfig {
-                name: format!("blkbench-q{queues}"),
+                name: format!("blkbench-q{queues}-b{batch}"),
                 mem_mib: 128,
-                cmdline: format!("blkbench {seconds} {queues}"),
+                cmdline: format!("blkbench {seconds} {queues} {batch}"),
                 ..Default::default()
             })
             .map_err(|e| format!("create: {e}"))?;
@@ -152,7 +155,7 @@ fn run() -> Result<(), String> {
         }
         Ok(text)
     };
-    let text = guest(1)?;
+    let text = guest(1, 0)?;
     let g_rand = guest_value(&text, "randread_4k_qd32_iops")?;
     let g_seqr = guest_value(&text, "seqread_1m_mbps")?;
     let g_seqw = guest_value(&text, "seqwrite_1m_mbps")?;
@@ -160,10 +163,13 @@ fn run() -> Result<(), String> {
     let queues = dom0::vbd::max_queues();
     let g_rand_mq = if queues > 1 {
         eprintln!("blkbench: again with {queues} queues");
-        Some(guest_value(&guest(queues)?, "randread_4k_qd32_iops")?)
+        Some(guest_value(&guest(queues, 0)?, "randread_4k_qd32_iops")?)
     } else {
         None
     };
+    // The guest sleeping until a batch of responses is ready instead of polling.
+    eprintln!("blkbench: again with the guest sleeping for batches of {SLEEP_BATCH}");
+    let g_rand_sleep = guest_value(&guest(1, SLEEP_BATCH)?, "randread_4k_qd32_iops")?;
 
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let mut t = String::new();
@@ -185,6 +191,11 @@ fn run() -> Result<(), String> {
         t,
         "| 4 KiB random read, depth 32 (IOPS) | {fio_rand:.0} | {g_rand:.0} | {:.2}x |",
         g_rand / fio_rand
+    );
+    let _ = writeln!(
+        t,
+        "| 4 KiB random read, depth 32, guest sleeps for {SLEEP_BATCH} responses (IOPS) | {fio_rand:.0} | {g_rand_sleep:.0} | {:.2}x |",
+        g_rand_sleep / fio_rand
     );
     if let Some(mq) = g_rand_mq {
         let _ = writeln!(
