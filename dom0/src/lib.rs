@@ -9,3 +9,4 @@ pub mod blkback;
 pub mod disk;
 pub mod grants;
 pub mod vbd;
+pub mod xenbus;

@@ -1,0 +1,205 @@
+//! The toolstack's side of Xen's device handshake, shared by every device class (vbd, vif).
+//!
+//! Store layout (Xen's): the front-end directory `/local/domain/<dom>/device/<class>/<devid>`
+//! (owned by the guest) and the back-end directory `/local/domain/0/backend/<class>/<dom>/<devid>`
+//! (owned by dom0, readable by the guest). The back end publishes its features and `InitWait`;
+//! the front end grants its rings, offers an event channel to dom0, writes the references and
+//! `Initialised`; the back end maps the rings, binds the channel and switches to `Connected`.
+//! Closing (the front end's `Closing`, a detach, or the domain's end) tears down in order: stop
+//! serving, unbind, unmap, `Closed`; detaching removes the back-end directory.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use hypervisor::DomainShared;
+use hypervisor::grant::PinnedGrant;
+use hypervisor::store::Store;
+use pv_protocol::PAGE_SIZE;
+use pv_protocol::grant::{DomId, GrantRef};
+use pv_protocol::store::{Perm, PermKind, StoreErrno};
+
+/// XenbusState values.
+pub mod state {
+    /// Initialising.
+    pub const INITIALISING: u32 = 1;
+    /// Back end waits for the front end.
+    pub const INIT_WAIT: u32 = 2;
+    /// Front end published its rings.
+    pub const INITIALISED: u32 = 3;
+    /// Connected.
+    pub const CONNECTED: u32 = 4;
+    /// Closing.
+    pub const CLOSING: u32 = 5;
+    /// Closed.
+    pub const CLOSED: u32 = 6;
+}
+
+/// A store entry could not be written.
+#[derive(Debug, thiserror::Error)]
+#[error("store: {0:?} writing {1}")]
+pub struct XenbusError(pub StoreErrno, pub String);
+
+/// One device's pair of store directories.
+#[derive(Debug, Clone)]
+pub struct DeviceDirs {
+    store: Arc<Store>,
+    /// The guest's domain id.
+    pub domid: u32,
+    /// `/local/domain/0/backend/<class>/<dom>/<devid>`.
+    pub backend: String,
+    /// `/local/domain/<dom>/device/<class>/<devid>`.
+    pub frontend: String,
+}
+
+impl DeviceDirs {
+    /// The directories of device `devid` of class `class` ("vbd", "vif") of domain `domid`.
+    pub fn new(store: &Arc<Store>, class: &str, domid: u32, devid: u32) -> Self {
+        Self {
+            store: Arc::clone(store),
+            domid,
+            backend: format!("/local/domain/0/backend/{class}/{domid}/{devid}"),
+            frontend: format!("/local/domain/{domid}/device/{class}/{devid}"),
+        }
+    }
+
+    /// The store.
+    pub fn store(&self) -> &Arc<Store> {
+        &self.store
+    }
+
+    fn write(&self, path: String, value: &str) -> Result<(), XenbusError> {
+        self.store
+            .write(0, 0, &path, value.as_bytes())
+            .map_err(|e| XenbusError(e, path))
+    }
+
+    /// Publishes a new device: the back end's `keys`, then `InitWait`, readable by the guest;
+    /// then the front-end directory with `front_keys` and `Initialising`.
+    pub fn publish(
+        &self,
+        keys: &[(&str, String)],
+        front_keys: &[(&str, String)],
+    ) -> Result<(), XenbusError> {
+        let (be, fe) = (&self.backend, &self.frontend);
+        self.write(format!("{be}/frontend"), fe)?;
+        self.write(format!("{be}/frontend-id"), &self.domid.to_string())?;
+        for (k, v) in keys {
+            self.write(format!("{be}/{k}"), v)?;
+        }
+        self.write(format!("{be}/state"), &state::INIT_WAIT.to_string())?;
+        let readable = [
+            Perm {
+                kind: PermKind::None,
+                domid: DomId(0),
+            },
+            Perm {
+                kind: PermKind::Read,
+                domid: DomId(self.domid as u16),
+            },
+        ];
+        let parent = be.rsplit_once('/').map_or(be.as_str(), |(p, _)| p);
+        let children = self.store.directory(0, 0, be).unwrap_or_default();
+        let paths = [parent.to_owned(), be.clone()]
+            .into_iter()
+            .chain(children.iter().map(|k| format!("{be}/{k}")));
+        for p in paths {
+            self.store
+                .set_perms(0, 0, &p, &readable)
+                .map_err(|e| XenbusError(e, p.clone()))?;
+        }
+        // Front end directory, in the guest's home (so owned by the guest).
+        self.write(format!("{fe}/backend"), be)?;
+        self.write(format!("{fe}/backend-id"), "0")?;
+        for (k, v) in front_keys {
+            self.write(format!("{fe}/{k}"), v)?;
+        }
+        self.write(format!("{fe}/state"), &state::INITIALISING.to_string())
+    }
+
+    /// A front-end key, as text.
+    pub fn front(&self, key: &str) -> Option<String> {
+        let v = self
+            .store
+            .read(0, 0, &format!("{}/{key}", self.frontend))
+            .ok()?;
+        String::from_utf8(v).ok()
+    }
+
+    /// A front-end key, as a number.
+    pub fn front_u32(&self, key: &str) -> Option<u32> {
+        self.front(key)?.trim().parse().ok()
+    }
+
+    /// The back end's current XenbusState.
+    pub fn backend_state(&self) -> Option<u32> {
+        let v = self
+            .store
+            .read(0, 0, &format!("{}/state", self.backend))
+            .ok()?;
+        std::str::from_utf8(&v).ok()?.trim().parse().ok()
+    }
+
+    /// The front end's current XenbusState.
+    pub fn frontend_state(&self) -> Option<u32> {
+        self.front_u32("state")
+    }
+
+    /// Sets the back end's XenbusState.
+    pub fn set_state(&self, s: u32) {
+        let _ = self.write(format!("{}/state", self.backend), &s.to_string());
+    }
+
+    /// Waits (polling the store, fine for a handshake) until the front end says `Initialised`;
+    /// `false` if `gone` first.
+    pub fn wait_initialised(&self, gone: &dyn Fn() -> bool) -> bool {
+        let deadline = Instant::now() + Duration::from_secs(3600);
+        loop {
+            if gone() || Instant::now() > deadline {
+                return false;
+            }
+            if self.frontend_state() == Some(state::INITIALISED) {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// Whether the front end is closing (or gone).
+    pub fn front_closing(&self) -> bool {
+        self.frontend_state().is_some_and(|s| s >= state::CLOSING)
+    }
+
+    /// The toolstack's part of detaching: the back-end directory goes (and its parent when it
+    /// was the last device of the domain); the guest's own directory goes with the domain.
+    pub fn remove_backend(&self) {
+        let _ = self.store.rm(0, 0, &self.backend);
+        let parent = self.backend.rsplit_once('/').map(|(p, _)| p);
+        if let Some(parent) =
+            parent.filter(|p| self.store.directory(0, 0, p).is_ok_and(|d| d.is_empty()))
+        {
+            let _ = self.store.rm(0, 0, parent);
+        }
+    }
+}
+
+/// Maps and pins the pages of one ring, granted by `dom` as `refs`. They must be contiguous in
+/// guest memory (so they are in the host mapping too); a front end that grants scattered pages
+/// is refused.
+pub fn map_ring(dom: &Arc<DomainShared>, refs: &[u32]) -> Result<Vec<PinnedGrant>, String> {
+    let mut pages: Vec<PinnedGrant> = Vec::with_capacity(refs.len());
+    for (i, r) in refs.iter().enumerate() {
+        let p = hypervisor::grant::map(dom, GrantRef(*r), 0, false)
+            .and_then(|m| m.pin())
+            .map_err(|e| format!("ring grant {r}: {e}"))?;
+        let base = pages
+            .first()
+            .map_or(p.host_addr() as usize, |f| f.host_addr() as usize);
+        if p.host_addr() as usize != base + i * PAGE_SIZE {
+            return Err(format!(
+                "ring page {i} (ref {r}) is not contiguous with the first"
+            ));
+        }
+        pages.push(p);
+    }
+    Ok(pages)
+}
