@@ -21,6 +21,7 @@ pub mod evtchn;
 pub mod fixed;
 pub mod grant;
 pub mod hypercall;
+pub mod inet;
 pub mod netif;
 pub mod platform;
 pub mod ring;
