@@ -8,5 +8,6 @@
 pub mod blkback;
 pub mod disk;
 pub mod grants;
+pub mod switch;
 pub mod vbd;
 pub mod xenbus;
