@@ -5,8 +5,8 @@ use std::collections::HashMap;
 use std::ptr::NonNull;
 use std::sync::Arc;
 
-use pv_protocol::PAGE_SIZE;
 use pv_protocol::grant::GrantRef;
+use pv_protocol::{PAGE_SIZE, SharedRegion};
 
 /// Why a grant could not be mapped (the request then fails with an error response).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -62,12 +62,45 @@ pub trait GrantMapper: Send {
     /// Maps `gref`; `device_writes` when the back-end will write into the page (a disk read).
     fn map(&self, gref: GrantRef, device_writes: bool) -> Result<MappedPage, GrantFailure>;
 
+    /// Copies `dst.len()` bytes out of granted page `gref` at `offset` (Xen's grant copy, from
+    /// the guest). The range must lie inside the page.
+    fn copy_from(&self, gref: GrantRef, offset: usize, dst: &mut [u8]) -> Result<(), GrantFailure> {
+        let page = self.map(gref, false)?;
+        page_region(&page, gref)?
+            .read(offset, dst)
+            .map_err(|e| out_of_page(gref, e))
+    }
+
+    /// Copies `src` into granted page `gref` at `offset` (grant copy, to the guest; the grant
+    /// must be writable). The range must lie inside the page.
+    fn copy_to(&self, gref: GrantRef, offset: usize, src: &[u8]) -> Result<(), GrantFailure> {
+        let page = self.map(gref, true)?;
+        page_region(&page, gref)?
+            .write(offset, src)
+            .map_err(|e| out_of_page(gref, e))
+    }
+
     /// The host range every mapped page lies in, when it is one fixed range that stays valid as
     /// long as this mapper lives: the back end may then register it with the kernel once
     /// (io_uring fixed buffers) instead of having the kernel pin pages on every I/O.
     fn io_region(&self) -> Option<(NonNull<u8>, usize)> {
         None
     }
+}
+
+fn out_of_page(gref: GrantRef, e: pv_protocol::RegionError) -> GrantFailure {
+    GrantFailure {
+        gref: gref.0,
+        reason: e.to_string(),
+    }
+}
+
+/// The mapped page as shared memory: the guest may write it while we copy, so every access is
+/// atomic (pv-protocol's region), never a plain read of racing memory.
+fn page_region(page: &MappedPage, gref: GrantRef) -> Result<SharedRegion<'_>, GrantFailure> {
+    // SAFETY: a MappedPage's address is valid for PAGE_SIZE bytes while it lives (its contract),
+    // and the region borrows it, so it cannot outlive the mapping.
+    unsafe { SharedRegion::from_raw(page.addr(0), PAGE_SIZE) }.map_err(|e| out_of_page(gref, e))
 }
 
 /// The real thing: grants of a live domain, through the hypervisor's checked grant table.
@@ -139,6 +172,40 @@ impl GrantMapper for DomainGrants {
         // The domain's whole memory: one mapping, kept alive by the Arc this value holds.
         let base = NonNull::new(self.dom.ram.host_base() as *mut u8)?;
         Some((base, self.dom.ram.size() as usize))
+    }
+
+    fn copy_from(&self, gref: GrantRef, offset: usize, dst: &mut [u8]) -> Result<(), GrantFailure> {
+        if self.persistent.is_none() {
+            // Map, copy, unmap: the hypervisor's grant copy.
+            return hypervisor::grant::copy_from(&self.dom, gref, 0, offset, dst).map_err(|e| {
+                GrantFailure {
+                    gref: gref.0,
+                    reason: e.to_string(),
+                }
+            });
+        }
+        let pinned = self.pin(gref, false)?;
+        // SAFETY: the pinned grant keeps the page mapped and claimed for PAGE_SIZE bytes while
+        // `pinned` lives, which outlives the region used on the next line.
+        unsafe { SharedRegion::from_raw(pinned.host_addr(), PAGE_SIZE) }
+            .and_then(|r| r.read(offset, dst))
+            .map_err(|e| out_of_page(gref, e))
+    }
+
+    fn copy_to(&self, gref: GrantRef, offset: usize, src: &[u8]) -> Result<(), GrantFailure> {
+        if self.persistent.is_none() {
+            return hypervisor::grant::copy_to(&self.dom, gref, 0, offset, src).map_err(|e| {
+                GrantFailure {
+                    gref: gref.0,
+                    reason: e.to_string(),
+                }
+            });
+        }
+        let pinned = self.pin(gref, true)?;
+        // SAFETY: as in `copy_from`; `pin(.., true)` checked the mapping is writable.
+        unsafe { SharedRegion::from_raw(pinned.host_addr(), PAGE_SIZE) }
+            .and_then(|r| r.write(offset, src))
+            .map_err(|e| out_of_page(gref, e))
     }
 
     fn map(&self, gref: GrantRef, device_writes: bool) -> Result<MappedPage, GrantFailure> {

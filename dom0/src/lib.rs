@@ -8,6 +8,7 @@
 pub mod blkback;
 pub mod disk;
 pub mod grants;
+pub mod netback;
 pub mod switch;
 pub mod vbd;
 pub mod xenbus;

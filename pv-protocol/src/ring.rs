@@ -430,13 +430,12 @@ impl<'a, P: RingProtocol> BackRing<'a, P> {
         self.req_cons.wrapping_sub(self.rsp_prod_pvt)
     }
 
-    /// Validates the front end's `req_prod` and returns how many requests may be taken.
-    fn unconsumed_requests(&mut self) -> Result<u32> {
+    /// How many requests may be taken, re-reading (and validating) the front end's `req_prod`
+    /// now. A back end that needs several at once, like netback placing one frame in several
+    /// buffers, checks this before it takes any.
+    pub fn unconsumed_requests(&mut self) -> Result<u32> {
         if let Some(e) = self.broken {
             return Err(e);
-        }
-        if self.req_cons != self.req_prod_seen {
-            return Ok(self.req_prod_seen.wrapping_sub(self.req_cons));
         }
         // At most `size` requests can be unanswered (Xen's RING_REQUEST_CONS_OVERFLOW): the slots
         // of requests we took but have not answered are not free for new requests.
@@ -449,14 +448,26 @@ impl<'a, P: RingProtocol> BackRing<'a, P> {
         Ok(prod.wrapping_sub(self.req_cons))
     }
 
+    /// As [`unconsumed_requests`](Self::unconsumed_requests), but without touching the shared
+    /// index while requests seen earlier remain.
+    fn cached_unconsumed_requests(&mut self) -> Result<u32> {
+        if let Some(e) = self.broken {
+            return Err(e);
+        }
+        if self.req_cons != self.req_prod_seen {
+            return Ok(self.req_prod_seen.wrapping_sub(self.req_cons));
+        }
+        self.unconsumed_requests()
+    }
+
     /// Whether requests are waiting (validating the front end's index).
     pub fn has_unconsumed_requests(&mut self) -> Result<bool> {
-        Ok(self.unconsumed_requests()? > 0)
+        Ok(self.cached_unconsumed_requests()? > 0)
     }
 
     /// Takes the next request, copied out of its slot, or `None` if there is none.
     pub fn take_request(&mut self) -> Result<Option<P::Req>> {
-        if self.unconsumed_requests()? == 0 {
+        if self.cached_unconsumed_requests()? == 0 {
             return Ok(None);
         }
         let req = self.geo.read_slot(self.req_cons);
