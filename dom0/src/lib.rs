@@ -10,5 +10,7 @@ pub mod disk;
 pub mod grants;
 pub mod netback;
 pub mod switch;
+pub mod tap;
 pub mod vbd;
+pub mod vif;
 pub mod xenbus;

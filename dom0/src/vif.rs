@@ -1,0 +1,227 @@
+//! A virtual network interface attached to a running domain and plugged into a switch: its store
+//! entries and handshake (through [`crate::xenbus`]), then a [`VifPort`] served by the switch's
+//! thread.
+//!
+//! A small per-vif thread runs the handshake, hands the connected port to the switch, and then
+//! watches for the end (the front end's `Closing`, a detach, the domain's end) to unplug it,
+//! which releases the rings, the grants and the channel, and to say `Closed`.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use hypervisor::DomainShared;
+use hypervisor::evtchn::HostPort;
+use hypervisor::store::Store;
+use pv_protocol::netif::{NetRxRing, NetTxRing, keys};
+use pv_protocol::ring::BackRing;
+use pv_protocol::{PAGE_SIZE, SharedRegion};
+
+use crate::grants::DomainGrants;
+use crate::netback::{VifFeatures, VifPort};
+use crate::switch::{Mac, Switch};
+use crate::xenbus::{DeviceDirs, XenbusError, map_ring, state};
+
+/// Errors attaching a vif.
+#[derive(Debug, thiserror::Error)]
+pub enum VifError {
+    /// The store refused an entry.
+    #[error("device handshake")]
+    Xenbus(#[from] XenbusError),
+    /// The handshake thread could not start.
+    #[error("cannot start the vif thread")]
+    Thread(#[source] std::io::Error),
+}
+
+/// An attached vif; dropping it unplugs it from the switch and detaches it.
+#[derive(Debug)]
+pub struct Vif {
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+    dirs: DeviceDirs,
+    mac: Mac,
+}
+
+impl Vif {
+    /// Attaches vif `devid` to `dom` with `mac` (a generated one when `None`), plugged into
+    /// `switch` once the guest connects.
+    pub fn attach(
+        store: &Arc<Store>,
+        dom: &Arc<DomainShared>,
+        devid: u32,
+        mac: Option<Mac>,
+        switch: &Arc<Switch>,
+    ) -> Result<Self, VifError> {
+        let mac = mac.unwrap_or_else(|| Mac::generated(dom.id, devid, random_byte()));
+        let dirs = DeviceDirs::new(store, "vif", dom.id, devid);
+        dirs.publish(
+            &[
+                (keys::MAC, mac.to_string()),
+                ("handle", devid.to_string()),
+                ("bridge", switch.name().to_owned()),
+                (keys::FEATURE_RX_COPY, "1".into()),
+                (keys::FEATURE_SG, "1".into()),
+                ("feature-persistent", "1".into()),
+            ],
+            &[(keys::MAC, mac.to_string()), ("handle", devid.to_string())],
+        )?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread = {
+            let (dom, stop, dirs, switch) = (
+                Arc::clone(dom),
+                Arc::clone(&stop),
+                dirs.clone(),
+                Arc::clone(switch),
+            );
+            std::thread::Builder::new()
+                .name(format!("dom{}-vif{devid}", dom.id))
+                .spawn(move || serve(&dirs, &dom, devid, &switch, &stop))
+                .map_err(VifError::Thread)?
+        };
+        Ok(Self {
+            stop,
+            thread: Some(thread),
+            dirs,
+            mac,
+        })
+    }
+
+    /// The guest's MAC address.
+    pub fn mac(&self) -> Mac {
+        self.mac
+    }
+
+    /// The back end's current XenbusState.
+    pub fn backend_state(&self) -> Option<u32> {
+        self.dirs.backend_state()
+    }
+
+    /// The front end's current XenbusState.
+    pub fn frontend_state(&self) -> Option<u32> {
+        self.dirs.frontend_state()
+    }
+}
+
+impl Drop for Vif {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        self.dirs.remove_backend();
+    }
+}
+
+fn random_byte() -> u8 {
+    let mut b = [0u8; 1];
+    // SAFETY: getrandom writes at most one byte into `b`.
+    let n = unsafe { libc::getrandom(b.as_mut_ptr().cast(), 1, 0) };
+    if n == 1 {
+        b[0]
+    } else {
+        std::process::id() as u8
+    }
+}
+
+/// The ring pages and channel of a connected vif, kept alive by the port.
+struct Held {
+    _pages: Vec<hypervisor::grant::PinnedGrant>,
+}
+
+fn connect(
+    dirs: &DeviceDirs,
+    dom: &Arc<DomainShared>,
+    devid: u32,
+) -> Result<VifPort<DomainGrants, HostPort>, String> {
+    let key = |k: &str| dirs.front_u32(k).ok_or_else(|| format!("no {k}"));
+    let (tx_ref, rx_ref, port) = (
+        key(keys::TX_RING_REF)?,
+        key(keys::RX_RING_REF)?,
+        key(keys::EVENT_CHANNEL)?,
+    );
+    if dirs.front_u32(keys::REQUEST_RX_COPY) != Some(1) {
+        return Err("the front end must ask for request-rx-copy".into());
+    }
+    let mut pages = map_ring(dom, &[tx_ref])?;
+    pages.extend(map_ring(dom, &[rx_ref])?);
+    // SAFETY: the pinned grants keep both pages mapped and claimed for as long as `Held` lives;
+    // `Held` moves into the port, which drops its rings before it (field order), so the
+    // 'static regions never outlive the pages.
+    let (txr, rxr) = unsafe {
+        (
+            SharedRegion::from_raw(pages[0].host_addr(), PAGE_SIZE),
+            SharedRegion::from_raw(pages[1].host_addr(), PAGE_SIZE),
+        )
+    };
+    let (txr, rxr) = (
+        txr.map_err(|e| e.to_string())?,
+        rxr.map_err(|e| e.to_string())?,
+    );
+    let tx = BackRing::<NetTxRing>::attach(txr, 1).map_err(|e| format!("tx ring: {e}"))?;
+    let rx = BackRing::<NetRxRing>::attach(rxr, 1).map_err(|e| format!("rx ring: {e}"))?;
+    let hp = HostPort::bind(dom, port).map_err(|e| format!("event channel {port}: {e:?}"))?;
+    let grants = if dirs.front_u32("feature-persistent") == Some(1) {
+        DomainGrants::persistent(Arc::clone(dom))
+    } else {
+        DomainGrants::new(Arc::clone(dom))
+    };
+    let features = VifFeatures {
+        sg: dirs.front_u32(keys::FEATURE_SG) == Some(1),
+        no_csum_offload: dirs.front_u32(keys::FEATURE_NO_CSUM_OFFLOAD) == Some(1),
+    };
+    Ok(VifPort::new(
+        format!("vif{}.{devid}", dom.id),
+        dom.id,
+        tx,
+        rx,
+        grants,
+        hp,
+        features,
+        Box::new(Held { _pages: pages }),
+    ))
+}
+
+/// The vif thread: handshake, plug into the switch, wait for the end, unplug.
+fn serve(
+    dirs: &DeviceDirs,
+    dom: &Arc<DomainShared>,
+    devid: u32,
+    switch: &Switch,
+    stop: &AtomicBool,
+) {
+    let gone = || stop.load(Ordering::Relaxed) || dom.state().is_final();
+    if !dirs.wait_initialised(&gone) {
+        dirs.set_state(state::CLOSED);
+        return;
+    }
+    let port = match connect(dirs, dom, devid) {
+        Ok(p) => p,
+        Err(why) => {
+            dom.guest_fault("vif-handshake", format_args!("{}: {why}", dirs.frontend));
+            dirs.set_state(state::CLOSED);
+            return;
+        }
+    };
+    let id = match switch.add_port(Box::new(port)) {
+        Ok(id) => id,
+        Err(e) => {
+            tracing::error!(domid = dom.id, "{}: {e}", dirs.frontend);
+            dirs.set_state(state::CLOSED);
+            return;
+        }
+    };
+    dirs.set_state(state::CONNECTED);
+    tracing::info!(
+        domid = dom.id,
+        "{} connected to switch {}",
+        dirs.frontend,
+        switch.name()
+    );
+    while !gone() && !dirs.front_closing() {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Unplugging drops the port: its rings, then the channel and the grant mappings.
+    let _ = switch.remove_port(id);
+    dirs.set_state(state::CLOSED);
+}
