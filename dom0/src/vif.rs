@@ -6,8 +6,8 @@
 //! watches for the end (the front end's `Closing`, a detach, the domain's end) to unplug it,
 //! which releases the rings, the grants and the channel, and to say `Closed`.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -20,7 +20,7 @@ use pv_protocol::{PAGE_SIZE, SharedRegion};
 
 use crate::grants::DomainGrants;
 use crate::netback::{VifFeatures, VifPort};
-use crate::switch::{Mac, Switch};
+use crate::switch::{Mac, Port, PortCounters, Switch};
 use crate::xenbus::{DeviceDirs, XenbusError, map_ring, state};
 
 /// Errors attaching a vif.
@@ -41,6 +41,7 @@ pub struct Vif {
     thread: Option<JoinHandle<()>>,
     dirs: DeviceDirs,
     mac: Mac,
+    counters: Arc<OnceLock<Arc<PortCounters>>>,
 }
 
 impl Vif {
@@ -67,16 +68,18 @@ impl Vif {
             &[(keys::MAC, mac.to_string()), ("handle", devid.to_string())],
         )?;
         let stop = Arc::new(AtomicBool::new(false));
+        let counters = Arc::new(OnceLock::new());
         let thread = {
-            let (dom, stop, dirs, switch) = (
+            let (dom, stop, dirs, switch, counters) = (
                 Arc::clone(dom),
                 Arc::clone(&stop),
                 dirs.clone(),
                 Arc::clone(switch),
+                Arc::clone(&counters),
             );
             std::thread::Builder::new()
                 .name(format!("dom{}-vif{devid}", dom.id))
-                .spawn(move || serve(&dirs, &dom, devid, &switch, &stop))
+                .spawn(move || serve(&dirs, &dom, devid, &switch, &stop, &counters))
                 .map_err(VifError::Thread)?
         };
         Ok(Self {
@@ -84,12 +87,19 @@ impl Vif {
             thread: Some(thread),
             dirs,
             mac,
+            counters,
         })
     }
 
     /// The guest's MAC address.
     pub fn mac(&self) -> Mac {
         self.mac
+    }
+
+    /// The port's counters, once the guest connected (they outlive the port: still readable
+    /// after the switch dropped it).
+    pub fn counters(&self) -> Option<Arc<PortCounters>> {
+        self.counters.get().cloned()
     }
 
     /// The back end's current XenbusState.
@@ -189,6 +199,7 @@ fn serve(
     devid: u32,
     switch: &Switch,
     stop: &AtomicBool,
+    counters: &OnceLock<Arc<PortCounters>>,
 ) {
     let gone = || stop.load(Ordering::Relaxed) || dom.state().is_final();
     if !dirs.wait_initialised(&gone) {
@@ -203,6 +214,7 @@ fn serve(
             return;
         }
     };
+    let _ = counters.set(Arc::clone(port.counters()));
     let id = match switch.add_port(Box::new(port)) {
         Ok(id) => id,
         Err(e) => {
