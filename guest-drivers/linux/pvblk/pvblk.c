@@ -271,7 +271,8 @@ static blk_status_t pvblk_build(struct pvblk_queue *q, struct pvblk_slot *slot,
 		return BLK_STS_NOTSUPP;
 	}
 	slot->operation = r.rw.operation;
-	slot->indirect_op = r.ind.indirect_op;
+	slot->indirect_op = r.rw.operation == SV_BLKIF_OP_INDIRECT ?
+			    r.ind.indirect_op : 0;
 	/* One copy into shared memory; the back end copies it out once. */
 	memcpy(ring_slot, &r, SV_BLKIF_SLOT_SIZE);
 	return BLK_STS_OK;
@@ -365,8 +366,11 @@ static const struct blk_mq_ops pvblk_mq_ops = {
 	.init_hctx = pvblk_init_hctx,
 };
 
-/* Fails every request in flight on @q (the caller holds q->lock). */
-static void pvblk_fail_in_flight(struct pvblk_queue *q)
+/*
+ * Moves every request in flight on @q to @done, failed (the caller holds
+ * q->lock and completes them after dropping it).
+ */
+static void pvblk_fail_in_flight(struct pvblk_queue *q, struct list_head *done)
 {
 	unsigned int i;
 
@@ -378,6 +382,17 @@ static void pvblk_fail_in_flight(struct pvblk_queue *q)
 		q->slots[i].rq = NULL;
 		((struct pvblk_req *)blk_mq_rq_to_pdu(rq))->status =
 			BLK_STS_IOERR;
+		list_add_tail(&rq->queuelist, done);
+	}
+}
+
+/* Completes the requests pvblk took off a ring, without its lock. */
+static void pvblk_complete_list(struct list_head *done)
+{
+	struct request *rq, *n;
+
+	list_for_each_entry_safe(rq, n, done, queuelist) {
+		list_del_init(&rq->queuelist);
 		blk_mq_complete_request(rq);
 	}
 }
@@ -409,8 +424,11 @@ static bool pvblk_response_matches(const struct pvblk_slot *slot,
 		rsp->operation == slot->indirect_op);
 }
 
-/* Consumes responses; false if the back end broke the protocol. */
-static bool pvblk_take_responses(struct pvblk_queue *q)
+/*
+ * Consumes responses, moving their requests to @done; false if the back
+ * end broke the protocol.
+ */
+static bool pvblk_take_responses(struct pvblk_queue *q, struct list_head *done)
 {
 	struct sv_blkif_response rsp;
 	struct pvblk_slot *slot;
@@ -445,7 +463,7 @@ static bool pvblk_take_responses(struct pvblk_queue *q)
 						    rsp.status);
 			((struct pvblk_req *)blk_mq_rq_to_pdu(rq))->status =
 				pvblk_status(&rsp);
-			blk_mq_complete_request(rq);
+			list_add_tail(&rq->queuelist, done);
 		}
 	} while (pvring_final_check(&q->ring));
 	return true;
@@ -454,14 +472,17 @@ static bool pvblk_take_responses(struct pvblk_queue *q)
 static void pvblk_interrupt(unsigned int port, void *data)
 {
 	struct pvblk_queue *q = data;
+	LIST_HEAD(done);
 
 	spin_lock(&q->lock);
-	if (q->live && !q->broken && !pvblk_take_responses(q)) {
+	if (q->live && !q->broken && !pvblk_take_responses(q, &done)) {
 		q->broken = true;
-		pvblk_fail_in_flight(q);
+		pvblk_fail_in_flight(q, &done);
 		schedule_work(&q->info->fatal_work);
 	}
 	spin_unlock(&q->lock);
+	/* Completion may copy read data: not under the ring lock. */
+	pvblk_complete_list(&done);
 }
 
 static void pvblk_fatal_work(struct work_struct *work)
@@ -879,10 +900,13 @@ static void pvblk_teardown(struct pvblk_info *info)
 	}
 	/* Requests the back end never answered fail. */
 	for (i = 0; i < info->nr_queues; i++) {
+		LIST_HEAD(done);
+
 		spin_lock_irqsave(&info->queues[i].lock, flags);
 		if (info->queues[i].slots)
-			pvblk_fail_in_flight(&info->queues[i]);
+			pvblk_fail_in_flight(&info->queues[i], &done);
 		spin_unlock_irqrestore(&info->queues[i].lock, flags);
+		pvblk_complete_list(&done);
 	}
 	/* Deleting the disk drains it: no request uses a slot after this. */
 	if (info->gd) {

@@ -96,12 +96,13 @@ EXPORT_SYMBOL_GPL(pvbus_gnttab_free_refs);
 void pvbus_gnttab_grant(pvbus_gref_t ref, pvbus_domid_t domid,
 			unsigned long gfn, bool readonly)
 {
-	struct sv_grant_entry_v1 *e = pvbus_gnttab_entry(ref);
 	u16 flags = SV_GTF_permit_access | (readonly ? SV_GTF_readonly : 0);
+	struct sv_grant_entry_v1 *e;
 
 	/* Frames are 32 bits in v1 entries: 16 TiB of guest memory. */
 	if (WARN_ON_ONCE(gfn > U32_MAX || ref >= gnttab_nr_refs))
 		return;
+	e = pvbus_gnttab_entry(ref);
 	WRITE_ONCE(e->frame, gfn);
 	WRITE_ONCE(e->domid, domid);
 	/* The hypervisor must see frame and domid before the entry is valid. */
@@ -112,11 +113,12 @@ EXPORT_SYMBOL_GPL(pvbus_gnttab_grant);
 
 bool pvbus_gnttab_end_access(pvbus_gref_t ref)
 {
-	struct sv_grant_entry_v1 *e = pvbus_gnttab_entry(ref);
+	struct sv_grant_entry_v1 *e;
 	u16 flags, prev;
 
 	if (WARN_ON_ONCE(ref >= gnttab_nr_refs))
 		return false;
+	e = pvbus_gnttab_entry(ref);
 	flags = READ_ONCE(e->flags);
 	for (;;) {
 		if (flags & (SV_GTF_reading | SV_GTF_writing))

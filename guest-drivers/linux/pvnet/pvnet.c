@@ -176,6 +176,13 @@ static netdev_tx_t pvnet_start_xmit(struct sk_buff *skb,
 	}
 
 	spin_lock_irqsave(&info->tx_lock, flags);
+	if (!info->connected || info->broken) {
+		/* Torn down meanwhile: the ids go back, the frame is dropped. */
+		for (i = 0; i < nslots; i++)
+			info->tx_free[info->tx_nr_free++] = ids[i];
+		spin_unlock_irqrestore(&info->tx_lock, flags);
+		goto drop;
+	}
 	for (i = 0, off = 0; i < nslots; i++, off += n) {
 		n = min_t(unsigned int, len - off, PAGE_SIZE);
 		req.gref = info->tx_bufs[ids[i]].ref;
