@@ -617,6 +617,10 @@ again:
 	/* We take frames spread over several RX slots. */
 	if (!ret)
 		ret = pvbus_xs_write(tx, node, SV_NETIF_KEY_FEATURE_SG, "1");
+	/* Our buffer grants stay put: the back end may keep them mapped. */
+	if (!ret)
+		ret = pvbus_xs_write(tx, node, SV_BLKIF_KEY_FEATURE_PERSISTENT,
+				     "1");
 	if (ret) {
 		pvbus_xs_transaction_end(tx, true);
 		return ret;
