@@ -14,3 +14,4 @@ pub mod tap;
 pub mod vbd;
 pub mod vif;
 pub mod xenbus;
+pub mod xlcfg;
