@@ -292,7 +292,7 @@ impl DiskSpec {
             match item.split_once('=') {
                 Some(("vdev", v)) => vdev = Some(v.to_owned()),
                 Some(("access", v)) => access = Some(v.to_owned()),
-                Some(("format", v)) if v == "raw" => {}
+                Some(("format", "raw")) => {}
                 Some(("format", v)) => return Err(format!("format {v:?}: only raw images")),
                 Some(("devtype", "disk")) | Some(("backendtype", "qdisk" | "phy")) => {}
                 Some(("size", v)) => size = Some(parse_size(v)?),
