@@ -340,7 +340,8 @@ static struct sk_buff *pvnet_rx_build(struct pvnet_info *info,
 		skb_add_rx_frag(skb, skb_shinfo(skb)->nr_frags, page, 0,
 				rsp->status, PAGE_SIZE);
 	}
-	if (!skb || skb->len < ETH_HLEN)
+	/* eth_type_trans() reads the Ethernet header from the linear part. */
+	if (!skb || !pskb_may_pull(skb, ETH_HLEN))
 		goto err;
 	return skb;
 err:
