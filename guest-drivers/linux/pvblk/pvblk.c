@@ -490,7 +490,10 @@ static void pvblk_fatal_work(struct work_struct *work)
 	struct pvblk_info *info = container_of(work, struct pvblk_info,
 					       fatal_work);
 
+	/* The handshake state is the mutex's: no racing a state change. */
+	mutex_lock(&info->mutex);
 	pvbus_dev_fatal(info->pdev, -EIO, "back end broke the ring protocol");
+	mutex_unlock(&info->mutex);
 }
 
 /* ---- setup and teardown ---- */

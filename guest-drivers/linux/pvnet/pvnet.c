@@ -471,7 +471,10 @@ static void pvnet_fatal_work(struct work_struct *work)
 					       fatal_work);
 
 	netif_carrier_off(info->netdev);
+	/* The handshake state is the mutex's: no racing a state change. */
+	mutex_lock(&info->mutex);
 	pvbus_dev_fatal(info->pdev, -EIO, "back end broke the ring protocol");
+	mutex_unlock(&info->mutex);
 }
 
 /* ---- netdev ---- */
