@@ -23,6 +23,9 @@ mod heap;
 mod jobs;
 #[cfg(not(test))]
 mod mem;
+mod net;
+mod netfront;
+mod netjobs;
 mod store;
 mod sync;
 mod text;
@@ -121,6 +124,12 @@ extern "C" fn kmain(start_info: u64, index: u64) -> ! {
         "blkro" => jobs::blkro(&cpu),
         "blkbench" => jobs::blkbench(&cpu, si, cmdline),
         "crash" => jobs::crash(&cpu),
+        "netecho" => netjobs::netecho(&cpu, si, cmdline),
+        "ping" => netjobs::ping(&cpu, si, cmdline),
+        "udpcheck" => netjobs::udpcheck(&cpu, si, cmdline),
+        "udpsink" => netjobs::udpsink(&cpu, si, cmdline),
+        "udpbench" => netjobs::udpbench(&cpu, si, cmdline),
+        "nethostile" => netjobs::nethostile(&cpu, si, cmdline),
         other => {
             kprintln!(&cpu, "unknown job {other:?}");
             2
