@@ -196,25 +196,27 @@ impl<'c> Net<'c> {
         let _ = self.run_until::<()>(Some(until), |_, _, _| None);
     }
 
-    /// The MAC of `ip`: from the cache, or by ARP (a request every 250 ms, for up to
-    /// [`ARP_TIMEOUT_MS`]).
-    fn resolve(&mut self, ip: Ip) -> Option<Mac> {
+    /// The MAC of `ip`: from the cache, or by ARP (a request every 250 ms until the TSC passes
+    /// `deadline`).
+    fn resolve_by(&mut self, ip: Ip, deadline: u64) -> Option<Mac> {
         if let Some(m) = self.st.lookup(ip) {
             return Some(m);
         }
-        let end = rdtsc() + self.ms(ARP_TIMEOUT_MS);
-        while rdtsc() < end {
+        while rdtsc() < deadline && !self.broken() {
             self.st.send_arp_request(&mut self.nf, ip);
             self.nf.flush();
-            let next = (rdtsc() + self.ms(250)).min(end);
+            let next = (rdtsc() + self.ms(250)).min(deadline);
             if let Some(m) = self.run_until(Some(next), |st, _, _| st.lookup(ip)) {
                 return Some(m);
             }
-            if self.broken() {
-                break;
-            }
         }
         None
+    }
+
+    /// [`resolve_by`](Self::resolve_by) with [`ARP_TIMEOUT_MS`] from now.
+    fn resolve(&mut self, ip: Ip) -> Option<Mac> {
+        let deadline = rdtsc() + self.ms(ARP_TIMEOUT_MS);
+        self.resolve_by(ip, deadline)
     }
 }
 
@@ -259,12 +261,11 @@ pub fn ping(cpu: &Cpu, si: &StartInfo, cmdline: &str) -> u32 {
         return 1;
     };
     let (mut sent, mut received) = (0u64, 0u64);
-    let mac = net.resolve(dst);
-    if mac.is_none() {
-        kprintln!(cpu, "ping: no ARP reply from {}", ShowIp(dst));
-    }
     for seq in 1..=count.min(u64::from(u16::MAX)) as u16 {
-        let Some(mac) = mac else { break };
+        let t0 = rdtsc();
+        let timeout = t0 + net.ms(1000);
+        // Every attempt counts as sent, as with ping(8): an unanswered ARP request loses it.
+        sent += 1;
         let payload = ping_payload(seq);
         let req = Echo {
             ty: 8,
@@ -272,21 +273,23 @@ pub fn ping(cpu: &Cpu, si: &StartInfo, cmdline: &str) -> u32 {
             seq,
             payload: &payload,
         };
-        let t0 = rdtsc();
-        if !net.st.send_echo(&mut net.nf, mac, dst, &req) {
-            continue;
-        }
-        net.nf.flush();
-        sent += 1;
-        let got = net.run_until(Some(t0 + net.ms(1000)), |_, _, ev| match ev {
-            Event::EchoReply {
-                src,
-                id,
-                seq: s,
-                payload: p,
-            } if src == dst && id == PING_ID && s == seq => Some((p == payload, p.len(), rdtsc())),
+        let got = match net.resolve_by(dst, timeout) {
+            Some(mac) if net.st.send_echo(&mut net.nf, mac, dst, &req) => {
+                net.nf.flush();
+                net.run_until(Some(timeout), |_, _, ev| match ev {
+                    Event::EchoReply {
+                        src,
+                        id,
+                        seq: s,
+                        payload: p,
+                    } if src == dst && id == PING_ID && s == seq => {
+                        Some((p == payload, p.len(), rdtsc()))
+                    }
+                    _ => None,
+                })
+            }
             _ => None,
-        });
+        };
         match got {
             Some((true, len, t1)) => {
                 received += 1;
