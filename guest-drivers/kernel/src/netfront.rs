@@ -36,8 +36,9 @@ use crate::text::{fmt_u32, parse_u32, parse_u64};
 pub const MAX_VIFS: usize = 2;
 /// TX buffer pages per vif.
 pub const TX_PAGES: usize = 128;
-/// RX buffer pages per vif.
-pub const RX_PAGES: usize = 128;
+/// RX buffer pages per vif: enough to fill the RX ring (256 slots), so a guest that was slow to
+/// wake still finds buffers posted for a burst.
+pub const RX_PAGES: usize = 256;
 /// First grant reference used for networking.
 const NET_GREF: u32 = 2048;
 /// Grant references per vif slot.
@@ -300,7 +301,11 @@ impl NetFront {
         };
         let map = |_| "ring memory";
         let tx = FrontRing::new(tx_region.map_err(map)?, 1).map_err(|_| "tx ring init")?;
-        let rx = FrontRing::new(rx_region.map_err(map)?, 1).map_err(|_| "rx ring init")?;
+        let rx: FrontRing<'static, NetRxRing> =
+            FrontRing::new(rx_region.map_err(map)?, 1).map_err(|_| "rx ring init")?;
+        if (rx.size() as usize) < RX_PAGES {
+            return Err("rx ring smaller than the RX buffer pool");
+        }
         let port = ev::alloc_unbound(cpu, 0).map_err(|_| "no event channel")?;
         let mut nf = NetFront {
             devid,
@@ -358,8 +363,8 @@ impl NetFront {
             id: page as u16,
             gref: GrantRef(self.gref_base + RX_BUF_GREF + page as u32),
         };
-        // Never full: at most RX_PAGES (128) of the ring's 256 slots are in flight. A broken ring
-        // refuses; the page then stays off the ring.
+        // Never full: a page is posted once at a time and the ring has a slot for each (asserted
+        // at connect). A broken ring refuses; the page then stays off the ring.
         if self.rx.push_request(&NetifRxRequestRaw::from(req)).is_ok() {
             self.rx_posted[page] = true;
             self.rx_unpublished += 1;
