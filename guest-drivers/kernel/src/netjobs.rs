@@ -2,7 +2,12 @@
 //!
 //! Each connects to one vif (index 0, or `vif=N`) with our address from `ip=A.B.C.D`, prints
 //! `net: vif<devid> mac <mac> ip <ip> connected` (or `FAIL net-connect: <why>` and exits 1), then
-//! runs. Host tests parse the console lines, so their formats are fixed.
+//! runs. Host tests parse the console lines, so their formats are fixed. Besides those lines:
+//! when the destination never answers ARP, udpcheck and udpbench say `<job>: no ARP reply from
+//! <ip>` (udpcheck then counts every datagram as lost, udpbench exits 1; ping simply counts each
+//! unanswered attempt as sent and not received, as ping(8) does), a bad argument gives
+//! `FAIL net-args: <why>` (exit 1), and a ring the back end broke is reported once as
+//! `net: vif<devid> ring broken: <error>`.
 
 use alloc::vec;
 use alloc::vec::Vec;
