@@ -18,23 +18,27 @@ pub const IPPROTO_UDP: u8 = 17;
 
 /// Adds `data` to a running ones'-complement sum (big-endian 16-bit words; an odd last byte is
 /// padded with zero). Fold with [`finish`].
-pub fn sum(mut acc: u32, data: &[u8]) -> u32 {
-    let mut chunks = data.chunks_exact(2);
-    for c in &mut chunks {
-        acc = acc.wrapping_add(u32::from(u16::from_be_bytes([c[0], c[1]])));
-        // Fold early so long inputs cannot overflow.
-        if acc >= 0x8000_0000 {
-            acc = (acc & 0xffff) + (acc >> 16);
-        }
+///
+/// Sums big-endian 32-bit words: they fold to the same 16-bit ones'-complement sum (2^16 = 1
+/// mod 0xffff), at half the additions; each addend is below 2^32, so the u64 cannot overflow for
+/// any frame (or any slice shorter than 2^32 words).
+pub fn sum(mut acc: u64, data: &[u8]) -> u64 {
+    let mut words = data.chunks_exact(4);
+    for w in &mut words {
+        acc += u64::from(u32::from_be_bytes([w[0], w[1], w[2], w[3]]));
     }
-    if let [last] = chunks.remainder() {
-        acc = acc.wrapping_add(u32::from(*last) << 8);
+    let mut pairs = words.remainder().chunks_exact(2);
+    for p in &mut pairs {
+        acc += u64::from(u16::from_be_bytes([p[0], p[1]]));
+    }
+    if let [last] = pairs.remainder() {
+        acc += u64::from(*last) << 8;
     }
     acc
 }
 
 /// Folds a running sum into the final checksum (ones' complement of the folded sum).
-pub fn finish(mut acc: u32) -> u16 {
+pub fn finish(mut acc: u64) -> u16 {
     while acc > 0xffff {
         acc = (acc & 0xffff) + (acc >> 16);
     }
@@ -47,11 +51,8 @@ pub fn checksum(data: &[u8]) -> u16 {
 }
 
 /// The IPv4 pseudo-header sum for an L4 segment of `len` bytes.
-pub fn pseudo_header_sum(src: [u8; 4], dst: [u8; 4], proto: u8, len: u16) -> u32 {
-    let mut acc = sum(0, &src);
-    acc = sum(acc, &dst);
-    acc.wrapping_add(u32::from(proto))
-        .wrapping_add(u32::from(len))
+pub fn pseudo_header_sum(src: [u8; 4], dst: [u8; 4], proto: u8, len: u16) -> u64 {
+    sum(sum(0, &src), &dst) + u64::from(proto) + u64::from(len)
 }
 
 /// Why a frame's checksum could not be filled in.
