@@ -113,8 +113,13 @@ impl Vif {
     }
 }
 
+/// How long a detach waits for the guest to release the device.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
+
 impl Drop for Vif {
     fn drop(&mut self) {
+        // Let a live guest finish and release the device first; then stop regardless.
+        self.dirs.request_close(CLOSE_TIMEOUT);
         self.stop.store(true, Ordering::Relaxed);
         if let Some(t) = self.thread.take() {
             let _ = t.join();

@@ -169,6 +169,29 @@ impl DeviceDirs {
         self.frontend_state().is_some_and(|s| s >= state::CLOSING)
     }
 
+    /// Detaching a connected device, the polite way (Xen's): the back end says `Closing` while
+    /// still serving, and waits up to `timeout` for the front end to finish its requests, release
+    /// its grants and say `Closed`. Returns whether it did; a front end that does not answer
+    /// (dead, hostile, or with no hotplug support) is closed on regardless by the caller.
+    pub fn request_close(&self, timeout: Duration) -> bool {
+        if self.backend_state() != Some(state::CONNECTED) {
+            return false;
+        }
+        self.set_state(state::CLOSING);
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            // The back end closed on its own meanwhile (the domain ended).
+            if self.backend_state() == Some(state::CLOSED) {
+                return false;
+            }
+            match self.frontend_state() {
+                Some(s) if s < state::CLOSED => std::thread::sleep(Duration::from_millis(5)),
+                _ => return true,
+            }
+        }
+        false
+    }
+
     /// The toolstack's part of detaching: the back-end directory goes (and its parent when it
     /// was the last device of the domain); the guest's own directory goes with the domain.
     pub fn remove_backend(&self) {
