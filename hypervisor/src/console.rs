@@ -17,11 +17,23 @@ struct History {
     total: u64,
 }
 
-/// A domain's console output.
+/// Keystrokes queued for the guest, beyond which input is refused (a guest that does not read
+/// its console cannot make dom0 buffer without bound).
+pub const MAX_QUEUED_INPUT: usize = 4096;
+
+/// Input waiting for the console ring, and how to wake the thread that serves the ring.
+#[derive(Default)]
+struct Input {
+    queue: VecDeque<u8>,
+    waker: Option<Box<dyn Fn() + Send + Sync>>,
+}
+
+/// A domain's console: its output history and its pending input.
 pub struct Console {
     history: Mutex<History>,
     grew: Condvar,
     echo: Option<Echo>,
+    input: Mutex<Input>,
 }
 
 impl std::fmt::Debug for Console {
@@ -37,7 +49,32 @@ impl Console {
             history: Mutex::new(History::default()),
             grew: Condvar::new(),
             echo,
+            input: Mutex::default(),
         }
+    }
+
+    /// Sets how [`send_input`](Self::send_input) wakes the ring server.
+    pub(crate) fn set_input_waker(&self, waker: Box<dyn Fn() + Send + Sync>) {
+        self.input.lock().unwrap_or_else(|p| p.into_inner()).waker = Some(waker);
+    }
+
+    /// Queues keystrokes for the guest's console input ring; returns how many were taken (fewer
+    /// than offered when [`MAX_QUEUED_INPUT`] bytes already wait for a guest that does not read).
+    pub fn send_input(&self, bytes: &[u8]) -> usize {
+        let mut i = self.input.lock().unwrap_or_else(|p| p.into_inner());
+        let n = bytes.len().min(MAX_QUEUED_INPUT - i.queue.len());
+        i.queue.extend(&bytes[..n]);
+        if let Some(w) = &i.waker {
+            w();
+        }
+        n
+    }
+
+    /// Takes up to `max` queued input bytes (for the ring server).
+    pub(crate) fn take_input(&self, max: usize) -> Vec<u8> {
+        let mut i = self.input.lock().unwrap_or_else(|p| p.into_inner());
+        let n = max.min(i.queue.len());
+        i.queue.drain(..n).collect()
     }
 
     /// Appends guest output. Control characters other than newline and tab become `?`, so a

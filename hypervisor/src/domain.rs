@@ -60,6 +60,10 @@ pub(crate) struct Inner {
     pub(crate) vcpu_threads: Vec<libc::pthread_t>,
     /// The PV-device thread has made its last pass (console output is all in).
     pub(crate) pvdev_done: bool,
+    /// Kernel thread ids of the vCPUs in the run loop, for CPU-time accounting.
+    pub(crate) vcpu_tids: Vec<libc::pid_t>,
+    /// CPU time of vCPU threads that have left the run loop.
+    pub(crate) cpu_ns_done: u64,
 }
 
 /// What every vCPU thread of a domain shares.
@@ -126,6 +130,8 @@ impl DomainShared {
                 event_seq: 0,
                 vcpu_threads: Vec::new(),
                 pvdev_done: false,
+                vcpu_tids: Vec::new(),
+                cpu_ns_done: 0,
             }),
             changed: Condvar::new(),
             faults: Mutex::new(HashMap::new()),
@@ -134,6 +140,21 @@ impl DomainShared {
 
     pub(crate) fn lock(&self) -> MutexGuard<'_, Inner> {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// CPU time the domain's vCPUs have used (in the guest and in exits), as `xl list` shows.
+    pub fn cpu_time(&self) -> std::time::Duration {
+        let (tids, done) = {
+            let i = self.lock();
+            (i.vcpu_tids.clone(), i.cpu_ns_done)
+        };
+        // The first field of schedstat is the thread's time on a CPU, in nanoseconds.
+        let running: u64 = tids
+            .iter()
+            .filter_map(|t| std::fs::read_to_string(format!("/proc/self/task/{t}/schedstat")).ok())
+            .filter_map(|s| s.split_whitespace().next()?.parse::<u64>().ok())
+            .sum();
+        std::time::Duration::from_nanos(done + running)
     }
 
     /// Current state.

@@ -294,6 +294,10 @@ impl Hypervisor {
         let wake = Arc::new(
             EventFd::new(EFD_NONBLOCK).map_err(|e| Error::Thread(std::io::Error::other(e)))?,
         );
+        let input_waker = Arc::clone(&wake);
+        d.console.set_input_waker(Box::new(move || {
+            let _ = input_waker.write(1);
+        }));
         let waker = Arc::clone(&wake);
         self.store.introduce(
             d.id,

@@ -15,7 +15,7 @@ use std::os::fd::AsRawFd;
 use std::sync::Arc;
 
 use pv_protocol::byte_ring::{ByteRingConsumer, ByteRingProducer};
-use pv_protocol::console::OUT_RING;
+use pv_protocol::console::{IN_RING, OUT_RING};
 use pv_protocol::start_info::{CONSOLE_GPA, STORE_GPA};
 use pv_protocol::store::{
     MsgType, PAYLOAD_MAX, PermList, REQ_RING, RSP_RING, StoreErrno, StoreMsgHeader, StoreRequest,
@@ -71,10 +71,11 @@ fn serve(dom: &Arc<DomainShared>, store: &Store, devs: &PvDevs) {
         tracing::error!(domid = dom.id, "store or console page outside guest memory");
         return;
     };
-    let (Ok(mut req), Ok(mut rsp), Ok(mut out)) = (
+    let (Ok(mut req), Ok(mut rsp), Ok(mut out), Ok(mut input)) = (
         ByteRingConsumer::new(store_page, REQ_RING),
         ByteRingProducer::new(store_page, RSP_RING),
         ByteRingConsumer::new(console_page, OUT_RING),
+        ByteRingProducer::new(console_page, IN_RING),
     ) else {
         tracing::error!(domid = dom.id, "bad ring layout");
         return;
@@ -101,6 +102,24 @@ fn serve(dom: &Arc<DomainShared>, store: &Store, devs: &PvDevs) {
                 }
                 Err(e) => {
                     // The ring stays broken; the guest still has the console hypercall.
+                    dom.guest_fault("console-ring", format_args!("{e}"));
+                    console_broken = true;
+                }
+            }
+        }
+        // Keystrokes for the guest, as many as its input ring has room for.
+        if !console_broken {
+            match input.free() {
+                Ok(0) => {}
+                Ok(room) => {
+                    let keys = dom.console.take_input(room);
+                    if !keys.is_empty() {
+                        // `free` said they fit; a short write would only mean a racing peer.
+                        let _ = input.write(&keys);
+                        drained = true;
+                    }
+                }
+                Err(e) => {
                     dom.guest_fault("console-ring", format_args!("{e}"));
                     console_broken = true;
                 }

@@ -60,7 +60,13 @@ pub(crate) fn kick_all(threads: &[libc::pthread_t]) {
 pub(crate) fn run_loop(dom: Arc<DomainShared>, mut vcpu: VcpuFd, index: u32) {
     // SAFETY: pthread_self has no preconditions.
     let me = unsafe { libc::pthread_self() };
-    dom.lock().vcpu_threads.push(me);
+    // SAFETY: gettid has no preconditions.
+    let tid = unsafe { libc::gettid() };
+    {
+        let mut i = dom.lock();
+        i.vcpu_threads.push(me);
+        i.vcpu_tids.push(tid);
+    }
     let run_ptr: *mut kvm_run = vcpu.get_kvm_run();
     KVM_RUN.with(|r| r.set(run_ptr));
     while dom.may_run() {
@@ -85,7 +91,16 @@ pub(crate) fn run_loop(dom: Arc<DomainShared>, mut vcpu: VcpuFd, index: u32) {
         }
     }
     KVM_RUN.with(|r| r.set(std::ptr::null_mut()));
-    dom.lock().vcpu_threads.retain(|&t| t != me);
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes one timespec, which `ts` is.
+    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    let mut i = dom.lock();
+    i.vcpu_threads.retain(|&t| t != me);
+    i.vcpu_tids.retain(|&t| t != tid);
+    i.cpu_ns_done += ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64;
 }
 
 thread_local! {

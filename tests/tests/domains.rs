@@ -197,3 +197,22 @@ fn destroying_a_running_domain_stops_every_vcpu() {
     assert!(dom.console().wait_for("tick 3\n", T));
     assert_eq!(dom.destroy(), DomainState::Destroyed);
 }
+
+#[test]
+fn cpu_time_is_accounted_for_running_and_finished_vcpus() {
+    let hv = hypervisor();
+    let dom = hv
+        .create_domain(DomainConfig {
+            name: "cpu".into(),
+            cmdline: "ticker".into(),
+            ..Default::default()
+        })
+        .unwrap();
+    assert!(dom.console().wait_for("tick 3", Duration::from_secs(10)));
+    let running = dom.shared().cpu_time();
+    assert!(running > Duration::ZERO, "{running:?}");
+    let shared = std::sync::Arc::clone(dom.shared());
+    dom.destroy();
+    // The vCPU threads are gone; their time is kept.
+    assert!(shared.cpu_time() >= running);
+}
