@@ -6,6 +6,8 @@
 #![deny(missing_docs)]
 
 pub mod blkback;
+pub mod control;
+pub mod daemon;
 pub mod disk;
 pub mod grants;
 pub mod netback;

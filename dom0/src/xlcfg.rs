@@ -230,7 +230,8 @@ impl Lexer<'_> {
 }
 
 /// What to do when a domain powers off, reboots or crashes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Action {
     /// Tear it down.
     #[default]
@@ -256,7 +257,7 @@ impl std::str::FromStr for Action {
 }
 
 /// A disk from a `disk = [...]` spec.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct DiskSpec {
     /// The image file.
     pub target: PathBuf,
@@ -349,7 +350,7 @@ fn parse_size(v: &str) -> Result<u64, String> {
 }
 
 /// A network interface from a `vif = [...]` spec.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct VifSpec {
     /// Fixed MAC (generated if absent).
     pub mac: Option<Mac>,
@@ -416,7 +417,7 @@ impl VifSpec {
 }
 
 /// A domain as a configuration file describes it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct DomainSpec {
     /// Unique name.
     pub name: String,

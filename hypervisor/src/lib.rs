@@ -32,7 +32,7 @@ use pv_protocol::start_info::{
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
 pub use console::Console;
-pub use domain::{Domain, DomainShared, DomainState};
+pub use domain::{Domain, DomainShared, DomainState, LifecycleError};
 
 const MSR_PVM_VIF: u32 = 0x4b56_4d10;
 const MSR_PVM_ID: u32 = 0x4b56_4d11;

@@ -1,0 +1,233 @@
+//! The dom0 daemon's control protocol, spoken over a Unix socket by `xl` (and anyone else).
+//!
+//! Version 1. The client sends one request per line, a JSON object with the protocol version
+//! and an `op`: `{"v":1,"op":"list"}`. The daemon answers each with one line: `{"ok":VALUE}` or
+//! `{"error":"cause: cause: cause"}`. A request with another version is refused with an error
+//! naming both versions. After a successful `console` request the connection stops being
+//! line-based: the daemon streams the guest's console output (history first) and forwards every
+//! byte the client sends to the guest's console input, until either side closes.
+//!
+//! Ops (fields in parentheses; `dom` is a domain name or id):
+//! `hello`, `info`, `list`, `create` (`spec`: a parsed domain file, `paused`), `destroy` (`dom`),
+//! `shutdown` (`dom`, `reboot`, `wait`), `pause` / `unpause` (`dom`), `console` (`dom`),
+//! `dmesg` (`lines`), `block-attach` (`dom`, `spec`: one disk spec), `block-detach` (`dom`,
+//! `vdev`), `block-list` (`dom`), `network-attach` (`dom`, `spec`: one vif spec),
+//! `network-detach` (`dom`, `devid`), `network-list` (`dom`), `top`.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::xlcfg::DomainSpec;
+
+/// The protocol version this build speaks.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// Socket file in the runtime directory.
+pub const SOCKET: &str = "control.sock";
+/// Lock file held by the running daemon.
+pub const LOCK: &str = "daemon.lock";
+/// The daemon's log.
+pub const LOG: &str = "daemon.log";
+
+/// A request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "kebab-case")]
+pub enum Request {
+    /// Version handshake (answered with the daemon's version and pid).
+    Hello,
+    /// Host facts.
+    Info,
+    /// Every domain.
+    List,
+    /// Builds and starts a domain.
+    Create {
+        /// What to build.
+        spec: Box<DomainSpec>,
+        /// Leave it paused.
+        #[serde(default)]
+        paused: bool,
+    },
+    /// Tears a domain down now.
+    Destroy {
+        /// Name or id.
+        dom: String,
+    },
+    /// Asks the guest to power off (or reboot).
+    Shutdown {
+        /// Name or id.
+        dom: String,
+        /// Reboot instead.
+        #[serde(default)]
+        reboot: bool,
+        /// Answer only once the domain is gone (or restarted).
+        #[serde(default)]
+        wait: bool,
+    },
+    /// Pauses the vCPUs.
+    Pause {
+        /// Name or id.
+        dom: String,
+    },
+    /// Resumes the vCPUs.
+    Unpause {
+        /// Name or id.
+        dom: String,
+    },
+    /// Attaches to the console (the connection becomes a byte stream).
+    Console {
+        /// Name or id.
+        dom: String,
+    },
+    /// The last lines of the daemon's log.
+    Dmesg {
+        /// How many.
+        #[serde(default = "default_lines")]
+        lines: usize,
+    },
+    /// Hot-plugs a disk.
+    BlockAttach {
+        /// Name or id.
+        dom: String,
+        /// One disk spec, as in a domain file.
+        spec: String,
+    },
+    /// Hot-unplugs a disk.
+    BlockDetach {
+        /// Name or id.
+        dom: String,
+        /// `xvdb`.
+        vdev: String,
+    },
+    /// A domain's disks.
+    BlockList {
+        /// Name or id.
+        dom: String,
+    },
+    /// Hot-plugs a network interface.
+    NetworkAttach {
+        /// Name or id.
+        dom: String,
+        /// One vif spec, as in a domain file.
+        spec: String,
+    },
+    /// Hot-unplugs a network interface.
+    NetworkDetach {
+        /// Name or id.
+        dom: String,
+        /// Device id (0..7).
+        devid: u32,
+    },
+    /// A domain's network interfaces.
+    NetworkList {
+        /// Name or id.
+        dom: String,
+    },
+    /// Per-domain counters (CPU time, block and network I/O).
+    Top,
+}
+
+fn default_lines() -> usize {
+    50
+}
+
+/// A request on the wire.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Envelope {
+    /// Protocol version.
+    pub v: u32,
+    /// The request.
+    #[serde(flatten)]
+    pub req: Request,
+}
+
+/// A reply on the wire.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Reply {
+    /// Success, with the op's data.
+    Ok(serde_json::Value),
+    /// Failure: the cause chain as one line.
+    Error(String),
+}
+
+/// One row of `list`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DomainInfo {
+    /// Name.
+    pub name: String,
+    /// Id.
+    pub id: u32,
+    /// Memory, MiB.
+    pub mem: u64,
+    /// vCPUs.
+    pub vcpus: u32,
+    /// xl's state letters: r(unning) b(locked) p(aused) s(hutdown) c(rashed) d(ying).
+    pub state: String,
+    /// CPU seconds used.
+    pub time: f64,
+    /// Detail of a final state (shutdown reason and code, crash registers).
+    #[serde(default)]
+    pub detail: String,
+    /// How many times `on_*=restart` rebuilt it.
+    #[serde(default)]
+    pub restarts: u32,
+    /// Its configuration.
+    pub spec: DomainSpec,
+}
+
+/// Where the daemon's files live: `$SPLITVISOR_RUNTIME_DIR`, else `/run/splitvisor` for root,
+/// else `$XDG_RUNTIME_DIR/splitvisor`, else `/tmp/splitvisor-<uid>`.
+pub fn default_runtime_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("SPLITVISOR_RUNTIME_DIR") {
+        return PathBuf::from(d);
+    }
+    // SAFETY: getuid has no preconditions.
+    let uid = unsafe { libc::getuid() };
+    if uid == 0 {
+        return PathBuf::from("/run/splitvisor");
+    }
+    match std::env::var_os("XDG_RUNTIME_DIR") {
+        Some(x) => Path::new(&x).join("splitvisor"),
+        None => PathBuf::from(format!("/tmp/splitvisor-{uid}")),
+    }
+}
+
+/// A string with a cause chain, as the CLI and the daemon print errors.
+pub fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(c) = src {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        src = c.source();
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_round_trip_with_their_version() {
+        let e = Envelope {
+            v: PROTOCOL_VERSION,
+            req: Request::Shutdown {
+                dom: "web".into(),
+                reboot: false,
+                wait: true,
+            },
+        };
+        let text = serde_json::to_string(&e).unwrap();
+        assert_eq!(
+            text,
+            r#"{"v":1,"op":"shutdown","dom":"web","reboot":false,"wait":true}"#
+        );
+        let back: Envelope = serde_json::from_str(r#"{"v":1,"op":"dmesg"}"#).unwrap();
+        assert_eq!(back.req, Request::Dmesg { lines: 50 });
+        let r = serde_json::to_string(&Reply::Error("no such domain".into())).unwrap();
+        assert_eq!(r, r#"{"error":"no such domain"}"#);
+        assert!(serde_json::from_str::<Envelope>(r#"{"v":1,"op":"reformat-disk"}"#).is_err());
+    }
+}

@@ -1,0 +1,768 @@
+//! The dom0 daemon: owns the hypervisor, every domain and every back end, and serves the
+//! control protocol ([`crate::control`]) to `xl`.
+//!
+//! One thread accepts connections, one per connection serves requests, and a lifecycle thread
+//! watches for domains that stopped and applies their `on_poweroff` / `on_reboot` / `on_crash`
+//! action. All state sits behind one mutex; nothing slow (a guest's shutdown, a console stream)
+//! is waited for while holding it.
+
+use std::collections::{BTreeMap, HashMap};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use hypervisor::{Domain, DomainConfig, DomainState, Hypervisor};
+use pv_protocol::hypercall::ShutdownReason;
+use serde_json::{Value, json};
+
+use crate::control::{self, DomainInfo, Envelope, PROTOCOL_VERSION, Reply, Request};
+use crate::disk::Disk;
+use crate::switch::Switch;
+use crate::tap::{Tap, TapPort};
+use crate::vbd::Vbd;
+use crate::vif::Vif;
+use crate::xlcfg::{Action, DiskSpec, DomainSpec, MAX_VIFS, VifSpec};
+
+/// Errors a request can end in (sent to the client as one line).
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    /// No domain by that name or id.
+    #[error("no domain {0:?}")]
+    NoDomain(String),
+    /// The name is taken.
+    #[error("a domain named {0:?} already exists")]
+    NameTaken(String),
+    /// Building the domain failed.
+    #[error("cannot create domain {0:?}")]
+    Create(String, #[source] hypervisor::Error),
+    /// The kernel image cannot be read.
+    #[error("kernel {0}")]
+    Kernel(PathBuf, #[source] std::io::Error),
+    /// A disk could not be attached.
+    #[error("disk {0}")]
+    Disk(String, #[source] Box<dyn std::error::Error + Send + Sync>),
+    /// A network interface could not be attached.
+    #[error("vif {0}")]
+    Vif(String, #[source] Box<dyn std::error::Error + Send + Sync>),
+    /// A device spec did not parse.
+    #[error("bad spec {0:?}: {1}")]
+    Spec(String, String),
+    /// No such device.
+    #[error("domain {0} has no device {1}")]
+    NoDevice(u32, String),
+    /// A lifecycle operation failed.
+    #[error("domain {0}")]
+    Lifecycle(u32, #[source] hypervisor::LifecycleError),
+    /// The store refused the shutdown request.
+    #[error("cannot ask domain {0} to shut down: store {1:?}")]
+    Store(u32, pv_protocol::store::StoreErrno),
+    /// The domain did not stop in time.
+    #[error("domain {0} did not shut down within {1:?}")]
+    Timeout(u32, Duration),
+    /// The log cannot be read.
+    #[error("daemon log")]
+    Log(#[source] std::io::Error),
+    /// The request names another protocol version.
+    #[error("protocol version {0} requested; this daemon speaks {PROTOCOL_VERSION}")]
+    Version(u32),
+}
+
+/// A domain the daemon manages, with its devices.
+struct Managed {
+    spec: DomainSpec,
+    domain: Domain,
+    disks: Vec<(DiskSpec, Vbd)>,
+    vifs: Vec<(u32, VifSpec, Vif)>,
+    restarts: u32,
+    /// Restarts in the current burst (a domain that crashes on boot is not restarted forever).
+    recent_restarts: Vec<Instant>,
+    /// Stopped and kept for inspection (`on_*=preserve`).
+    preserved: bool,
+}
+
+impl Managed {
+    /// Drops every device (polite close while the guest still runs).
+    fn unplug_all(&mut self) {
+        self.disks.clear();
+        self.vifs.clear();
+    }
+}
+
+#[derive(Default)]
+struct State {
+    domains: BTreeMap<u32, Managed>,
+    switches: HashMap<String, Arc<Switch>>,
+    /// Switches with a TAP uplink, by switch name: the TAP's interface name.
+    uplinks: HashMap<String, String>,
+}
+
+/// The daemon.
+pub struct Daemon {
+    hv: Hypervisor,
+    runtime: PathBuf,
+    state: Mutex<State>,
+    changed: Condvar,
+    started: Instant,
+}
+
+impl std::fmt::Debug for Daemon {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Daemon")
+            .field("runtime", &self.runtime)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Restarts allowed within [`RESTART_WINDOW`] before a domain is given up on.
+const MAX_RESTARTS: usize = 5;
+const RESTART_WINDOW: Duration = Duration::from_secs(10);
+
+impl Daemon {
+    /// A daemon over `hv`, with its files in `runtime`.
+    pub fn new(hv: Hypervisor, runtime: &Path) -> Arc<Self> {
+        Arc::new(Self {
+            hv,
+            runtime: runtime.to_owned(),
+            state: Mutex::default(),
+            changed: Condvar::new(),
+            started: Instant::now(),
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Serves `listener` forever (one thread per connection), with the lifecycle thread.
+    pub fn serve(self: &Arc<Self>, listener: UnixListener) {
+        let me = Arc::clone(self);
+        let _ = std::thread::Builder::new()
+            .name("lifecycle".into())
+            .spawn(move || me.lifecycle());
+        for conn in listener.incoming() {
+            match conn {
+                Ok(c) => {
+                    let me = Arc::clone(self);
+                    let _ = std::thread::Builder::new()
+                        .name("client".into())
+                        .spawn(move || me.client(c));
+                }
+                Err(e) => tracing::warn!("accept: {e}"),
+            }
+        }
+    }
+
+    fn client(&self, stream: UnixStream) {
+        let Ok(mut out) = stream.try_clone() else {
+            return;
+        };
+        let mut reader = BufReader::new(stream);
+        let mut line = String::new();
+        loop {
+            line.clear();
+            match reader.read_line(&mut line) {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+            let parsed: Result<Envelope, _> = serde_json::from_str(&line);
+            let (reply, console) = match parsed {
+                Err(e) => (Reply::Error(format!("bad request: {e}")), None),
+                Ok(env) if env.v != PROTOCOL_VERSION => (
+                    Reply::Error(control::chain(&DaemonError::Version(env.v))),
+                    None,
+                ),
+                Ok(Envelope {
+                    req: Request::Console { dom },
+                    ..
+                }) => match self.find(&dom) {
+                    Ok(id) => (Reply::Ok(json!({ "id": id })), Some(id)),
+                    Err(e) => (Reply::Error(control::chain(&e)), None),
+                },
+                Ok(env) => {
+                    tracing::debug!(?env.req, "request");
+                    match self.handle(env.req) {
+                        Ok(v) => (Reply::Ok(v), None),
+                        Err(e) => (Reply::Error(control::chain(&e)), None),
+                    }
+                }
+            };
+            let mut text = serde_json::to_string(&reply).unwrap_or_default();
+            text.push('\n');
+            if out.write_all(text.as_bytes()).is_err() {
+                return;
+            }
+            if let Some(id) = console {
+                self.console(id, reader, out);
+                return;
+            }
+        }
+    }
+
+    /// Streams domain `id`'s console to the client and the client's bytes to the guest.
+    fn console(&self, id: u32, mut input: BufReader<UnixStream>, mut out: UnixStream) {
+        let Some(shared) = self
+            .lock()
+            .domains
+            .get(&id)
+            .map(|m| Arc::clone(m.domain.shared()))
+        else {
+            return;
+        };
+        let keys = Arc::clone(&shared);
+        let _ = std::thread::Builder::new()
+            .name("console-in".into())
+            .spawn(move || {
+                let mut buf = [0u8; 256];
+                loop {
+                    match input.read(&mut buf) {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => {
+                            keys.console.send_input(&buf[..n]);
+                        }
+                    }
+                }
+            });
+        let mut pos = 0;
+        loop {
+            let (bytes, next) = shared.console.read_from(pos, Duration::from_millis(200));
+            pos = next;
+            if !bytes.is_empty() && out.write_all(&bytes).is_err() {
+                return;
+            }
+            // The domain is gone (destroyed or restarted as another id): end the stream.
+            if bytes.is_empty() && !self.lock().domains.contains_key(&id) {
+                return;
+            }
+        }
+    }
+
+    /// A domain id from a name or a number.
+    fn find(&self, dom: &str) -> Result<u32, DaemonError> {
+        let st = self.lock();
+        if let Ok(id) = dom.parse::<u32>()
+            && st.domains.contains_key(&id)
+        {
+            return Ok(id);
+        }
+        st.domains
+            .iter()
+            .find(|(_, m)| m.spec.name == dom)
+            .map(|(id, _)| *id)
+            .ok_or_else(|| DaemonError::NoDomain(dom.into()))
+    }
+
+    fn handle(&self, req: Request) -> Result<Value, DaemonError> {
+        match req {
+            Request::Hello => Ok(json!({
+                "version": env!("CARGO_PKG_VERSION"),
+                "protocol": PROTOCOL_VERSION,
+                "pid": std::process::id(),
+                "runtime_dir": self.runtime,
+            })),
+            Request::Info => Ok(self.info()),
+            Request::List => Ok(serde_json::to_value(self.list()).unwrap_or_default()),
+            Request::Create { spec, paused } => {
+                let id = self.create(&spec, paused, 0)?;
+                Ok(json!({ "id": id, "name": spec.name }))
+            }
+            Request::Destroy { dom } => {
+                let id = self.find(&dom)?;
+                self.destroy(id);
+                Ok(json!({ "id": id }))
+            }
+            Request::Shutdown { dom, reboot, wait } => {
+                let id = self.find(&dom)?;
+                self.shutdown(id, reboot, wait)?;
+                Ok(json!({ "id": id }))
+            }
+            Request::Pause { dom } => {
+                let id = self.find(&dom)?;
+                self.with(id, |m| m.domain.pause())?
+                    .map_err(|e| DaemonError::Lifecycle(id, e))?;
+                Ok(json!({ "id": id }))
+            }
+            Request::Unpause { dom } => {
+                let id = self.find(&dom)?;
+                self.with(id, |m| m.domain.unpause())?
+                    .map_err(|e| DaemonError::Lifecycle(id, e))?;
+                Ok(json!({ "id": id }))
+            }
+            Request::Console { .. } => unreachable!("handled by the connection"),
+            Request::Dmesg { lines } => {
+                let text = std::fs::read_to_string(self.runtime.join(control::LOG))
+                    .map_err(DaemonError::Log)?;
+                let all: Vec<&str> = text.lines().collect();
+                let tail = all[all.len().saturating_sub(lines)..].join("\n");
+                Ok(Value::String(tail))
+            }
+            Request::BlockAttach { dom, spec } => {
+                let id = self.find(&dom)?;
+                self.block_attach(id, &spec)
+            }
+            Request::BlockDetach { dom, vdev } => {
+                let id = self.find(&dom)?;
+                let vbd = self.with(id, |m| {
+                    let i = m.disks.iter().position(|(d, _)| d.vdev == vdev)?;
+                    Some(m.disks.remove(i))
+                })?;
+                // Dropped outside the lock: the guest gets time to release it.
+                drop(vbd.ok_or_else(|| DaemonError::NoDevice(id, vdev.clone()))?);
+                Ok(json!({ "id": id, "vdev": vdev }))
+            }
+            Request::BlockList { dom } => {
+                let id = self.find(&dom)?;
+                self.with(id, |m| {
+                    Value::Array(
+                        m.disks
+                            .iter()
+                            .map(|(d, v)| {
+                                json!({
+                                    "vdev": d.vdev, "devid": d.devid(), "target": d.target,
+                                    "readonly": d.readonly,
+                                    "backend_state": v.backend_state(),
+                                    "frontend_state": v.frontend_state(),
+                                })
+                            })
+                            .collect(),
+                    )
+                })
+            }
+            Request::NetworkAttach { dom, spec } => {
+                let id = self.find(&dom)?;
+                self.network_attach(id, &spec)
+            }
+            Request::NetworkDetach { dom, devid } => {
+                let id = self.find(&dom)?;
+                let vif = self.with(id, |m| {
+                    let i = m.vifs.iter().position(|(d, _, _)| *d == devid)?;
+                    Some(m.vifs.remove(i))
+                })?;
+                drop(vif.ok_or_else(|| DaemonError::NoDevice(id, format!("vif {devid}")))?);
+                Ok(json!({ "id": id, "devid": devid }))
+            }
+            Request::NetworkList { dom } => {
+                let id = self.find(&dom)?;
+                self.with(id, |m| {
+                    Value::Array(
+                        m.vifs
+                            .iter()
+                            .map(|(devid, s, v)| {
+                                let c = v.counters().map(|c| c.snapshot()).unwrap_or_default();
+                                json!({
+                                    "devid": devid, "mac": v.mac().to_string(),
+                                    "bridge": s.bridge,
+                                    "backend_state": v.backend_state(),
+                                    "frontend_state": v.frontend_state(),
+                                    "rx_packets": c.rx_packets, "tx_packets": c.tx_packets,
+                                    "tx_dropped": c.tx_dropped, "errors": c.errors,
+                                })
+                            })
+                            .collect(),
+                    )
+                })
+            }
+            Request::Top => Ok(self.top()),
+        }
+    }
+
+    /// Runs `f` on domain `id` under the lock.
+    fn with<R>(&self, id: u32, f: impl FnOnce(&mut Managed) -> R) -> Result<R, DaemonError> {
+        let mut st = self.lock();
+        let m = st
+            .domains
+            .get_mut(&id)
+            .ok_or_else(|| DaemonError::NoDomain(id.to_string()))?;
+        Ok(f(m))
+    }
+
+    fn info(&self) -> Value {
+        let mem_kib = std::fs::read_to_string("/proc/meminfo")
+            .ok()
+            .and_then(|m| {
+                m.lines()
+                    .find_map(|l| l.strip_prefix("MemTotal:"))
+                    .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+            })
+            .unwrap_or(0);
+        // SAFETY: sysconf reads a system constant.
+        let cores = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) };
+        let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+        let st = self.lock();
+        json!({
+            "host": {
+                "kvm": format!("{:?}", self.hv.flavour()),
+                "cores": cores,
+                "memory_mib": mem_kib / 1024,
+                "kernel": kernel.trim(),
+            },
+            "domains": st.domains.len(),
+            "switches": st.switches.keys().collect::<Vec<_>>(),
+            "splitvisor": env!("CARGO_PKG_VERSION"),
+            "protocol": PROTOCOL_VERSION,
+            "uptime_s": self.started.elapsed().as_secs(),
+        })
+    }
+
+    fn list(&self) -> Vec<DomainInfo> {
+        let st = self.lock();
+        st.domains
+            .iter()
+            .map(|(id, m)| {
+                let state = m.domain.state();
+                let (letter, detail) = match &state {
+                    DomainState::Running => ("r", String::new()),
+                    DomainState::Paused => ("p", String::new()),
+                    DomainState::Shutdown { reason, code } => {
+                        let letter = if *reason == ShutdownReason::Crash {
+                            "c"
+                        } else {
+                            "s"
+                        };
+                        (letter, format!("{reason:?}, exit code {code}"))
+                    }
+                    DomainState::Crashed { detail } => ("c", detail.clone()),
+                    DomainState::Destroyed => ("d", String::new()),
+                };
+                DomainInfo {
+                    name: m.spec.name.clone(),
+                    id: *id,
+                    mem: m.spec.memory,
+                    vcpus: m.spec.vcpus,
+                    state: letter.into(),
+                    time: m.domain.shared().cpu_time().as_secs_f64(),
+                    detail,
+                    restarts: m.restarts,
+                    spec: m.spec.clone(),
+                }
+            })
+            .collect()
+    }
+
+    fn top(&self) -> Value {
+        let st = self.lock();
+        Value::Array(
+            st.domains
+                .iter()
+                .map(|(id, m)| {
+                    let (mut rx, mut tx, mut rxb, mut txb) = (0, 0, 0, 0);
+                    for (_, _, v) in &m.vifs {
+                        if let Some(c) = v.counters() {
+                            let s = c.snapshot();
+                            // The port's rx is what the guest sent.
+                            tx += s.rx_packets;
+                            txb += s.rx_bytes;
+                            rx += s.tx_packets;
+                            rxb += s.tx_bytes;
+                        }
+                    }
+                    json!({
+                        "name": m.spec.name, "id": id, "vcpus": m.spec.vcpus,
+                        "cpu_s": m.domain.shared().cpu_time().as_secs_f64(),
+                        "net_rx_packets": rx, "net_tx_packets": tx,
+                        "net_rx_bytes": rxb, "net_tx_bytes": txb,
+                        "disks": m.disks.len(),
+                    })
+                })
+                .collect(),
+        )
+    }
+
+    /// Builds a domain from `spec` with its devices.
+    fn create(&self, spec: &DomainSpec, paused: bool, restarts: u32) -> Result<u32, DaemonError> {
+        let kernel = match &spec.kernel {
+            Some(p) => Some(std::fs::read(p).map_err(|e| DaemonError::Kernel(p.clone(), e))?),
+            None => None,
+        };
+        let mut cmdline = spec.cmdline.clone();
+        // The guest kernel's network stack takes its address from the command line.
+        if let Some(ip) = spec.vifs.iter().find_map(|v| v.ip)
+            && !cmdline.split_whitespace().any(|w| w.starts_with("ip="))
+        {
+            cmdline = format!("{cmdline} ip={ip}").trim().to_owned();
+        }
+        let mut st = self.lock();
+        if st.domains.values().any(|m| m.spec.name == spec.name) {
+            return Err(DaemonError::NameTaken(spec.name.clone()));
+        }
+        let domain = self
+            .hv
+            .create_domain(DomainConfig {
+                name: spec.name.clone(),
+                mem_mib: spec.memory,
+                vcpus: spec.vcpus,
+                kernel,
+                cmdline,
+                start_paused: paused,
+                ..Default::default()
+            })
+            .map_err(|e| DaemonError::Create(spec.name.clone(), e))?;
+        let id = domain.id();
+        let mut m = Managed {
+            spec: spec.clone(),
+            domain,
+            disks: Vec::new(),
+            vifs: Vec::new(),
+            restarts,
+            recent_restarts: Vec::new(),
+            preserved: false,
+        };
+        let devices = (|| {
+            for d in &spec.disks {
+                m.disks.push((d.clone(), self.plug_disk(&m.domain, d)?));
+            }
+            for (i, v) in spec.vifs.iter().enumerate() {
+                let vif = self.plug_vif(&mut st, &m.domain, i as u32, v)?;
+                m.vifs.push((i as u32, v.clone(), vif));
+            }
+            Ok(())
+        })();
+        if let Err(e) = devices {
+            m.unplug_all();
+            m.domain.destroy();
+            return Err(e);
+        }
+        tracing::info!(domid = id, name = %spec.name, "domain created");
+        st.domains.insert(id, m);
+        Ok(id)
+    }
+
+    fn plug_disk(&self, dom: &Domain, d: &DiskSpec) -> Result<Vbd, DaemonError> {
+        let fail = |e: Box<dyn std::error::Error + Send + Sync>| {
+            DaemonError::Disk(format!("{} ({})", d.vdev, d.target.display()), e)
+        };
+        if let Some(size) = d.size
+            && !d.target.exists()
+        {
+            Disk::create_sparse(&d.target, size).map_err(|e| fail(Box::new(e)))?;
+        }
+        Vbd::attach(
+            self.hv.store(),
+            dom.shared(),
+            d.devid(),
+            &d.target,
+            d.readonly,
+        )
+        .map_err(|e| fail(Box::new(e)))
+    }
+
+    fn plug_vif(
+        &self,
+        st: &mut State,
+        dom: &Domain,
+        devid: u32,
+        v: &VifSpec,
+    ) -> Result<Vif, DaemonError> {
+        let fail = |e: Box<dyn std::error::Error + Send + Sync>| {
+            DaemonError::Vif(format!("{devid} on {}", v.bridge), e)
+        };
+        let sw = match st.switches.get(&v.bridge) {
+            Some(s) => Arc::clone(s),
+            None => {
+                let s = Arc::new(Switch::new(&v.bridge).map_err(|e| fail(Box::new(e)))?);
+                st.switches.insert(v.bridge.clone(), Arc::clone(&s));
+                s
+            }
+        };
+        if let Some(tap) = &v.uplink_tap
+            && !st.uplinks.contains_key(&v.bridge)
+        {
+            let t = Tap::create(tap).map_err(|e| fail(Box::new(e)))?;
+            let p = TapPort::new(t).map_err(|e| fail(Box::new(e)))?;
+            sw.add_port(Box::new(p)).map_err(|e| fail(Box::new(e)))?;
+            st.uplinks.insert(v.bridge.clone(), tap.clone());
+            tracing::info!(switch = %v.bridge, tap, "TAP uplink attached");
+        }
+        Vif::attach(self.hv.store(), dom.shared(), devid, v.mac, &sw).map_err(|e| fail(Box::new(e)))
+    }
+
+    fn block_attach(&self, id: u32, spec: &str) -> Result<Value, DaemonError> {
+        let mut st = self.lock();
+        let m = st
+            .domains
+            .get_mut(&id)
+            .ok_or_else(|| DaemonError::NoDomain(id.to_string()))?;
+        let d =
+            DiskSpec::parse(spec, m.disks.len()).map_err(|e| DaemonError::Spec(spec.into(), e))?;
+        if m.disks.iter().any(|(o, _)| o.vdev == d.vdev) {
+            return Err(DaemonError::Spec(
+                spec.into(),
+                format!("{} is in use", d.vdev),
+            ));
+        }
+        let vbd = self.plug_disk(&m.domain, &d)?;
+        let out = json!({ "id": id, "vdev": d.vdev, "devid": d.devid() });
+        m.spec.disks.push(d.clone());
+        m.disks.push((d, vbd));
+        Ok(out)
+    }
+
+    fn network_attach(&self, id: u32, spec: &str) -> Result<Value, DaemonError> {
+        let v = VifSpec::parse(spec).map_err(|e| DaemonError::Spec(spec.into(), e))?;
+        let mut st = self.lock();
+        let (devid, domain_shared) = {
+            let m = st
+                .domains
+                .get(&id)
+                .ok_or_else(|| DaemonError::NoDomain(id.to_string()))?;
+            let devid = (0..MAX_VIFS as u32)
+                .find(|d| !m.vifs.iter().any(|(o, _, _)| o == d))
+                .ok_or_else(|| {
+                    DaemonError::Spec(spec.into(), format!("{MAX_VIFS} vifs already"))
+                })?;
+            (devid, m.domain.id())
+        };
+        // Borrow dance: plugging needs the switch table and the domain at once.
+        let mut m = st
+            .domains
+            .remove(&domain_shared)
+            .ok_or_else(|| DaemonError::NoDomain(id.to_string()))?;
+        let plugged = self.plug_vif(&mut st, &m.domain, devid, &v);
+        let out = plugged.map(|vif| {
+            let mac = vif.mac();
+            m.spec.vifs.push(v.clone());
+            m.vifs.push((devid, v, vif));
+            json!({ "id": id, "devid": devid, "mac": mac.to_string() })
+        });
+        st.domains.insert(id, m);
+        out
+    }
+
+    fn shutdown(&self, id: u32, reboot: bool, wait: bool) -> Result<(), DaemonError> {
+        let what = if reboot { "reboot" } else { "poweroff" };
+        self.hv
+            .store()
+            .write(
+                0,
+                0,
+                &format!("/local/domain/{id}/control/shutdown"),
+                what.as_bytes(),
+            )
+            .map_err(|e| DaemonError::Store(id, e))?;
+        tracing::info!(domid = id, "asked to {what}");
+        if !wait {
+            return Ok(());
+        }
+        let limit = Duration::from_secs(60);
+        let deadline = Instant::now() + limit;
+        let mut st = self.lock();
+        loop {
+            // Gone (destroyed, or rebuilt under a new id) or stopped and preserved.
+            match st.domains.get(&id) {
+                None => return Ok(()),
+                Some(m) if m.preserved => return Ok(()),
+                _ => {}
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(DaemonError::Timeout(id, limit));
+            }
+            st = self
+                .changed
+                .wait_timeout(st, deadline - now)
+                .map(|(g, _)| g)
+                .unwrap_or_else(|p| p.into_inner().0);
+        }
+    }
+
+    fn destroy(&self, id: u32) {
+        let m = self.lock().domains.remove(&id);
+        if let Some(m) = m {
+            let state = m.domain.state();
+            // Stop the vCPUs first: a destroyed guest does not get to release its devices.
+            let Managed {
+                domain,
+                disks,
+                vifs,
+                ..
+            } = m;
+            domain.destroy();
+            drop((disks, vifs));
+            tracing::info!(domid = id, ?state, "domain destroyed");
+        }
+        self.changed.notify_all();
+    }
+
+    /// Applies `on_*` actions to domains that stopped, every 50 ms.
+    fn lifecycle(self: Arc<Self>) {
+        loop {
+            std::thread::sleep(Duration::from_millis(50));
+            let stopped: Vec<(u32, DomainState, Action)> = {
+                let st = self.lock();
+                st.domains
+                    .iter()
+                    .filter(|(_, m)| !m.preserved)
+                    .filter_map(|(id, m)| {
+                        let s = m.domain.state();
+                        let action = match &s {
+                            DomainState::Shutdown { reason, .. } => match reason {
+                                ShutdownReason::Reboot => m.spec.on_reboot,
+                                ShutdownReason::Crash | ShutdownReason::Watchdog => m.spec.on_crash,
+                                _ => m.spec.on_poweroff,
+                            },
+                            DomainState::Crashed { .. } => m.spec.on_crash,
+                            DomainState::Destroyed => Action::Destroy,
+                            _ => return None,
+                        };
+                        Some((*id, s, action))
+                    })
+                    .collect()
+            };
+            for (id, state, action) in stopped {
+                match &state {
+                    DomainState::Crashed { detail } => {
+                        tracing::error!(domid = id, "domain crashed: {detail}; on_crash={action:?}")
+                    }
+                    s => tracing::info!(domid = id, state = ?s, "domain stopped; {action:?}"),
+                }
+                match action {
+                    Action::Destroy => self.destroy(id),
+                    Action::Preserve => {
+                        let mut st = self.lock();
+                        if let Some(m) = st.domains.get_mut(&id) {
+                            m.preserved = true;
+                            m.unplug_all();
+                        }
+                        drop(st);
+                        self.changed.notify_all();
+                    }
+                    Action::Restart => self.restart(id),
+                }
+            }
+        }
+    }
+
+    fn restart(&self, id: u32) {
+        let Some(mut m) = self.lock().domains.remove(&id) else {
+            return;
+        };
+        m.unplug_all();
+        let now = Instant::now();
+        m.recent_restarts
+            .retain(|t| now.duration_since(*t) < RESTART_WINDOW);
+        let (spec, restarts, mut recent) =
+            (m.spec.clone(), m.restarts + 1, m.recent_restarts.clone());
+        m.domain.destroy();
+        if recent.len() >= MAX_RESTARTS {
+            tracing::error!(
+                domid = id,
+                name = %spec.name,
+                "restarted {MAX_RESTARTS} times within {RESTART_WINDOW:?}; giving up (destroyed)"
+            );
+            self.changed.notify_all();
+            return;
+        }
+        match self.create(&spec, false, restarts) {
+            Ok(new) => {
+                recent.push(now);
+                if let Some(m) = self.lock().domains.get_mut(&new) {
+                    m.recent_restarts = recent;
+                }
+                tracing::info!(old = id, domid = new, name = %spec.name, "domain restarted");
+            }
+            Err(e) => tracing::error!(domid = id, "restart failed: {}", control::chain(&e)),
+        }
+        self.changed.notify_all();
+    }
+}

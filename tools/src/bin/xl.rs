@@ -1,0 +1,580 @@
+//! `xl`: the Splitvisor toolstack's command line, after Xen's. It talks to the dom0 daemon
+//! (`splitvisord`) over its control socket; `xl create` starts the daemon when none runs.
+
+use std::io::{BufRead, BufReader, IsTerminal, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode, Stdio};
+use std::time::{Duration, Instant};
+
+use clap::{Parser, Subcommand};
+use dom0::control::{self, DomainInfo, Envelope, PROTOCOL_VERSION, Reply, Request};
+use dom0::xlcfg::DomainSpec;
+use serde_json::Value;
+
+/// Splitvisor's toolstack: create, inspect and control domains.
+#[derive(Debug, Parser)]
+#[command(
+    name = "xl",
+    version,
+    after_help = "Not implemented yet: vcpu-list, vcpu-pin, mem-set, save/restore, migrate."
+)]
+struct Cli {
+    /// The daemon's runtime directory (default: $SPLITVISOR_RUNTIME_DIR, /run/splitvisor for
+    /// root, else $XDG_RUNTIME_DIR/splitvisor).
+    #[arg(long, global = true)]
+    runtime_dir: Option<PathBuf>,
+    #[command(subcommand)]
+    verb: Verb,
+}
+
+#[derive(Debug, Subcommand)]
+enum Verb {
+    /// Create a domain from a domain file (xl.cfg syntax); starts the daemon if none runs.
+    Create {
+        /// The domain file.
+        file: PathBuf,
+        /// Attach to the console after creating.
+        #[arg(short = 'c')]
+        console: bool,
+        /// Leave the domain paused.
+        #[arg(short = 'p')]
+        paused: bool,
+        /// Settings that override the file's (`memory=256`, `extra="ticker"`).
+        overrides: Vec<String>,
+    },
+    /// List domains: Name ID Mem VCPUs State Time(s).
+    List {
+        /// Long listing: each domain's configuration and state detail, as JSON.
+        #[arg(short = 'l', long)]
+        long: bool,
+        /// Machine-readable JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Destroy a domain at once (no shutdown in the guest).
+    Destroy {
+        /// Name or id.
+        domain: String,
+    },
+    /// Ask a domain to power off (through its control/shutdown key).
+    Shutdown {
+        /// Wait until it has shut down.
+        #[arg(short = 'w')]
+        wait: bool,
+        /// Name or id.
+        domain: String,
+    },
+    /// Ask a domain to reboot (it is rebuilt if on_reboot=restart).
+    Reboot {
+        /// Wait until it has gone down.
+        #[arg(short = 'w')]
+        wait: bool,
+        /// Name or id.
+        domain: String,
+    },
+    /// Pause a domain's vCPUs.
+    Pause {
+        /// Name or id.
+        domain: String,
+    },
+    /// Resume a paused domain.
+    Unpause {
+        /// Name or id.
+        domain: String,
+    },
+    /// Attach to a domain's console (detach with Ctrl-]).
+    Console {
+        /// Name or id.
+        domain: String,
+    },
+    /// Show the end of the daemon's log.
+    Dmesg {
+        /// Lines to show.
+        #[arg(short = 'n', default_value_t = 50)]
+        lines: usize,
+    },
+    /// Host facts: KVM flavour, cores, memory, domains, versions.
+    Info,
+    /// Per-domain CPU time, vCPUs and I/O counters, refreshed in place.
+    Top {
+        /// Seconds between refreshes.
+        #[arg(short = 'd', default_value_t = 1.0)]
+        delay: f64,
+        /// Refreshes before exiting (default: until interrupted).
+        #[arg(short = 'n')]
+        iterations: Option<u64>,
+    },
+    /// Hot-plug a disk: `xl block-attach DOM 'file.img,raw,xvdb,rw'`.
+    BlockAttach {
+        /// Name or id.
+        domain: String,
+        /// A disk spec, as in a domain file.
+        spec: String,
+    },
+    /// Hot-unplug a disk.
+    BlockDetach {
+        /// Name or id.
+        domain: String,
+        /// The virtual device (xvdb).
+        vdev: String,
+    },
+    /// List a domain's disks.
+    BlockList {
+        /// Name or id.
+        domain: String,
+    },
+    /// Hot-plug a network interface: `xl network-attach DOM 'bridge=br0'`.
+    NetworkAttach {
+        /// Name or id.
+        domain: String,
+        /// A vif spec, as in a domain file.
+        spec: String,
+    },
+    /// Hot-unplug a network interface.
+    NetworkDetach {
+        /// Name or id.
+        domain: String,
+        /// Device id (from network-list).
+        devid: u32,
+    },
+    /// List a domain's network interfaces.
+    NetworkList {
+        /// Name or id.
+        domain: String,
+    },
+}
+
+/// An error for people: one line, with its causes.
+#[derive(Debug)]
+struct Fail(String);
+
+impl<E: std::error::Error> From<E> for Fail {
+    fn from(e: E) -> Self {
+        Fail(control::chain(&e))
+    }
+}
+
+fn fail(s: impl Into<String>) -> Fail {
+    Fail(s.into())
+}
+
+/// A connection to the daemon.
+struct Client {
+    stream: UnixStream,
+    reader: BufReader<UnixStream>,
+}
+
+impl Client {
+    fn connect(dir: &Path) -> Result<Self, std::io::Error> {
+        let stream = UnixStream::connect(dir.join(control::SOCKET))?;
+        let reader = BufReader::new(stream.try_clone()?);
+        Ok(Self { stream, reader })
+    }
+
+    fn call(&mut self, req: Request) -> Result<Value, Fail> {
+        let mut text = serde_json::to_string(&Envelope {
+            v: PROTOCOL_VERSION,
+            req,
+        })?;
+        text.push('\n');
+        self.stream
+            .write_all(text.as_bytes())
+            .map_err(|e| fail(format!("daemon connection: {e}")))?;
+        let mut line = String::new();
+        self.reader
+            .read_line(&mut line)
+            .map_err(|e| fail(format!("daemon connection: {e}")))?;
+        if line.is_empty() {
+            return Err(fail("the daemon closed the connection"));
+        }
+        match serde_json::from_str::<Reply>(&line)? {
+            Reply::Ok(v) => Ok(v),
+            Reply::Error(e) => Err(Fail(e)),
+        }
+    }
+}
+
+fn connect(dir: &Path) -> Result<Client, Fail> {
+    Client::connect(dir).map_err(|e| {
+        fail(format!(
+            "no splitvisord on {} ({e}); `xl create` starts one, or run splitvisord",
+            dir.display()
+        ))
+    })
+}
+
+/// Connects, starting the daemon in the background first if none answers.
+fn connect_or_start(dir: &Path) -> Result<Client, Fail> {
+    if let Ok(c) = Client::connect(dir) {
+        return Ok(c);
+    }
+    let exe = std::env::current_exe()
+        .ok()
+        .and_then(|p| p.parent().map(|d| d.join("splitvisord")))
+        .filter(|p| p.exists())
+        .unwrap_or_else(|| PathBuf::from("splitvisord"));
+    std::fs::create_dir_all(dir).map_err(|e| fail(format!("{}: {e}", dir.display())))?;
+    let out_path = dir.join("daemon.out");
+    let out = std::fs::File::create(&out_path)
+        .map_err(|e| fail(format!("{}: {e}", out_path.display())))?;
+    let mut cmd = Command::new(&exe);
+    cmd.arg("--runtime-dir")
+        .arg(dir)
+        .stdin(Stdio::null())
+        .stdout(out.try_clone()?)
+        .stderr(out);
+    // SAFETY: setsid is async-signal-safe; the child leaves our session so it outlives xl and
+    // is not hit by the terminal's signals.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
+            libc::setsid();
+            Ok(())
+        });
+    }
+    let mut child = cmd
+        .spawn()
+        .map_err(|e| fail(format!("cannot start {}: {e}", exe.display())))?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Ok(c) = Client::connect(dir) {
+            eprintln!(
+                "xl: started splitvisord (pid {}) on {}",
+                child.id(),
+                dir.display()
+            );
+            return Ok(c);
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            let why = std::fs::read_to_string(&out_path).unwrap_or_default();
+            return Err(fail(format!(
+                "splitvisord exited ({status}): {}",
+                why.trim()
+            )));
+        }
+        if Instant::now() > deadline {
+            return Err(fail("splitvisord did not come up within 10 s"));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn state_column(letter: &str) -> String {
+    let pos = "rbpscd".find(letter).unwrap_or(0);
+    (0..6)
+        .map(|i| {
+            if i == pos {
+                letter.chars().next().unwrap_or('-')
+            } else {
+                '-'
+            }
+        })
+        .collect()
+}
+
+/// Attaches to a console: output to stdout, stdin to the guest; Ctrl-] detaches.
+fn console(dir: &Path, dom: &str) -> Result<(), Fail> {
+    let mut c = connect(dir)?;
+    c.call(Request::Console { dom: dom.into() })?;
+    let mut to_guest = c.stream.try_clone()?;
+    let tty = std::io::stdin().is_terminal();
+    let saved = if tty { raw_mode() } else { None };
+    let input = std::thread::spawn(move || {
+        let mut buf = [0u8; 256];
+        let mut stdin = std::io::stdin();
+        loop {
+            let n = match stdin.read(&mut buf) {
+                Ok(0) | Err(_) => return false,
+                Ok(n) => n,
+            };
+            // Ctrl-] (0x1d) detaches, as in xl.
+            if let Some(i) = buf[..n].iter().position(|&b| b == 0x1d) {
+                let _ = to_guest.write_all(&buf[..i]);
+                let _ = to_guest.shutdown(std::net::Shutdown::Both);
+                return true;
+            }
+            if to_guest.write_all(&buf[..n]).is_err() {
+                return false;
+            }
+        }
+    });
+    let mut out = std::io::stdout();
+    let mut buf = [0u8; 4096];
+    // Whatever is left buffered after the reply line, then the stream.
+    let pending = c.reader.buffer().to_vec();
+    let _ = out.write_all(&pending);
+    let _ = out.flush();
+    let mut sock = c.stream;
+    loop {
+        match sock.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => {
+                let _ = out.write_all(&buf[..n]);
+                let _ = out.flush();
+            }
+        }
+    }
+    if let Some(t) = saved {
+        restore_mode(&t);
+    }
+    drop(input);
+    Ok(())
+}
+
+fn raw_mode() -> Option<libc::termios> {
+    // SAFETY: termios is plain data; tcgetattr fills it for a terminal fd.
+    let mut t: libc::termios = unsafe { std::mem::zeroed() };
+    // SAFETY: fd 0 is a terminal (checked by the caller); `t` is a valid termios.
+    if unsafe { libc::tcgetattr(0, &mut t) } != 0 {
+        return None;
+    }
+    let saved = t;
+    // SAFETY: cfmakeraw only edits the struct.
+    unsafe { libc::cfmakeraw(&mut t) };
+    // SAFETY: as above.
+    unsafe { libc::tcsetattr(0, libc::TCSANOW, &t) };
+    Some(saved)
+}
+
+fn restore_mode(t: &libc::termios) {
+    // SAFETY: restores settings read from the same terminal.
+    unsafe { libc::tcsetattr(0, libc::TCSANOW, t) };
+}
+
+fn print_table(rows: &[Vec<String>]) {
+    let cols = rows.first().map_or(0, Vec::len);
+    let widths: Vec<usize> = (0..cols)
+        .map(|c| rows.iter().map(|r| r[c].len()).max().unwrap_or(0))
+        .collect();
+    for r in rows {
+        let line: Vec<String> = r
+            .iter()
+            .zip(&widths)
+            .map(|(v, w)| format!("{v:<w$}"))
+            .collect();
+        println!("{}", line.join("  ").trim_end());
+    }
+}
+
+fn run(cli: Cli) -> Result<(), Fail> {
+    let dir = cli.runtime_dir.unwrap_or_else(control::default_runtime_dir);
+    match cli.verb {
+        Verb::Create {
+            file,
+            console: attach,
+            paused,
+            overrides,
+        } => {
+            let spec = DomainSpec::load(&file, &overrides)?;
+            let mut c = connect_or_start(&dir)?;
+            let v = c.call(Request::Create {
+                spec: Box::new(spec),
+                paused,
+            })?;
+            eprintln!(
+                "xl: created domain {} (id {})",
+                v["name"].as_str().unwrap_or("?"),
+                v["id"]
+            );
+            if attach {
+                console(&dir, &v["id"].to_string())?;
+            }
+        }
+        Verb::List { long, json } => {
+            let v = connect(&dir)?.call(Request::List)?;
+            let doms: Vec<DomainInfo> = serde_json::from_value(v)?;
+            if json || long {
+                println!("{}", serde_json::to_string_pretty(&doms)?);
+                return Ok(());
+            }
+            let mut rows = vec![
+                ["Name", "ID", "Mem", "VCPUs", "State", "Time(s)"]
+                    .map(String::from)
+                    .to_vec(),
+            ];
+            for d in &doms {
+                rows.push(vec![
+                    d.name.clone(),
+                    d.id.to_string(),
+                    d.mem.to_string(),
+                    d.vcpus.to_string(),
+                    state_column(&d.state),
+                    format!("{:.1}", d.time),
+                ]);
+            }
+            print_table(&rows);
+        }
+        Verb::Destroy { domain } => {
+            connect(&dir)?.call(Request::Destroy { dom: domain })?;
+        }
+        Verb::Shutdown { wait, domain } => {
+            connect(&dir)?.call(Request::Shutdown {
+                dom: domain,
+                reboot: false,
+                wait,
+            })?;
+        }
+        Verb::Reboot { wait, domain } => {
+            connect(&dir)?.call(Request::Shutdown {
+                dom: domain,
+                reboot: true,
+                wait,
+            })?;
+        }
+        Verb::Pause { domain } => {
+            connect(&dir)?.call(Request::Pause { dom: domain })?;
+        }
+        Verb::Unpause { domain } => {
+            connect(&dir)?.call(Request::Unpause { dom: domain })?;
+        }
+        Verb::Console { domain } => console(&dir, &domain)?,
+        Verb::Dmesg { lines } => {
+            let v = connect(&dir)?.call(Request::Dmesg { lines })?;
+            println!("{}", v.as_str().unwrap_or_default());
+        }
+        Verb::Info => {
+            let v = connect(&dir)?.call(Request::Info)?;
+            let h = &v["host"];
+            for (k, val) in [
+                ("kvm", h["kvm"].to_string()),
+                ("nr_cpus", h["cores"].to_string()),
+                ("total_memory", format!("{} MiB", h["memory_mib"])),
+                ("host_kernel", h["kernel"].to_string()),
+                ("domains", v["domains"].to_string()),
+                ("switches", v["switches"].to_string()),
+                ("splitvisor_version", v["splitvisor"].to_string()),
+                ("protocol_version", v["protocol"].to_string()),
+                ("daemon_uptime", format!("{} s", v["uptime_s"])),
+            ] {
+                println!("{k:<20}: {}", val.trim_matches('"'));
+            }
+        }
+        Verb::Top { delay, iterations } => {
+            let mut c = connect(&dir)?;
+            let tty = std::io::stdout().is_terminal();
+            let mut n = 0;
+            loop {
+                let v = c.call(Request::Top)?;
+                if tty {
+                    print!("\x1b[H\x1b[2J");
+                }
+                let mut rows = vec![
+                    [
+                        "NAME",
+                        "ID",
+                        "CPU(s)",
+                        "VCPUS",
+                        "NET_RX(pkts)",
+                        "NET_TX(pkts)",
+                        "NET_RX(B)",
+                        "NET_TX(B)",
+                        "DISKS",
+                    ]
+                    .map(String::from)
+                    .to_vec(),
+                ];
+                for d in v.as_array().into_iter().flatten() {
+                    rows.push(vec![
+                        d["name"].as_str().unwrap_or("?").into(),
+                        d["id"].to_string(),
+                        format!("{:.2}", d["cpu_s"].as_f64().unwrap_or(0.0)),
+                        d["vcpus"].to_string(),
+                        d["net_rx_packets"].to_string(),
+                        d["net_tx_packets"].to_string(),
+                        d["net_rx_bytes"].to_string(),
+                        d["net_tx_bytes"].to_string(),
+                        d["disks"].to_string(),
+                    ]);
+                }
+                print_table(&rows);
+                let _ = std::io::stdout().flush();
+                n += 1;
+                if iterations.is_some_and(|i| n >= i) {
+                    break;
+                }
+                std::thread::sleep(Duration::from_secs_f64(delay.max(0.1)));
+            }
+        }
+        Verb::BlockAttach { domain, spec } => {
+            let v = connect(&dir)?.call(Request::BlockAttach { dom: domain, spec })?;
+            eprintln!(
+                "xl: attached {} (device {})",
+                v["vdev"].as_str().unwrap_or("?"),
+                v["devid"]
+            );
+        }
+        Verb::BlockDetach { domain, vdev } => {
+            connect(&dir)?.call(Request::BlockDetach { dom: domain, vdev })?;
+        }
+        Verb::BlockList { domain } => {
+            let v = connect(&dir)?.call(Request::BlockList { dom: domain })?;
+            let mut rows = vec![
+                ["Vdev", "BE", "State", "FE-State", "RO", "Target"]
+                    .map(String::from)
+                    .to_vec(),
+            ];
+            for d in v.as_array().into_iter().flatten() {
+                rows.push(vec![
+                    d["vdev"].as_str().unwrap_or("?").into(),
+                    d["devid"].to_string(),
+                    d["backend_state"].to_string(),
+                    d["frontend_state"].to_string(),
+                    if d["readonly"].as_bool() == Some(true) {
+                        "ro"
+                    } else {
+                        "rw"
+                    }
+                    .into(),
+                    d["target"].as_str().unwrap_or("?").into(),
+                ]);
+            }
+            print_table(&rows);
+        }
+        Verb::NetworkAttach { domain, spec } => {
+            let v = connect(&dir)?.call(Request::NetworkAttach { dom: domain, spec })?;
+            eprintln!(
+                "xl: attached vif {} (mac {})",
+                v["devid"],
+                v["mac"].as_str().unwrap_or("?")
+            );
+        }
+        Verb::NetworkDetach { domain, devid } => {
+            connect(&dir)?.call(Request::NetworkDetach { dom: domain, devid })?;
+        }
+        Verb::NetworkList { domain } => {
+            let v = connect(&dir)?.call(Request::NetworkList { dom: domain })?;
+            let mut rows = vec![
+                [
+                    "Idx", "Mac", "Bridge", "BE-State", "FE-State", "RX", "TX", "Dropped", "Errors",
+                ]
+                .map(String::from)
+                .to_vec(),
+            ];
+            for d in v.as_array().into_iter().flatten() {
+                rows.push(vec![
+                    d["devid"].to_string(),
+                    d["mac"].as_str().unwrap_or("?").into(),
+                    d["bridge"].as_str().unwrap_or("?").into(),
+                    d["backend_state"].to_string(),
+                    d["frontend_state"].to_string(),
+                    d["tx_packets"].to_string(),
+                    d["rx_packets"].to_string(),
+                    d["tx_dropped"].to_string(),
+                    d["errors"].to_string(),
+                ]);
+            }
+            print_table(&rows);
+        }
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    match run(Cli::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(Fail(e)) => {
+            eprintln!("xl: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
