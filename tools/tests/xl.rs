@@ -1,0 +1,297 @@
+//! The real `xl` binary against a real `splitvisord` and real KVM domains, each test in its own
+//! runtime directory (the daemon is started by `xl create`, and killed when the test ends).
+
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use dom0::control::DomainInfo;
+
+const XL: &str = env!("CARGO_BIN_EXE_xl");
+
+/// Makes sure `splitvisord` sits next to `xl` (it belongs to another package, so `cargo test
+/// -p splitvisor-tools` alone would not build it).
+fn daemon_built() {
+    static BUILT: OnceLock<()> = OnceLock::new();
+    BUILT.get_or_init(|| {
+        let dir = Path::new(XL).parent().unwrap();
+        if dir.join("splitvisord").exists() {
+            return;
+        }
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let mut cmd = Command::new(cargo);
+        cmd.args(["build", "-p", "dom0", "--bin", "splitvisord"]);
+        if dir.ends_with("release") {
+            cmd.arg("--release");
+        }
+        assert!(cmd.status().unwrap().success(), "building splitvisord");
+    });
+}
+
+/// A runtime directory with its daemon; both go when the test ends.
+struct Env {
+    dir: PathBuf,
+}
+
+impl Env {
+    fn new(tag: &str) -> Self {
+        daemon_built();
+        assert!(
+            Path::new("/dev/kvm").exists(),
+            "/dev/kvm is missing: these tests boot real domains"
+        );
+        let dir = std::env::temp_dir().join(format!("sv-xl-{}-{tag}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        Self { dir }
+    }
+
+    fn xl(&self, args: &[&str]) -> Output {
+        Command::new(XL)
+            .arg("--runtime-dir")
+            .arg(self.dir.join("run"))
+            .args(args)
+            .output()
+            .unwrap()
+    }
+
+    /// Runs xl, asserting success; returns stdout.
+    fn ok(&self, args: &[&str]) -> String {
+        let o = self.xl(args);
+        assert!(
+            o.status.success(),
+            "xl {args:?} failed: {}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        );
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    }
+
+    /// Runs xl, asserting failure with one line on stderr; returns it.
+    fn fails(&self, args: &[&str]) -> String {
+        let o = self.xl(args);
+        assert!(!o.status.success(), "xl {args:?} should fail");
+        let err = String::from_utf8_lossy(&o.stderr).into_owned();
+        assert_eq!(err.lines().count(), 1, "one line: {err:?}");
+        assert!(err.starts_with("xl: "), "{err:?}");
+        err
+    }
+
+    fn cfg(&self, name: &str, text: &str) -> String {
+        let p = self.dir.join(name);
+        std::fs::write(&p, text).unwrap();
+        p.to_string_lossy().into_owned()
+    }
+
+    fn list(&self) -> Vec<DomainInfo> {
+        serde_json::from_str(&self.ok(&["list", "--json"])).unwrap()
+    }
+
+    /// The console as `xl console` shows it within `for_how_long` (history first), then
+    /// detaches with Ctrl-].
+    fn console(&self, dom: &str, for_how_long: Duration) -> String {
+        let mut child = Command::new(XL)
+            .arg("--runtime-dir")
+            .arg(self.dir.join("run"))
+            .args(["console", dom])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut out = child.stdout.take().unwrap();
+        let reader = std::thread::spawn(move || {
+            let mut s = Vec::new();
+            let _ = out.read_to_end(&mut s);
+            s
+        });
+        std::thread::sleep(for_how_long);
+        let _ = child.stdin.as_mut().unwrap().write_all(&[0x1d]);
+        let status = child.wait().unwrap();
+        assert!(status.success(), "xl console exited {status}");
+        String::from_utf8_lossy(&reader.join().unwrap()).into_owned()
+    }
+
+    fn wait_until(&self, what: &str, mut f: impl FnMut() -> bool) {
+        let t = Instant::now();
+        while !f() {
+            assert!(t.elapsed() < Duration::from_secs(30), "timed out: {what}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        let lock = self.dir.join("run").join(dom0::control::LOCK);
+        if let Some(pid) = std::fs::read_to_string(lock)
+            .ok()
+            .and_then(|p| p.trim().parse::<i32>().ok())
+        {
+            // SAFETY: kill on the daemon this test started.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn last_tick(console: &str) -> u64 {
+    console
+        .lines()
+        .filter_map(|l| l.strip_prefix("tick ")?.trim().parse().ok())
+        .max()
+        .unwrap_or(0)
+}
+
+#[test]
+fn create_list_console_pause_unpause_destroy() {
+    let env = Env::new("basic");
+    let cfg = env.cfg(
+        "ticker.cfg",
+        "# a guest that counts\nname = \"tick\"\nmemory = 64\nvcpus = 2\nextra = \"ticker\"\n",
+    );
+    // No daemon yet: a command other than create says so, in one line.
+    let err = env.fails(&["list"]);
+    assert!(err.contains("no splitvisord"), "{err}");
+    let o = env.xl(&["create", &cfg]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("started splitvisord"), "{err}");
+
+    let text = env.ok(&["list"]);
+    let mut lines = text.lines();
+    assert_eq!(
+        lines.next().unwrap().split_whitespace().collect::<Vec<_>>(),
+        ["Name", "ID", "Mem", "VCPUs", "State", "Time(s)"]
+    );
+    let row: Vec<&str> = lines.next().unwrap().split_whitespace().collect();
+    assert_eq!(&row[..5], ["tick", "1", "64", "2", "r-----"]);
+    let doms = env.list();
+    assert_eq!(doms.len(), 1);
+    assert_eq!((doms[0].name.as_str(), doms[0].id), ("tick", 1));
+    assert_eq!(doms[0].spec.cmdline, "ticker");
+
+    let c = env.console("tick", Duration::from_millis(700));
+    assert!(
+        c.contains("splitvisor guest: domain 1 with 2 vCPU(s)"),
+        "{c}"
+    );
+    assert!(last_tick(&c) > 0, "{c}");
+
+    // Paused: the guest makes no progress; unpaused, it goes on.
+    env.ok(&["pause", "tick"]);
+    assert_eq!(env.list()[0].state, "p");
+    let before = last_tick(&env.console("1", Duration::from_millis(300)));
+    std::thread::sleep(Duration::from_millis(500));
+    let during = last_tick(&env.console("tick", Duration::from_millis(300)));
+    assert_eq!(before, during, "a paused guest ticked");
+    env.ok(&["unpause", "tick"]);
+    env.wait_until("ticks after unpause", || {
+        last_tick(&env.console("tick", Duration::from_millis(200))) > during
+    });
+    assert!(env.list()[0].time > 0.0);
+
+    // Names are unique; ids are not reused.
+    let err = env.fails(&["create", &cfg]);
+    assert!(err.contains("already exists"), "{err}");
+    env.ok(&["destroy", "tick"]);
+    assert!(env.list().is_empty());
+    env.ok(&["create", &cfg]);
+    assert_eq!(env.list()[0].id, 2);
+    let err = env.fails(&["pause", "nosuch"]);
+    assert!(err.contains("no domain \"nosuch\""), "{err}");
+    let info = env.ok(&["info"]);
+    assert!(info.contains("domains             : 1"), "{info}");
+    let top = env.ok(&["top", "-n", "1"]);
+    assert!(top.lines().nth(1).unwrap().starts_with("tick"), "{top}");
+}
+
+#[test]
+fn bad_domain_files_are_refused_with_file_line_and_reason() {
+    let env = Env::new("badcfg");
+    let cfg = env.cfg("bad.cfg", "name = \"x\"\n\nmemroy = 64\n");
+    let err = env.fails(&["create", &cfg]);
+    assert!(err.contains("bad.cfg:3: unknown setting `memroy`"), "{err}");
+    let cfg = env.cfg("bad2.cfg", "name = \"x\"\ndisk = [ 'a.img,qcow2' ]\n");
+    let err = env.fails(&["create", &cfg]);
+    assert!(
+        err.contains("bad2.cfg:2: disk 1: format \"qcow2\""),
+        "{err}"
+    );
+    let err = env.fails(&["create", &cfg, "memory=lots"]);
+    assert!(err.contains("<command line>:1"), "{err}");
+    // Nothing was started for a file that does not parse.
+    assert!(!env.dir.join("run").join(dom0::control::SOCKET).exists());
+}
+
+#[test]
+fn on_crash_restart_rebuilds_the_domain_and_preserve_keeps_it() {
+    let env = Env::new("crash");
+    let cfg = env.cfg(
+        "c.cfg",
+        "name = \"phoenix\"\nextra = \"crash\"\non_crash = \"restart\"\n",
+    );
+    env.ok(&["create", &cfg]);
+    // It crashes at once, is rebuilt with a new id, crashes again... until the restart limit.
+    env.wait_until("restarted", || {
+        env.list()
+            .first()
+            .is_some_and(|d| d.restarts >= 1 && d.id > 1)
+    });
+    let log = env.ok(&["dmesg", "-n", "200"]);
+    assert!(log.contains("domain crashed"), "{log}");
+    assert!(log.contains("domain restarted"), "{log}");
+    env.wait_until("restart limit", || env.list().is_empty());
+    let log = env.ok(&["dmesg", "-n", "200"]);
+    assert!(log.contains("giving up"), "{log}");
+
+    let cfg = env.cfg(
+        "p.cfg",
+        "name = \"kept\"\nextra = \"crash\"\non_crash = \"preserve\"\n",
+    );
+    env.ok(&["create", &cfg]);
+    env.wait_until("crashed and kept", || {
+        env.list().first().is_some_and(|d| d.state == "c")
+    });
+    let d = &env.list()[0];
+    assert!(!d.detail.is_empty(), "the crash is described: {d:?}");
+    env.ok(&["destroy", "kept"]);
+    assert!(env.list().is_empty());
+}
+
+#[test]
+fn one_daemon_per_runtime_dir_and_a_stale_socket_is_replaced() {
+    let env = Env::new("daemons");
+    let cfg = env.cfg("t.cfg", "name = \"t\"\nextra = \"ticker\"\n");
+    env.ok(&["create", &cfg]);
+    let daemon = Path::new(XL).parent().unwrap().join("splitvisord");
+    let o = Command::new(&daemon)
+        .arg("--runtime-dir")
+        .arg(env.dir.join("run"))
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("another splitvisord"), "{err}");
+    // Kill it hard: the socket file stays behind.
+    let pid: i32 = std::fs::read_to_string(env.dir.join("run").join(dom0::control::LOCK))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    // SAFETY: kill on the daemon this test started.
+    unsafe { libc::kill(pid, libc::SIGKILL) };
+    env.wait_until("daemon gone", || {
+        !Path::new(&format!("/proc/{pid}")).exists()
+            || std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .is_ok_and(|s| s.contains(") Z "))
+    });
+    assert!(env.dir.join("run").join(dom0::control::SOCKET).exists());
+    let err = env.fails(&["list"]);
+    assert!(err.contains("no splitvisord"), "{err}");
+    // A new create starts a new daemon over the stale socket.
+    env.ok(&["create", &cfg]);
+    assert_eq!(env.list().len(), 1);
+}
