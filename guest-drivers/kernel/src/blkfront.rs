@@ -449,3 +449,195 @@ impl BlkFront {
         )
     }
 }
+
+// ---- Disks connected by device id, which may come and go (the hotplug job) ----
+
+/// Disks [`BlkFront::connect_devid`] can hold at once.
+pub const DEV_SLOTS: usize = 4;
+/// Grant references of the device slots: slot `k` grants its ring page as `DEV_GREF + 2k` and
+/// its data page as `DEV_GREF + 2k + 1` (clear of the boot-time disk's and the vifs' ranges).
+const DEV_GREF: u32 = 8192;
+
+/// Each slot's ring page and data page.
+static mut DEV_PAGES: Pages<{ 2 * DEV_SLOTS }> = Pages([[0; PAGE_SIZE]; 2 * DEV_SLOTS]);
+/// Which slots are taken (a slot whose pages dom0 kept mapped stays taken for good).
+static DEV_CLAIMED: [core::sync::atomic::AtomicBool; DEV_SLOTS] =
+    [const { core::sync::atomic::AtomicBool::new(false) }; DEV_SLOTS];
+
+/// A disk connected by device id into a slot of its own: one queue with a one-page ring, and one
+/// data page (8 sectors) for I/O. [`release`](Self::release) gives everything back, so the same
+/// device can be connected again later.
+#[derive(Debug)]
+pub struct DevDisk {
+    /// The connected device.
+    pub disk: BlkFront,
+    /// The back end's `info` says read-only (`VDISK_READONLY`).
+    pub readonly: bool,
+    /// The data page, reached only atomically (dom0 may map it at any time).
+    pub data: SharedRegion<'static>,
+    slot: usize,
+    port: u32,
+}
+
+fn dev_slot_page(slot: usize, i: usize) -> u64 {
+    (&raw mut DEV_PAGES) as u64 + ((2 * slot + i) * PAGE_SIZE) as u64
+}
+
+impl BlkFront {
+    /// Connects to disk `devid` (`device/vbd/<devid>`) through the XenbusState handshake, with
+    /// one queue and a one-page ring, in a free device slot. The back end should already be in
+    /// InitWait (this waits up to about 5 s for it, and as long for Connected). On failure
+    /// everything granted is taken back (a page dom0 still maps leaks with its slot).
+    pub fn connect_devid(cpu: &Cpu, devid: u32) -> Result<DevDisk, &'static str> {
+        let slot = DEV_CLAIMED
+            .iter()
+            .position(|c| {
+                c.compare_exchange(
+                    false,
+                    true,
+                    core::sync::atomic::Ordering::AcqRel,
+                    core::sync::atomic::Ordering::Acquire,
+                )
+                .is_ok()
+            })
+            .ok_or("every device slot is taken")?;
+        let mut port = None;
+        let r = Self::handshake_devid(cpu, devid, slot, &mut port);
+        if r.is_err() {
+            if let Some(p) = port {
+                ev::close(cpu, p);
+            }
+            release_dev_slot(cpu, slot, 100);
+        }
+        r
+    }
+
+    fn handshake_devid(
+        cpu: &Cpu,
+        devid: u32,
+        slot: usize,
+        port_out: &mut Option<u32>,
+    ) -> Result<DevDisk, &'static str> {
+        let mut digits = [0u8; 16];
+        let mut fe = [0u8; 128];
+        let fe_len = join(&mut fe, b"device/vbd", fmt_u32(&mut digits, devid)).len();
+        let fe = &fe[..fe_len];
+        let mut out = [0u8; 256];
+        let mut key = [0u8; 128];
+        let n =
+            read(cpu, join(&mut key, fe, b"backend"), &mut out).map_err(|_| "no backend path")?;
+        let be_len = out[..n].iter().position(|&b| b == 0).unwrap_or(n).min(128);
+        let mut be = [0u8; 128];
+        be[..be_len].copy_from_slice(&out[..be_len]);
+        let be = &be[..be_len];
+        let num = |cpu: &Cpu, dir: &[u8], k: &[u8]| -> Option<u64> {
+            let mut kb = [0u8; 128];
+            let mut o = [0u8; 24];
+            let n = read(cpu, join(&mut kb, dir, k), &mut o).ok()?;
+            parse_u64(&o[..n])
+        };
+        let wait_for = |cpu: &Cpu, want: u64| {
+            (0..1000).any(|_| {
+                num(cpu, be, b"state") == Some(want) || {
+                    ev::poll(cpu, &[], 5_000_000);
+                    false
+                }
+            })
+        };
+        if !wait_for(cpu, 2) {
+            return Err("back end never reached InitWait");
+        }
+        let sectors = num(cpu, be, b"sectors").ok_or("no sectors")?;
+        let info = num(cpu, be, b"info").unwrap_or(0);
+        let readonly = pv_protocol::blkif::VdiskInfo::from_bits_truncate(info as u32)
+            .contains(pv_protocol::blkif::VdiskInfo::READONLY);
+
+        let (ring_gref, data_gref) = (DEV_GREF + 2 * slot as u32, DEV_GREF + 2 * slot as u32 + 1);
+        crate::grant::grant(ring_gref, 0, dev_slot_page(slot, 0), false);
+        // Writable even on a read-only disk: reads land in it.
+        crate::grant::grant(data_gref, 0, dev_slot_page(slot, 1), false);
+        // SAFETY: the slot's two pages are static, identity-mapped memory that only this device
+        // (its slot claimed above) and dom0 use; this kernel reaches them only through these
+        // regions, whose every access is atomic.
+        let (ring_region, data) = unsafe {
+            (
+                SharedRegion::from_raw(dev_slot_page(slot, 0) as *mut u8, PAGE_SIZE),
+                SharedRegion::from_raw(dev_slot_page(slot, 1) as *mut u8, PAGE_SIZE),
+            )
+        };
+        let ring =
+            FrontRing::new(ring_region.map_err(|_| "ring page")?, 1).map_err(|_| "ring init")?;
+        let data = data.map_err(|_| "data page")?;
+        let port = ev::alloc_unbound(cpu, 0).map_err(|_| "no event channel")?;
+        *port_out = Some(port);
+        let mut v = [0u8; 16];
+        let w = |cpu: &Cpu, k: &[u8], val: &[u8]| {
+            let mut kb = [0u8; 128];
+            write(cpu, join(&mut kb, fe, k), val).map_err(|_| "store write failed")
+        };
+        w(cpu, b"ring-ref", fmt_u32(&mut v, ring_gref))?;
+        w(cpu, b"event-channel", fmt_u32(&mut v, port))?;
+        w(cpu, b"protocol", b"x86_64-abi")?;
+        // The data page stays granted while connected: the back end may keep it mapped.
+        w(cpu, b"feature-persistent", b"1")?;
+        w(cpu, b"state", b"3")?;
+        if !wait_for(cpu, 4) {
+            return Err("back end never connected");
+        }
+        w(cpu, b"state", b"4")?;
+        let mut queues: [Option<Queue>; MAX_QUEUES] = [const { None }; MAX_QUEUES];
+        queues[0] = Some(Queue { ring, port });
+        Ok(DevDisk {
+            disk: BlkFront {
+                queues,
+                nq: 1,
+                cur: 0,
+                sectors,
+                next_id: 1,
+            },
+            readonly,
+            data,
+            slot,
+            port,
+        })
+    }
+}
+
+/// Ends access to slot `slot`'s pages (waiting up to `timeout_ms` for dom0 to unmap them) and
+/// frees the slot, unless a page stayed mapped; returns how many did.
+fn release_dev_slot(cpu: &Cpu, slot: usize, timeout_ms: u64) -> u32 {
+    let leaked = crate::grant::end_access_range(cpu, DEV_GREF + 2 * slot as u32, 2, timeout_ms);
+    if leaked == 0 {
+        DEV_CLAIMED[slot].store(false, core::sync::atomic::Ordering::Release);
+    }
+    leaked
+}
+
+impl DevDisk {
+    /// Reads (or writes) the whole data page from (to) sectors `sector..sector + 8`.
+    pub fn rw_page(&mut self, cpu: &Cpu, write: bool, sector: u64) -> BlkStatus {
+        let mut segments = DirectSegments::new();
+        let seg = BlkSegment {
+            gref: GrantRef(DEV_GREF + 2 * self.slot as u32 + 1),
+            first_sect: 0,
+            last_sect: 7,
+        };
+        if segments.try_push(seg).is_err() {
+            return BlkStatus::Error;
+        }
+        let id = self.disk.next_id();
+        self.disk
+            .submit(cpu, BlkRequest::data(write, id, 0, sector, segments))
+    }
+
+    /// Stops using the device: ends access to its pages (waiting up to `timeout_ms` while dom0
+    /// still maps one) and closes its event channel. Returns how many pages stayed mapped: they
+    /// are leaked with the slot, never reused. The store's XenbusState is the caller's.
+    pub fn release(self, cpu: &Cpu, timeout_ms: u64) -> u32 {
+        let DevDisk { slot, port, .. } = self;
+        let leaked = release_dev_slot(cpu, slot, timeout_ms);
+        ev::close(cpu, port);
+        ev::clear_pending(port);
+        leaked
+    }
+}

@@ -56,3 +56,21 @@ pub fn end_access(gref: u32) -> Result<(), EndError> {
         }
     }
 }
+
+/// Ends access to grant references `first..first + count`, retrying (about every 2 ms, for at
+/// most `timeout_ms`) while the grantee still has some mapped. Returns how many stayed mapped:
+/// their pages must be leaked, never reused, since the grantee can still reach them. Ending a
+/// reference that is not granted is a no-op, so a range may include unused references.
+pub fn end_access_range(cpu: &crate::hcall::Cpu, first: u32, count: u32, timeout_ms: u64) -> u32 {
+    let mut waited_ms = 0;
+    loop {
+        let busy = (first..first + count)
+            .filter(|&g| end_access(g).is_err())
+            .count() as u32;
+        if busy == 0 || waited_ms >= timeout_ms {
+            return busy;
+        }
+        crate::evtchn::poll(cpu, &[], 2_000_000);
+        waited_ms += 2;
+    }
+}

@@ -227,12 +227,14 @@ pub fn hostile(cpu: &Cpu, si: &StartInfo) -> u32 {
     0
 }
 
-/// Prints `tick N` about every millisecond (by the TSC) forever; for pause/destroy tests.
+/// Prints `tick N` about every millisecond (by the TSC) until the toolstack asks for a
+/// shutdown; for pause/destroy tests.
 pub fn ticker(cpu: &Cpu, si: &StartInfo) -> u32 {
     let per_ms = si.tsc_khz.max(1);
     let mut n = 0u64;
     loop {
         kprintln!(cpu, "tick {n}");
+        crate::control::poll(cpu);
         n += 1;
         // SAFETY: rdtsc has no preconditions.
         let start = unsafe { core::arch::x86_64::_rdtsc() };

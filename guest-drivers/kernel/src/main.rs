@@ -5,7 +5,8 @@
 //! hypervisor only through hypercalls (one `out` to the hypercall port after filling the vCPU's
 //! hypercall page) and shared pages described by pv-protocol. The job comes from the command
 //! line: `selftest` checks the hypervisor's services and shuts down with the number of failures
-//! as its exit code; `hostile` throws garbage at the hypervisor to prove it survives.
+//! as its exit code; `hostile` throws garbage at the hypervisor to prove it survives; `idle` and
+//! `hotplug` wait for the toolstack (shutdown requests, console input, devices coming and going).
 // `cargo clippy --all-targets` checks this binary in test mode too (with std and its panic
 // handler); the freestanding attributes apply to the real build only.
 #![cfg_attr(not(test), no_std)]
@@ -16,10 +17,12 @@ extern crate alloc;
 
 mod blkfront;
 mod console;
+mod control;
 mod evtchn;
 mod grant;
 mod hcall;
 mod heap;
+mod hotplug;
 mod jobs;
 #[cfg(not(test))]
 mod mem;
@@ -100,6 +103,7 @@ extern "C" fn kmain(start_info: u64, index: u64) -> ! {
     evtchn::mask_all();
     console::init(si);
     store::init(si);
+    control::init(si);
     let cmdline = si.cmdline();
     let job = cmdline.split_whitespace().next().unwrap_or("selftest");
     kprintln!(
@@ -130,6 +134,8 @@ extern "C" fn kmain(start_info: u64, index: u64) -> ! {
         "udpsink" => netjobs::udpsink(&cpu, si, cmdline),
         "udpbench" => netjobs::udpbench(&cpu, si, cmdline),
         "nethostile" => netjobs::nethostile(&cpu, si, cmdline),
+        "idle" => control::idle(&cpu),
+        "hotplug" => hotplug::hotplug(&cpu, cmdline),
         other => {
             kprintln!(&cpu, "unknown job {other:?}");
             2

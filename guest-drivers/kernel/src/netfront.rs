@@ -61,7 +61,7 @@ struct Pages<const N: usize>([[u8; PAGE_SIZE]; N]);
 static mut RINGS: Pages<{ 2 * MAX_VIFS }> = Pages([[0; PAGE_SIZE]; 2 * MAX_VIFS]);
 static mut TX_BUFS: Pages<{ TX_PAGES * MAX_VIFS }> = Pages([[0; PAGE_SIZE]; TX_PAGES * MAX_VIFS]);
 static mut RX_BUFS: Pages<{ RX_PAGES * MAX_VIFS }> = Pages([[0; PAGE_SIZE]; RX_PAGES * MAX_VIFS]);
-/// Which slots are taken (for good: a vif is never disconnected).
+/// Which slots are taken (until [`NetFront::release`] gives one back).
 static CLAIMED: [AtomicBool; MAX_VIFS] = [const { AtomicBool::new(false) }; MAX_VIFS];
 
 /// Counters of one vif.
@@ -227,6 +227,21 @@ fn wait_state(cpu: &Cpu, be: &[u8], want: u64) -> bool {
     false
 }
 
+/// Ends access to every grant reference of vif slot `slot` (waiting up to `timeout_ms` while
+/// dom0 still maps a page) and frees the slot unless some page stayed mapped; returns how many.
+fn release_slot(cpu: &Cpu, slot: usize, timeout_ms: u64) -> u32 {
+    let leaked = crate::grant::end_access_range(
+        cpu,
+        NET_GREF + slot as u32 * VIF_GREFS,
+        VIF_GREFS,
+        timeout_ms,
+    );
+    if leaked == 0 {
+        CLAIMED[slot].store(false, Ordering::Release);
+    }
+    leaked
+}
+
 fn claim_slot() -> Option<usize> {
     CLAIMED.iter().position(|c| {
         c.compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire)
@@ -253,7 +268,13 @@ impl NetFront {
         if n <= index {
             return Err("no vif with that index in device/vif");
         }
-        let devid = ids[index];
+        Self::connect_devid(cpu, ids[index])
+    }
+
+    /// Connects to vif `devid` (`device/vif/<devid>`): the XenbusState handshake, waiting up to
+    /// about 5 s for the back end's InitWait and as long for Connected. On failure everything
+    /// granted is taken back (pages dom0 still maps leak with the slot).
+    pub fn connect_devid(cpu: &Cpu, devid: u32) -> Result<Self, &'static str> {
         let mut digits = [0u8; 16];
         let fe = Path::new(&[b"device/vif", fmt_u32(&mut digits, devid)]);
         let fe = fe.as_bytes();
@@ -274,6 +295,28 @@ impl NetFront {
         }
 
         let slot = claim_slot().ok_or("every vif slot is taken")?;
+        let mut port = None;
+        let r = Self::connect_slot(cpu, devid, mac, fe, be, slot, &mut port);
+        if r.is_err() {
+            if let Some(p) = port {
+                ev::close(cpu, p);
+            }
+            release_slot(cpu, slot, 100);
+        }
+        r
+    }
+
+    /// The handshake of [`connect_devid`](Self::connect_devid) once `slot` is claimed; `port_out`
+    /// gets the event channel as soon as it is allocated.
+    fn connect_slot(
+        cpu: &Cpu,
+        devid: u32,
+        mac: Mac,
+        fe: &[u8],
+        be: &[u8],
+        slot: usize,
+        port_out: &mut Option<u32>,
+    ) -> Result<Self, &'static str> {
         let gref_base = NET_GREF + slot as u32 * VIF_GREFS;
         let rings = (&raw mut RINGS) as u64 + (2 * slot * PAGE_SIZE) as u64;
         let tx_bufs = (&raw mut TX_BUFS) as u64 + (slot * TX_PAGES * PAGE_SIZE) as u64;
@@ -289,7 +332,7 @@ impl NetFront {
             crate::grant::grant(gref_base + RX_BUF_GREF + i as u32, 0, gpa, false);
         }
         // SAFETY: the slot's ring and buffer pages are static, identity-mapped memory that only
-        // this vif (claimed above, for good) and dom0 use; this kernel reaches them only through
+        // this vif (its slot claimed until released) and dom0 use; this kernel reaches them only through
         // these regions, whose every access is atomic.
         let (tx_region, rx_region, tx_pool, rx_pool) = unsafe {
             (
@@ -307,6 +350,7 @@ impl NetFront {
             return Err("rx ring smaller than the RX buffer pool");
         }
         let port = ev::alloc_unbound(cpu, 0).map_err(|_| "no event channel")?;
+        *port_out = Some(port);
         let mut nf = NetFront {
             devid,
             mac,
@@ -349,6 +393,33 @@ impl NetFront {
         }
         w(b"state", b"4")?;
         Ok(nf)
+    }
+
+    /// Stops using the vif: ends access to every page it granted (waiting up to `timeout_ms`
+    /// while dom0 still maps one) and closes its event channel. Returns how many pages stayed
+    /// mapped: they are leaked with the slot, never reused. The store's XenbusState is the
+    /// caller's.
+    pub fn release(self, cpu: &Cpu, timeout_ms: u64) -> u32 {
+        let leaked = release_slot(cpu, self.slot, timeout_ms);
+        ev::close(cpu, self.port);
+        ev::clear_pending(self.port);
+        leaked
+    }
+
+    /// The event channel port (for sleeping on several vifs at once).
+    pub fn port(&self) -> u32 {
+        self.port
+    }
+
+    /// Gets ready to sleep on [`port`](Self::port) together with other ports: publishes pending
+    /// requests, clears the port and asks to be woken by the next received frame. Returns
+    /// `false` if frames are already waiting (do not sleep).
+    pub fn prepare_sleep(&mut self) -> bool {
+        self.publish_rx();
+        self.flush();
+        // Cleared before arming: an event that arrives from here on leaves the port pending.
+        ev::clear_pending(self.port);
+        self.rx.final_check_for_responses() == Ok(false)
     }
 
     /// The error that broke a ring, if one did.

@@ -44,7 +44,7 @@ fn rdtsc() -> u64 {
 }
 
 /// The value of `key=value` on the command line.
-fn arg<'a>(cmdline: &'a str, key: &str) -> Option<&'a str> {
+pub fn arg<'a>(cmdline: &'a str, key: &str) -> Option<&'a str> {
     cmdline
         .split_whitespace()
         .skip(1)
@@ -234,21 +234,32 @@ fn dst_arg(cpu: &Cpu, cmdline: &str) -> Option<Ip> {
     dst
 }
 
-/// `netecho ip=A.B.C.D`: answers ARP, pings and UDP echo (port 7) forever.
+/// Answers `ev` if it is a UDP echo request (port 7) to us. The stack itself answers ARP and
+/// pings; this is the rest of what `netecho` (and `hotplug ip=`) serve.
+pub fn udp_echo(st: &mut Stack, nf: &mut NetFront, ev: Event<'_>) {
+    if let Event::Udp(u) = ev
+        && u.dport == ECHO_PORT
+        && u.dst == st.ip
+    {
+        st.send_udp(nf, u.src_mac, u.src, ECHO_PORT, u.sport, u.payload);
+    }
+}
+
+/// `netecho ip=A.B.C.D`: answers ARP, pings and UDP echo (port 7) until the toolstack asks for a
+/// shutdown (checked every [`control::POLL_MS`](crate::control::POLL_MS), busy or idle).
 pub fn netecho(cpu: &Cpu, si: &StartInfo, cmdline: &str) -> u32 {
     let Some(mut net) = Net::connect(cpu, si, cmdline) else {
         return 1;
     };
     // Returns only when a ring broke.
-    let _ = net.run_until::<()>(None, |st, nf, ev| {
-        if let Event::Udp(u) = ev
-            && u.dport == ECHO_PORT
-            && u.dst == st.ip
-        {
-            st.send_udp(nf, u.src_mac, u.src, ECHO_PORT, u.sport, u.payload);
-        }
-        None
-    });
+    while !net.broken() {
+        let until = rdtsc() + net.ms(crate::control::POLL_MS);
+        let _ = net.run_until::<()>(Some(until), |st, nf, ev| {
+            udp_echo(st, nf, ev);
+            None
+        });
+        crate::control::poll(cpu);
+    }
     1
 }
 
