@@ -413,13 +413,14 @@ impl NetFront {
 
     /// Gets ready to sleep on [`port`](Self::port) together with other ports: publishes pending
     /// requests, clears the port and asks to be woken by the next received frame. Returns
-    /// `false` if frames are already waiting (do not sleep).
+    /// `false` if frames are already waiting (do not sleep). A broken ring may be slept on (it
+    /// has nothing more to give; no busy loop).
     pub fn prepare_sleep(&mut self) -> bool {
         self.publish_rx();
         self.flush();
         // Cleared before arming: an event that arrives from here on leaves the port pending.
         ev::clear_pending(self.port);
-        self.rx.final_check_for_responses() == Ok(false)
+        self.rx.final_check_for_responses() != Ok(true)
     }
 
     /// The error that broke a ring, if one did.
