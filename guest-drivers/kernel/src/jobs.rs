@@ -1030,10 +1030,11 @@ pub fn blkro(cpu: &Cpu) -> u32 {
     c.failed
 }
 
-/// `blkbench [SECONDS [QUEUES [BATCH]]]`: 4 KiB random reads at queue depth 32 (spread over
-/// QUEUES rings, default 1; polling for responses, or with BATCH > 0 sleeping until BATCH are
-/// ready), then 1 MiB sequential reads and writes (one indirect request at a time),
-/// each for SECONDS; prints IOPS and MB/s.
+/// `blkbench [SECONDS [QUEUES [BATCH [CASES]]]]`: 4 KiB random reads at queue depth 32 (spread
+/// over QUEUES rings, default 1; polling for responses, or with BATCH > 0 sleeping until BATCH
+/// are ready), then 1 MiB sequential reads and writes (one indirect request at a time),
+/// each for SECONDS; prints IOPS and MB/s. CASES picks them: 1 the random reads, 2 the
+/// sequential ones, 3 (the default) both.
 pub fn blkbench(cpu: &Cpu, si: &StartInfo, cmdline: &str) -> u32 {
     use crate::blkfront::{BlkFront, DATA_GREF};
     use pv_protocol::blkif::{BlkRequest, BlkSegment, BlkStatus, DirectSegments};
@@ -1048,6 +1049,8 @@ pub fn blkbench(cpu: &Cpu, si: &StartInfo, cmdline: &str) -> u32 {
     let queues = arg(1) as usize;
     // 0: poll while requests are in flight; n: sleep until n responses are ready.
     let batch = arg(0);
+    // Which cases: 1 the random reads, 2 the sequential ones (default both).
+    let cases = arg(3);
     let Some(mut disk) = connect_disk(cpu, 2, queues) else {
         return 1;
     };
@@ -1083,56 +1086,63 @@ pub fn blkbench(cpu: &Cpu, si: &StartInfo, cmdline: &str) -> u32 {
             },
         )
     };
-    for page in 0..QD {
-        read4k(&mut disk, page, (rand() % pages_4k) * 8);
-    }
-    for q in 0..nq {
-        disk.kick(q);
-    }
-    let start = rdtsc();
-    let mut done = 0u64;
     let mut errors = 0u64;
-    let (mut round, mut idle_since) = (0usize, rdtsc());
-    while rdtsc() - start < budget {
-        let q = round % nq;
-        round += 1;
-        // Re-issue every request that finished on this queue, then publish them together.
-        let mut any = false;
-        while let Some((id, status)) = disk.try_one(q) {
-            any = true;
-            done += 1;
-            errors += u64::from(status != BlkStatus::Okay);
-            read4k(&mut disk, (id & 0xff) as usize, (rand() % pages_4k) * 8);
+    if cases & 1 != 0 {
+        for page in 0..QD {
+            read4k(&mut disk, page, (rand() % pages_4k) * 8);
         }
-        if any {
+        for q in 0..nq {
             disk.kick(q);
-            idle_since = rdtsc();
-        } else if rdtsc() - idle_since > tsc_per_s {
-            // Nothing for a second: a broken ring, not a slow disk.
-            errors += 1;
-            break;
-        } else if batch > 0 && q == nq - 1 {
-            disk.sleep_for_batch(cpu, batch);
-        } else {
-            core::hint::spin_loop();
         }
-    }
-    let elapsed = rdtsc() - start;
-    for q in 0..nq {
-        while disk.in_flight(q) > 0 {
-            if disk.wait_one(cpu, q).is_none() {
+        let start = rdtsc();
+        let mut done = 0u64;
+        let (mut round, mut idle_since) = (0usize, rdtsc());
+        while rdtsc() - start < budget {
+            let q = round % nq;
+            round += 1;
+            // Re-issue every request that finished on this queue, then publish them together.
+            let mut any = false;
+            while let Some((id, status)) = disk.try_one(q) {
+                any = true;
+                done += 1;
+                errors += u64::from(status != BlkStatus::Okay);
+                read4k(&mut disk, (id & 0xff) as usize, (rand() % pages_4k) * 8);
+            }
+            if any {
+                disk.kick(q);
+                idle_since = rdtsc();
+            } else if rdtsc() - idle_since > tsc_per_s {
+                // Nothing for a second: a broken ring, not a slow disk.
+                errors += 1;
                 break;
+            } else if batch > 0 && q == nq - 1 {
+                disk.sleep_for_batch(cpu, batch);
+            } else {
+                core::hint::spin_loop();
             }
         }
+        let elapsed = rdtsc() - start;
+        for q in 0..nq {
+            while disk.in_flight(q) > 0 {
+                if disk.wait_one(cpu, q).is_none() {
+                    break;
+                }
+            }
+        }
+        let iops = done * tsc_per_s / elapsed.max(1);
+        kprintln!(
+            cpu,
+            "blkbench randread_4k_qd32_iops {iops} errors {errors} queues {nq}"
+        );
     }
-    let iops = done * tsc_per_s / elapsed.max(1);
-    kprintln!(
-        cpu,
-        "blkbench randread_4k_qd32_iops {iops} errors {errors} queues {nq}"
-    );
 
     // 1 MiB sequential, one request at a time.
-    for (name, write) in [("seqread_1m_mbps", false), ("seqwrite_1m_mbps", true)] {
+    let seq = if cases & 2 != 0 {
+        &[("seqread_1m_mbps", false), ("seqwrite_1m_mbps", true)][..]
+    } else {
+        &[]
+    };
+    for &(name, write) in seq {
         let span = disk.sectors / 2048;
         let start = rdtsc();
         let mut n = 0u64;

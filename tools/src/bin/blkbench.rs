@@ -5,7 +5,14 @@
 //! `--bs=4k --rw=randread --iodepth=32`, and 1 MiB sequential reads and writes at depth 1; the
 //! guest's `blkbench` job does the same through its ring.
 //!
-//! Usage: `blkbench [--seconds S] [--image FILE] [--out FILE]` (needs fio on PATH).
+//! The host's own disk is a shared virtual disk whose speed drifts by tens of percent from one
+//! minute to the next, so the two are not measured once each: fio runs before and after every
+//! guest run, each guest run is compared with the mean of the fio runs on either side of it, and
+//! the table shows the medians over `--rounds` rounds (and the spread of the ratios).
+//!
+//! Usage: `blkbench [--seconds S] [--rounds R] [--only CASES] [--no-fio] [--image FILE]
+//! [--out FILE]` (needs fio on PATH). CASES is a comma list of `poll`, `sleep`, `mq`, `seq`;
+//! `--no-fio` only runs the guest (to profile it).
 
 use std::fmt::Write as _;
 use std::io::Write as _;
@@ -101,8 +108,121 @@ fn prepare(image: &Path) -> Result<(), String> {
 /// Responses a sleeping guest waits for before it is woken (half the queue depth).
 const SLEEP_BATCH: u32 = 16;
 
+/// The guest cases.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Case {
+    /// 4 KiB random reads on one queue, the guest polling.
+    Poll,
+    /// The same, the guest sleeping for batches of responses.
+    Sleep,
+    /// The same load over every queue the back end offers.
+    MultiQueue,
+    /// 1 MiB sequential reads, then writes, at depth 1.
+    Seq,
+}
+
+impl Case {
+    fn parse(s: &str) -> Result<Self, String> {
+        Ok(match s {
+            "poll" => Self::Poll,
+            "sleep" => Self::Sleep,
+            "mq" => Self::MultiQueue,
+            "seq" => Self::Seq,
+            _ => return Err(format!("unknown case {s:?} (poll, sleep, mq, seq)")),
+        })
+    }
+}
+
+/// A figure measured over several rounds, each paired with fio around it.
+#[derive(Debug, Default)]
+struct Series {
+    fio: Vec<f64>,
+    guest: Vec<f64>,
+}
+
+fn median(v: &[f64]) -> f64 {
+    let mut v = v.to_vec();
+    v.sort_by(f64::total_cmp);
+    match v.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
+}
+
+impl Series {
+    fn ratios(&self) -> Vec<f64> {
+        self.guest
+            .iter()
+            .zip(&self.fio)
+            .map(|(g, f)| g / f)
+            .collect()
+    }
+
+    /// `| fio | guest | ratio | range |` cells.
+    fn cells(&self) -> String {
+        let r = self.ratios();
+        let (lo, hi) = r
+            .iter()
+            .fold((f64::INFINITY, 0f64), |(lo, hi), &x| (lo.min(x), hi.max(x)));
+        if self.fio.is_empty() {
+            return format!("- | {:.0} | - | - |", median(&self.guest));
+        }
+        format!(
+            "{:.0} | {:.0} | {:.2}x | {lo:.2}-{hi:.2}x |",
+            median(&self.fio),
+            median(&self.guest),
+            median(&r)
+        )
+    }
+}
+
+struct Bench {
+    hv: Hypervisor,
+    image: PathBuf,
+    seconds: u32,
+    fio: bool,
+}
+
+impl Bench {
+    /// Boots a guest running `blkbench` with `queues` queues, sleeping for `batch` responses
+    /// (0: polling), running `cases` (1: random reads, 2: sequential); returns its console.
+    fn guest(&self, queues: u32, batch: u32, cases: u32) -> Result<String, String> {
+        let seconds = self.seconds;
+        let dom = self
+            .hv
+            .create_domain(DomainConfig {
+                name: format!("blkbench-q{queues}-b{batch}"),
+                mem_mib: 128,
+                cmdline: format!("blkbench {seconds} {queues} {batch} {cases}"),
+                ..Default::default()
+            })
+            .map_err(|e| format!("create: {e}"))?;
+        let disk = Disk::open_with(&self.image, false, true).map_err(|e| e.to_string())?;
+        let vbd = Vbd::attach_disk(self.hv.store(), dom.shared(), 51712, disk)
+            .map_err(|e| e.to_string())?;
+        let state = dom.wait(Duration::from_secs(u64::from(seconds) * 6 + 60));
+        let text = dom.console().text();
+        drop(vbd);
+        if !state.is_final() {
+            return Err(format!("guest did not finish: {state:?}\n{text}"));
+        }
+        Ok(text)
+    }
+
+    fn fio(&self, rw: &str, bs: &str, depth: u32) -> Result<Option<f64>, String> {
+        if !self.fio {
+            return Ok(None);
+        }
+        fio(&self.image, self.seconds, rw, bs, depth).map(Some)
+    }
+}
+
 fn run() -> Result<(), String> {
     let mut seconds = 5u32;
+    let mut rounds = 3u32;
+    let mut cases = vec![Case::Poll, Case::MultiQueue, Case::Sleep, Case::Seq];
+    let mut with_fio = true;
     let mut image = PathBuf::from("target/blkbench.img");
     let mut out = "benchmarks/results/block.md".to_string();
     let mut args = std::env::args().skip(1);
@@ -114,10 +234,25 @@ fn run() -> Result<(), String> {
                     .parse()
                     .map_err(|e| format!("--seconds: {e}"))?
             }
+            "--rounds" => {
+                rounds = v("--rounds")?
+                    .parse::<u32>()
+                    .map_err(|e| format!("--rounds: {e}"))?
+                    .max(1)
+            }
+            "--only" => {
+                cases = v("--only")?
+                    .split(',')
+                    .map(Case::parse)
+                    .collect::<Result<_, _>>()?
+            }
+            "--no-fio" => with_fio = false,
             "--image" => image = PathBuf::from(v("--image")?),
             "--out" => out = v("--out")?,
             "-h" | "--help" => {
-                println!("usage: blkbench [--seconds S] [--image FILE] [--out FILE]");
+                println!(
+                    "usage: blkbench [--seconds S] [--rounds R] [--only poll,sleep,mq,seq] [--no-fio] [--image FILE] [--out FILE]"
+                );
                 return Ok(());
             }
             other => return Err(format!("unknown argument {other:?} (try --help)")),
@@ -127,49 +262,68 @@ fn run() -> Result<(), String> {
         std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
     }
     prepare(&image)?;
-
-    eprintln!("blkbench: fio, {seconds} s per case");
-    let fio_rand = fio(&image, seconds, "randread", "4k", 32)?;
-    let fio_seqr = fio(&image, seconds, "read", "1M", 1)?;
-    let fio_seqw = fio(&image, seconds, "write", "1M", 1)?;
-
-    eprintln!("blkbench: guest through blockback, {seconds} s per case");
-    let hv = Hypervisor::new().map_err(|e| e.to_string())?;
-    let guest = |queues: u32, batch: u32| -> Result<String, String> {
-        let dom = hv
-            .create_domain(DomainConfig {
-                name: format!("blkbench-q{queues}-b{batch}"),
-                mem_mib: 128,
-                cmdline: format!("blkbench {seconds} {queues} {batch}"),
-                ..Default::default()
-            })
-            .map_err(|e| format!("create: {e}"))?;
-        let disk = Disk::open_with(&image, false, true).map_err(|e| e.to_string())?;
-        let vbd =
-            Vbd::attach_disk(hv.store(), dom.shared(), 51712, disk).map_err(|e| e.to_string())?;
-        let state = dom.wait(Duration::from_secs(u64::from(seconds) * 6 + 60));
-        let text = dom.console().text();
-        drop(vbd);
-        if !state.is_final() {
-            return Err(format!("guest did not finish: {state:?}\n{text}"));
-        }
-        Ok(text)
+    let b = Bench {
+        hv: Hypervisor::new().map_err(|e| e.to_string())?,
+        image,
+        seconds,
+        fio: with_fio,
     };
-    let text = guest(1, 0)?;
-    let g_rand = guest_value(&text, "randread_4k_qd32_iops")?;
-    let g_seqr = guest_value(&text, "seqread_1m_mbps")?;
-    let g_seqw = guest_value(&text, "seqwrite_1m_mbps")?;
-    // The same load spread over every queue the back end offers (one per host core).
     let queues = dom0::vbd::max_queues();
-    let g_rand_mq = if queues > 1 {
-        eprintln!("blkbench: again with {queues} queues");
-        Some(guest_value(&guest(queues, 0)?, "randread_4k_qd32_iops")?)
-    } else {
-        None
-    };
-    // The guest sleeping until a batch of responses is ready instead of polling.
-    eprintln!("blkbench: again with the guest sleeping for batches of {SLEEP_BATCH}");
-    let g_rand_sleep = guest_value(&guest(1, SLEEP_BATCH)?, "randread_4k_qd32_iops")?;
+
+    // Random reads: fio, guest case, fio, guest case, ..., fio; each guest run against the mean
+    // of the fio runs just before and just after it.
+    let random: Vec<Case> = cases
+        .iter()
+        .copied()
+        .filter(|&c| c != Case::Seq && (c != Case::MultiQueue || queues > 1))
+        .collect();
+    let mut series: Vec<Series> = random.iter().map(|_| Series::default()).collect();
+    if !random.is_empty() {
+        eprintln!(
+            "blkbench: 4 KiB random reads, {rounds} round(s) of {:?}, fio around each, {seconds} s per run",
+            random
+        );
+        let mut before = b.fio("randread", "4k", 32)?;
+        for round in 0..rounds {
+            for (case, s) in random.iter().zip(&mut series) {
+                let (q, batch) = match case {
+                    Case::Poll => (1, 0),
+                    Case::Sleep => (1, SLEEP_BATCH),
+                    _ => (queues, 0),
+                };
+                let g = guest_value(&b.guest(q, batch, 1)?, "randread_4k_qd32_iops")?;
+                let after = b.fio("randread", "4k", 32)?;
+                s.guest.push(g);
+                if let (Some(x), Some(y)) = (before, after) {
+                    s.fio.push((x + y) / 2.0);
+                    eprintln!(
+                        "blkbench: round {round} {case:?}: guest {g:.0} fio {x:.0}/{y:.0} -> {:.2}x",
+                        2.0 * g / (x + y)
+                    );
+                } else {
+                    eprintln!("blkbench: round {round} {case:?}: guest {g:.0}");
+                }
+                before = after;
+            }
+        }
+    }
+
+    // Sequential: one round, fio before and after the guest.
+    let (mut seqr, mut seqw) = (Series::default(), Series::default());
+    if cases.contains(&Case::Seq) {
+        eprintln!("blkbench: 1 MiB sequential reads and writes, {seconds} s per run");
+        let fr = b.fio("read", "1M", 1)?;
+        let fw = b.fio("write", "1M", 1)?;
+        let text = b.guest(1, 0, 2)?;
+        seqr.guest.push(guest_value(&text, "seqread_1m_mbps")?);
+        seqw.guest.push(guest_value(&text, "seqwrite_1m_mbps")?);
+        let fr2 = b.fio("read", "1M", 1)?;
+        let fw2 = b.fio("write", "1M", 1)?;
+        if let (Some(a), Some(b), Some(c), Some(d)) = (fr, fw, fr2, fw2) {
+            seqr.fio.push((a + c) / 2.0);
+            seqw.fio.push((b + d) / 2.0);
+        }
+    }
 
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let mut t = String::new();
@@ -179,41 +333,40 @@ fn run() -> Result<(), String> {
     );
     let _ = writeln!(
         t,
-        "{cores} cores, KVM {:?}; 1 GiB image of random data on ext4, io_uring + O_DIRECT on both sides; {seconds} s per case; `cargo run --release -p splitvisor-tools --bin blkbench`.\n",
-        hv.flavour()
+        "{cores} cores, KVM {:?}; 1 GiB image of random data on ext4, io_uring + O_DIRECT on both sides; {seconds} s per run; `cargo run --release -p splitvisor-tools --bin blkbench -- --seconds {seconds} --rounds {rounds}`.\n",
+        b.hv.flavour()
     );
     let _ = writeln!(
         t,
-        "| case | fio on the host | guest via blockback | guest / fio |"
-    );
-    let _ = writeln!(t, "|---|---:|---:|---:|");
-    let _ = writeln!(
-        t,
-        "| 4 KiB random read, depth 32 (IOPS) | {fio_rand:.0} | {g_rand:.0} | {:.2}x |",
-        g_rand / fio_rand
+        "The host disk's speed drifts from minute to minute, so fio runs just before and just after every guest run and the guest is compared with their mean; figures are medians over {rounds} round(s) (sequential: one), the last column the range of the per-round ratios.\n"
     );
     let _ = writeln!(
         t,
-        "| 4 KiB random read, depth 32, guest sleeps for {SLEEP_BATCH} responses (IOPS) | {fio_rand:.0} | {g_rand_sleep:.0} | {:.2}x |",
-        g_rand_sleep / fio_rand
+        "| case | fio on the host | guest via blockback | guest / fio | ratio range |"
     );
-    if let Some(mq) = g_rand_mq {
+    let _ = writeln!(t, "|---|---:|---:|---:|---:|");
+    for (case, s) in random.iter().zip(&series) {
+        let name = match case {
+            Case::Poll => "4 KiB random read, depth 32, guest polls (IOPS)".to_string(),
+            Case::Sleep => format!(
+                "4 KiB random read, depth 32, guest sleeps for {SLEEP_BATCH} responses (IOPS)"
+            ),
+            _ => format!("4 KiB random read, depth 32 over {queues} queues (IOPS)"),
+        };
+        let _ = writeln!(t, "| {name} | {}", s.cells());
+    }
+    if cases.contains(&Case::Seq) {
         let _ = writeln!(
             t,
-            "| 4 KiB random read, depth 32 over {queues} queues (IOPS) | {fio_rand:.0} | {mq:.0} | {:.2}x |",
-            mq / fio_rand
+            "| 1 MiB sequential read, depth 1 (MiB/s) | {}",
+            seqr.cells()
+        );
+        let _ = writeln!(
+            t,
+            "| 1 MiB sequential write, depth 1 (MiB/s) | {}",
+            seqw.cells()
         );
     }
-    let _ = writeln!(
-        t,
-        "| 1 MiB sequential read, depth 1 (MiB/s) | {fio_seqr:.0} | {g_seqr:.0} | {:.2}x |",
-        g_seqr / fio_seqr
-    );
-    let _ = writeln!(
-        t,
-        "| 1 MiB sequential write, depth 1 (MiB/s) | {fio_seqw:.0} | {g_seqw:.0} | {:.2}x |",
-        g_seqw / fio_seqw
-    );
     let _ = writeln!(
         t,
         "\nTarget (issue 4): >= 0.90x of fio's IOPS for 4 KiB random reads at depth 32."
