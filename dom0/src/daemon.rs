@@ -229,13 +229,16 @@ impl Daemon {
             let (bytes, next) = shared.console.read_from(pos, Duration::from_millis(200));
             pos = next;
             if !bytes.is_empty() && out.write_all(&bytes).is_err() {
-                return;
+                break;
             }
             // The domain is gone (destroyed or restarted as another id): end the stream.
             if bytes.is_empty() && !self.lock().domains.contains_key(&id) {
-                return;
+                break;
             }
         }
+        // Ends the connection for both threads: the client sees the end of the stream even
+        // though the input thread still holds a handle on the socket.
+        let _ = out.shutdown(std::net::Shutdown::Both);
     }
 
     /// A domain id from a name or a number.

@@ -11,15 +11,13 @@ use dom0::control::DomainInfo;
 
 const XL: &str = env!("CARGO_BIN_EXE_xl");
 
-/// Makes sure `splitvisord` sits next to `xl` (it belongs to another package, so `cargo test
-/// -p splitvisor-tools` alone would not build it).
+/// Makes sure an up-to-date `splitvisord` sits next to `xl` (it belongs to another package, so
+/// `cargo test -p splitvisor-tools` alone would not build it, and a stale one would embed a
+/// stale guest kernel); a no-op when it is fresh.
 fn daemon_built() {
     static BUILT: OnceLock<()> = OnceLock::new();
     BUILT.get_or_init(|| {
         let dir = Path::new(XL).parent().unwrap();
-        if dir.join("splitvisord").exists() {
-            return;
-        }
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let mut cmd = Command::new(cargo);
         cmd.args(["build", "-p", "dom0", "--bin", "splitvisord"]);
@@ -294,4 +292,56 @@ fn one_daemon_per_runtime_dir_and_a_stale_socket_is_replaced() {
     // A new create starts a new daemon over the stale socket.
     env.ok(&["create", &cfg]);
     assert_eq!(env.list().len(), 1);
+}
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_owned()
+}
+
+#[test]
+fn the_demo_file_boots_a_guest_that_checks_itself_on_the_console() {
+    let env = Env::new("demo");
+    let cfg = repo().join("examples/demo.cfg");
+    let img = env.dir.join("xvda.img");
+    let disk = format!(
+        "disk = [ 'vdev=xvda,access=rw,size=64M,target={}' ]",
+        img.display()
+    );
+    let o = env.xl(&["create", cfg.to_str().unwrap(), "-c", &disk]);
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        o.status.success(),
+        "{out}{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(out.contains("selftest: 40 passed, 0 failed"), "{out}");
+    assert!(out.contains("blkverify: 14 passed, 0 failed"), "{out}");
+    assert!(out.contains("PASS net-tx 8 frames queued"), "{out}");
+    assert!(out.contains("demo: all checks passed"), "{out}");
+    // on_poweroff = destroy: gone, and its image released and sparse.
+    assert!(env.list().is_empty());
+    assert!(std::fs::metadata(&img).unwrap().len() == 64 << 20);
+}
+
+#[test]
+fn two_domains_from_the_examples_ping_each_other() {
+    let env = Env::new("examples");
+    env.ok(&["create", repo().join("examples/echo.cfg").to_str().unwrap()]);
+    env.wait_until("echo connected", || {
+        env.console("echo", Duration::from_millis(100))
+            .contains("connected")
+    });
+    let o = env.xl(&[
+        "create",
+        repo().join("examples/ping.cfg").to_str().unwrap(),
+        "-c",
+    ]);
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(out.contains("ping: 5 sent, 5 received"), "{out}");
+    let doms = env.list();
+    assert_eq!(doms.len(), 1, "ping powered off and went: {doms:?}");
+    assert_eq!(doms[0].name, "echo");
 }

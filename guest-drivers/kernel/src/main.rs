@@ -18,6 +18,7 @@ extern crate alloc;
 mod blkfront;
 mod console;
 mod control;
+mod demo;
 mod evtchn;
 mod grant;
 mod hcall;
@@ -116,6 +117,7 @@ extern "C" fn kmain(start_info: u64, index: u64) -> ! {
     );
     let code = match job {
         "selftest" => jobs::selftest(&cpu, si),
+        "demo" => demo::demo(&cpu, si, cmdline),
         "hostile" => jobs::hostile(&cpu, si),
         "ticker" => jobs::ticker(&cpu, si),
         "evtchn-host" => jobs::evtchn_host(&cpu),
