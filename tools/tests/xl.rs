@@ -90,6 +90,11 @@ impl Env {
     /// The console as `xl console` shows it within `for_how_long` (history first), then
     /// detaches with Ctrl-].
     fn console(&self, dom: &str, for_how_long: Duration) -> String {
+        self.console_typing(dom, b"", for_how_long)
+    }
+
+    /// As [`console`](Self::console), typing `keys` first.
+    fn console_typing(&self, dom: &str, keys: &[u8], for_how_long: Duration) -> String {
         let mut child = Command::new(XL)
             .arg("--runtime-dir")
             .arg(self.dir.join("run"))
@@ -105,6 +110,7 @@ impl Env {
             let _ = out.read_to_end(&mut s);
             s
         });
+        child.stdin.as_mut().unwrap().write_all(keys).unwrap();
         std::thread::sleep(for_how_long);
         let _ = child.stdin.as_mut().unwrap().write_all(&[0x1d]);
         let status = child.wait().unwrap();
@@ -344,4 +350,68 @@ fn two_domains_from_the_examples_ping_each_other() {
     let doms = env.list();
     assert_eq!(doms.len(), 1, "ping powered off and went: {doms:?}");
     assert_eq!(doms[0].name, "echo");
+}
+
+#[test]
+fn hotplug_console_input_reboot_and_shutdown() {
+    let env = Env::new("hotplug");
+    let cfg = env.cfg("h.cfg", "name = \"h\"\nextra = \"hotplug ip=10.0.9.1\"\n");
+    env.ok(&["create", &cfg]);
+    let sees = |what: &str| {
+        env.wait_until(what, || {
+            env.console("h", Duration::from_millis(100)).contains(what)
+        })
+    };
+    sees("hotplug: watching");
+
+    // A disk, hot-plugged: the guest connects, checks I/O, and releases it on detach.
+    let img = env.dir.join("b.img");
+    let spec = format!("vdev=xvdb,size=16M,target={}", img.display());
+    env.ok(&["block-attach", "h", &spec]);
+    sees("hotplug: vbd 51728 io ok");
+    let list = env.ok(&["block-list", "h"]);
+    assert!(list.contains("xvdb  51728  4      4"), "{list}");
+    env.ok(&["block-detach", "h", "xvdb"]);
+    sees("hotplug: vbd 51728 released");
+    assert!(!env.ok(&["block-list", "h"]).contains("xvdb"));
+    let err = env.fails(&["block-detach", "h", "xvdb"]);
+    assert!(err.contains("no device xvdb"), "{err}");
+
+    // A network interface, hot-plugged; a second domain on the same switch pings the guest.
+    env.ok(&["network-attach", "h", "bridge=hp"]);
+    sees("hotplug: vif 0 connected mac");
+    let p = env.cfg(
+        "p.cfg",
+        "name = \"p\"\nextra = \"ping 10.0.9.1 count=3\"\nvif = [ 'bridge=hp,ip=10.0.9.2' ]\n",
+    );
+    let o = env.xl(&["create", &p, "-c"]);
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(out.contains("ping: 3 sent, 3 received"), "{out}");
+    let nl = env.ok(&["network-list", "h"]);
+    assert!(
+        nl.lines().nth(1).is_some_and(|l| l.starts_with("0 ")),
+        "{nl}"
+    );
+    env.ok(&["network-detach", "h", "0"]);
+    sees("hotplug: vif 0 released");
+
+    // Keystrokes reach the guest's console input.
+    let c = env.console_typing("h", b"hello xl\r", Duration::from_millis(500));
+    assert!(c.contains("console: hello xl"), "{c}");
+
+    // Reboot: the guest acknowledges, and on_reboot=restart (the default) builds it again.
+    env.ok(&["reboot", "-w", "h"]);
+    let d = env.list();
+    assert_eq!(d.len(), 1);
+    assert_eq!((d[0].name.as_str(), d[0].restarts), ("h", 1));
+    assert!(d[0].id > 1);
+    // Shutdown -w returns once it is gone (on_poweroff=destroy).
+    env.wait_until("rebooted guest up", || {
+        env.console("h", Duration::from_millis(100))
+            .contains("hotplug: watching")
+    });
+    env.ok(&["shutdown", "-w", "h"]);
+    assert!(env.list().is_empty());
+    let log = env.ok(&["dmesg", "-n", "100"]);
+    assert!(log.contains("asked to poweroff"), "{log}");
 }
