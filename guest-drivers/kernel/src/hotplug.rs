@@ -40,6 +40,7 @@ use crate::hcall::Cpu;
 use crate::kprintln;
 use crate::net::{Ip, ShowMac, Stack, parse_ip};
 use crate::netfront::NetFront;
+use crate::store::Path;
 use crate::store::{StoreFail, request};
 use crate::text::{fmt_u32, parse_u32, parse_u64};
 
@@ -74,38 +75,7 @@ impl Class {
     }
 }
 
-/// A store path.
-#[derive(Debug, Clone, Copy)]
-struct Path {
-    buf: [u8; 128],
-    len: usize,
-}
-
 impl Path {
-    fn new(parts: &[&[u8]]) -> Self {
-        let mut p = Path {
-            buf: [0; 128],
-            len: 0,
-        };
-        for (i, part) in parts.iter().enumerate() {
-            if i > 0 {
-                p.push(b"/");
-            }
-            p.push(part);
-        }
-        p
-    }
-
-    fn push(&mut self, s: &[u8]) {
-        let n = s.len().min(self.buf.len() - self.len);
-        self.buf[self.len..self.len + n].copy_from_slice(&s[..n]);
-        self.len += n;
-    }
-
-    fn as_bytes(&self) -> &[u8] {
-        &self.buf[..self.len]
-    }
-
     /// The front-end directory of `class` device `devid`.
     fn front(class: Class, devid: u32) -> Self {
         let mut d = [0u8; 16];

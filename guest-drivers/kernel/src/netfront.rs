@@ -29,6 +29,7 @@ use pv_protocol::{PAGE_SIZE, SharedRegion};
 use crate::evtchn as ev;
 use crate::hcall::Cpu;
 use crate::net::{Link, Mac, parse_mac};
+use crate::store::Path;
 use crate::store::request;
 use crate::text::{fmt_u32, parse_u32, parse_u64};
 
@@ -137,38 +138,6 @@ pub struct NetFront {
     asm: Assembly,
     /// Counters.
     pub stats: NetStats,
-}
-
-/// A store path built from parts joined with `/`.
-struct Path {
-    buf: [u8; 128],
-    len: usize,
-}
-
-impl Path {
-    fn new(parts: &[&[u8]]) -> Self {
-        let mut p = Path {
-            buf: [0; 128],
-            len: 0,
-        };
-        for (i, part) in parts.iter().enumerate() {
-            if i > 0 {
-                p.push(b"/");
-            }
-            p.push(part);
-        }
-        p
-    }
-
-    fn push(&mut self, s: &[u8]) {
-        let n = s.len().min(self.buf.len() - self.len);
-        self.buf[self.len..self.len + n].copy_from_slice(&s[..n]);
-        self.len += n;
-    }
-
-    fn as_bytes(&self) -> &[u8] {
-        &self.buf[..self.len]
-    }
 }
 
 fn store_read(cpu: &Cpu, path: &Path, out: &mut [u8]) -> Option<usize> {

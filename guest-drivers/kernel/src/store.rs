@@ -206,3 +206,39 @@ pub fn next_event(cpu: &Cpu, out: &mut [u8]) -> Option<usize> {
     }
     None
 }
+
+/// A store path built from parts joined with `/` (at most 128 bytes; longer input is cut, and
+/// the store then refuses or misses the path).
+#[derive(Debug, Clone, Copy)]
+pub struct Path {
+    buf: [u8; 128],
+    len: usize,
+}
+
+impl Path {
+    /// `parts` joined with `/`.
+    pub fn new(parts: &[&[u8]]) -> Self {
+        let mut p = Path {
+            buf: [0; 128],
+            len: 0,
+        };
+        for (i, part) in parts.iter().enumerate() {
+            if i > 0 {
+                p.push(b"/");
+            }
+            p.push(part);
+        }
+        p
+    }
+
+    fn push(&mut self, s: &[u8]) {
+        let n = s.len().min(self.buf.len() - self.len);
+        self.buf[self.len..self.len + n].copy_from_slice(&s[..n]);
+        self.len += n;
+    }
+
+    /// The path's bytes.
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.buf[..self.len]
+    }
+}
