@@ -1,7 +1,7 @@
 //! Helpers for the end-to-end scenarios in `tests/`.
 #![deny(missing_docs)]
 
-use hypervisor::Hypervisor;
+use hypervisor::{Domain, DomainConfig, Hypervisor};
 
 /// Opens KVM, or fails the test with a clear message: these scenarios need a real `/dev/kvm`
 /// and must never skip silently.
@@ -15,4 +15,14 @@ pub fn hypervisor() -> Hypervisor {
                 .unwrap_or_default()
         ),
     }
+}
+
+/// Boots a domain called `name` running the guest job `cmdline`, with default resources.
+pub fn domain(hv: &Hypervisor, name: &str, cmdline: &str) -> Domain {
+    hv.create_domain(DomainConfig {
+        name: name.into(),
+        cmdline: cmdline.into(),
+        ..Default::default()
+    })
+    .unwrap_or_else(|e| panic!("creating domain {name}: {e}"))
 }

@@ -9,22 +9,13 @@ use dom0::disk::Disk;
 use dom0::switch::Switch;
 use dom0::vbd::{Vbd, state};
 use dom0::vif::Vif;
-use hypervisor::{Domain, DomainConfig, DomainState, Hypervisor};
+use hypervisor::{Domain, DomainState, Hypervisor};
 use pv_protocol::blkif::verify_pattern;
 use pv_protocol::grant::GrantRef;
 use pv_protocol::hypercall::ShutdownReason;
-use splitvisor_tests::hypervisor;
+use splitvisor_tests::{domain, hypervisor};
 
 const T: Duration = Duration::from_secs(30);
-
-fn domain(hv: &Hypervisor, name: &str, cmdline: &str) -> Domain {
-    hv.create_domain(DomainConfig {
-        name: name.into(),
-        cmdline: cmdline.into(),
-        ..Default::default()
-    })
-    .unwrap()
-}
 
 fn wait_for(dom: &Domain, needle: &str) {
     assert!(

@@ -10,19 +10,10 @@ use std::time::{Duration, Instant};
 use dom0::switch::Switch;
 use dom0::tap::{Tap, TapPort};
 use dom0::vif::Vif;
-use hypervisor::{Domain, DomainConfig, DomainState, Hypervisor};
-use splitvisor_tests::hypervisor;
+use hypervisor::{Domain, DomainState, Hypervisor};
+use splitvisor_tests::{domain, hypervisor};
 
 const T: Duration = Duration::from_secs(60);
-
-fn domain(hv: &Hypervisor, name: &str, cmdline: &str) -> Domain {
-    hv.create_domain(DomainConfig {
-        name: name.into(),
-        cmdline: cmdline.into(),
-        ..Default::default()
-    })
-    .unwrap()
-}
 
 fn plug(hv: &Hypervisor, dom: &Domain, switch: &Arc<Switch>) -> Vif {
     Vif::attach(hv.store(), dom.shared(), 0, None, switch).unwrap()
