@@ -12,7 +12,8 @@
 //! `shutdown` (`dom`, `reboot`, `wait`), `pause` / `unpause` (`dom`), `console` (`dom`),
 //! `dmesg` (`lines`), `block-attach` (`dom`, `spec`: one disk spec), `block-detach` (`dom`,
 //! `vdev`), `block-list` (`dom`), `network-attach` (`dom`, `spec`: one vif spec),
-//! `network-detach` (`dom`, `devid`), `network-list` (`dom`), `top`.
+//! `network-detach` (`dom`, `devid`), `network-list` (`dom`), `top`, `status` (`dom`: also a
+//! domain that ended recently: `{"live":false,"shutdown_code":0,"crashed":false,...}`).
 
 use std::path::{Path, PathBuf};
 
@@ -125,6 +126,11 @@ pub enum Request {
     },
     /// Per-domain counters (CPU time, block and network I/O).
     Top,
+    /// A domain's state, also for a while after it is gone (how it ended).
+    Status {
+        /// Name or id.
+        dom: String,
+    },
 }
 
 fn default_lines() -> usize {

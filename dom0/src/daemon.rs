@@ -96,6 +96,23 @@ struct State {
     switches: HashMap<String, Arc<Switch>>,
     /// Switches with a TAP uplink, by switch name: the TAP's interface name.
     uplinks: HashMap<String, String>,
+    /// How the last domains to go ended (id, name, final state), newest last.
+    ended: std::collections::VecDeque<(u32, String, DomainState)>,
+}
+
+/// Ended domains remembered for `status`.
+const ENDED_KEPT: usize = 64;
+
+fn status_json(id: u32, name: &str, live: bool, s: &DomainState) -> Value {
+    let (code, crashed) = match s {
+        DomainState::Shutdown { reason, code } => (Some(*code), *reason == ShutdownReason::Crash),
+        DomainState::Crashed { .. } => (None, true),
+        _ => (None, false),
+    };
+    json!({
+        "id": id, "name": name, "live": live, "state": format!("{s:?}"),
+        "shutdown_code": code, "crashed": crashed,
+    })
 }
 
 /// The daemon.
@@ -231,8 +248,11 @@ impl Daemon {
             if !bytes.is_empty() && out.write_all(&bytes).is_err() {
                 break;
             }
-            // The domain is gone (destroyed or restarted as another id): end the stream.
-            if bytes.is_empty() && !self.lock().domains.contains_key(&id) {
+            // The domain is gone (destroyed or restarted as another id) or stopped (preserved):
+            // its output is all in, end the stream.
+            if bytes.is_empty()
+                && (shared.state().is_final() || !self.lock().domains.contains_key(&id))
+            {
                 break;
             }
         }
@@ -367,6 +387,22 @@ impl Daemon {
                 })
             }
             Request::Top => Ok(self.top()),
+            Request::Status { dom } => {
+                let st = self.lock();
+                if let Some((id, m)) = st.domains.iter().find(|(id, m)| {
+                    m.spec.name == dom || dom.parse::<u32>().is_ok_and(|n| n == **id)
+                }) {
+                    return Ok(status_json(*id, &m.spec.name, true, &m.domain.state()));
+                }
+                st.ended
+                    .iter()
+                    .rev()
+                    .find(|(id, name, _)| {
+                        *name == dom || dom.parse::<u32>().is_ok_and(|n| n == *id)
+                    })
+                    .map(|(id, name, s)| status_json(*id, name, false, s))
+                    .ok_or(DaemonError::NoDomain(dom))
+            }
         }
     }
 
@@ -669,8 +705,24 @@ impl Daemon {
         }
     }
 
+    /// Remembers how domain `id` ended, for `status`.
+    fn remember(st: &mut State, id: u32, name: &str, state: DomainState) {
+        if st.ended.len() == ENDED_KEPT {
+            st.ended.pop_front();
+        }
+        st.ended.push_back((id, name.to_owned(), state));
+    }
+
     fn destroy(&self, id: u32) {
-        let m = self.lock().domains.remove(&id);
+        let m = {
+            let mut st = self.lock();
+            let m = st.domains.remove(&id);
+            if let Some(m) = &m {
+                let state = m.domain.state();
+                Self::remember(&mut st, id, &m.spec.name, state);
+            }
+            m
+        };
         if let Some(m) = m {
             let state = m.domain.state();
             // Stop the vCPUs first: a destroyed guest does not get to release its devices.
@@ -737,7 +789,14 @@ impl Daemon {
     }
 
     fn restart(&self, id: u32) {
-        let Some(mut m) = self.lock().domains.remove(&id) else {
+        let Some(mut m) = ({
+            let mut st = self.lock();
+            let m = st.domains.remove(&id);
+            if let Some(m) = &m {
+                Self::remember(&mut st, id, &m.spec.name, m.domain.state());
+            }
+            m
+        }) else {
             return;
         };
         m.unplug_all();

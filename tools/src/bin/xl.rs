@@ -377,7 +377,23 @@ fn run(cli: Cli) -> Result<(), Fail> {
                 v["id"]
             );
             if attach {
-                console(&dir, &v["id"].to_string())?;
+                let id = v["id"].to_string();
+                console(&dir, &id)?;
+                // The console ends when the domain goes: say how it ended, and pass a guest's
+                // failure on as ours.
+                let s = connect(&dir)?.call(Request::Status { dom: id.clone() })?;
+                if s["live"] == Value::Bool(false) {
+                    let code = s["shutdown_code"].as_u64();
+                    if s["crashed"] == Value::Bool(true) {
+                        return Err(fail(format!(
+                            "domain {id} crashed: {}",
+                            s["state"].as_str().unwrap_or("?")
+                        )));
+                    }
+                    if let Some(c) = code.filter(|&c| c != 0) {
+                        return Err(fail(format!("domain {id} exited with code {c}")));
+                    }
+                }
             }
         }
         Verb::List { long, json } => {
