@@ -10,6 +10,7 @@
 //! front end is notified only when the event index asks.
 
 use std::os::fd::AsRawFd;
+use std::time::{Duration, Instant};
 
 use io_uring::{IoUring, opcode, squeue, types};
 use pv_protocol::blkif::{
@@ -22,11 +23,24 @@ use pv_protocol::{PAGE_SIZE, SECTOR_SIZE, SharedRegion};
 
 use crate::disk::Disk;
 use crate::grants::{GrantMapper, MappedPage};
+use crate::netback::Notify;
 
 /// Indirect segments per request this back-end advertises (`feature-max-indirect-segments`).
 pub const MAX_INDIRECT_SEGMENTS: usize = 256;
 /// io_uring submission-queue depth.
 const URING_DEPTH: u32 = 1024;
+/// User data of the doorbell's poll (request slots stay far below it).
+const UD_DOORBELL: u64 = u64::MAX;
+/// How long [`BlkBack::serve`] keeps polling after its last piece of work before it sleeps:
+/// longer than a turnaround of the front end (which answers a response with a new request within
+/// microseconds when it polls, within tens of microseconds when it was woken) and about a disk
+/// read's latency, so a busy ring is served without doorbells or wake-ups, while an idle device
+/// costs nothing after 0.2 ms.
+pub const SPIN: Duration = Duration::from_micros(200);
+/// Longest sleep before [`BlkBack::serve`] asks again whether to stop.
+const SLEEP_MAX: Duration = Duration::from_millis(100);
+/// How often a busy [`BlkBack::serve`] asks whether to stop.
+const STOP_CHECK: Duration = Duration::from_millis(10);
 
 /// Errors that stop serving a ring.
 #[derive(Debug, thiserror::Error)]
@@ -94,6 +108,10 @@ pub struct BlkBack<'a, G: GrantMapper> {
     /// Responses of one pass, and completions of one reap (kept to reuse their memory).
     answers: Vec<BlkResponse>,
     done: Vec<(u64, i32)>,
+    /// A poll of the guest's doorbell is queued (see [`serve`](Self::serve)).
+    doorbell_armed: bool,
+    /// That poll completed: the doorbell must be cleared before it is polled again.
+    doorbell_rang: bool,
 }
 
 impl<G: GrantMapper> std::fmt::Debug for BlkBack<'_, G> {
@@ -103,6 +121,29 @@ impl<G: GrantMapper> std::fmt::Debug for BlkBack<'_, G> {
             .field("disk", &self.disk)
             .field("stats", &self.stats)
             .finish_non_exhaustive()
+    }
+}
+
+impl<G: GrantMapper> Drop for BlkBack<'_, G> {
+    fn drop(&mut self) {
+        // The kernel may still be reading into or writing from granted pages (`serve` stops, or
+        // a ring breaks, with I/O in flight): wait for it before the pages and their grants are
+        // released, or the guest could reuse a page the disk still writes.
+        let mut answers = Vec::new();
+        while self.in_flight > 0 {
+            match self.uring.submit_and_wait(1) {
+                Ok(_) => self.reap(&mut answers),
+                Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
+                Err(e) => {
+                    tracing::error!(
+                        domid = self.domid,
+                        "cannot wait for in-flight I/O, its pages stay mapped: {e}"
+                    );
+                    std::mem::forget(std::mem::take(&mut self.slots));
+                    return;
+                }
+            }
+        }
     }
 }
 
@@ -121,6 +162,7 @@ impl<'a, G: GrantMapper> BlkBack<'a, G> {
         // (it enters often: to submit, or to wait).
         let uring = IoUring::builder()
             .setup_coop_taskrun()
+            .setup_taskrun_flag()
             .build(URING_DEPTH)
             .or_else(|_| IoUring::new(URING_DEPTH))
             .map_err(BlkBackError::Uring)?;
@@ -151,6 +193,8 @@ impl<'a, G: GrantMapper> BlkBack<'a, G> {
             fixed,
             answers: Vec::new(),
             done: Vec::new(),
+            doorbell_armed: false,
+            doorbell_rang: false,
         })
     }
 
@@ -169,64 +213,160 @@ impl<'a, G: GrantMapper> BlkBack<'a, G> {
     /// are published in batches. Returns with nothing in flight; the caller then re-arms the
     /// event index ([`final_check`](Self::final_check)) and sleeps.
     pub fn process(&mut self) -> Result<bool, BlkBackError> {
+        let mut notify = false;
+        loop {
+            let (busy, n) = self.pass()?;
+            notify |= n;
+            if self.in_flight == 0 && !self.ring.has_unconsumed_requests()? {
+                return Ok(notify);
+            }
+            if !busy {
+                self.uring.submit_and_wait(1).map_err(BlkBackError::Uring)?;
+            }
+        }
+    }
+
+    /// Serves the ring until `stop` says so (asked every few milliseconds), the way
+    /// [`process`](Self::process) does, and between bursts of work: for [`SPIN`] after the last
+    /// request or completion it keeps looking at the ring and the disk, yielding the core to any
+    /// other thread that wants it (a front end answering a response at once is seen without a
+    /// doorbell, and the next completion without a wake-up); then it sleeps in one wait for
+    /// either a disk completion or the front end's doorbell (`chan`, armed through the event
+    /// index), at most [`SLEEP_MAX`]. Responses are signalled through `chan` when the front
+    /// end's event index asks.
+    pub fn serve(
+        &mut self,
+        chan: &impl Notify,
+        stop: &mut dyn FnMut() -> bool,
+    ) -> Result<(), BlkBackError> {
+        let mut last_work = Instant::now();
+        let mut last_stop_check = last_work;
+        loop {
+            let (busy, notify) = self.pass()?;
+            if notify {
+                chan.notify();
+            }
+            if self.doorbell_rang {
+                chan.clear();
+                self.doorbell_rang = false;
+            }
+            let now = Instant::now();
+            // The stop condition may read the store: not on every pass.
+            if now.duration_since(last_stop_check) >= STOP_CHECK {
+                if stop() {
+                    return Ok(());
+                }
+                last_stop_check = now;
+            }
+            if busy {
+                last_work = now;
+                continue;
+            }
+            if now.duration_since(last_work) < SPIN {
+                // Polling, but the core goes to anyone else who wants it (on a small host the
+                // guest's vCPU, or another queue's thread).
+                std::thread::yield_now();
+                continue;
+            }
+            // Sleep: ask for the doorbell, then look once more (the front end may have
+            // published just before it saw the event index).
+            if self.final_check()? {
+                continue;
+            }
+            self.arm_doorbell(chan.wait_fd())?;
+            let ts = types::Timespec::from(SLEEP_MAX);
+            let args = types::SubmitArgs::new().timespec(&ts);
+            match self.uring.submitter().submit_with_args(1, &args) {
+                Ok(_) => {}
+                Err(e) if matches!(e.raw_os_error(), Some(libc::ETIME | libc::EINTR)) => {}
+                Err(e) => return Err(BlkBackError::Uring(e)),
+            }
+            if stop() {
+                return Ok(());
+            }
+            last_stop_check = Instant::now();
+            last_work = last_stop_check;
+        }
+    }
+
+    /// Queues a poll of the doorbell (once: it stays queued until it fires).
+    fn arm_doorbell(&mut self, fd: std::os::fd::RawFd) -> Result<(), BlkBackError> {
+        if self.doorbell_armed {
+            return Ok(());
+        }
+        let e = opcode::PollAdd::new(types::Fd(fd), libc::POLLIN as u32)
+            .build()
+            .user_data(UD_DOORBELL);
+        // SAFETY: a poll entry points at no memory of ours.
+        if unsafe { self.uring.submission().push(&e) }.is_err() {
+            return Err(BlkBackError::Uring(std::io::Error::other(
+                "submission queue full",
+            )));
+        }
+        self.doorbell_armed = true;
+        Ok(())
+    }
+
+    /// One round without waiting: takes and submits every request the submission queue has
+    /// room for, then answers every finished request and publishes the responses. Returns
+    /// whether anything moved and whether the front end must be notified.
+    fn pass(&mut self) -> Result<(bool, bool), BlkBackError> {
         let mut answers = std::mem::take(&mut self.answers);
-        let r = self.process_into(&mut answers);
+        answers.clear();
+        let r = self.pass_into(&mut answers);
         self.answers = answers;
         r
     }
 
-    fn process_into(&mut self, answers: &mut Vec<BlkResponse>) -> Result<bool, BlkBackError> {
-        let mut notify = false;
-        loop {
-            answers.clear();
-            let mut submitted = 0;
-            // Take requests while the submission queue has room for the largest one's entries
-            // (one per segment with fixed buffers, plus an fsync).
-            while self.sq_room() > MAX_INDIRECT_SEGMENTS {
-                let Some(raw) = self.ring.take_request()? else {
-                    break;
-                };
-                match self.prepare(&raw) {
-                    Ok(inflight) => {
-                        self.submit(inflight)?;
-                        submitted += 1;
-                    }
-                    Err(Refused(status, why)) => {
-                        tracing::warn!(
-                            domid = self.domid,
-                            id = raw.id(),
-                            op = raw.operation,
-                            "block request refused: {why}"
-                        );
-                        answers.push(BlkResponse {
-                            id: raw.id(),
-                            operation: raw.operation,
-                            status,
-                        });
-                    }
+    fn pass_into(&mut self, answers: &mut Vec<BlkResponse>) -> Result<(bool, bool), BlkBackError> {
+        let mut submitted = 0;
+        // Take requests while the submission queue has room for the largest one's entries
+        // (one per segment with fixed buffers, plus an fsync).
+        while self.sq_room() > MAX_INDIRECT_SEGMENTS {
+            let Some(raw) = self.ring.take_request()? else {
+                break;
+            };
+            match self.prepare(&raw) {
+                Ok(inflight) => {
+                    self.submit(inflight)?;
+                    submitted += 1;
+                    // Each request goes to the disk at once, as fio's default does: a batch
+                    // submitted together is plugged and reaches the disk together, which then
+                    // answers it together, and the ring drains and refills in lockstep (a
+                    // third fewer IOPS at depth 32, measured).
+                    self.uring.submit().map_err(BlkBackError::Uring)?;
                 }
-            }
-            if submitted > 0 {
-                self.uring.submit().map_err(BlkBackError::Uring)?;
-            }
-            // Wait for a completion only when there is nothing else to do.
-            if answers.is_empty() && submitted == 0 && self.in_flight > 0 {
-                self.uring.submit_and_wait(1).map_err(BlkBackError::Uring)?;
-            }
-            self.reap(answers);
-            for a in answers.iter() {
-                match a.status {
-                    BlkStatus::Okay => self.stats.ok += 1,
-                    BlkStatus::Error => self.stats.errors += 1,
-                    BlkStatus::NotSupported => self.stats.unsupported += 1,
+                Err(Refused(status, why)) => {
+                    tracing::warn!(
+                        domid = self.domid,
+                        id = raw.id(),
+                        op = raw.operation,
+                        "block request refused: {why}"
+                    );
+                    answers.push(BlkResponse {
+                        id: raw.id(),
+                        operation: raw.operation,
+                        status,
+                    });
                 }
-                self.ring.push_response(&a.to_raw())?;
-            }
-            notify |= self.ring.commit_responses();
-            if self.in_flight == 0 && !self.ring.has_unconsumed_requests()? {
-                return Ok(notify);
             }
         }
+        // Completions are queued as work for this thread, run when it enters the kernel: enter
+        // when the kernel flags some (and nothing was submitted, which entered already).
+        if submitted == 0 && self.uring.submission().taskrun() {
+            self.uring.submit().map_err(BlkBackError::Uring)?;
+        }
+        self.reap(answers);
+        for a in answers.iter() {
+            match a.status {
+                BlkStatus::Okay => self.stats.ok += 1,
+                BlkStatus::Error => self.stats.errors += 1,
+                BlkStatus::NotSupported => self.stats.unsupported += 1,
+            }
+            self.ring.push_response(&a.to_raw())?;
+        }
+        let notify = self.ring.commit_responses();
+        Ok((submitted > 0 || !answers.is_empty(), notify))
     }
 
     /// Before sleeping: re-arms the request event; `true` means more requests arrived.
@@ -239,7 +379,7 @@ impl<'a, G: GrantMapper> BlkBack<'a, G> {
         sq.capacity() - sq.len()
     }
 
-    /// Queues the entries of one request (submitted by the caller's next `submit`).
+    /// Queues the entries of one request (the caller then submits them).
     fn submit(&mut self, r: Inflight) -> Result<(), BlkBackError> {
         let slot = match self.free.pop() {
             Some(i) => i,
@@ -274,6 +414,11 @@ impl<'a, G: GrantMapper> BlkBack<'a, G> {
         done.clear();
         done.extend(self.uring.completion().map(|c| (c.user_data(), c.result())));
         for &(ud, res) in &done {
+            if ud == UD_DOORBELL {
+                self.doorbell_armed = false;
+                self.doorbell_rang = true;
+                continue;
+            }
             let slot = (ud >> UD_SHIFT) as usize;
             let k = (ud & UD_MASK) as usize;
             let Some(r) = self.slots.get_mut(slot).and_then(Option::as_mut) else {
@@ -563,5 +708,165 @@ fn sqes_for(r: &Inflight, fd: types::Fd, index: u64, push: &mut impl FnMut(squeu
     }
     if fsync {
         push(opcode::Fsync::new(fd).build().user_data(ud));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::fd::{AsRawFd, RawFd};
+    use std::ptr::NonNull;
+    use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+    use std::time::{Duration, Instant};
+
+    use pv_protocol::blkif::{BlkRequest, BlkRing, BlkSegment, BlkStatus, DirectSegments};
+    use pv_protocol::grant::GrantRef;
+    use pv_protocol::ring::BackRing;
+    use pv_protocol::test_utils::{MockFrontEnd, RingMemory};
+    use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
+
+    use super::*;
+    use crate::grants::GrantFailure;
+
+    #[repr(C, align(4096))]
+    struct Page([u8; PAGE_SIZE]);
+
+    /// Two pages (leaked: they outlive every mapping), granted as refs 0 and 1; the test looks
+    /// at them only while no I/O is in flight.
+    struct TwoPages(NonNull<[Page; 2]>);
+
+    // SAFETY: the pages are plain leaked memory; the kernel writes them only during I/O the
+    // test waits for before it reads them.
+    unsafe impl Send for TwoPages {}
+
+    impl TwoPages {
+        fn new() -> Self {
+            let pages = Box::leak(Box::new([Page([0; PAGE_SIZE]), Page([0; PAGE_SIZE])]));
+            Self(NonNull::from(pages))
+        }
+
+        fn page(&self, i: usize) -> NonNull<u8> {
+            // SAFETY: `i < 2` (callers), inside the leaked array.
+            unsafe { self.0.cast::<Page>().add(i).cast() }
+        }
+
+        fn copy(&self, i: usize) -> [u8; PAGE_SIZE] {
+            let mut out = [0; PAGE_SIZE];
+            // SAFETY: a live page of PAGE_SIZE bytes; no I/O in flight (see the type).
+            unsafe {
+                std::ptr::copy_nonoverlapping(self.page(i).as_ptr(), out.as_mut_ptr(), PAGE_SIZE)
+            };
+            out
+        }
+    }
+
+    impl GrantMapper for TwoPages {
+        fn map(&self, gref: GrantRef, _device_writes: bool) -> Result<MappedPage, GrantFailure> {
+            if gref.0 >= 2 {
+                return Err(GrantFailure {
+                    gref: gref.0,
+                    reason: "not granted".into(),
+                });
+            }
+            // SAFETY: the pages are leaked, valid for reads and writes for good.
+            Ok(unsafe { MappedPage::new(self.page(gref.0 as usize), Box::new(())) })
+        }
+    }
+
+    /// The event channel: an eventfd the test writes as the guest's doorbell.
+    struct Chan {
+        doorbell: EventFd,
+        notified: AtomicU32,
+    }
+
+    impl Notify for Chan {
+        fn notify(&self) {
+            self.notified.fetch_add(1, Ordering::Relaxed);
+        }
+        fn wait_fd(&self) -> RawFd {
+            self.doorbell.as_raw_fd()
+        }
+        fn clear(&self) {
+            let _ = self.doorbell.read();
+        }
+    }
+
+    fn request(
+        write: bool,
+        id: u64,
+        sector: u64,
+        gref: u32,
+    ) -> pv_protocol::blkif::BlkifRequestRaw {
+        let seg = BlkSegment {
+            gref: GrantRef(gref),
+            first_sect: 0,
+            last_sect: 7,
+        };
+        BlkRequest::data(
+            write,
+            id,
+            0,
+            sector,
+            DirectSegments::from_slice(&[seg]).unwrap(),
+        )
+        .to_raw()
+    }
+
+    fn wait_for(front: &mut MockFrontEnd<'_, BlkRing>) -> Vec<(u64, BlkStatus)> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let got = front.blk_statuses();
+            if !got.is_empty() || Instant::now() > deadline {
+                return got;
+            }
+            std::thread::sleep(Duration::from_micros(50));
+        }
+    }
+
+    #[test]
+    fn serve_answers_while_it_polls_and_after_a_doorbell_and_stops_when_told() {
+        let dir = std::env::temp_dir().join(format!("sv-blkback-serve-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let img = dir.join("disk.img");
+        Disk::create_sparse(&img, 1 << 20).unwrap();
+        let pages = TwoPages::new();
+        let view = TwoPages(pages.0);
+        // SAFETY: page 0 is live and no I/O is in flight yet.
+        unsafe { std::ptr::write_bytes(pages.page(0).as_ptr(), 0x5a, PAGE_SIZE) };
+
+        let mut mem = RingMemory::new(1);
+        let region = mem.region();
+        let mut front = MockFrontEnd::<BlkRing>::new(region, 1).unwrap();
+        let ring = BackRing::attach(region, 1).unwrap();
+        let mut back = BlkBack::new(3, ring, Disk::open(&img, false).unwrap(), pages).unwrap();
+        let chan = Chan {
+            doorbell: EventFd::new(EFD_NONBLOCK).unwrap(),
+            notified: AtomicU32::new(0),
+        };
+        let stop = AtomicBool::new(false);
+
+        std::thread::scope(|s| {
+            let server = s.spawn(|| back.serve(&chan, &mut || stop.load(Ordering::Relaxed)));
+            // Published while the back end polls: answered, doorbell or not.
+            if front.submit(&[request(true, 1, 16, 0)]).unwrap() {
+                chan.doorbell.write(1).unwrap();
+            }
+            assert_eq!(wait_for(&mut front), [(1, BlkStatus::Okay)]);
+            // Long past its spin time the back end sleeps, having asked for the doorbell.
+            std::thread::sleep(SPIN * 20);
+            assert!(front.submit(&[request(false, 2, 16, 1)]).unwrap());
+            chan.doorbell.write(1).unwrap();
+            assert_eq!(wait_for(&mut front), [(2, BlkStatus::Okay)]);
+            let asked = Instant::now();
+            stop.store(true, Ordering::Relaxed);
+            server.join().unwrap().unwrap();
+            assert!(asked.elapsed() < SLEEP_MAX + Duration::from_secs(1));
+        });
+        // The front end asked to hear of its first response (rsp_event starts at 1).
+        assert!(chan.notified.load(Ordering::Relaxed) >= 1);
+        drop(back);
+        assert_eq!(view.copy(1), [0x5a; PAGE_SIZE]);
+        let file = std::fs::read(&img).unwrap();
+        assert!(file[16 * 512..24 * 512].iter().all(|&b| b == 0x5a));
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

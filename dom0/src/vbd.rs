@@ -303,28 +303,8 @@ fn serve_queue(
     (mut back, hp): QueueBack<'_>,
     closing: &(dyn Fn() -> bool + Sync),
 ) {
-    loop {
-        match back.process() {
-            Ok(true) => hp.notify(),
-            Ok(false) => {}
-            Err(e) => {
-                dom.guest_fault("vbd-ring", format_args!("{frontend}: {e}"));
-                break;
-            }
-        }
-        if closing() {
-            break;
-        }
-        match back.final_check() {
-            Ok(true) => continue,
-            Ok(false) => {
-                hp.wait(Duration::from_millis(100));
-            }
-            Err(e) => {
-                dom.guest_fault("vbd-ring", format_args!("{frontend}: {e}"));
-                break;
-            }
-        }
+    if let Err(e) = back.serve(&hp, &mut || closing()) {
+        dom.guest_fault("vbd-ring", format_args!("{frontend}: {e}"));
     }
     // The back end (its in-flight I/O drained, its grant mappings released) goes before the
     // channel is unbound.
