@@ -232,7 +232,7 @@ impl<'a, G: GrantMapper> BlkBack<'a, G> {
     /// other thread that wants it (a front end answering a response at once is seen without a
     /// doorbell, and the next completion without a wake-up); then it sleeps in one wait for
     /// either a disk completion or the front end's doorbell (`chan`, armed through the event
-    /// index), at most [`SLEEP_MAX`]. Responses are signalled through `chan` when the front
+    /// index), at most `SLEEP_MAX` (100 ms). Responses are signalled through `chan` when the front
     /// end's event index asks.
     pub fn serve(
         &mut self,
