@@ -29,14 +29,18 @@ use crate::netback::Notify;
 pub const MAX_INDIRECT_SEGMENTS: usize = 256;
 /// io_uring submission-queue depth.
 const URING_DEPTH: u32 = 1024;
+/// The image, as the ring's registered file.
+const DISK: types::Fixed = types::Fixed(0);
 /// User data of the doorbell's poll (request slots stay far below it).
 const UD_DOORBELL: u64 = u64::MAX;
-/// How long [`BlkBack::serve`] keeps polling after its last piece of work before it sleeps:
-/// longer than a turnaround of the front end (which answers a response with a new request within
-/// microseconds when it polls, within tens of microseconds when it was woken) and about a disk
-/// read's latency, so a busy ring is served without doorbells or wake-ups, while an idle device
-/// costs nothing after 0.2 ms.
+/// How long [`BlkBack::serve`] keeps polling the ring after it woke the front end: about the time
+/// a woken guest takes to run and answer its responses with new requests (tens of microseconds
+/// here), so those are taken at once instead of after a doorbell and a wake-up of this thread.
 pub const SPIN: Duration = Duration::from_micros(200);
+/// A polling round that took longer than this means another thread had the core meanwhile.
+const PREEMPTED: Duration = Duration::from_micros(50);
+/// How long [`BlkBack::serve`] does not poll after it saw that.
+const NO_SPIN_AFTER_PREEMPTION: Duration = Duration::from_millis(50);
 /// Longest sleep before [`BlkBack::serve`] asks again whether to stop.
 const SLEEP_MAX: Duration = Duration::from_millis(100);
 /// How often a busy [`BlkBack::serve`] asks whether to stop.
@@ -79,17 +83,24 @@ struct Inflight {
     /// Bytes the whole request moves (0 for a flush or discard).
     expect: i64,
     write: bool,
-    /// `iovecs[0].iov_len` is the file offset (a discard: offset and length in 0 and 1); the
-    /// rest are the data runs in the guest's pages.
-    iovecs: Box<[libc::iovec]>,
-    /// Keeps the granted pages mapped until the kernel is done with them.
-    _pages: Vec<MappedPage>,
+    bufs: Buffers,
 }
 
-// SAFETY: the raw pointers in `iovecs` point into the pages that `_pages` (which is Send) keeps
+/// The iovecs and pages of one request. Reused from request to request (cleared, their memory
+/// kept), so a request costs no allocation.
+#[derive(Default)]
+struct Buffers {
+    /// `iovecs[0].iov_len` is the file offset (a discard: offset and length in 0 and 1); the
+    /// rest are the data runs in the guest's pages.
+    iovecs: Vec<libc::iovec>,
+    /// Keeps the granted pages mapped until the kernel is done with them.
+    pages: Vec<MappedPage>,
+}
+
+// SAFETY: the raw pointers in `iovecs` point into the pages that `pages` (which is Send) keeps
 // mapped; they are plain addresses handed to the kernel, dereferenced by no thread of ours, and
 // travel together with the pages that keep them valid.
-unsafe impl Send for Inflight {}
+unsafe impl Send for Buffers {}
 
 /// The back end of one block ring.
 pub struct BlkBack<'a, G: GrantMapper> {
@@ -108,6 +119,8 @@ pub struct BlkBack<'a, G: GrantMapper> {
     /// Responses of one pass, and completions of one reap (kept to reuse their memory).
     answers: Vec<BlkResponse>,
     done: Vec<(u64, i32)>,
+    /// Buffers of finished requests, for the next ones.
+    spare: Vec<Buffers>,
     /// A poll of the guest's doorbell is queued (see [`serve`](Self::serve)).
     doorbell_armed: bool,
     /// That poll completed: the doorbell must be cleared before it is polled again.
@@ -144,6 +157,12 @@ impl<G: GrantMapper> Drop for BlkBack<'_, G> {
                 }
             }
         }
+        // The ring is torn down asynchronously after it is closed, and with it goes its reference
+        // to the registered image: give that back now, or the image (and its lock) would stay
+        // open a while after the device is gone, and attaching it again could fail.
+        if let Err(e) = self.uring.submitter().unregister_files() {
+            tracing::warn!(domid = self.domid, "cannot unregister the image: {e}");
+        }
     }
 }
 
@@ -165,6 +184,12 @@ impl<'a, G: GrantMapper> BlkBack<'a, G> {
             .setup_taskrun_flag()
             .build(URING_DEPTH)
             .or_else(|_| IoUring::new(URING_DEPTH))
+            .map_err(BlkBackError::Uring)?;
+        // The image is registered file 0: the kernel does not look the descriptor up and take a
+        // reference on it for every request.
+        uring
+            .submitter()
+            .register_files(&[disk.file().as_raw_fd()])
             .map_err(BlkBackError::Uring)?;
         // Register the guest's memory once, so the kernel does not pin pages per I/O.
         let fixed = grants.io_region().is_some_and(|(base, len)| {
@@ -193,6 +218,7 @@ impl<'a, G: GrantMapper> BlkBack<'a, G> {
             fixed,
             answers: Vec::new(),
             done: Vec::new(),
+            spare: Vec::new(),
             doorbell_armed: false,
             doorbell_rang: false,
         })
@@ -227,30 +253,38 @@ impl<'a, G: GrantMapper> BlkBack<'a, G> {
     }
 
     /// Serves the ring until `stop` says so (asked every few milliseconds), the way
-    /// [`process`](Self::process) does, and between bursts of work: for [`SPIN`] after the last
-    /// request or completion it keeps looking at the ring and the disk, yielding the core to any
-    /// other thread that wants it (a front end answering a response at once is seen without a
-    /// doorbell, and the next completion without a wake-up); then it sleeps in one wait for
-    /// either a disk completion or the front end's doorbell (`chan`, armed through the event
-    /// index), at most `SLEEP_MAX` (100 ms). Responses are signalled through `chan` when the front
-    /// end's event index asks.
+    /// [`process`](Self::process) does, and sleeps in one wait for either a disk completion or
+    /// the front end's doorbell (`chan`, armed through the event index; at most `SLEEP_MAX`,
+    /// 100 ms) when there is nothing to do. Responses are signalled through `chan` when the front
+    /// end's event index asks, and for [`SPIN`] after that this thread polls the ring instead
+    /// of sleeping, for the woken front end's next requests; not while it has to share its core
+    /// (then polling would take the time of the threads that make its work: the guest's vCPU,
+    /// the kernel's completions). It never yields the core in a loop: the scheduler (EEVDF)
+    /// pushes a yielding thread's deadline back a slice per yield, and a thread that yielded a
+    /// few thousand times is then starved by any other runnable thread.
     pub fn serve(
         &mut self,
         chan: &impl Notify,
         stop: &mut dyn FnMut() -> bool,
     ) -> Result<(), BlkBackError> {
-        let mut last_work = Instant::now();
-        let mut last_stop_check = last_work;
+        let start = Instant::now();
+        let mut last_stop_check = start;
+        // Poll until then (after a notification), not before that (after a preemption).
+        let mut spin_until = start;
+        let mut no_spin_until = start;
+        // When the previous polling round ended.
+        let mut last_round: Option<Instant> = None;
         loop {
             let (busy, notify) = self.pass()?;
+            let now = Instant::now();
             if notify {
                 chan.notify();
+                spin_until = now + SPIN;
             }
             if self.doorbell_rang {
                 chan.clear();
                 self.doorbell_rang = false;
             }
-            let now = Instant::now();
             // The stop condition may read the store: not on every pass.
             if now.duration_since(last_stop_check) >= STOP_CHECK {
                 if stop() {
@@ -259,15 +293,18 @@ impl<'a, G: GrantMapper> BlkBack<'a, G> {
                 last_stop_check = now;
             }
             if busy {
-                last_work = now;
+                last_round = None;
                 continue;
             }
-            if now.duration_since(last_work) < SPIN {
-                // Polling, but the core goes to anyone else who wants it (on a small host the
-                // guest's vCPU, or another queue's thread).
-                std::thread::yield_now();
+            if last_round.is_some_and(|t| now.duration_since(t) > PREEMPTED) {
+                no_spin_until = now + NO_SPIN_AFTER_PREEMPTION;
+            }
+            if now < spin_until && now >= no_spin_until {
+                std::hint::spin_loop();
+                last_round = Some(now);
                 continue;
             }
+            last_round = None;
             // Sleep: ask for the doorbell, then look once more (the front end may have
             // published just before it saw the event index).
             if self.final_check()? {
@@ -285,7 +322,6 @@ impl<'a, G: GrantMapper> BlkBack<'a, G> {
                 return Ok(());
             }
             last_stop_check = Instant::now();
-            last_work = last_stop_check;
         }
     }
 
@@ -388,13 +424,13 @@ impl<'a, G: GrantMapper> BlkBack<'a, G> {
                 self.slots.len() - 1
             }
         };
-        let fd = types::Fd(self.disk.file().as_raw_fd());
         let mut sq = self.uring.submission();
         let mut full = false;
-        sqes_for(&r, fd, slot as u64, &mut |e| {
+        sqes_for(&r, DISK, slot as u64, &mut |e| {
             // SAFETY: the iovecs and pages the entry points to move into `self.slots[slot]`
-            // below (a boxed slice and a Vec: their heap memory does not move) and live there
-            // until the last completion has been reaped (`reap` frees the slot only then).
+            // below (Vecs: their heap memory does not move, and nothing grows them until the
+            // slot is freed) and live there until the last completion has been reaped (`reap`
+            // frees the slot only then).
             full |= unsafe { sq.push(&e) }.is_err();
         });
         drop(sq);
@@ -429,7 +465,7 @@ impl<'a, G: GrantMapper> BlkBack<'a, G> {
             // segment k, whose length is iovec k).
             let expected = match (k, r.fixed) {
                 (0, _) => None,
-                (k, true) => r.iovecs.get(k).map(|v| v.iov_len as i64),
+                (k, true) => r.bufs.iovecs.get(k).map(|v| v.iov_len as i64),
                 (_, false) => Some(r.expect).filter(|&e| e > 0),
             };
             if res < 0 || expected.is_some_and(|e| i64::from(res) != e) {
@@ -448,6 +484,7 @@ impl<'a, G: GrantMapper> BlkBack<'a, G> {
             let Some(r) = self.slots[slot].take() else {
                 continue;
             };
+            self.recycle(r.bufs);
             self.free.push(slot);
             self.in_flight -= 1;
             if !r.failed {
@@ -503,6 +540,13 @@ impl<'a, G: GrantMapper> BlkBack<'a, G> {
                     ));
                 }
                 self.check_range(sector, nr_sectors)?;
+                let mut bufs = self.spare.pop().unwrap_or_default();
+                for bytes in [sector * SECTOR_SIZE, nr_sectors * SECTOR_SIZE] {
+                    bufs.iovecs.push(libc::iovec {
+                        iov_base: std::ptr::null_mut(),
+                        iov_len: bytes as usize,
+                    });
+                }
                 Ok(Inflight {
                     id,
                     op,
@@ -511,17 +555,7 @@ impl<'a, G: GrantMapper> BlkBack<'a, G> {
                     fixed: false,
                     expect: 0,
                     write: true,
-                    iovecs: Box::new([
-                        libc::iovec {
-                            iov_base: std::ptr::null_mut(),
-                            iov_len: (sector * SECTOR_SIZE) as usize,
-                        },
-                        libc::iovec {
-                            iov_base: std::ptr::null_mut(),
-                            iov_len: (nr_sectors * SECTOR_SIZE) as usize,
-                        },
-                    ]),
-                    _pages: Vec::new(),
+                    bufs,
                 })
             }
             BlkRequest::Indirect {
@@ -599,8 +633,39 @@ impl<'a, G: GrantMapper> BlkBack<'a, G> {
             .map(|s| u64::from(s.last_sect - s.first_sect) + 1)
             .sum();
         self.check_range(sector, sectors)?;
-        let mut pages = Vec::with_capacity(segments.len());
-        let mut iovecs = Vec::with_capacity(segments.len() + 1);
+        let mut bufs = self.spare.pop().unwrap_or_default();
+        if let Err(e) = self.map_segments(&mut bufs, sector, segments, write) {
+            self.recycle(bufs);
+            return Err(e);
+        }
+        let expect = (sectors * SECTOR_SIZE) as i64;
+        let data_sqes = if self.fixed {
+            (bufs.iovecs.len() - 1) as u16
+        } else {
+            u16::from(!segments.is_empty())
+        };
+        Ok(Inflight {
+            id,
+            op,
+            sqes: data_sqes + u16::from(flush),
+            failed: false,
+            fixed: self.fixed,
+            expect,
+            write,
+            bufs,
+        })
+    }
+
+    /// Maps `segments` into `bufs` (empty): the file offset of `sector`, then one iovec per run
+    /// of the guest's pages.
+    fn map_segments(
+        &self,
+        bufs: &mut Buffers,
+        sector: u64,
+        segments: &[BlkSegment],
+        write: bool,
+    ) -> Result<(), Refused> {
+        let Buffers { iovecs, pages } = bufs;
         // The first iovec slot carries the file offset (see `sqes_for`).
         iovecs.push(libc::iovec {
             iov_base: std::ptr::null_mut(),
@@ -626,23 +691,14 @@ impl<'a, G: GrantMapper> BlkBack<'a, G> {
                 iov_len: len,
             });
         }
-        let expect = (sectors * SECTOR_SIZE) as i64;
-        let data_sqes = if self.fixed {
-            (iovecs.len() - 1) as u16
-        } else {
-            u16::from(!segments.is_empty())
-        };
-        Ok(Inflight {
-            id,
-            op,
-            sqes: data_sqes + u16::from(flush),
-            failed: false,
-            fixed: self.fixed,
-            expect,
-            write,
-            iovecs: iovecs.into_boxed_slice(),
-            _pages: pages,
-        })
+        Ok(())
+    }
+
+    /// Releases a request's pages and keeps its buffers for the next request.
+    fn recycle(&mut self, mut bufs: Buffers) {
+        bufs.pages.clear();
+        bufs.iovecs.clear();
+        self.spare.push(bufs);
     }
 }
 
@@ -652,9 +708,9 @@ const UD_SHIFT: u32 = 13;
 const UD_MASK: u64 = (1 << UD_SHIFT) - 1;
 
 /// Emits the submission entries for one request into `push`.
-fn sqes_for(r: &Inflight, fd: types::Fd, index: u64, push: &mut impl FnMut(squeue::Entry)) {
+fn sqes_for(r: &Inflight, fd: types::Fixed, index: u64, push: &mut impl FnMut(squeue::Entry)) {
     let ud = index << UD_SHIFT;
-    let iov = &r.iovecs;
+    let iov = &r.bufs.iovecs;
     if r.op == BlkOp::Discard as u8 {
         let (offset, len) = (iov[0].iov_len as u64, iov[1].iov_len as u64);
         push(
@@ -867,6 +923,23 @@ mod tests {
         assert_eq!(view.copy(1), [0x5a; PAGE_SIZE]);
         let file = std::fs::read(&img).unwrap();
         assert!(file[16 * 512..24 * 512].iter().all(|&b| b == 0x5a));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_dropped_back_end_lets_go_of_its_image_at_once() {
+        let dir = std::env::temp_dir().join(format!("sv-blkback-reopen-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let img = dir.join("disk.img");
+        Disk::create_sparse(&img, 1 << 20).unwrap();
+        for _ in 0..5 {
+            let mut mem = RingMemory::new(1);
+            let ring = BackRing::attach(mem.region(), 1).unwrap();
+            // A writable open takes the image's exclusive lock: it fails while any earlier
+            // back end's ring still holds the file.
+            let disk = Disk::open(&img, false).unwrap();
+            drop(BlkBack::new(4, ring, disk, TwoPages::new()).unwrap());
+        }
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -22,7 +22,18 @@ pub struct GrantFailure {
 /// device to write) until this value is dropped.
 pub struct MappedPage {
     ptr: NonNull<u8>,
-    _hold: Box<dyn Any + Send>,
+    _hold: Hold,
+}
+
+/// What keeps a [`MappedPage`] mapped.
+enum Hold {
+    /// A grant of a live domain, pinned (shared with the persistent cache: no allocation per
+    /// page, one reference count).
+    Pinned {
+        _grant: Arc<hypervisor::grant::PinnedGrant>,
+    },
+    /// Anything else a mapper needs to keep alive.
+    Other { _hold: Box<dyn Any + Send> },
 }
 
 impl std::fmt::Debug for MappedPage {
@@ -45,7 +56,10 @@ impl MappedPage {
     /// writes) of `PAGE_SIZE` bytes for as long as `hold` is alive, and nothing may free or remap
     /// it meanwhile.
     pub unsafe fn new(ptr: NonNull<u8>, hold: Box<dyn Any + Send>) -> Self {
-        Self { ptr, _hold: hold }
+        Self {
+            ptr,
+            _hold: Hold::Other { _hold: hold },
+        }
     }
 
     /// Host address of byte `offset` of the page (`offset < PAGE_SIZE`), for an iovec.
@@ -214,9 +228,12 @@ impl GrantMapper for DomainGrants {
             gref: gref.0,
             reason: "null page".into(),
         })?;
-        // SAFETY: `PinnedGrant` keeps the domain's memory alive and the grant claimed (the guest
-        // cannot revoke it) for as long as it lives (the Arc held by the page), and it was mapped
+        // `PinnedGrant` keeps the domain's memory alive and the grant claimed (the guest cannot
+        // revoke it) for as long as it lives (the Arc held by the page), and it was mapped
         // writable when the device writes (checked against the cached mapping above).
-        Ok(unsafe { MappedPage::new(ptr, Box::new(pinned)) })
+        Ok(MappedPage {
+            ptr,
+            _hold: Hold::Pinned { _grant: pinned },
+        })
     }
 }
