@@ -37,6 +37,11 @@ const UD_DOORBELL: u64 = u64::MAX;
 /// a woken guest takes to run and answer its responses with new requests (tens of microseconds
 /// here), so those are taken at once instead of after a doorbell and a wake-up of this thread.
 pub const SPIN: Duration = Duration::from_micros(200);
+/// How long it polls after publishing responses the front end did not ask to be woken for: a
+/// front end that polls answers them within microseconds. The disk answers a burst of requests
+/// together and then idles until the next request reaches it, so this turnaround is time the
+/// disk stands still.
+pub const SPIN_ANSWERED: Duration = Duration::from_micros(50);
 /// A polling round that took longer than this means another thread had the core meanwhile.
 const PREEMPTED: Duration = Duration::from_micros(50);
 /// How long [`BlkBack::serve`] does not poll after it saw that.
@@ -125,6 +130,8 @@ pub struct BlkBack<'a, G: GrantMapper> {
     doorbell_armed: bool,
     /// That poll completed: the doorbell must be cleared before it is polled again.
     doorbell_rang: bool,
+    /// Responses were published since [`serve`](Self::serve) last looked.
+    answered: bool,
 }
 
 impl<G: GrantMapper> std::fmt::Debug for BlkBack<'_, G> {
@@ -221,6 +228,7 @@ impl<'a, G: GrantMapper> BlkBack<'a, G> {
             spare: Vec::new(),
             doorbell_armed: false,
             doorbell_rang: false,
+            answered: false,
         })
     }
 
@@ -257,7 +265,8 @@ impl<'a, G: GrantMapper> BlkBack<'a, G> {
     /// the front end's doorbell (`chan`, armed through the event index; at most `SLEEP_MAX`,
     /// 100 ms) when there is nothing to do. Responses are signalled through `chan` when the front
     /// end's event index asks, and for [`SPIN`] after that this thread polls the ring instead
-    /// of sleeping, for the woken front end's next requests; not while it has to share its core
+    /// of sleeping, for the woken front end's next requests ([`SPIN_ANSWERED`] after responses
+    /// published without a signal, for a front end that polls); not while it has to share its core
     /// (then polling would take the time of the threads that make its work: the guest's vCPU,
     /// the kernel's completions). It never yields the core in a loop: the scheduler (EEVDF)
     /// pushes a yielding thread's deadline back a slice per yield, and a thread that yielded a
@@ -280,6 +289,9 @@ impl<'a, G: GrantMapper> BlkBack<'a, G> {
             if notify {
                 chan.notify();
                 spin_until = now + SPIN;
+            }
+            if std::mem::take(&mut self.answered) {
+                spin_until = spin_until.max(now + SPIN_ANSWERED);
             }
             if self.doorbell_rang {
                 chan.clear();
@@ -355,17 +367,32 @@ impl<'a, G: GrantMapper> BlkBack<'a, G> {
     }
 
     fn pass_into(&mut self, answers: &mut Vec<BlkResponse>) -> Result<(bool, bool), BlkBackError> {
-        let mut submitted = 0;
-        // Take requests while the submission queue has room for the largest one's entries
-        // (one per segment with fixed buffers, plus an fsync).
-        while self.sq_room() > MAX_INDIRECT_SEGMENTS {
+        let mut busy = false;
+        let mut notify = false;
+        // Completions are queued as work for this thread, run when it enters the kernel: enter
+        // when the kernel flags some.
+        if self.uring.submission().taskrun() {
+            self.uring.submit().map_err(BlkBackError::Uring)?;
+        }
+        loop {
+            // Answer what finished before taking more: the front end can re-issue while this
+            // thread submits (and every submission below also ran the completion work).
+            answers.clear();
+            self.reap(answers);
+            busy |= !answers.is_empty();
+            notify |= self.answer(answers)?;
+            // Take a request while the submission queue has room for the largest one's entries
+            // (one per segment with fixed buffers, plus an fsync).
+            if self.sq_room() <= MAX_INDIRECT_SEGMENTS {
+                break;
+            }
             let Some(raw) = self.ring.take_request()? else {
                 break;
             };
+            busy = true;
             match self.prepare(&raw) {
                 Ok(inflight) => {
                     self.submit(inflight)?;
-                    submitted += 1;
                     // Each request goes to the disk at once, as fio's default does: a batch
                     // submitted together is plugged and reaches the disk together, which then
                     // answers it together, and the ring drains and refills in lockstep (a
@@ -379,21 +406,22 @@ impl<'a, G: GrantMapper> BlkBack<'a, G> {
                         op = raw.operation,
                         "block request refused: {why}"
                     );
-                    answers.push(BlkResponse {
+                    let refused = BlkResponse {
                         id: raw.id(),
                         operation: raw.operation,
                         status,
-                    });
+                    };
+                    notify |= self.answer(std::slice::from_ref(&refused))?;
                 }
             }
         }
-        // Completions are queued as work for this thread, run when it enters the kernel: enter
-        // when the kernel flags some (and nothing was submitted, which entered already).
-        if submitted == 0 && self.uring.submission().taskrun() {
-            self.uring.submit().map_err(BlkBackError::Uring)?;
-        }
-        self.reap(answers);
-        for a in answers.iter() {
+        Ok((busy, notify))
+    }
+
+    /// Publishes `answers`; `true` if the front end asked to be notified.
+    fn answer(&mut self, answers: &[BlkResponse]) -> Result<bool, BlkBackError> {
+        self.answered |= !answers.is_empty();
+        for a in answers {
             match a.status {
                 BlkStatus::Okay => self.stats.ok += 1,
                 BlkStatus::Error => self.stats.errors += 1,
@@ -401,8 +429,7 @@ impl<'a, G: GrantMapper> BlkBack<'a, G> {
             }
             self.ring.push_response(&a.to_raw())?;
         }
-        let notify = self.ring.commit_responses();
-        Ok((submitted > 0 || !answers.is_empty(), notify))
+        Ok(self.ring.commit_responses())
     }
 
     /// Before sleeping: re-arms the request event; `true` means more requests arrived.
