@@ -8,7 +8,7 @@
 //! The host's own disk is a shared virtual disk whose speed drifts by tens of percent from one
 //! minute to the next, so the two are not measured once each: fio runs before and after every
 //! guest run, each guest run is compared with the mean of the fio runs on either side of it, and
-//! the table shows the medians over `--rounds` rounds (and the spread of the ratios).
+//! the table shows the medians over `--rounds` rounds (default 5) and the spread of the ratios.
 //!
 //! Usage: `blkbench [--seconds S] [--rounds R] [--only CASES] [--no-fio] [--image FILE]
 //! [--out FILE]` (needs fio on PATH). CASES is a comma list of `poll`, `sleep`, `mq`, `seq`;
@@ -220,7 +220,7 @@ impl Bench {
 
 fn run() -> Result<(), String> {
     let mut seconds = 5u32;
-    let mut rounds = 3u32;
+    let mut rounds = 5u32;
     let mut cases = vec![Case::Poll, Case::MultiQueue, Case::Sleep, Case::Seq];
     let mut with_fio = true;
     let mut image = PathBuf::from("target/blkbench.img");
