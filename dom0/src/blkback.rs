@@ -10,6 +10,8 @@
 //! front end is notified only when the event index asks.
 
 use std::os::fd::AsRawFd;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use io_uring::{IoUring, opcode, squeue, types};
@@ -62,18 +64,63 @@ pub enum BlkBackError {
     Uring(#[source] std::io::Error),
 }
 
-/// Counters a toolstack can show.
+/// Counters a toolstack can show, shared by the queues of one device and readable from any
+/// thread while they serve.
+#[derive(Debug, Default)]
+pub struct BlkCounters {
+    /// Requests answered OK.
+    pub ok: AtomicU64,
+    /// Requests answered with an error (malformed, out of bounds, refused, I/O error).
+    pub errors: AtomicU64,
+    /// Requests answered "not supported".
+    pub unsupported: AtomicU64,
+    /// Reads completed (xentop's `VBD_RD`).
+    pub reads: AtomicU64,
+    /// Writes completed (xentop's `VBD_WR`).
+    pub writes: AtomicU64,
+    /// Bytes read from the disk into guest pages.
+    pub read_bytes: AtomicU64,
+    /// Bytes written from guest pages to the disk.
+    pub written_bytes: AtomicU64,
+}
+
+impl BlkCounters {
+    /// A snapshot.
+    pub fn snapshot(&self) -> BlkStats {
+        let l = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        BlkStats {
+            ok: l(&self.ok),
+            errors: l(&self.errors),
+            unsupported: l(&self.unsupported),
+            reads: l(&self.reads),
+            writes: l(&self.writes),
+            read_bytes: l(&self.read_bytes),
+            written_bytes: l(&self.written_bytes),
+        }
+    }
+
+    fn add(c: &AtomicU64, n: u64) {
+        // Relaxed: statistics, read only for display; nothing is ordered by them.
+        c.fetch_add(n, Ordering::Relaxed);
+    }
+}
+
+/// A snapshot of [`BlkCounters`].
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct BlkStats {
-    /// Requests answered OK.
+    /// See [`BlkCounters::ok`].
     pub ok: u64,
-    /// Requests answered with an error (malformed, out of bounds, refused, I/O error).
+    /// See [`BlkCounters::errors`].
     pub errors: u64,
-    /// Requests answered "not supported".
+    /// See [`BlkCounters::unsupported`].
     pub unsupported: u64,
-    /// Bytes read from the disk into guest pages.
+    /// See [`BlkCounters::reads`].
+    pub reads: u64,
+    /// See [`BlkCounters::writes`].
+    pub writes: u64,
+    /// See [`BlkCounters::read_bytes`].
     pub read_bytes: u64,
-    /// Bytes written from guest pages to the disk.
+    /// See [`BlkCounters::written_bytes`].
     pub written_bytes: u64,
 }
 
@@ -114,7 +161,7 @@ pub struct BlkBack<'a, G: GrantMapper> {
     disk: Disk,
     grants: G,
     uring: IoUring,
-    stats: BlkStats,
+    stats: Arc<BlkCounters>,
     /// Requests in flight, by slot (the slot index is the io_uring user data >> 1).
     slots: Vec<Option<Inflight>>,
     free: Vec<usize>,
@@ -218,7 +265,7 @@ impl<'a, G: GrantMapper> BlkBack<'a, G> {
             disk,
             grants,
             uring,
-            stats: BlkStats::default(),
+            stats: Arc::default(),
             slots: Vec::new(),
             free: Vec::new(),
             in_flight: 0,
@@ -234,7 +281,14 @@ impl<'a, G: GrantMapper> BlkBack<'a, G> {
 
     /// Counters so far.
     pub fn stats(&self) -> BlkStats {
-        self.stats
+        self.stats.snapshot()
+    }
+
+    /// Counts into `counters` (shared with the device's other queues) from now on.
+    #[must_use]
+    pub fn with_counters(mut self, counters: Arc<BlkCounters>) -> Self {
+        self.stats = counters;
+        self
     }
 
     /// The disk.
@@ -422,11 +476,15 @@ impl<'a, G: GrantMapper> BlkBack<'a, G> {
     fn answer(&mut self, answers: &[BlkResponse]) -> Result<bool, BlkBackError> {
         self.answered |= !answers.is_empty();
         for a in answers {
-            match a.status {
-                BlkStatus::Okay => self.stats.ok += 1,
-                BlkStatus::Error => self.stats.errors += 1,
-                BlkStatus::NotSupported => self.stats.unsupported += 1,
-            }
+            let c = &self.stats;
+            BlkCounters::add(
+                match a.status {
+                    BlkStatus::Okay => &c.ok,
+                    BlkStatus::Error => &c.errors,
+                    BlkStatus::NotSupported => &c.unsupported,
+                },
+                1,
+            );
             self.ring.push_response(&a.to_raw())?;
         }
         Ok(self.ring.commit_responses())
@@ -515,10 +573,15 @@ impl<'a, G: GrantMapper> BlkBack<'a, G> {
             self.free.push(slot);
             self.in_flight -= 1;
             if !r.failed {
-                if r.write {
-                    self.stats.written_bytes += r.expect.max(0) as u64;
+                let c = &self.stats;
+                let (n, bytes) = if r.write {
+                    (&c.writes, &c.written_bytes)
                 } else {
-                    self.stats.read_bytes += r.expect.max(0) as u64;
+                    (&c.reads, &c.read_bytes)
+                };
+                if r.expect > 0 {
+                    BlkCounters::add(n, 1);
+                    BlkCounters::add(bytes, r.expect as u64);
                 }
             }
             answers.push(BlkResponse {

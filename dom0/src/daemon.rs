@@ -13,10 +13,11 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use hypervisor::{Domain, DomainConfig, DomainState, Hypervisor};
+use hypervisor::{Domain, DomainConfig, DomainShared, DomainState, Hypervisor};
 use pv_protocol::hypercall::ShutdownReason;
 use serde_json::{Value, json};
 
+use crate::blkback::BlkStats;
 use crate::control::{self, DomainInfo, Envelope, PROTOCOL_VERSION, Reply, Request};
 use crate::disk::Disk;
 use crate::switch::Switch;
@@ -102,6 +103,26 @@ struct State {
 
 /// Ended domains remembered for `status`.
 const ENDED_KEPT: usize = 64;
+
+/// xl's state letter (r b p s c d) and the detail of a final state (shutdown reason and code,
+/// crash registers).
+fn state_letter(dom: &DomainShared) -> (&'static str, String) {
+    match dom.state() {
+        DomainState::Running if dom.is_blocked() => ("b", String::new()),
+        DomainState::Running => ("r", String::new()),
+        DomainState::Paused => ("p", String::new()),
+        DomainState::Shutdown { reason, code } => {
+            let letter = if reason == ShutdownReason::Crash {
+                "c"
+            } else {
+                "s"
+            };
+            (letter, format!("{reason:?}, exit code {code}"))
+        }
+        DomainState::Crashed { detail } => ("c", detail),
+        DomainState::Destroyed => ("d", String::new()),
+    }
+}
 
 fn status_json(id: u32, name: &str, live: bool, s: &DomainState) -> Value {
     let (code, crashed) = match s {
@@ -341,11 +362,15 @@ impl Daemon {
                         m.disks
                             .iter()
                             .map(|(d, v)| {
+                                let c = v.stats();
                                 json!({
                                     "vdev": d.vdev, "devid": d.devid(), "target": d.target,
                                     "readonly": d.readonly,
                                     "backend_state": v.backend_state(),
                                     "frontend_state": v.frontend_state(),
+                                    "reads": c.reads, "writes": c.writes,
+                                    "read_bytes": c.read_bytes, "written_bytes": c.written_bytes,
+                                    "errors": c.errors + c.unsupported,
                                 })
                             })
                             .collect(),
@@ -449,21 +474,7 @@ impl Daemon {
         st.domains
             .iter()
             .map(|(id, m)| {
-                let state = m.domain.state();
-                let (letter, detail) = match &state {
-                    DomainState::Running => ("r", String::new()),
-                    DomainState::Paused => ("p", String::new()),
-                    DomainState::Shutdown { reason, code } => {
-                        let letter = if *reason == ShutdownReason::Crash {
-                            "c"
-                        } else {
-                            "s"
-                        };
-                        (letter, format!("{reason:?}, exit code {code}"))
-                    }
-                    DomainState::Crashed { detail } => ("c", detail.clone()),
-                    DomainState::Destroyed => ("d", String::new()),
-                };
+                let (letter, detail) = state_letter(m.domain.shared());
                 DomainInfo {
                     name: m.spec.name.clone(),
                     id: *id,
@@ -496,12 +507,25 @@ impl Daemon {
                             rxb += s.tx_bytes;
                         }
                     }
+                    let mut blk = BlkStats::default();
+                    for (_, v) in &m.disks {
+                        let s = v.stats();
+                        blk.reads += s.reads;
+                        blk.writes += s.writes;
+                        blk.read_bytes += s.read_bytes;
+                        blk.written_bytes += s.written_bytes;
+                        blk.errors += s.errors + s.unsupported;
+                    }
                     json!({
                         "name": m.spec.name, "id": id, "vcpus": m.spec.vcpus,
+                        "state": state_letter(m.domain.shared()).0,
                         "cpu_s": m.domain.shared().cpu_time().as_secs_f64(),
                         "net_rx_packets": rx, "net_tx_packets": tx,
                         "net_rx_bytes": rxb, "net_tx_bytes": txb,
                         "disks": m.disks.len(),
+                        "vbd_rd": blk.reads, "vbd_wr": blk.writes,
+                        "vbd_rsect": blk.read_bytes / 512, "vbd_wsect": blk.written_bytes / 512,
+                        "vbd_err": blk.errors,
                     })
                 })
                 .collect(),

@@ -4,8 +4,6 @@
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::thread::JoinHandle;
-use std::time::Duration;
 
 use hypervisor::DomainShared;
 use hypervisor::evtchn::HostPort;
@@ -14,10 +12,10 @@ use pv_protocol::blkif::{BlkRing, keys};
 use pv_protocol::ring::BackRing;
 use pv_protocol::{PAGE_SIZE, SharedRegion};
 
-use crate::blkback::{BlkBack, MAX_INDIRECT_SEGMENTS};
+use crate::blkback::{BlkBack, BlkCounters, BlkStats, MAX_INDIRECT_SEGMENTS};
 use crate::disk::{Disk, DiskError};
 use crate::grants::DomainGrants;
-use crate::xenbus::{DeviceDirs, XenbusError, map_ring};
+use crate::xenbus::{DeviceDirs, DeviceThread, XenbusError, map_ring};
 
 pub use crate::xenbus::state;
 
@@ -38,9 +36,8 @@ pub enum VbdError {
 /// An attached disk; dropping it detaches it (the back end closes and releases everything).
 #[derive(Debug)]
 pub struct Vbd {
-    stop: Arc<AtomicBool>,
-    thread: Option<JoinHandle<()>>,
-    dirs: DeviceDirs,
+    dev: DeviceThread,
+    counters: Arc<BlkCounters>,
 }
 
 impl Vbd {
@@ -83,44 +80,31 @@ impl Vbd {
             ],
             &[],
         )?;
-        let stop = Arc::new(AtomicBool::new(false));
-        let thread = {
-            let (dom, stop, dirs) = (Arc::clone(dom), Arc::clone(&stop), dirs.clone());
-            std::thread::Builder::new()
-                .name(format!("dom{}-vbd{devid}", dom.id))
-                .spawn(move || serve(&dirs, &dom, disk, &stop, max_queues))
-                .map_err(VbdError::Thread)?
+        let counters = Arc::new(BlkCounters::default());
+        let dev = {
+            let (dom, counters) = (Arc::clone(dom), Arc::clone(&counters));
+            let name = format!("dom{}-vbd{devid}", dom.id);
+            DeviceThread::spawn(dirs, name, move |dirs, stop| {
+                serve(dirs, &dom, disk, stop, max_queues, &counters);
+            })
+            .map_err(VbdError::Thread)?
         };
-        Ok(Self {
-            stop,
-            thread: Some(thread),
-            dirs,
-        })
+        Ok(Self { dev, counters })
+    }
+
+    /// I/O counters over all queues, since the device was attached.
+    pub fn stats(&self) -> BlkStats {
+        self.counters.snapshot()
     }
 
     /// The back end's current XenbusState.
     pub fn backend_state(&self) -> Option<u32> {
-        self.dirs.backend_state()
+        self.dev.dirs().backend_state()
     }
 
     /// The front end's current XenbusState.
     pub fn frontend_state(&self) -> Option<u32> {
-        self.dirs.frontend_state()
-    }
-}
-
-/// How long a detach waits for the guest to release the device.
-const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
-
-impl Drop for Vbd {
-    fn drop(&mut self) {
-        // Let a live guest finish and release the device first; then stop regardless.
-        self.dirs.request_close(CLOSE_TIMEOUT);
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-        self.dirs.remove_backend();
+        self.dev.dirs().frontend_state()
     }
 }
 
@@ -209,6 +193,7 @@ fn serve(
     disk: Disk,
     stop: &AtomicBool,
     max_queues: u32,
+    counters: &Arc<BlkCounters>,
 ) {
     let frontend = dirs.frontend.as_str();
     let gone = || stop.load(Ordering::Relaxed) || dom.state().is_final();
@@ -230,7 +215,7 @@ fn serve(
     // queues share nothing but the file.
     let mut backs = Vec::with_capacity(queues.len());
     for (q, qr) in queues.iter().enumerate() {
-        match connect_queue(dom, qr, &disk, persistent) {
+        match connect_queue(dom, qr, &disk, persistent, counters) {
             Ok(b) => backs.push(b),
             Err(why) => {
                 dom.guest_fault("vbd-handshake", format_args!("{frontend} queue {q}: {why}"));
@@ -277,6 +262,7 @@ fn connect_queue<'a>(
     qr: &'a QueueRing,
     disk: &Disk,
     persistent: bool,
+    counters: &Arc<BlkCounters>,
 ) -> Result<QueueBack<'a>, String> {
     let pages = qr.pages.len();
     // SAFETY: the pinned grants keep the ring pages mapped and claimed for as long as `qr`
@@ -292,7 +278,9 @@ fn connect_queue<'a>(
         DomainGrants::new(Arc::clone(dom))
     };
     let disk = disk.try_clone().map_err(|e| e.to_string())?;
-    let back = BlkBack::new(dom.id, ring, disk, grants).map_err(|e| e.to_string())?;
+    let back = BlkBack::new(dom.id, ring, disk, grants)
+        .map_err(|e| e.to_string())?
+        .with_counters(Arc::clone(counters));
     Ok((back, hp))
 }
 

@@ -8,7 +8,6 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
-use std::thread::JoinHandle;
 use std::time::Duration;
 
 use hypervisor::DomainShared;
@@ -21,7 +20,7 @@ use pv_protocol::{PAGE_SIZE, SharedRegion};
 use crate::grants::DomainGrants;
 use crate::netback::{VifFeatures, VifPort};
 use crate::switch::{Mac, Port, PortCounters, Switch};
-use crate::xenbus::{DeviceDirs, XenbusError, map_ring, state};
+use crate::xenbus::{DeviceDirs, DeviceThread, XenbusError, map_ring, state};
 
 /// Errors attaching a vif.
 #[derive(Debug, thiserror::Error)]
@@ -37,9 +36,7 @@ pub enum VifError {
 /// An attached vif; dropping it unplugs it from the switch and detaches it.
 #[derive(Debug)]
 pub struct Vif {
-    stop: Arc<AtomicBool>,
-    thread: Option<JoinHandle<()>>,
-    dirs: DeviceDirs,
+    dev: DeviceThread,
     mac: Mac,
     counters: Arc<OnceLock<Arc<PortCounters>>>,
 }
@@ -67,28 +64,17 @@ impl Vif {
             ],
             &[(keys::MAC, mac.to_string()), ("handle", devid.to_string())],
         )?;
-        let stop = Arc::new(AtomicBool::new(false));
         let counters = Arc::new(OnceLock::new());
-        let thread = {
-            let (dom, stop, dirs, switch, counters) = (
-                Arc::clone(dom),
-                Arc::clone(&stop),
-                dirs.clone(),
-                Arc::clone(switch),
-                Arc::clone(&counters),
-            );
-            std::thread::Builder::new()
-                .name(format!("dom{}-vif{devid}", dom.id))
-                .spawn(move || serve(&dirs, &dom, devid, &switch, &stop, &counters))
-                .map_err(VifError::Thread)?
+        let dev = {
+            let (dom, switch, counters) =
+                (Arc::clone(dom), Arc::clone(switch), Arc::clone(&counters));
+            let name = format!("dom{}-vif{devid}", dom.id);
+            DeviceThread::spawn(dirs, name, move |dirs, stop| {
+                serve(dirs, &dom, devid, &switch, stop, &counters);
+            })
+            .map_err(VifError::Thread)?
         };
-        Ok(Self {
-            stop,
-            thread: Some(thread),
-            dirs,
-            mac,
-            counters,
-        })
+        Ok(Self { dev, mac, counters })
     }
 
     /// The guest's MAC address.
@@ -104,27 +90,12 @@ impl Vif {
 
     /// The back end's current XenbusState.
     pub fn backend_state(&self) -> Option<u32> {
-        self.dirs.backend_state()
+        self.dev.dirs().backend_state()
     }
 
     /// The front end's current XenbusState.
     pub fn frontend_state(&self) -> Option<u32> {
-        self.dirs.frontend_state()
-    }
-}
-
-/// How long a detach waits for the guest to release the device.
-const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
-
-impl Drop for Vif {
-    fn drop(&mut self) {
-        // Let a live guest finish and release the device first; then stop regardless.
-        self.dirs.request_close(CLOSE_TIMEOUT);
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-        self.dirs.remove_backend();
+        self.dev.dirs().frontend_state()
     }
 }
 

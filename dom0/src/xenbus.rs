@@ -9,6 +9,8 @@
 //! serving, unbind, unmap, `Closed`; detaching removes the back-end directory.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use hypervisor::DomainShared;
@@ -38,6 +40,59 @@ pub mod state {
 #[derive(Debug, thiserror::Error)]
 #[error("store: {0:?} writing {1}")]
 pub struct XenbusError(pub StoreErrno, pub String);
+
+/// How long a detach waits for the guest to release its device.
+pub const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// A device's back-end thread and store directories; dropping it detaches the device the polite
+/// way: the back end says `Closing` and waits up to [`CLOSE_TIMEOUT`] for the front end to
+/// release it, then the thread is told to stop and joined, and the back-end directory removed.
+#[derive(Debug)]
+pub struct DeviceThread {
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+    dirs: DeviceDirs,
+}
+
+impl DeviceThread {
+    /// Runs `body(dirs, stop)` on a thread named `name`; `stop` turns true on detach.
+    pub fn spawn(
+        dirs: DeviceDirs,
+        name: String,
+        body: impl FnOnce(&DeviceDirs, &AtomicBool) + Send + 'static,
+    ) -> std::io::Result<Self> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread = {
+            let (stop, dirs) = (Arc::clone(&stop), dirs.clone());
+            std::thread::Builder::new()
+                .name(name)
+                .spawn(move || body(&dirs, &stop))?
+        };
+        Ok(Self {
+            stop,
+            thread: Some(thread),
+            dirs,
+        })
+    }
+
+    /// The device's store directories.
+    pub fn dirs(&self) -> &DeviceDirs {
+        &self.dirs
+    }
+}
+
+impl Drop for DeviceThread {
+    fn drop(&mut self) {
+        // Let a live guest finish and release the device first; then stop regardless.
+        self.dirs.request_close(CLOSE_TIMEOUT);
+        // Relaxed: the join below orders everything the thread did before the caller goes on.
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        self.dirs.remove_backend();
+    }
+}
 
 /// One device's pair of store directories.
 #[derive(Debug, Clone)]

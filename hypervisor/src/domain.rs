@@ -64,6 +64,8 @@ pub(crate) struct Inner {
     pub(crate) vcpu_tids: Vec<libc::pid_t>,
     /// CPU time of vCPU threads that have left the run loop.
     pub(crate) cpu_ns_done: u64,
+    /// vCPUs sleeping in `sched_op(block)` or `sched_op(poll)` (see [`DomainShared::is_blocked`]).
+    pub(crate) blocked: u32,
 }
 
 /// What every vCPU thread of a domain shares.
@@ -132,6 +134,7 @@ impl DomainShared {
                 pvdev_done: false,
                 vcpu_tids: Vec::new(),
                 cpu_ns_done: 0,
+                blocked: 0,
             }),
             changed: Condvar::new(),
             faults: Mutex::new(HashMap::new()),
@@ -160,6 +163,14 @@ impl DomainShared {
     /// Current state.
     pub fn state(&self) -> DomainState {
         self.lock().state.clone()
+    }
+
+    /// Whether the domain runs but every vCPU is asleep in the hypervisor waiting for an event
+    /// (`sched_op` block or poll): xl's `b` state. A vCPU that idles by spinning or halting
+    /// inside `KVM_RUN` counts as running.
+    pub fn is_blocked(&self) -> bool {
+        let g = self.lock();
+        g.state == DomainState::Running && g.blocked >= self.vcpus
     }
 
     /// Records guest misbehaviour of kind `kind`: logged at warn (with the domain id) the first
@@ -222,16 +233,17 @@ impl DomainShared {
     /// state). `ready` is re-evaluated after every event notification.
     pub(crate) fn wait_until(&self, deadline: Option<Instant>, ready: impl Fn() -> bool) {
         let mut g = self.lock();
+        g.blocked += 1;
         loop {
             if g.pause_requested || ready() {
-                return;
+                break;
             }
             let seq = g.event_seq;
             let left = match deadline {
                 Some(d) => {
                     let left = d.saturating_duration_since(Instant::now());
                     if left.is_zero() {
-                        return;
+                        break;
                     }
                     left
                 }
@@ -243,6 +255,7 @@ impl DomainShared {
                 .unwrap_or_else(|p| p.into_inner())
                 .0;
         }
+        g.blocked -= 1;
     }
 
     /// Called by a vCPU thread between runs: parks while paused. Returns `false` when the vCPU

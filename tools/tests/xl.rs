@@ -376,6 +376,8 @@ fn hotplug_console_input_reboot_and_shutdown() {
         })
     };
     sees("hotplug: watching");
+    // Between its looks at the store the guest sleeps in the hypervisor: xl's "b".
+    env.wait_until("state b", || env.list()[0].state == "b");
 
     // A disk, hot-plugged: the guest connects, checks I/O, and releases it on detach.
     let img = env.dir.join("b.img");
@@ -384,6 +386,29 @@ fn hotplug_console_input_reboot_and_shutdown() {
     sees("hotplug: vbd 51728 io ok");
     let list = env.ok(&["block-list", "h"]);
     assert!(list.contains("xvdb  51728  4      4"), "{list}");
+    // The check wrote one page and read it back: xl top counts 1 read and 1 write of 8 sectors.
+    let top = env.ok(&["top", "-n", "1"]);
+    let cols = |line: &str| {
+        line.split_whitespace()
+            .map(String::from)
+            .collect::<Vec<_>>()
+    };
+    let (head, row) = (
+        cols(top.lines().next().unwrap()),
+        cols(top.lines().nth(1).unwrap()),
+    );
+    let vbd: Vec<&str> = [
+        "VBDS",
+        "VBD_RD",
+        "VBD_WR",
+        "VBD_RSECT",
+        "VBD_WSECT",
+        "VBD_ERR",
+    ]
+    .iter()
+    .map(|c| row[head.iter().position(|h| h == c).unwrap()].as_str())
+    .collect();
+    assert_eq!(vbd, ["1", "1", "1", "8", "8", "0"], "{top}");
     env.ok(&["block-detach", "h", "xvdb"]);
     sees("hotplug: vbd 51728 released");
     assert!(!env.ok(&["block-list", "h"]).contains("xvdb"));

@@ -478,13 +478,19 @@ fn run(cli: Cli) -> Result<(), Fail> {
                     [
                         "NAME",
                         "ID",
+                        "STATE",
                         "CPU(s)",
                         "VCPUS",
                         "NET_RX(pkts)",
                         "NET_TX(pkts)",
                         "NET_RX(B)",
                         "NET_TX(B)",
-                        "DISKS",
+                        "VBDS",
+                        "VBD_RD",
+                        "VBD_WR",
+                        "VBD_RSECT",
+                        "VBD_WSECT",
+                        "VBD_ERR",
                     ]
                     .map(String::from)
                     .to_vec(),
@@ -493,6 +499,7 @@ fn run(cli: Cli) -> Result<(), Fail> {
                     rows.push(vec![
                         d["name"].as_str().unwrap_or("?").into(),
                         d["id"].to_string(),
+                        d["state"].as_str().unwrap_or("?").into(),
                         format!("{:.2}", d["cpu_s"].as_f64().unwrap_or(0.0)),
                         d["vcpus"].to_string(),
                         d["net_rx_packets"].to_string(),
@@ -500,6 +507,11 @@ fn run(cli: Cli) -> Result<(), Fail> {
                         d["net_rx_bytes"].to_string(),
                         d["net_tx_bytes"].to_string(),
                         d["disks"].to_string(),
+                        d["vbd_rd"].to_string(),
+                        d["vbd_wr"].to_string(),
+                        d["vbd_rsect"].to_string(),
+                        d["vbd_wsect"].to_string(),
+                        d["vbd_err"].to_string(),
                     ]);
                 }
                 print_table(&rows);
