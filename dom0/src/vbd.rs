@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use hypervisor::DomainShared;
 use hypervisor::evtchn::HostPort;
+use hypervisor::grant::RingPages;
 use hypervisor::store::Store;
 use pv_protocol::blkif::{BlkRing, keys};
 use pv_protocol::ring::BackRing;
@@ -116,7 +117,7 @@ fn map_queue_ring(
     dom: &Arc<DomainShared>,
     dir: &str,
     order: u32,
-) -> Result<Vec<hypervisor::grant::PinnedGrant>, String> {
+) -> Result<RingPages, String> {
     let key = |k: String| dirs.front_u32(&format!("{dir}{k}"));
     let refs: Vec<u32> = if order == 0 {
         vec![key(keys::RING_REF.into()).ok_or("no ring-ref")?]
@@ -144,7 +145,7 @@ pub fn max_queues() -> u32 {
 
 /// One queue's ring as the front end published it: the pinned pages and the channel.
 struct QueueRing {
-    pages: Vec<hypervisor::grant::PinnedGrant>,
+    pages: RingPages,
     port: u32,
 }
 
@@ -264,11 +265,11 @@ fn connect_queue<'a>(
     persistent: bool,
     counters: &Arc<BlkCounters>,
 ) -> Result<QueueBack<'a>, String> {
-    let pages = qr.pages.len();
-    // SAFETY: the pinned grants keep the ring pages mapped and claimed for as long as `qr`
-    // lives, which outlives the ring endpoint and the back end built on it (the `'a` borrow);
-    // `map_ring` checked that they are contiguous in host memory.
-    let region = unsafe { SharedRegion::from_raw(qr.pages[0].host_addr(), pages * PAGE_SIZE) }
+    let pages = qr.pages.page_count();
+    // SAFETY: `RingPages` keeps the ring's pages mapped (back to back) and claimed for as long
+    // as `qr` lives, which outlives the ring endpoint and the back end built on it (the `'a`
+    // borrow).
+    let region = unsafe { SharedRegion::from_raw(qr.pages.host_addr(), pages * PAGE_SIZE) }
         .map_err(|_| "ring region".to_string())?;
     let ring = BackRing::<BlkRing>::attach(region, pages).map_err(|e| format!("ring: {e}"))?;
     let hp = HostPort::bind(dom, qr.port).map_err(|e| format!("port {}: {e:?}", qr.port))?;

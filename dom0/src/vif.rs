@@ -110,11 +110,6 @@ fn random_byte() -> u8 {
     }
 }
 
-/// The ring pages and channel of a connected vif, kept alive by the port.
-struct Held {
-    _pages: Vec<hypervisor::grant::PinnedGrant>,
-}
-
 fn connect(
     dirs: &DeviceDirs,
     dom: &Arc<DomainShared>,
@@ -129,15 +124,14 @@ fn connect(
     if dirs.front_u32(keys::REQUEST_RX_COPY) != Some(1) {
         return Err("the front end must ask for request-rx-copy".into());
     }
-    let mut pages = map_ring(dom, &[tx_ref])?;
-    pages.extend(map_ring(dom, &[rx_ref])?);
-    // SAFETY: the pinned grants keep both pages mapped and claimed for as long as `Held` lives;
-    // `Held` moves into the port, which drops its rings before it (field order), so the
+    let rings = [map_ring(dom, &[tx_ref])?, map_ring(dom, &[rx_ref])?];
+    // SAFETY: `rings` keeps both pages mapped and claimed for as long as it lives; it moves
+    // into the port, which drops its ring endpoints before it (field order), so the
     // 'static regions never outlive the pages.
     let (txr, rxr) = unsafe {
         (
-            SharedRegion::from_raw(pages[0].host_addr(), PAGE_SIZE),
-            SharedRegion::from_raw(pages[1].host_addr(), PAGE_SIZE),
+            SharedRegion::from_raw(rings[0].host_addr(), PAGE_SIZE),
+            SharedRegion::from_raw(rings[1].host_addr(), PAGE_SIZE),
         )
     };
     let (txr, rxr) = (
@@ -164,7 +158,7 @@ fn connect(
         grants,
         hp,
         features,
-        Box::new(Held { _pages: pages }),
+        Box::new(rings),
     ))
 }
 

@@ -14,9 +14,8 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use hypervisor::DomainShared;
-use hypervisor::grant::PinnedGrant;
+use hypervisor::grant::RingPages;
 use hypervisor::store::Store;
-use pv_protocol::PAGE_SIZE;
 use pv_protocol::grant::{DomId, GrantRef};
 use pv_protocol::store::{Perm, PermKind, StoreErrno};
 
@@ -260,24 +259,9 @@ impl DeviceDirs {
     }
 }
 
-/// Maps and pins the pages of one ring, granted by `dom` as `refs`. They must be contiguous in
-/// guest memory (so they are in the host mapping too); a front end that grants scattered pages
-/// is refused.
-pub fn map_ring(dom: &Arc<DomainShared>, refs: &[u32]) -> Result<Vec<PinnedGrant>, String> {
-    let mut pages: Vec<PinnedGrant> = Vec::with_capacity(refs.len());
-    for (i, r) in refs.iter().enumerate() {
-        let p = hypervisor::grant::map(dom, GrantRef(*r), 0, false)
-            .and_then(|m| m.pin())
-            .map_err(|e| format!("ring grant {r}: {e}"))?;
-        let base = pages
-            .first()
-            .map_or(p.host_addr() as usize, |f| f.host_addr() as usize);
-        if p.host_addr() as usize != base + i * PAGE_SIZE {
-            return Err(format!(
-                "ring page {i} (ref {r}) is not contiguous with the first"
-            ));
-        }
-        pages.push(p);
-    }
-    Ok(pages)
+/// Maps and pins the pages of one ring, granted by `dom` as `refs` (in ring order, scattered or
+/// not), for dom0.
+pub fn map_ring(dom: &Arc<DomainShared>, refs: &[u32]) -> Result<RingPages, String> {
+    let refs: Vec<GrantRef> = refs.iter().map(|&r| GrantRef(r)).collect();
+    hypervisor::grant::map_ring(dom, &refs, 0).map_err(|e| format!("ring grants {refs:?}: {e}"))
 }

@@ -16,6 +16,7 @@ use pv_protocol::start_info::GRANT_TABLE_GPA;
 use pv_protocol::{PAGE_SIZE, SharedRegion};
 
 use crate::domain::DomainShared;
+use crate::memory::PageView;
 
 /// Grant-table frames per domain unless configured otherwise (16384 grants).
 pub const DEFAULT_GRANT_FRAMES: u32 = 32;
@@ -56,6 +57,9 @@ pub enum GrantError {
     /// The guest kept changing the entry while we tried to claim it.
     #[error("grant ref {0} changed under us repeatedly")]
     Busy(u32),
+    /// The pages of a ring could not be shown back to back (no pages, or mmap failed).
+    #[error("cannot map a view of {0} ring page(s)")]
+    View(usize),
     /// An access past the end of the granted page.
     #[error("access of {len} bytes at offset {offset} leaves the granted page")]
     OutOfPage {
@@ -304,6 +308,63 @@ impl PinnedGrant {
     pub fn mapping(&self) -> &GrantMapping {
         &self.mapping
     }
+}
+
+/// The granted pages of one shared ring, mapped writable and pinned, and one host range that
+/// shows them in order: the pages themselves where the guest's frames follow each other, else a
+/// second mapping of them ([`PageView`]), as Xen maps a multi-page ring from scattered frames.
+#[derive(Debug)]
+pub struct RingPages {
+    /// Declared first: unmapped before the grants are released.
+    view: Option<PageView>,
+    pages: Vec<PinnedGrant>,
+}
+
+impl RingPages {
+    /// Host address of the ring's first byte; `page_count() * PAGE_SIZE` bytes are valid (and
+    /// writable) until this is dropped.
+    pub fn host_addr(&self) -> *mut u8 {
+        self.view
+            .as_ref()
+            .map_or_else(|| self.pages[0].host_addr(), PageView::host_addr)
+    }
+
+    /// Pages in the ring.
+    pub fn page_count(&self) -> usize {
+        self.pages.len()
+    }
+
+    /// Whether the pages needed a view of their own (scattered frames).
+    pub fn is_view(&self) -> bool {
+        self.view.is_some()
+    }
+}
+
+/// Maps the ring `granter` shared as `refs` (in ring order) writable for `mapper`.
+pub fn map_ring(granter: &Arc<DomainShared>, refs: &[GrantRef], mapper: u32) -> Result<RingPages> {
+    if refs.is_empty() {
+        return Err(GrantError::View(0));
+    }
+    let pages = refs
+        .iter()
+        .map(|&r| map(granter, r, mapper, false).and_then(GrantMapping::pin))
+        .collect::<Result<Vec<_>>>()?;
+    let first = pages[0].host_addr() as usize;
+    let contiguous = pages
+        .iter()
+        .enumerate()
+        .all(|(i, p)| p.host_addr() as usize == first + i * PAGE_SIZE);
+    let view = if contiguous {
+        None
+    } else {
+        let gpas: Vec<u64> = pages.iter().map(|p| p.mapping.gpa).collect();
+        let v = granter.ram.map_view(&gpas).map_err(|e| {
+            tracing::warn!(domid = granter.id, "ring of {} pages: {e}", refs.len());
+            GrantError::View(refs.len())
+        })?;
+        Some(v)
+    };
+    Ok(RingPages { view, pages })
 }
 
 impl Drop for GrantMapping {

@@ -4,7 +4,7 @@
 //! memfd so that later work can hand the same memory to an out-of-process back end or save it.
 
 use std::fs::File;
-use std::os::fd::FromRawFd;
+use std::os::fd::{AsRawFd, FromRawFd};
 
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 use zerocopy::{FromBytes, Immutable, IntoBytes};
@@ -18,6 +18,9 @@ pub enum MemoryError {
     /// Mapping the memfd failed.
     #[error("cannot map guest memory")]
     Map(#[source] vm_memory::mmap::FromRangesError),
+    /// A second host view of guest pages could not be mapped.
+    #[error("cannot map a view of {0} guest page(s)")]
+    View(usize, #[source] std::io::Error),
     /// An access (partly) outside guest memory.
     #[error("guest range {gpa:#x}+{len:#x} is outside guest memory")]
     OutOfRange {
@@ -86,6 +89,71 @@ impl GuestRam {
             .unwrap_or(0)
     }
 
+    /// Maps the guest pages at `gpas` (page-aligned guest addresses, each inside guest memory)
+    /// back to back at a fresh host address, as Xen maps a multi-page ring whose frames are
+    /// scattered. The view shares the pages with the guest (the memfd's pages, mapped a second
+    /// time) and stays valid until dropped, even if the domain is gone meanwhile.
+    pub fn map_view(&self, gpas: &[u64]) -> Result<PageView> {
+        const PAGE: usize = pv_protocol::PAGE_SIZE;
+        let len = gpas.len() * PAGE;
+        for &gpa in gpas {
+            if gpa % PAGE as u64 != 0 {
+                return Err(MemoryError::OutOfRange { gpa, len: PAGE });
+            }
+            self.check(gpa, PAGE)?;
+        }
+        if gpas.is_empty() {
+            return Err(MemoryError::View(
+                0,
+                std::io::ErrorKind::InvalidInput.into(),
+            ));
+        }
+        // SAFETY: reserves fresh address space (no fixed address, no file); the result is
+        // checked before use.
+        let base = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_NONE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                -1,
+                0,
+            )
+        };
+        if base == libc::MAP_FAILED {
+            return Err(MemoryError::View(
+                gpas.len(),
+                std::io::Error::last_os_error(),
+            ));
+        }
+        // From here the reservation is the view's: dropping it unmaps everything mapped below.
+        let view = PageView {
+            base: base as usize,
+            len,
+        };
+        for (i, &gpa) in gpas.iter().enumerate() {
+            // SAFETY: MAP_FIXED replaces only page `i` of the reservation made above, which no
+            // one else uses; the memfd is ours and `gpa` was checked to lie inside it.
+            let p = unsafe {
+                libc::mmap(
+                    (view.base + i * PAGE) as *mut libc::c_void,
+                    PAGE,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    libc::MAP_SHARED | libc::MAP_FIXED,
+                    self._memfd.as_raw_fd(),
+                    gpa as libc::off_t,
+                )
+            };
+            if p == libc::MAP_FAILED {
+                return Err(MemoryError::View(
+                    gpas.len(),
+                    std::io::Error::last_os_error(),
+                ));
+            }
+        }
+        Ok(view)
+    }
+
     fn check(&self, gpa: u64, len: usize) -> Result<()> {
         match gpa.checked_add(len as u64) {
             Some(end) if end <= self.size => Ok(()),
@@ -141,6 +209,39 @@ impl GuestRam {
     }
 }
 
+/// Guest pages mapped back to back at their own host address ([`GuestRam::map_view`]); unmapped
+/// on drop.
+#[derive(Debug)]
+pub struct PageView {
+    base: usize,
+    len: usize,
+}
+
+impl PageView {
+    /// Host address of the first page.
+    pub fn host_addr(&self) -> *mut u8 {
+        self.base as *mut u8
+    }
+
+    /// Length in bytes.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Always false: a view has at least one page.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+impl Drop for PageView {
+    fn drop(&mut self) {
+        // SAFETY: `base..base + len` is the reservation `map_view` made and owns; nothing else
+        // maps into it.
+        unsafe { libc::munmap(self.base as *mut libc::c_void, self.len) };
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -160,5 +261,33 @@ mod tests {
         ));
         ram.write_obj(0x100, &0xdead_beef_u32).unwrap();
         assert_eq!(ram.read_obj::<u32>(0x100).unwrap(), 0xdead_beef);
+    }
+
+    #[test]
+    fn a_view_shows_scattered_pages_back_to_back_and_shares_them() {
+        let ram = GuestRam::new(1 << 20).unwrap();
+        ram.write(0x5000, b"page five").unwrap();
+        ram.write(0x2000, b"page two").unwrap();
+        let view = ram.map_view(&[0x5000, 0x2000]).unwrap();
+        assert_eq!(view.len(), 8192);
+        // SAFETY: the view maps two readable, writable pages at `host_addr` until dropped; no
+        // other thread touches this memory in the test.
+        let bytes = unsafe { std::slice::from_raw_parts_mut(view.host_addr(), view.len()) };
+        assert_eq!(&bytes[..9], b"page five");
+        assert_eq!(&bytes[4096..4104], b"page two");
+        bytes[4096 + 100] = 0xa5;
+        let mut b = [0u8; 1];
+        ram.read(0x2000 + 100, &mut b).unwrap();
+        assert_eq!(b[0], 0xa5, "a write through the view reaches guest memory");
+        // Unaligned or outside guest memory: refused.
+        assert!(matches!(
+            ram.map_view(&[0x5001]),
+            Err(MemoryError::OutOfRange { .. })
+        ));
+        assert!(matches!(
+            ram.map_view(&[0x2000, 1 << 20]),
+            Err(MemoryError::OutOfRange { .. })
+        ));
+        assert!(ram.map_view(&[]).is_err());
     }
 }

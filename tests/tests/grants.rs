@@ -6,6 +6,7 @@ use std::time::Duration;
 use hypervisor::evtchn::HostPort;
 use hypervisor::grant::{self, GrantCache, GrantError};
 use hypervisor::{DomainConfig, DomainState};
+use pv_protocol::SharedRegion;
 use pv_protocol::grant::GrantRef;
 use splitvisor_tests::hypervisor;
 
@@ -84,6 +85,34 @@ fn grant_rules_hold_for_a_real_guest() {
     assert_eq!(
         grant::map(&d, GrantRef(u32::MAX), 0, true).unwrap_err(),
         GrantError::BadRef(u32::MAX)
+    );
+
+    // A two-page ring from frames that are not neighbours (refs 6 and 7, a page apart) is shown
+    // back to back through a second mapping that shares the guest's pages.
+    let ring = grant::map_ring(&d, &[GrantRef(6), GrantRef(7)], 0).unwrap();
+    assert!(ring.is_view());
+    assert_eq!(ring.page_count(), 2);
+    // SAFETY: `ring` keeps both pages mapped, writable and claimed until it is dropped below.
+    let view = unsafe { SharedRegion::from_raw(ring.host_addr(), 2 * 4096) }.unwrap();
+    view.write(0, b"ring page 0").unwrap();
+    view.write(4096, b"ring page 1").unwrap();
+    for (gref, text) in [(6, b"ring page 0"), (7, b"ring page 1")] {
+        let mut b = [0u8; 11];
+        grant::copy_from(&d, GrantRef(gref), 0, 0, &mut b).unwrap();
+        assert_eq!(&b, text);
+    }
+    drop(ring);
+    let one = grant::map_ring(&d, &[GrantRef(6)], 0).unwrap();
+    assert!(!one.is_view());
+    drop(one);
+    // Every page must be granted writable.
+    assert_eq!(
+        grant::map_ring(&d, &[GrantRef(6), GrantRef(1)], 0).unwrap_err(),
+        GrantError::ReadOnly(1)
+    );
+    assert_eq!(
+        grant::map_ring(&d, &[], 0).unwrap_err(),
+        GrantError::View(0)
     );
 
     // Writable page, kept in the persistent cache; the guest cannot revoke it meanwhile.

@@ -422,11 +422,13 @@ struct Page([u8; 4096]);
 
 static mut OFFERED_RO: Page = Page([0; 4096]);
 static mut OFFERED_RW: Page = Page([0; 4096]);
+/// Pages 0 and 2 are granted as refs 6 and 7: a two-page ring whose frames are not neighbours.
+static mut OFFERED_SCATTERED: [Page; 3] = [const { Page([0; 4096]) }; 3];
 
 /// Grants pages to dom0 (and one to a stranger), then follows the host's lead over an event
 /// channel: tries to revoke while mapped (must be refused), revokes after unmap, checks what the
 /// host wrote. Grant refs: 1 read-only page, 2 writable page, 3 granted to domain 7, 4 a frame
-/// outside memory, 5 never granted.
+/// outside memory, 5 never granted, 6 and 7 writable pages one page apart.
 pub fn grant_offer(cpu: &Cpu, si: &StartInfo) -> u32 {
     use crate::evtchn as ev;
     use crate::grant::{EndError, end_access, grant};
@@ -444,6 +446,9 @@ pub fn grant_offer(cpu: &Cpu, si: &StartInfo) -> u32 {
     grant(2, 0, rw, false);
     grant(3, 7, ro, false);
     grant(4, 0, si.mem_bytes + (16 << 12), false);
+    let scattered = (&raw mut OFFERED_SCATTERED) as u64;
+    grant(6, 0, scattered, false);
+    grant(7, 0, scattered + 2 * 4096, false);
     let Ok(port) = ev::alloc_unbound(cpu, 0) else {
         return 1;
     };
