@@ -308,7 +308,7 @@ impl Daemon {
             Request::Info => Ok(self.info()),
             Request::List => Ok(serde_json::to_value(self.list()).unwrap_or_default()),
             Request::Create { spec, paused } => {
-                let id = self.create(&spec, paused, 0)?;
+                let id = self.create(&spec, paused, 0, None)?;
                 Ok(json!({ "id": id, "name": spec.name }))
             }
             Request::Destroy { dom } => {
@@ -532,8 +532,16 @@ impl Daemon {
         )
     }
 
-    /// Builds a domain from `spec` with its devices.
-    fn create(&self, spec: &DomainSpec, paused: bool, restarts: u32) -> Result<u32, DaemonError> {
+    /// Builds a domain from `spec` with its devices. With `replaces`, the new domain takes the
+    /// place of that (stopped) one, which may hold the same name and is destroyed once the new
+    /// one is listed: `xl list` never sees the name missing during a restart.
+    fn create(
+        &self,
+        spec: &DomainSpec,
+        paused: bool,
+        restarts: u32,
+        replaces: Option<u32>,
+    ) -> Result<u32, DaemonError> {
         let kernel = match &spec.kernel {
             Some(p) => Some(std::fs::read(p).map_err(|e| DaemonError::Kernel(p.clone(), e))?),
             None => None,
@@ -546,7 +554,11 @@ impl Daemon {
             cmdline = format!("{cmdline} ip={ip}").trim().to_owned();
         }
         let mut st = self.lock();
-        if st.domains.values().any(|m| m.spec.name == spec.name) {
+        if st
+            .domains
+            .iter()
+            .any(|(id, m)| m.spec.name == spec.name && Some(*id) != replaces)
+        {
             return Err(DaemonError::NameTaken(spec.name.clone()));
         }
         let domain = self
@@ -588,6 +600,14 @@ impl Daemon {
         }
         tracing::info!(domid = id, name = %spec.name, "domain created");
         st.domains.insert(id, m);
+        let old = replaces.and_then(|r| st.domains.remove(&r).map(|m| (r, m)));
+        if let Some((r, m)) = &old {
+            Self::remember(&mut st, *r, &m.spec.name, m.domain.state());
+        }
+        drop(st);
+        if let Some((_, m)) = old {
+            m.domain.destroy();
+        }
         Ok(id)
     }
 
@@ -813,33 +833,36 @@ impl Daemon {
     }
 
     fn restart(&self, id: u32) {
-        let Some(mut m) = ({
+        // The stopped domain stays listed (in its final state) until its successor is; its
+        // devices go first, so the new one can open the same images and switch ports.
+        let now = Instant::now();
+        let Some((devices, spec, restarts, mut recent)) = ({
             let mut st = self.lock();
-            let m = st.domains.remove(&id);
-            if let Some(m) = &m {
-                Self::remember(&mut st, id, &m.spec.name, m.domain.state());
-            }
-            m
+            st.domains.get_mut(&id).map(|m| {
+                m.recent_restarts
+                    .retain(|t| now.duration_since(*t) < RESTART_WINDOW);
+                let devices = (std::mem::take(&mut m.disks), std::mem::take(&mut m.vifs));
+                (
+                    devices,
+                    m.spec.clone(),
+                    m.restarts + 1,
+                    m.recent_restarts.clone(),
+                )
+            })
         }) else {
             return;
         };
-        m.unplug_all();
-        let now = Instant::now();
-        m.recent_restarts
-            .retain(|t| now.duration_since(*t) < RESTART_WINDOW);
-        let (spec, restarts, mut recent) =
-            (m.spec.clone(), m.restarts + 1, m.recent_restarts.clone());
-        m.domain.destroy();
+        drop(devices);
         if recent.len() >= MAX_RESTARTS {
             tracing::error!(
                 domid = id,
                 name = %spec.name,
                 "restarted {MAX_RESTARTS} times within {RESTART_WINDOW:?}; giving up (destroyed)"
             );
-            self.changed.notify_all();
+            self.destroy(id);
             return;
         }
-        match self.create(&spec, false, restarts) {
+        match self.create(&spec, false, restarts, Some(id)) {
             Ok(new) => {
                 recent.push(now);
                 if let Some(m) = self.lock().domains.get_mut(&new) {
@@ -847,7 +870,10 @@ impl Daemon {
                 }
                 tracing::info!(old = id, domid = new, name = %spec.name, "domain restarted");
             }
-            Err(e) => tracing::error!(domid = id, "restart failed: {}", control::chain(&e)),
+            Err(e) => {
+                tracing::error!(domid = id, "restart failed: {}", control::chain(&e));
+                self.destroy(id);
+            }
         }
         self.changed.notify_all();
     }

@@ -274,8 +274,19 @@ fn state_column(letter: &str) -> String {
 
 /// Attaches to a console: output to stdout, stdin to the guest; Ctrl-] detaches.
 fn console(dir: &Path, dom: &str) -> Result<(), Fail> {
+    stream_console(open_console(dir, dom)?)
+}
+
+/// Attaches to `dom`'s console (its output so far comes first).
+fn open_console(dir: &Path, dom: &str) -> Result<Client, Fail> {
     let mut c = connect(dir)?;
     c.call(Request::Console { dom: dom.into() })?;
+    Ok(c)
+}
+
+/// Copies an attached console to stdout and stdin to the guest until the domain goes or the
+/// user detaches.
+fn stream_console(c: Client) -> Result<(), Fail> {
     let mut to_guest = c.stream.try_clone()?;
     let tty = std::io::stdin().is_terminal();
     let saved = if tty { raw_mode() } else { None };
@@ -367,9 +378,11 @@ fn run(cli: Cli) -> Result<(), Fail> {
         } => {
             let spec = DomainSpec::load(&file, &overrides)?;
             let mut c = connect_or_start(&dir)?;
+            // With -c the domain starts paused until the console is attached, so a guest that
+            // ends at once still shows its output and its exit status.
             let v = c.call(Request::Create {
                 spec: Box::new(spec),
-                paused,
+                paused: paused || attach,
             })?;
             eprintln!(
                 "xl: created domain {} (id {})",
@@ -378,21 +391,23 @@ fn run(cli: Cli) -> Result<(), Fail> {
             );
             if attach {
                 let id = v["id"].to_string();
-                console(&dir, &id)?;
+                let con = open_console(&dir, &id)?;
+                if !paused {
+                    c.call(Request::Unpause { dom: id.clone() })?;
+                }
+                stream_console(con)?;
                 // The console ends when the domain goes: say how it ended, and pass a guest's
                 // failure on as ours.
+                // (Whether it is still listed — preserved, or about to be restarted — or gone.)
                 let s = connect(&dir)?.call(Request::Status { dom: id.clone() })?;
-                if s["live"] == Value::Bool(false) {
-                    let code = s["shutdown_code"].as_u64();
-                    if s["crashed"] == Value::Bool(true) {
-                        return Err(fail(format!(
-                            "domain {id} crashed: {}",
-                            s["state"].as_str().unwrap_or("?")
-                        )));
-                    }
-                    if let Some(c) = code.filter(|&c| c != 0) {
-                        return Err(fail(format!("domain {id} exited with code {c}")));
-                    }
+                if s["crashed"] == Value::Bool(true) {
+                    return Err(fail(format!(
+                        "domain {id} crashed: {}",
+                        s["state"].as_str().unwrap_or("?")
+                    )));
+                }
+                if let Some(c) = s["shutdown_code"].as_u64().filter(|&c| c != 0) {
+                    return Err(fail(format!("domain {id} exited with code {c}")));
                 }
             }
         }
