@@ -1,4 +1,6 @@
-//! Splitvisor tools: the `ringbench` workload (and, in a later issue, the `xl` CLI).
+//! Splitvisor tools: the `ringbench` workload and what the benchmark binaries share (the `xl`
+//! CLI and the benchmarks are the crate's binaries).
 #![deny(missing_docs)]
 
+pub mod results;
 pub mod ringbench;

@@ -101,17 +101,6 @@ fn parse() -> Result<(DomainConfig, Duration, Vec<DiskArg>), String> {
     Ok((cfg, timeout, disks))
 }
 
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut src = e.source();
-    while let Some(c) = src {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        src = c.source();
-    }
-    s
-}
-
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -130,7 +119,7 @@ fn main() -> ExitCode {
     let hv = match Hypervisor::new() {
         Ok(hv) => hv,
         Err(e) => {
-            eprintln!("splitvisor-boot: {}", error_chain(&e));
+            eprintln!("splitvisor-boot: {}", dom0::control::chain(&e));
             return ExitCode::from(2);
         }
     };
@@ -145,7 +134,7 @@ fn main() -> ExitCode {
     let dom = match hv.create_domain(cfg) {
         Ok(d) => d,
         Err(e) => {
-            eprintln!("splitvisor-boot: {}", error_chain(&e));
+            eprintln!("splitvisor-boot: {}", dom0::control::chain(&e));
             return ExitCode::from(2);
         }
     };
@@ -153,7 +142,7 @@ fn main() -> ExitCode {
     for (i, d) in disks.iter().enumerate() {
         let create = d.size_mib.filter(|_| !d.path.exists());
         if let Some(Err(e)) = create.map(|mib| Disk::create_sparse(&d.path, mib << 20)) {
-            eprintln!("splitvisor-boot: {}", error_chain(&e));
+            eprintln!("splitvisor-boot: {}", dom0::control::chain(&e));
             return ExitCode::from(2);
         }
         // Xen numbering: xvda = 51712, xvdb = 51728, ...
@@ -161,7 +150,11 @@ fn main() -> ExitCode {
         match Vbd::attach(hv.store(), dom.shared(), devid, &d.path, d.readonly) {
             Ok(v) => vbds.push(v),
             Err(e) => {
-                eprintln!("splitvisor-boot: {}: {}", d.path.display(), error_chain(&e));
+                eprintln!(
+                    "splitvisor-boot: {}: {}",
+                    d.path.display(),
+                    dom0::control::chain(&e)
+                );
                 return ExitCode::from(2);
             }
         }

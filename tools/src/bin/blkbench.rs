@@ -382,18 +382,9 @@ fn run() -> Result<(), String> {
         t,
         "\nTarget (issue 4): >= 0.90x of fio's IOPS for 4 KiB random reads at depth 32."
     );
-    print!("{t}");
-    if let Some(dir) = Path::new(&out).parent() {
-        std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-    }
-    std::fs::write(&out, &t).map_err(|e| format!("{out}: {e}"))?;
-    eprintln!("blkbench: table written to {out}");
-    Ok(())
+    splitvisor_tools::results::publish("blkbench", &out, &t)
 }
 
 fn main() {
-    if let Err(e) = run() {
-        eprintln!("blkbench: {e}");
-        std::process::exit(1);
-    }
+    splitvisor_tools::results::main("blkbench", run);
 }

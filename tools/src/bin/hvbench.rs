@@ -179,18 +179,9 @@ fn run() -> Result<(), String> {
         "\nThe event round trips include the host responder thread's wake-up (eventfd poll) and the guest's \
          sched_op(poll) sleep and wake-up; the doorbell variant saves the VMM exit on the guest -> host leg."
     );
-    print!("{t}");
-    if let Some(dir) = std::path::Path::new(&out).parent() {
-        std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-    }
-    std::fs::write(&out, &t).map_err(|e| format!("{out}: {e}"))?;
-    eprintln!("hvbench: table written to {out}");
-    Ok(())
+    splitvisor_tools::results::publish("hvbench", &out, &t)
 }
 
 fn main() {
-    if let Err(e) = run() {
-        eprintln!("hvbench: {e}");
-        std::process::exit(1);
-    }
+    splitvisor_tools::results::main("hvbench", run);
 }

@@ -331,18 +331,9 @@ fn run() -> Result<(), String> {
         t,
         "\nTarget (issue 5): >= 1.0x veth for 1500-byte frames. \"delivered\": share of the guest sender's datagrams that reached the sink (the rest were dropped for want of posted receive buffers)."
     );
-    print!("{t}");
-    if let Some(dir) = std::path::Path::new(&out).parent() {
-        std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-    }
-    std::fs::write(&out, &t).map_err(|e| format!("{out}: {e}"))?;
-    eprintln!("netbench: table written to {out}");
-    Ok(())
+    splitvisor_tools::results::publish("netbench", &out, &t)
 }
 
 fn main() {
-    if let Err(e) = run() {
-        eprintln!("netbench: {e}");
-        std::process::exit(1);
-    }
+    splitvisor_tools::results::main("netbench", run);
 }

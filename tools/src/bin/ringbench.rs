@@ -472,11 +472,5 @@ fn run() -> Result<(), String> {
          does the final check and sleeps; *pv-poll* never sleeps. In every eventfd variant a side signals the \
          other only when the event-index rule says the other side asked for it."
     );
-    print!("{t}");
-    if let Some(dir) = std::path::Path::new(&o.out).parent() {
-        std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-    }
-    std::fs::write(&o.out, &t).map_err(|e| format!("{}: {e}", o.out))?;
-    eprintln!("ringbench: table written to {}", o.out);
-    Ok(())
+    splitvisor_tools::results::publish("ringbench", &o.out, &t)
 }
