@@ -453,3 +453,109 @@ fn hotplug_console_input_reboot_and_shutdown() {
     let log = env.ok(&["dmesg", "-n", "100"]);
     assert!(log.contains("asked to poweroff"), "{log}");
 }
+
+/// A pseudo-terminal pair: (master, slave).
+fn pty() -> (std::fs::File, std::fs::File) {
+    use std::os::fd::FromRawFd;
+    let (mut m, mut s) = (-1, -1);
+    // SAFETY: openpty writes two descriptors into `m` and `s`; the name, termios and winsize
+    // pointers may be null.
+    let r = unsafe {
+        libc::openpty(
+            &mut m,
+            &mut s,
+            std::ptr::null_mut(),
+            std::ptr::null(),
+            std::ptr::null(),
+        )
+    };
+    assert_eq!(r, 0, "openpty: {}", std::io::Error::last_os_error());
+    // SAFETY: both descriptors are fresh and owned by nothing else.
+    unsafe { (std::fs::File::from_raw_fd(m), std::fs::File::from_raw_fd(s)) }
+}
+
+fn termios(f: &std::fs::File) -> libc::termios {
+    use std::os::fd::AsRawFd;
+    // SAFETY: termios is plain data; tcgetattr fills it for the terminal `f`.
+    let mut t: libc::termios = unsafe { std::mem::zeroed() };
+    // SAFETY: `f` is an open terminal; `t` is a valid termios.
+    assert_eq!(unsafe { libc::tcgetattr(f.as_raw_fd(), &mut t) }, 0);
+    t
+}
+
+#[test]
+fn console_on_a_terminal_is_raw_while_attached_and_restored_after_detach() {
+    let env = Env::new("pty");
+    let cfg = env.cfg("i.cfg", "name = \"i\"\nextra = \"idle\"\n");
+    env.ok(&["create", &cfg]);
+    let (mut master, slave) = pty();
+    let before = termios(&slave);
+    assert_ne!(before.c_lflag & libc::ICANON, 0, "a fresh pty is cooked");
+    let mut child = Command::new(XL)
+        .arg("--runtime-dir")
+        .arg(env.dir.join("run"))
+        .args(["console", "i"])
+        .stdin(slave.try_clone().unwrap())
+        .stdout(slave.try_clone().unwrap())
+        .stderr(slave.try_clone().unwrap())
+        .spawn()
+        .unwrap();
+    // Everything xl writes to the terminal, read on a thread (the master blocks).
+    let (tx, rx) = std::sync::mpsc::channel::<Vec<u8>>();
+    let mut m = master.try_clone().unwrap();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = m.read(&mut buf) {
+            if n == 0 || tx.send(buf[..n].to_vec()).is_err() {
+                break;
+            }
+        }
+    });
+    let mut seen = String::new();
+    let mut wait_for = |what: &str| {
+        let t = Instant::now();
+        while !seen.contains(what) {
+            assert!(
+                t.elapsed() < Duration::from_secs(30),
+                "no {what:?} in {seen:?}"
+            );
+            if let Ok(b) = rx.recv_timeout(Duration::from_millis(50)) {
+                seen.push_str(&String::from_utf8_lossy(&b));
+            }
+        }
+    };
+    wait_for("idle: up");
+    // Raw while attached: no line editing, no echo, no signals from Ctrl-C / Ctrl-].
+    let raw = termios(&slave);
+    assert_eq!(raw.c_lflag & (libc::ICANON | libc::ECHO | libc::ISIG), 0);
+    // Keys go through one by one (a cooked terminal would hold them until the line ends).
+    master.write_all(b"typed on a tty\r").unwrap();
+    wait_for("console: typed on a tty");
+    // Ctrl-] detaches: xl exits cleanly and the terminal is as it was.
+    master.write_all(&[0x1d]).unwrap();
+    let t = Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "xl console did not detach"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(status.success(), "xl console exited {status}");
+    let after = termios(&slave);
+    assert_eq!(
+        (after.c_iflag, after.c_oflag, after.c_cflag, after.c_lflag),
+        (
+            before.c_iflag,
+            before.c_oflag,
+            before.c_cflag,
+            before.c_lflag
+        ),
+        "terminal modes restored"
+    );
+    // The guest is still running.
+    assert_eq!(env.list()[0].name, "i");
+}
