@@ -13,7 +13,9 @@
 //! `dmesg` (`lines`), `block-attach` (`dom`, `spec`: one disk spec), `block-detach` (`dom`,
 //! `vdev`), `block-list` (`dom`), `network-attach` (`dom`, `spec`: one vif spec),
 //! `network-detach` (`dom`, `devid`), `network-list` (`dom`), `top`, `status` (`dom`: also a
-//! domain that ended recently: `{"live":false,"shutdown_code":0,"crashed":false,...}`).
+//! domain that ended recently: `{"live":false,"shutdown_code":0,"crashed":false,...}`),
+//! `vcpu-list` (`dom`, optional: all domains), `vcpu-pin` (`dom`, `vcpu`: an index or null for
+//! all, `cpus`: host CPU numbers or null for all).
 
 use std::path::{Path, PathBuf};
 
@@ -130,6 +132,23 @@ pub enum Request {
     Status {
         /// Name or id.
         dom: String,
+    },
+    /// vCPUs: host CPU, state, time, affinity.
+    VcpuList {
+        /// Name or id; every domain when absent.
+        #[serde(default)]
+        dom: Option<String>,
+    },
+    /// Restricts vCPUs to host CPUs.
+    VcpuPin {
+        /// Name or id.
+        dom: String,
+        /// One vCPU, or every one when absent.
+        #[serde(default)]
+        vcpu: Option<u32>,
+        /// Host CPUs; every one when absent.
+        #[serde(default)]
+        cpus: Option<Vec<u32>>,
     },
 }
 

@@ -13,7 +13,9 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use hypervisor::{Domain, DomainConfig, DomainShared, DomainState, Hypervisor};
+use hypervisor::{
+    Domain, DomainConfig, DomainShared, DomainState, Hypervisor, VcpuError, VcpuState,
+};
 use pv_protocol::hypercall::ShutdownReason;
 use serde_json::{Value, json};
 
@@ -68,6 +70,9 @@ pub enum DaemonError {
     /// The request names another protocol version.
     #[error("protocol version {0} requested; this daemon speaks {PROTOCOL_VERSION}")]
     Version(u32),
+    /// vCPU placement failed.
+    #[error("vCPU placement")]
+    Vcpu(#[from] VcpuError),
 }
 
 /// A domain the daemon manages, with its devices.
@@ -412,6 +417,39 @@ impl Daemon {
                 })
             }
             Request::Top => Ok(self.top()),
+            Request::VcpuList { dom } => {
+                let only = dom.map(|d| self.find(&d)).transpose()?;
+                let st = self.lock();
+                let rows = st
+                    .domains
+                    .iter()
+                    .filter(|(id, _)| only.is_none_or(|o| o == **id))
+                    .flat_map(|(id, m)| {
+                        m.domain.shared().vcpus().into_iter().map(move |v| {
+                            json!({
+                                "name": m.spec.name, "id": id, "vcpu": v.index, "cpu": v.cpu,
+                                "state": match v.state {
+                                    VcpuState::Running => "r--",
+                                    VcpuState::Blocked => "-b-",
+                                    VcpuState::Paused => "--p",
+                                    VcpuState::Offline => "---",
+                                },
+                                "time_s": v.time.as_secs_f64(), "affinity": v.affinity,
+                            })
+                        })
+                    })
+                    .collect();
+                Ok(Value::Array(rows))
+            }
+            Request::VcpuPin { dom, vcpu, cpus } => {
+                let id = self.find(&dom)?;
+                let shared = self.with(id, |m| Arc::clone(m.domain.shared()))?;
+                let all: Vec<u32> = (0..shared.vcpus).collect();
+                for v in vcpu.map_or(all, |v| vec![v]) {
+                    shared.pin_vcpu(v, cpus.as_deref())?;
+                }
+                Ok(json!({ "id": id }))
+            }
             Request::Status { dom } => {
                 let st = self.lock();
                 if let Some((id, m)) = st.domains.iter().find(|(id, m)| {

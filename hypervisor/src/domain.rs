@@ -56,16 +56,74 @@ pub(crate) struct Inner {
     pub(crate) parked: u32,
     /// Bumped whenever an event may have become pending; `sched_op(block)` waits for a change.
     pub(crate) event_seq: u64,
-    /// Threads of the vCPUs currently inside the run loop, for kicks.
-    pub(crate) vcpu_threads: Vec<libc::pthread_t>,
     /// The PV-device thread has made its last pass (console output is all in).
     pub(crate) pvdev_done: bool,
-    /// Kernel thread ids of the vCPUs in the run loop, for CPU-time accounting.
-    pub(crate) vcpu_tids: Vec<libc::pid_t>,
-    /// CPU time of vCPU threads that have left the run loop.
-    pub(crate) cpu_ns_done: u64,
-    /// vCPUs sleeping in `sched_op(block)` or `sched_op(poll)` (see [`DomainShared::is_blocked`]).
-    pub(crate) blocked: u32,
+    /// One per vCPU, by index.
+    pub(crate) vcpu: Vec<VcpuSlot>,
+}
+
+/// What the domain knows of one vCPU's thread.
+#[derive(Debug, Default, Clone)]
+pub(crate) struct VcpuSlot {
+    /// The thread while it is inside the run loop (for kicks).
+    pub(crate) thread: Option<libc::pthread_t>,
+    /// Its kernel thread id, for CPU time, placement and pinning.
+    pub(crate) tid: Option<libc::pid_t>,
+    /// Asleep in `sched_op` block or poll (or a halt).
+    pub(crate) blocked: bool,
+    /// CPU time of the thread once it left the run loop.
+    pub(crate) ns_done: u64,
+    /// Host CPUs it may run on (`None`: all), applied when the thread starts and on change.
+    pub(crate) affinity: Option<Vec<u32>>,
+}
+
+impl Inner {
+    /// Threads of the vCPUs inside the run loop.
+    pub(crate) fn vcpu_threads(&self) -> Vec<libc::pthread_t> {
+        self.vcpu.iter().filter_map(|v| v.thread).collect()
+    }
+}
+
+/// A vCPU as `xl vcpu-list` shows it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct VcpuInfo {
+    /// Index in the domain.
+    pub index: u32,
+    /// Host CPU it last ran on (`None` once its thread is gone).
+    pub cpu: Option<u32>,
+    /// Running (or runnable), blocked, paused, or gone with the domain.
+    pub state: VcpuState,
+    /// CPU time used.
+    pub time: Duration,
+    /// Host CPUs it may run on; `None`: all.
+    pub affinity: Option<Vec<u32>>,
+}
+
+/// A vCPU's scheduling state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VcpuState {
+    /// In the guest, or ready to be.
+    Running,
+    /// Asleep in the hypervisor waiting for an event.
+    Blocked,
+    /// Parked by a pause.
+    Paused,
+    /// Its thread has exited (final domain state).
+    Offline,
+}
+
+/// Errors from vCPU placement.
+#[derive(Debug, thiserror::Error)]
+pub enum VcpuError {
+    /// No such vCPU.
+    #[error("domain {0} has no vCPU {1}")]
+    NoVcpu(u32, u32),
+    /// A CPU that is not online on the host, or an empty set.
+    #[error("host CPU set {0:?} is empty or names a CPU outside 0..{1}")]
+    BadCpus(Vec<u32>, u32),
+    /// The kernel refused the affinity.
+    #[error("cannot pin vCPU {0}")]
+    Pin(u32, #[source] std::io::Error),
 }
 
 /// What every vCPU thread of a domain shares.
@@ -130,11 +188,8 @@ impl DomainShared {
                 pause_requested: false,
                 parked: 0,
                 event_seq: 0,
-                vcpu_threads: Vec::new(),
                 pvdev_done: false,
-                vcpu_tids: Vec::new(),
-                cpu_ns_done: 0,
-                blocked: 0,
+                vcpu: vec![VcpuSlot::default(); cfg.vcpus as usize],
             }),
             changed: Condvar::new(),
             faults: Mutex::new(HashMap::new()),
@@ -147,17 +202,56 @@ impl DomainShared {
 
     /// CPU time the domain's vCPUs have used (in the guest and in exits), as `xl list` shows.
     pub fn cpu_time(&self) -> std::time::Duration {
-        let (tids, done) = {
+        self.vcpus().iter().map(|v| v.time).sum()
+    }
+
+    /// Every vCPU: where it runs, its state, CPU time and affinity.
+    pub fn vcpus(&self) -> Vec<VcpuInfo> {
+        let (slots, paused) = {
             let i = self.lock();
-            (i.vcpu_tids.clone(), i.cpu_ns_done)
+            (i.vcpu.clone(), i.pause_requested && !i.state.is_final())
         };
-        // The first field of schedstat is the thread's time on a CPU, in nanoseconds.
-        let running: u64 = tids
-            .iter()
-            .filter_map(|t| std::fs::read_to_string(format!("/proc/self/task/{t}/schedstat")).ok())
-            .filter_map(|s| s.split_whitespace().next()?.parse::<u64>().ok())
-            .sum();
-        std::time::Duration::from_nanos(done + running)
+        slots
+            .into_iter()
+            .enumerate()
+            .map(|(index, v)| {
+                let stat = v.tid.and_then(thread_stat);
+                let state = match (v.tid, paused, v.blocked) {
+                    (None, _, _) => VcpuState::Offline,
+                    (_, true, _) => VcpuState::Paused,
+                    (_, _, true) => VcpuState::Blocked,
+                    _ => VcpuState::Running,
+                };
+                VcpuInfo {
+                    index: index as u32,
+                    cpu: stat.map(|s| s.1),
+                    state,
+                    time: Duration::from_nanos(v.ns_done + stat.map_or(0, |s| s.0)),
+                    affinity: v.affinity,
+                }
+            })
+            .collect()
+    }
+
+    /// Pins vCPU `index` to host CPUs `cpus` (`None`: all of them), now and whenever its thread
+    /// (re)starts.
+    pub fn pin_vcpu(&self, index: u32, cpus: Option<&[u32]>) -> Result<(), VcpuError> {
+        let online = online_cpus();
+        if let Some(c) = cpus
+            && (c.is_empty() || c.iter().any(|&n| n >= online))
+        {
+            return Err(VcpuError::BadCpus(c.to_vec(), online));
+        }
+        let mut g = self.lock();
+        let slot = g
+            .vcpu
+            .get_mut(index as usize)
+            .ok_or(VcpuError::NoVcpu(self.id, index))?;
+        slot.affinity = cpus.map(<[u32]>::to_vec);
+        if let Some(tid) = slot.tid {
+            set_affinity(tid, cpus).map_err(|e| VcpuError::Pin(index, e))?;
+        }
+        Ok(())
     }
 
     /// Current state.
@@ -170,7 +264,7 @@ impl DomainShared {
     /// inside `KVM_RUN` counts as running.
     pub fn is_blocked(&self) -> bool {
         let g = self.lock();
-        g.state == DomainState::Running && g.blocked >= self.vcpus
+        g.state == DomainState::Running && g.vcpu.iter().all(|v| v.blocked)
     }
 
     /// Records guest misbehaviour of kind `kind`: logged at warn (with the domain id) the first
@@ -207,7 +301,7 @@ impl DomainShared {
         g.state = state;
         g.pause_requested = true;
         self.changed.notify_all();
-        crate::vcpu::kick_all(&g.vcpu_threads);
+        crate::vcpu::kick_all(&g.vcpu_threads());
         let _ = self.pvdev_stop.write(1);
     }
 
@@ -224,16 +318,27 @@ impl DomainShared {
         self.changed.notify_all();
     }
 
-    /// `sched_op(block)`: sleeps until an unmasked event is pending or the vCPU must stop.
-    pub(crate) fn block(&self) {
-        self.wait_until(None, || crate::evtchn::has_unmasked_pending(self));
+    /// `sched_op(block)` by vCPU `vcpu`: sleeps until an unmasked event is pending or the vCPU
+    /// must stop.
+    pub(crate) fn block(&self, vcpu: u32) {
+        self.wait_until(vcpu, None, || crate::evtchn::has_unmasked_pending(self));
     }
 
     /// Sleeps until `ready()` holds, `deadline` passes, or the vCPU must stop (pause or a final
     /// state). `ready` is re-evaluated after every event notification.
-    pub(crate) fn wait_until(&self, deadline: Option<Instant>, ready: impl Fn() -> bool) {
+    pub(crate) fn wait_until(
+        &self,
+        vcpu: u32,
+        deadline: Option<Instant>,
+        ready: impl Fn() -> bool,
+    ) {
         let mut g = self.lock();
-        g.blocked += 1;
+        let blocked = |g: &mut Inner, b: bool| {
+            if let Some(v) = g.vcpu.get_mut(vcpu as usize) {
+                v.blocked = b;
+            }
+        };
+        blocked(&mut g, true);
         loop {
             if g.pause_requested || ready() {
                 break;
@@ -255,7 +360,7 @@ impl DomainShared {
                 .unwrap_or_else(|p| p.into_inner())
                 .0;
         }
-        g.blocked -= 1;
+        blocked(&mut g, false);
     }
 
     /// Called by a vCPU thread between runs: parks while paused. Returns `false` when the vCPU
@@ -338,7 +443,7 @@ impl Domain {
         self.shared.changed.notify_all();
         // Kicks can race with a vCPU just entering KVM_RUN; repeat them until all have parked.
         while g.parked < self.shared.vcpus && !g.state.is_final() {
-            crate::vcpu::kick_all(&g.vcpu_threads);
+            crate::vcpu::kick_all(&g.vcpu_threads());
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
                 g.pause_requested = false;
@@ -394,7 +499,7 @@ impl Domain {
         // A kick can land just before a vCPU enters KVM_RUN; keep kicking until every thread is
         // gone.
         while self.threads.iter().any(|t| !t.is_finished()) {
-            crate::vcpu::kick_all(&self.shared.lock().vcpu_threads);
+            crate::vcpu::kick_all(&self.shared.lock().vcpu_threads());
             std::thread::sleep(Duration::from_millis(1));
         }
         for t in self.threads.drain(..) {
@@ -418,5 +523,51 @@ impl Drop for Domain {
         if !self.threads.is_empty() || self.pvdev.is_some() {
             self.teardown();
         }
+    }
+}
+
+/// Online host CPUs.
+pub(crate) fn online_cpus() -> u32 {
+    // SAFETY: sysconf reads a system constant; no memory is passed.
+    let n = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) };
+    u32::try_from(n).unwrap_or(1).max(1)
+}
+
+/// A thread's CPU time (ns) and the CPU it last ran on, from `/proc/self/task/<tid>/stat`.
+fn thread_stat(tid: libc::pid_t) -> Option<(u64, u32)> {
+    let ns = std::fs::read_to_string(format!("/proc/self/task/{tid}/schedstat"))
+        .ok()?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()?;
+    let stat = std::fs::read_to_string(format!("/proc/self/task/{tid}/stat")).ok()?;
+    // Fields after the command name (which may hold spaces) start at field 3; "processor" is
+    // field 39.
+    let after = stat.rsplit_once(')')?.1;
+    let cpu = after.split_whitespace().nth(39 - 3)?.parse().ok()?;
+    Some((ns, cpu))
+}
+
+/// Restricts thread `tid` to `cpus` (`None`: every online CPU).
+pub(crate) fn set_affinity(tid: libc::pid_t, cpus: Option<&[u32]>) -> std::io::Result<()> {
+    // SAFETY: cpu_set_t is plain data; all zeroes is the empty set.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    let all: Vec<u32> = (0..online_cpus()).collect();
+    let capacity = 8 * std::mem::size_of::<libc::cpu_set_t>();
+    for &c in cpus
+        .unwrap_or(&all)
+        .iter()
+        .filter(|&&c| (c as usize) < capacity)
+    {
+        // SAFETY: `c` is below the set's capacity (checked by the filter).
+        unsafe { libc::CPU_SET(c as usize, &mut set) };
+    }
+    // SAFETY: `set` is a valid cpu_set_t of the size passed; `tid` is a thread of this process.
+    let r = unsafe { libc::sched_setaffinity(tid, std::mem::size_of::<libc::cpu_set_t>(), &set) };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
     }
 }

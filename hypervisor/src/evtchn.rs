@@ -350,11 +350,11 @@ pub fn unmask(d: &DomainShared, port: u32) -> Result<(), Errno> {
     Ok(())
 }
 
-/// `SCHEDOP_poll`: waits until one of `ports` is pending or `timeout` passes (`None`: forever),
-/// or the vCPU must stop.
-pub fn poll(d: &DomainShared, ports: &[u32], timeout: Option<Duration>) {
+/// `SCHEDOP_poll` by vCPU `vcpu`: waits until one of `ports` is pending or `timeout` passes
+/// (`None`: forever), or the vCPU must stop.
+pub fn poll(d: &DomainShared, vcpu: u32, ports: &[u32], timeout: Option<Duration>) {
     let deadline = timeout.map(|t| Instant::now() + t);
-    d.wait_until(deadline, || ports.iter().any(|&p| is_pending(d, p)));
+    d.wait_until(vcpu, deadline, || ports.iter().any(|&p| is_pending(d, p)));
 }
 
 fn unregister_doorbell(d: &DomainShared, evt: &EventFd, port: u32) {

@@ -113,7 +113,7 @@ fn dispatch(
             Ok(0)
         }
         Hypercall::SchedOp(SchedCmd::Block) => {
-            dom.block();
+            dom.block(vcpu);
             Ok(0)
         }
         Hypercall::SchedOp(SchedCmd::Shutdown { arg }) => {
@@ -152,7 +152,7 @@ fn dispatch(
                 dom.guest_fault("bad-port", format_args!("vCPU {vcpu}: poll on {ports:?}"));
                 return Err(Errno::EINVAL);
             }
-            evtchn::poll(dom, &ports, p.timeout_ns.map(Duration::from_nanos));
+            evtchn::poll(dom, vcpu, &ports, p.timeout_ns.map(Duration::from_nanos));
             Ok(0)
         }
         Hypercall::EventChannelOp { op, arg } => event_channel_op(dom, vcpu, op, arg.0),

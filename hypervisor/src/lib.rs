@@ -32,7 +32,9 @@ use pv_protocol::start_info::{
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
 pub use console::Console;
-pub use domain::{Domain, DomainShared, DomainState, LifecycleError};
+pub use domain::{
+    Domain, DomainShared, DomainState, LifecycleError, VcpuError, VcpuInfo, VcpuState,
+};
 
 const MSR_PVM_VIF: u32 = 0x4b56_4d10;
 const MSR_PVM_ID: u32 = 0x4b56_4d11;

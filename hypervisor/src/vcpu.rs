@@ -64,8 +64,15 @@ pub(crate) fn run_loop(dom: Arc<DomainShared>, mut vcpu: VcpuFd, index: u32) {
     let tid = unsafe { libc::gettid() };
     {
         let mut i = dom.lock();
-        i.vcpu_threads.push(me);
-        i.vcpu_tids.push(tid);
+        if let Some(slot) = i.vcpu.get_mut(index as usize) {
+            slot.thread = Some(me);
+            slot.tid = Some(tid);
+            if let Some(cpus) = &slot.affinity
+                && let Err(e) = crate::domain::set_affinity(tid, Some(cpus))
+            {
+                tracing::warn!(domid = dom.id, "vCPU {index}: cannot pin to {cpus:?}: {e}");
+            }
+        }
     }
     let run_ptr: *mut kvm_run = vcpu.get_kvm_run();
     KVM_RUN.with(|r| r.set(run_ptr));
@@ -98,9 +105,11 @@ pub(crate) fn run_loop(dom: Arc<DomainShared>, mut vcpu: VcpuFd, index: u32) {
     // SAFETY: clock_gettime writes one timespec, which `ts` is.
     unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
     let mut i = dom.lock();
-    i.vcpu_threads.retain(|&t| t != me);
-    i.vcpu_tids.retain(|&t| t != tid);
-    i.cpu_ns_done += ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64;
+    if let Some(slot) = i.vcpu.get_mut(index as usize) {
+        slot.thread = None;
+        slot.tid = None;
+        slot.ns_done += ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64;
+    }
 }
 
 thread_local! {
@@ -160,7 +169,7 @@ fn handle_exit(dom: &DomainShared, index: u32, exit: VcpuExit<'_>) -> Option<Dom
         // No interrupt controller: a halted vCPU waits for an event, like sched_op(block). On
         // PVM the first hlt after an I/O exit may return at once; the guest halts in a loop.
         VcpuExit::Hlt => {
-            dom.block();
+            dom.block(index);
             None
         }
         VcpuExit::Shutdown => {

@@ -559,3 +559,76 @@ fn console_on_a_terminal_is_raw_while_attached_and_restored_after_detach() {
     // The guest is still running.
     assert_eq!(env.list()[0].name, "i");
 }
+
+/// `Cpus_allowed_list` of the daemon's thread named `name`, as the kernel reports it.
+fn thread_cpus(env: &Env, name: &str) -> String {
+    let lock = env.dir.join("run").join(dom0::control::LOCK);
+    let pid = std::fs::read_to_string(lock).unwrap();
+    let tasks = format!("/proc/{}/task", pid.trim());
+    for t in std::fs::read_dir(&tasks).unwrap().flatten() {
+        let comm = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
+        if comm.trim() == name {
+            let status = std::fs::read_to_string(t.path().join("status")).unwrap();
+            return status
+                .lines()
+                .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+                .unwrap()
+                .trim()
+                .to_owned();
+        }
+    }
+    panic!("no thread {name} in {tasks}");
+}
+
+#[test]
+fn vcpu_list_and_vcpu_pin() {
+    let env = Env::new("vcpus");
+    let cfg = env.cfg("v.cfg", "name = \"v\"\nvcpus = 2\nextra = \"idle\"\n");
+    env.ok(&["create", &cfg]);
+    let rows = |env: &Env| -> Vec<Vec<String>> {
+        env.ok(&["vcpu-list", "v"])
+            .lines()
+            .skip(1)
+            .map(|l| l.split_whitespace().map(String::from).collect())
+            .collect()
+    };
+    // Two vCPUs, idle: asleep in the hypervisor, free to run anywhere.
+    env.wait_until("both vCPUs blocked", || {
+        let r = rows(&env);
+        r.len() == 2 && r.iter().all(|r| r[4] == "-b-")
+    });
+    let r = rows(&env);
+    assert_eq!((r[0][2].as_str(), r[1][2].as_str()), ("0", "1"));
+    assert!(r.iter().all(|r| r[6] == "all"), "{r:?}");
+    let online = std::thread::available_parallelism().unwrap().get();
+    assert_eq!(thread_cpus(&env, "dom1-vcpu1"), format!("0-{}", online - 1));
+
+    // Pinned: the kernel applies it and vcpu-list shows it.
+    env.ok(&["vcpu-pin", "v", "all", "0"]);
+    assert_eq!(thread_cpus(&env, "dom1-vcpu0"), "0");
+    assert_eq!(thread_cpus(&env, "dom1-vcpu1"), "0");
+    env.wait_until("vCPUs on CPU 0", || {
+        rows(&env).iter().all(|r| r[3] == "0" && r[6] == "0")
+    });
+    env.ok(&["vcpu-pin", "v", "1", "all"]);
+    assert_eq!(thread_cpus(&env, "dom1-vcpu1"), format!("0-{}", online - 1));
+    let r = rows(&env);
+    assert_eq!((r[0][6].as_str(), r[1][6].as_str()), ("0", "all"));
+    // Paused vCPUs say so.
+    env.ok(&["pause", "v"]);
+    assert!(rows(&env).iter().all(|r| r[4] == "--p"));
+    env.ok(&["unpause", "v"]);
+
+    // Refused: a vCPU or a CPU that does not exist, a list that does not parse.
+    let err = env.fails(&["vcpu-pin", "v", "2", "0"]);
+    assert!(err.contains("has no vCPU 2"), "{err}");
+    let err = env.fails(&["vcpu-pin", "v", "0", &online.to_string()]);
+    assert!(err.contains("names a CPU outside"), "{err}");
+    let err = env.fails(&["vcpu-pin", "v", "0", "1-0"]);
+    assert!(err.contains("CPU list \"1-0\""), "{err}");
+    assert_eq!(
+        thread_cpus(&env, "dom1-vcpu0"),
+        "0",
+        "a refused pin changes nothing"
+    );
+}

@@ -17,7 +17,7 @@ use serde_json::Value;
 #[command(
     name = "xl",
     version,
-    after_help = "Not implemented yet: vcpu-list, vcpu-pin, mem-set, save/restore, migrate."
+    after_help = "Not implemented yet: mem-set, save/restore, migrate."
 )]
 struct Cli {
     /// The daemon's runtime directory (default: $SPLITVISOR_RUNTIME_DIR, /run/splitvisor for
@@ -105,6 +105,20 @@ enum Verb {
         #[arg(short = 'n')]
         iterations: Option<u64>,
     },
+    /// List vCPUs: Name ID VCPU CPU State Time(s) Affinity (all domains, or one).
+    VcpuList {
+        /// Name or id.
+        domain: Option<String>,
+    },
+    /// Pin vCPUs to host CPUs: `xl vcpu-pin DOM all 1`, `xl vcpu-pin DOM 0 0-1`.
+    VcpuPin {
+        /// Name or id.
+        domain: String,
+        /// A vCPU index, or `all`.
+        vcpu: String,
+        /// Host CPUs (`0`, `0-1`, `0,2-3`), or `all`.
+        cpus: String,
+    },
     /// Hot-plug a disk: `xl block-attach DOM 'file.img,raw,xvdb,rw'`.
     BlockAttach {
         /// Name or id.
@@ -157,6 +171,47 @@ impl<E: std::error::Error> From<E> for Fail {
 
 fn fail(s: impl Into<String>) -> Fail {
     Fail(s.into())
+}
+
+/// Parses a CPU list as Xen writes them: `1`, `0-3`, `0,2-3`.
+fn parse_cpu_list(text: &str) -> Result<Vec<u32>, String> {
+    let bad = || format!("CPU list {text:?}: expected numbers and ranges like 0,2-3, or `all`");
+    let mut cpus = Vec::new();
+    for part in text.split(',') {
+        let (lo, hi) = part.split_once('-').unwrap_or((part, part));
+        let (lo, hi): (u32, u32) = (
+            lo.trim().parse().map_err(|_| bad())?,
+            hi.trim().parse().map_err(|_| bad())?,
+        );
+        if lo > hi || hi >= 1024 {
+            return Err(bad());
+        }
+        cpus.extend(lo..=hi);
+    }
+    cpus.sort_unstable();
+    cpus.dedup();
+    Ok(cpus)
+}
+
+/// Writes CPU numbers as a Xen-style list (`0-1,3`).
+fn cpu_list(cpus: impl Iterator<Item = u64>) -> String {
+    let mut runs: Vec<(u64, u64)> = Vec::new();
+    for c in cpus {
+        match runs.last_mut() {
+            Some((_, hi)) if *hi + 1 == c => *hi = c,
+            _ => runs.push((c, c)),
+        }
+    }
+    runs.iter()
+        .map(|&(lo, hi)| {
+            if lo == hi {
+                lo.to_string()
+            } else {
+                format!("{lo}-{hi}")
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 /// A connection to the daemon.
@@ -480,6 +535,48 @@ fn run(cli: Cli) -> Result<(), Fail> {
                 println!("{k:<20}: {}", val.trim_matches('"'));
             }
         }
+        Verb::VcpuList { domain } => {
+            let v = connect(&dir)?.call(Request::VcpuList { dom: domain })?;
+            let mut rows = vec![
+                ["Name", "ID", "VCPU", "CPU", "State", "Time(s)", "Affinity"]
+                    .map(String::from)
+                    .to_vec(),
+            ];
+            for d in v.as_array().into_iter().flatten() {
+                let affinity = match d["affinity"].as_array() {
+                    None => "all".to_string(),
+                    Some(a) => cpu_list(a.iter().filter_map(Value::as_u64)),
+                };
+                rows.push(vec![
+                    d["name"].as_str().unwrap_or("?").into(),
+                    d["id"].to_string(),
+                    d["vcpu"].to_string(),
+                    d["cpu"].as_u64().map_or("-".into(), |c| c.to_string()),
+                    d["state"].as_str().unwrap_or("?").into(),
+                    format!("{:.1}", d["time_s"].as_f64().unwrap_or(0.0)),
+                    affinity,
+                ]);
+            }
+            print_table(&rows);
+        }
+        Verb::VcpuPin { domain, vcpu, cpus } => {
+            let vcpu = match vcpu.as_str() {
+                "all" => None,
+                n => Some(
+                    n.parse::<u32>()
+                        .map_err(|_| fail(format!("vCPU {n:?}: not an index or `all`")))?,
+                ),
+            };
+            let cpus = match cpus.as_str() {
+                "all" => None,
+                c => Some(parse_cpu_list(c).map_err(fail)?),
+            };
+            connect(&dir)?.call(Request::VcpuPin {
+                dom: domain,
+                vcpu,
+                cpus,
+            })?;
+        }
         Verb::Top { delay, iterations } => {
             let mut c = connect(&dir)?;
             let tty = std::io::stdout().is_terminal();
@@ -619,5 +716,21 @@ fn main() -> ExitCode {
             eprintln!("xl: {e}");
             ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cpu_lists_parse_and_print_as_xen_writes_them() {
+        assert_eq!(parse_cpu_list("0,2-3,2").unwrap(), [0, 2, 3]);
+        assert_eq!(parse_cpu_list("1").unwrap(), [1]);
+        for bad in ["", "x", "3-1", "0-", "1,,2", "0-4096"] {
+            assert!(parse_cpu_list(bad).is_err(), "{bad:?}");
+        }
+        assert_eq!(cpu_list([0, 1, 2, 5, 7, 8].into_iter()), "0-2,5,7-8");
+        assert_eq!(cpu_list([3].into_iter()), "3");
     }
 }
