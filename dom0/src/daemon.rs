@@ -608,6 +608,7 @@ impl Daemon {
                 kernel,
                 cmdline,
                 start_paused: paused,
+                cpus: spec.cpus.clone(),
                 ..Default::default()
             })
             .map_err(|e| DaemonError::Create(spec.name.clone(), e))?;

@@ -2,7 +2,8 @@
 //!
 //! A file is a list of `KEY = VALUE` settings, one per line (a list may span lines), `#` starts a
 //! comment. Values are strings in single or double quotes, integers, or lists of strings in
-//! brackets. Known keys: `name`, `memory` (MiB), `vcpus`, `kernel`, `cmdline` (or `extra`),
+//! brackets. Known keys: `name`, `memory` (MiB), `vcpus`, `cpus` (host CPUs the vCPUs may run
+//! on: `"0-1,3"` or `"all"`), `kernel`, `cmdline` (or `extra`),
 //! `on_poweroff` / `on_reboot` / `on_crash` (`destroy` | `restart` | `preserve`), `disk` and `vif`
 //! (lists of device specs, as in xl-disk-configuration(5) and xl-network-configuration(5)).
 //! Anything else, and any malformed value, is refused with the file, the line and the reason.
@@ -416,6 +417,26 @@ impl VifSpec {
     }
 }
 
+/// Parses a host CPU list as Xen writes them: `1`, `0-3`, `0,2-3` (sorted, without repeats).
+pub fn parse_cpu_list(text: &str) -> Result<Vec<u32>, String> {
+    let bad = || format!("CPU list {text:?}: expected numbers and ranges like 0,2-3, or `all`");
+    let mut cpus = Vec::new();
+    for part in text.split(',') {
+        let (lo, hi) = part.split_once('-').unwrap_or((part, part));
+        let (lo, hi): (u32, u32) = (
+            lo.trim().parse().map_err(|_| bad())?,
+            hi.trim().parse().map_err(|_| bad())?,
+        );
+        if lo > hi || hi >= 1024 {
+            return Err(bad());
+        }
+        cpus.extend(lo..=hi);
+    }
+    cpus.sort_unstable();
+    cpus.dedup();
+    Ok(cpus)
+}
+
 /// A domain as a configuration file describes it.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct DomainSpec {
@@ -425,6 +446,9 @@ pub struct DomainSpec {
     pub memory: u64,
     /// vCPUs.
     pub vcpus: u32,
+    /// Host CPUs the vCPUs may run on (all when absent).
+    #[serde(default)]
+    pub cpus: Option<Vec<u32>>,
     /// Kernel ELF (the project's own guest kernel when absent).
     pub kernel: Option<PathBuf>,
     /// Kernel command line.
@@ -478,6 +502,7 @@ impl DomainSpec {
             name: String::new(),
             memory: 64,
             vcpus: 1,
+            cpus: None,
             kernel: None,
             cmdline: String::new(),
             on_poweroff: Action::Destroy,
@@ -531,6 +556,12 @@ impl DomainSpec {
                 }
                 "memory" => spec.memory = want_int(16, 16384)?,
                 "vcpus" => spec.vcpus = want_int(1, 32)? as u32,
+                "cpus" => {
+                    spec.cpus = match want_str()?.as_str() {
+                        "all" => None,
+                        list => Some(parse_cpu_list(list).map_err(err)?),
+                    }
+                }
                 "kernel" => spec.kernel = Some(PathBuf::from(want_str()?)),
                 "cmdline" | "extra" => spec.cmdline = want_str()?,
                 "on_poweroff" | "on_reboot" | "on_crash" => {
@@ -596,6 +627,19 @@ mod tests {
     }
 
     #[test]
+    fn cpu_lists_parse_as_xen_writes_them() {
+        assert_eq!(parse_cpu_list("0,2-3,2").unwrap(), [0, 2, 3]);
+        assert_eq!(parse_cpu_list("1").unwrap(), [1]);
+        for bad in ["", "x", "3-1", "0-", "1,,2", "0-4096"] {
+            assert!(parse_cpu_list(bad).is_err(), "{bad:?}");
+        }
+        assert_eq!(spec("name = \"a\"\ncpus = \"all\"\n").unwrap().cpus, None);
+        let e = spec("name = \"a\"\ncpus = \"2-1\"\n").unwrap_err();
+        assert_eq!(e.line, 2);
+        assert!(e.reason.contains("CPU list \"2-1\""), "{e}");
+    }
+
+    #[test]
     fn a_full_file_parses() {
         let s = spec(
             r#"
@@ -603,6 +647,7 @@ mod tests {
 name = "demo"
 memory = 128
 vcpus = 2
+cpus = "1,0"
 extra = "blkverify"   # the job
 on_crash = 'restart'
 disk = [ 'vdev=xvda,access=rw,size=1G,target=/tmp/a,b.img',
@@ -613,6 +658,7 @@ vif = [ 'mac=02:53:00:00:00:01,bridge=br0,ip=10.0.0.2', 'bridge=lan,uplink=tap' 
         .unwrap();
         assert_eq!(s.name, "demo");
         assert_eq!((s.memory, s.vcpus), (128, 2));
+        assert_eq!(s.cpus, Some(vec![0, 1]));
         assert_eq!(s.cmdline, "blkverify");
         assert_eq!(s.on_crash, Action::Restart);
         assert_eq!(s.on_reboot, Action::Restart);

@@ -189,7 +189,13 @@ impl DomainShared {
                 parked: 0,
                 event_seq: 0,
                 pvdev_done: false,
-                vcpu: vec![VcpuSlot::default(); cfg.vcpus as usize],
+                vcpu: vec![
+                    VcpuSlot {
+                        affinity: cfg.cpus.clone(),
+                        ..VcpuSlot::default()
+                    };
+                    cfg.vcpus as usize
+                ],
             }),
             changed: Condvar::new(),
             faults: Mutex::new(HashMap::new()),
@@ -236,11 +242,8 @@ impl DomainShared {
     /// Pins vCPU `index` to host CPUs `cpus` (`None`: all of them), now and whenever its thread
     /// (re)starts.
     pub fn pin_vcpu(&self, index: u32, cpus: Option<&[u32]>) -> Result<(), VcpuError> {
-        let online = online_cpus();
-        if let Some(c) = cpus
-            && (c.is_empty() || c.iter().any(|&n| n >= online))
-        {
-            return Err(VcpuError::BadCpus(c.to_vec(), online));
+        if let Some(c) = cpus {
+            check_cpus(c)?;
         }
         let mut g = self.lock();
         let slot = g
@@ -524,6 +527,15 @@ impl Drop for Domain {
             self.teardown();
         }
     }
+}
+
+/// Refuses an empty CPU set or one naming a CPU that is not online.
+pub(crate) fn check_cpus(cpus: &[u32]) -> Result<(), VcpuError> {
+    let online = online_cpus();
+    if cpus.is_empty() || cpus.iter().any(|&n| n >= online) {
+        return Err(VcpuError::BadCpus(cpus.to_vec(), online));
+    }
+    Ok(())
 }
 
 /// Online host CPUs.

@@ -96,6 +96,8 @@ pub struct DomainConfig {
     pub grant_frames: u32,
     /// Echo console output to this process's stderr as it arrives.
     pub echo_console: bool,
+    /// Host CPUs every vCPU may run on (`None`: all), as xl.cfg's `cpus`.
+    pub cpus: Option<Vec<u32>>,
 }
 
 impl Default for DomainConfig {
@@ -110,6 +112,7 @@ impl Default for DomainConfig {
             echo_console: false,
             max_ports: evtchn::DEFAULT_MAX_PORTS,
             grant_frames: grant::DEFAULT_GRANT_FRAMES,
+            cpus: None,
         }
     }
 }
@@ -175,6 +178,9 @@ impl Hypervisor {
                 "vcpus = {} (1..={MAX_VCPUS})",
                 cfg.vcpus
             )));
+        }
+        if let Some(c) = &cfg.cpus {
+            domain::check_cpus(c).map_err(|e| Error::Config(format!("cpus: {e}")))?;
         }
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let ram = memory::GuestRam::new(cfg.mem_mib << 20)?;

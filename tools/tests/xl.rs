@@ -562,22 +562,24 @@ fn console_on_a_terminal_is_raw_while_attached_and_restored_after_detach() {
 
 /// `Cpus_allowed_list` of the daemon's thread named `name`, as the kernel reports it.
 fn thread_cpus(env: &Env, name: &str) -> String {
+    try_thread_cpus(env, name).unwrap_or_else(|| panic!("no thread {name}"))
+}
+
+fn try_thread_cpus(env: &Env, name: &str) -> Option<String> {
     let lock = env.dir.join("run").join(dom0::control::LOCK);
     let pid = std::fs::read_to_string(lock).unwrap();
     let tasks = format!("/proc/{}/task", pid.trim());
     for t in std::fs::read_dir(&tasks).unwrap().flatten() {
         let comm = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
         if comm.trim() == name {
-            let status = std::fs::read_to_string(t.path().join("status")).unwrap();
+            let status = std::fs::read_to_string(t.path().join("status")).ok()?;
             return status
                 .lines()
                 .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
-                .unwrap()
-                .trim()
-                .to_owned();
+                .map(|l| l.trim().to_owned());
         }
     }
-    panic!("no thread {name} in {tasks}");
+    None
 }
 
 #[test]
@@ -631,4 +633,16 @@ fn vcpu_list_and_vcpu_pin() {
         "0",
         "a refused pin changes nothing"
     );
+
+    // xl.cfg's `cpus` pins every vCPU from the start; a CPU the host lacks is refused.
+    let cfg = env.cfg("w.cfg", "name = \"w\"\ncpus = \"0\"\nextra = \"idle\"\n");
+    env.ok(&["create", &cfg]);
+    env.wait_until("dom2's vCPU pinned as it starts", || {
+        try_thread_cpus(&env, "dom2-vcpu0").as_deref() == Some("0")
+    });
+    let w = env.ok(&["vcpu-list", "w"]);
+    assert!(w.lines().nth(1).unwrap().ends_with(" 0"), "{w}");
+    let cfg = env.cfg("x.cfg", &format!("name = \"x\"\ncpus = \"{online}\"\n"));
+    let err = env.fails(&["create", &cfg]);
+    assert!(err.contains("cpus"), "{err}");
 }
