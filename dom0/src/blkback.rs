@@ -53,6 +53,10 @@ const SLEEP_MAX: Duration = Duration::from_millis(100);
 /// How often a busy [`BlkBack::serve`] asks whether to stop.
 const STOP_CHECK: Duration = Duration::from_millis(10);
 
+/// Refused requests and failed I/O logged at warn per ring; later ones are counted (the
+/// `errors` counter) and logged at debug, so a hostile front end cannot flood the log.
+const WARN_LIMIT: u32 = 10;
+
 /// Errors that stop serving a ring.
 #[derive(Debug, thiserror::Error)]
 pub enum BlkBackError {
@@ -179,6 +183,8 @@ pub struct BlkBack<'a, G: GrantMapper> {
     doorbell_rang: bool,
     /// Responses were published since [`serve`](Self::serve) last looked.
     answered: bool,
+    /// Guest-caused warnings logged so far (the first [`WARN_LIMIT`] at warn, then debug).
+    warned: u32,
 }
 
 impl<G: GrantMapper> std::fmt::Debug for BlkBack<'_, G> {
@@ -276,6 +282,7 @@ impl<'a, G: GrantMapper> BlkBack<'a, G> {
             doorbell_armed: false,
             doorbell_rang: false,
             answered: false,
+            warned: 0,
         })
     }
 
@@ -423,6 +430,7 @@ impl<'a, G: GrantMapper> BlkBack<'a, G> {
     fn pass_into(&mut self, answers: &mut Vec<BlkResponse>) -> Result<(bool, bool), BlkBackError> {
         let mut busy = false;
         let mut notify = false;
+        let mut taken = 0;
         // Completions are queued as work for this thread, run when it enters the kernel: enter
         // when the kernel flags some.
         if self.uring.submission().taskrun() {
@@ -440,9 +448,15 @@ impl<'a, G: GrantMapper> BlkBack<'a, G> {
             if self.sq_room() <= MAX_INDIRECT_SEGMENTS {
                 break;
             }
+            // At most a ring's worth per pass: the caller's stop check and sleep decisions
+            // come round even when a front end refills the ring as fast as it is answered.
+            if taken == self.ring.size() {
+                break;
+            }
             let Some(raw) = self.ring.take_request()? else {
                 break;
             };
+            taken += 1;
             busy = true;
             match self.prepare(&raw) {
                 Ok(inflight) => {
@@ -454,12 +468,11 @@ impl<'a, G: GrantMapper> BlkBack<'a, G> {
                     self.uring.submit().map_err(BlkBackError::Uring)?;
                 }
                 Err(Refused(status, why)) => {
-                    tracing::warn!(
-                        domid = self.domid,
-                        id = raw.id(),
-                        op = raw.operation,
-                        "block request refused: {why}"
-                    );
+                    self.warn(format_args!(
+                        "block request {} (op {}) refused: {why}",
+                        raw.id(),
+                        raw.operation
+                    ));
                     let refused = BlkResponse {
                         id: raw.id(),
                         operation: raw.operation,
@@ -553,17 +566,16 @@ impl<'a, G: GrantMapper> BlkBack<'a, G> {
                 (k, true) => r.bufs.iovecs.get(k).map(|v| v.iov_len as i64),
                 (_, false) => Some(r.expect).filter(|&e| e > 0),
             };
-            if res < 0 || expected.is_some_and(|e| i64::from(res) != e) {
-                if !r.failed {
-                    tracing::warn!(
-                        domid = self.domid,
-                        id = r.id,
-                        "disk I/O failed: result {res}"
-                    );
-                }
-                r.failed = true;
+            let failed_now = res < 0 || expected.is_some_and(|e| i64::from(res) != e);
+            let first_failure = failed_now && !r.failed;
+            r.failed |= failed_now;
+            let (id, sqes_left) = (r.id, r.sqes);
+            if first_failure {
+                self.warn(format_args!(
+                    "disk I/O for request {id} failed: result {res}"
+                ));
             }
-            if r.sqes > 0 {
+            if sqes_left > 0 {
                 continue;
             }
             let Some(r) = self.slots[slot].take() else {
@@ -597,6 +609,21 @@ impl<'a, G: GrantMapper> BlkBack<'a, G> {
         self.done = done;
     }
 
+    /// Logs a guest-caused problem: at warn for the first [`WARN_LIMIT`], then at debug.
+    fn warn(&mut self, what: std::fmt::Arguments<'_>) {
+        if self.warned < WARN_LIMIT {
+            self.warned += 1;
+            let more = if self.warned == WARN_LIMIT {
+                " (further ones at debug level, counted as errors)"
+            } else {
+                ""
+            };
+            tracing::warn!(domid = self.domid, "{what}{more}");
+        } else {
+            tracing::debug!(domid = self.domid, "{what}");
+        }
+    }
+
     fn prepare(&mut self, raw: &BlkifRequestRaw) -> Result<Inflight, Refused> {
         let req =
             BlkRequest::parse(raw).map_err(|e| Refused(e.response_status(), e.to_string()))?;
@@ -628,6 +655,9 @@ impl<'a, G: GrantMapper> BlkBack<'a, G> {
                         BlkStatus::Error,
                         "discard on a read-only disk".into(),
                     ));
+                }
+                if nr_sectors == 0 {
+                    return Err(Refused(BlkStatus::Error, "discard of 0 sectors".into()));
                 }
                 self.check_range(sector, nr_sectors)?;
                 let mut bufs = self.spare.pop().unwrap_or_default();

@@ -166,7 +166,83 @@ impl<G: GrantMapper, N: Notify> VifPort<G, N> {
             }
         }
     }
+
+    /// Takes one TX chain: copies a good frame into `buf` and answers its slots, or refuses it.
+    fn take_frame(
+        &mut self,
+        slots: &mut [NetifTxRequestRaw; MAX_CHAIN],
+        buf: &mut [u8],
+    ) -> Result<Taken, PortError> {
+        let Some((n, parsed)) = self.take_chain(slots)? else {
+            return Ok(Taken::Empty);
+        };
+        let pkt = match parsed {
+            Ok(p) => p,
+            Err(e) => {
+                self.refuse(&slots[..n], &e);
+                return Ok(Taken::Refused);
+            }
+        };
+        if pkt.extras.gso.is_some() {
+            self.refuse(&slots[..n], &"GSO was not negotiated");
+            return Ok(Taken::Refused);
+        }
+        let len = pkt.total_len();
+        if len > buf.len() {
+            self.refuse(&slots[..n], &format_args!("frame of {len} bytes"));
+            return Ok(Taken::Refused);
+        }
+        let mut pos = 0;
+        let mut failed = None;
+        for s in pkt.slots.iter() {
+            let l = usize::from(s.len);
+            if let Err(e) =
+                self.grants
+                    .copy_from(s.gref, usize::from(s.offset), &mut buf[pos..pos + l])
+            {
+                failed = Some(e);
+                break;
+            }
+            pos += l;
+        }
+        if let Some(e) = failed {
+            self.refuse(&slots[..n], &e);
+            return Ok(Taken::Refused);
+        }
+        // One response per slot, in ring order; extra-info slots (right after the first)
+        // get `Null`.
+        let extras = pkt.extras.count();
+        for (i, s) in slots[..n].iter().enumerate() {
+            let (id, status) = if (1..=extras).contains(&i) {
+                (0, NetifStatus::Null)
+            } else {
+                (s.id, NetifStatus::Okay)
+            };
+            let _ = self.tx.push_response(&NetifTxResponseRaw {
+                id,
+                status: status as i16,
+            });
+        }
+        Ok(Taken::Frame(FrameMeta {
+            len,
+            csum_blank: pkt.flags.contains(NetTxFlags::CSUM_BLANK),
+            data_validated: pkt.flags.contains(NetTxFlags::DATA_VALIDATED),
+        }))
+    }
 }
+
+/// What one TX chain came to.
+enum Taken {
+    /// A good frame, copied into the buffer.
+    Frame(FrameMeta),
+    /// A malformed chain, answered with errors.
+    Refused,
+    /// The ring had no request.
+    Empty,
+}
+
+/// Refused chains one [`Port::receive`] call answers before it lets the switch go on.
+const REFUSED_PER_CALL: usize = 64;
 
 impl<G: GrantMapper, N: Notify> Port for VifPort<G, N> {
     fn name(&self) -> &str {
@@ -179,63 +255,17 @@ impl<G: GrantMapper, N: Notify> Port for VifPort<G, N> {
 
     fn receive(&mut self, buf: &mut [u8]) -> Result<Option<FrameMeta>, PortError> {
         let mut slots = [NetifTxRequestRaw::default(); MAX_CHAIN];
-        loop {
-            let Some((n, parsed)) = self.take_chain(&mut slots)? else {
-                return Ok(None);
-            };
-            let pkt = match parsed {
-                Ok(p) => p,
-                Err(e) => {
-                    self.refuse(&slots[..n], &e);
-                    continue;
-                }
-            };
-            if pkt.extras.gso.is_some() {
-                self.refuse(&slots[..n], &"GSO was not negotiated");
-                continue;
+        // A refused chain is answered at once, which frees its slots for the front end to fill
+        // again: the bound keeps a hostile front end from holding the switch thread here (the
+        // switch comes back for the rest on its next pass).
+        for _ in 0..REFUSED_PER_CALL {
+            match self.take_frame(&mut slots, buf)? {
+                Taken::Frame(m) => return Ok(Some(m)),
+                Taken::Empty => return Ok(None),
+                Taken::Refused => {}
             }
-            let len = pkt.total_len();
-            if len > buf.len() {
-                self.refuse(&slots[..n], &format_args!("frame of {len} bytes"));
-                continue;
-            }
-            let mut pos = 0;
-            let mut failed = None;
-            for s in pkt.slots.iter() {
-                let l = usize::from(s.len);
-                if let Err(e) =
-                    self.grants
-                        .copy_from(s.gref, usize::from(s.offset), &mut buf[pos..pos + l])
-                {
-                    failed = Some(e);
-                    break;
-                }
-                pos += l;
-            }
-            if let Some(e) = failed {
-                self.refuse(&slots[..n], &e);
-                continue;
-            }
-            // One response per slot, in ring order; extra-info slots (right after the first)
-            // get `Null`.
-            let extras = pkt.extras.count();
-            for (i, s) in slots[..n].iter().enumerate() {
-                let (id, status) = if (1..=extras).contains(&i) {
-                    (0, NetifStatus::Null)
-                } else {
-                    (s.id, NetifStatus::Okay)
-                };
-                let _ = self.tx.push_response(&NetifTxResponseRaw {
-                    id,
-                    status: status as i16,
-                });
-            }
-            return Ok(Some(FrameMeta {
-                len,
-                csum_blank: pkt.flags.contains(NetTxFlags::CSUM_BLANK),
-                data_validated: pkt.flags.contains(NetTxFlags::DATA_VALIDATED),
-            }));
         }
+        Ok(None)
     }
 
     fn needs_checksum(&self) -> bool {
@@ -497,6 +527,33 @@ mod tests {
             [(1, -1), (2, -1), (3, -1), (4, -1), (9, 0)]
         );
         assert_eq!(p.counters.snapshot().errors, 4);
+    }
+
+    #[test]
+    fn a_flood_of_bad_chains_is_answered_in_bounded_batches() {
+        let (mut p, mut txf, _rxf) = port(VifFeatures::default());
+        let mut buf = vec![0u8; crate::switch::MAX_FRAME];
+        let bad: Vec<NetifTxRequestRaw> = (0..200)
+            .map(|id| NetifTxRequestRaw {
+                gref: 1,
+                size: 10,
+                id,
+                ..Default::default()
+            })
+            .collect();
+        txf.submit(&bad).unwrap();
+        // Each call answers at most REFUSED_PER_CALL of them and returns, so the switch thread
+        // gets back to its other ports; the rest wait for the next call, and `arm` says so.
+        for done in [64, 128, 192] {
+            assert!(p.receive(&mut buf).unwrap().is_none());
+            assert_eq!(p.counters.snapshot().errors, done);
+            assert!(p.arm().unwrap(), "work is left after {done}");
+        }
+        assert!(p.receive(&mut buf).unwrap().is_none());
+        assert_eq!(p.counters.snapshot().errors, 200);
+        p.flush();
+        assert_eq!(tx_statuses(&mut txf).len(), 200);
+        assert!(!p.arm().unwrap());
     }
 
     #[test]

@@ -250,6 +250,14 @@ fn bad_requests_get_errors_and_the_ring_keeps_serving() {
     bad_seg.seg[0].last_sect = 3;
     let mut zero_segs = rw(false, 7, 0, &[seg(1, 0, 7)]);
     zero_segs.nr_segments = 0;
+    let empty_discard = BlkRequest::Discard {
+        id: 9,
+        handle: 0,
+        sector: 0,
+        nr_sectors: 0,
+        secure: false,
+    }
+    .to_raw();
     let good = rw(true, 8, 0, &[seg(2, 0, 7)]);
     front
         .submit(&[
@@ -260,6 +268,7 @@ fn bad_requests_get_errors_and_the_ring_keeps_serving() {
             into_readonly,
             bad_seg,
             zero_segs,
+            empty_discard,
             good,
         ])
         .unwrap();
@@ -275,9 +284,10 @@ fn bad_requests_get_errors_and_the_ring_keeps_serving() {
             (6, BlkStatus::Error),
             (7, BlkStatus::Error),
             (8, BlkStatus::Okay),
+            (9, BlkStatus::Error),
         ]
     );
-    assert_eq!(back.stats().errors, 6);
+    assert_eq!(back.stats().errors, 7);
 
     // Hostile indices kill this ring only, with an error, not a panic.
     front.scribble_req_prod(0x7fff_0000);
