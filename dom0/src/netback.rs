@@ -27,7 +27,7 @@ use pv_protocol::netif::{
 use pv_protocol::ring::BackRing;
 
 use crate::grants::GrantMapper;
-use crate::switch::{FrameMeta, Port, PortCounters, PortError};
+use crate::switch::{FrameMeta, Mac, Port, PortCounters, PortError};
 
 /// How a port tells its guest about responses, and learns of its requests.
 pub trait Notify: Send {
@@ -82,6 +82,8 @@ pub struct VifPort<G: GrantMapper, N: Notify> {
     grants: G,
     notify: N,
     features: VifFeatures,
+    /// The only source address the guest may send from (`None`: any).
+    mac: Option<Mac>,
     _hold: Box<dyn Any + Send>,
 }
 
@@ -117,8 +119,17 @@ impl<G: GrantMapper, N: Notify> VifPort<G, N> {
             grants,
             notify,
             features,
+            mac: None,
             _hold: hold,
         }
+    }
+
+    /// Frames from the guest must carry `mac` as their source; others are dropped and counted
+    /// as errors by the switch (the anti-spoofing Xen's vif scripts set up with ebtables).
+    #[must_use]
+    pub fn with_source_mac(mut self, mac: Mac) -> Self {
+        self.mac = Some(mac);
+        self
     }
 
     fn refuse(&mut self, slots: &[NetifTxRequestRaw], why: &dyn std::fmt::Display) {
@@ -270,6 +281,10 @@ impl<G: GrantMapper, N: Notify> Port for VifPort<G, N> {
 
     fn needs_checksum(&self) -> bool {
         self.features.no_csum_offload
+    }
+
+    fn source_mac(&self) -> Option<Mac> {
+        self.mac
     }
 
     fn transmit(&mut self, frame: &[u8], meta: FrameMeta) -> bool {

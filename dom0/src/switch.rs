@@ -186,6 +186,11 @@ pub trait Port: Send {
     fn receive(&mut self, buf: &mut [u8]) -> Result<Option<FrameMeta>, PortError>;
     /// Whether frames must reach this port with complete checksums.
     fn needs_checksum(&self) -> bool;
+    /// The one source address frames from this port may carry (a guest's configured MAC); the
+    /// switch drops the others. `None`: any (an uplink).
+    fn source_mac(&self) -> Option<Mac> {
+        None
+    }
     /// Delivers a frame to the port's owner; `false` when it was dropped (the switch counts
     /// deliveries and drops; the port counts only its owner's errors).
     fn transmit(&mut self, frame: &[u8], meta: FrameMeta) -> bool;
@@ -214,6 +219,9 @@ pub enum Route {
     Drop,
 }
 
+/// Spoofed frames logged at warn per port (all are counted as the port's errors).
+const SPOOF_WARN_LIMIT: u64 = 10;
+
 /// How long a learned address stays without being seen again.
 const MAC_AGE: Duration = Duration::from_secs(300);
 
@@ -221,6 +229,8 @@ const MAC_AGE: Duration = Duration::from_secs(300);
 #[derive(Debug, Default)]
 pub struct Fabric {
     table: HashMap<Mac, (u64, Instant)>,
+    /// When a full table was last swept of aged entries.
+    swept: Option<Instant>,
 }
 
 /// Most learned addresses per switch (a guest inventing source addresses cannot grow the table
@@ -235,8 +245,21 @@ impl Fabric {
         };
         let dst = Mac(hdr[..6].try_into().unwrap_or_default());
         let from = Mac(hdr[6..12].try_into().unwrap_or_default());
-        if !from.is_multicast() && (self.table.len() < MAX_MACS || self.table.contains_key(&from)) {
-            self.table.insert(from, (src, now));
+        if !from.is_multicast() {
+            // Full: drop aged entries, at most once a second (a sweep walks the whole table).
+            if self.table.len() >= MAX_MACS
+                && !self.table.contains_key(&from)
+                && self
+                    .swept
+                    .is_none_or(|t| now.duration_since(t) >= Duration::from_secs(1))
+            {
+                self.swept = Some(now);
+                self.table
+                    .retain(|_, (_, seen)| now.duration_since(*seen) < MAC_AGE);
+            }
+            if self.table.len() < MAX_MACS || self.table.contains_key(&from) {
+                self.table.insert(from, (src, now));
+            }
         }
         if dst.is_multicast() {
             return Route::Flood;
@@ -444,6 +467,20 @@ fn run(name: &str, rx: &Receiver<Command>, wake: &EventFd) {
                 };
                 work += 1;
                 let c = ports[i].port.counters();
+                if let Some(mac) = ports[i].port.source_mac()
+                    && buf.get(6..12) != Some(&mac.0[..])
+                {
+                    // Spoofed: it would teach the table another port's address.
+                    let n = c.errors.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    if n < SPOOF_WARN_LIMIT {
+                        tracing::warn!(
+                            switch = name,
+                            port = ports[i].port.name(),
+                            "frame dropped: source address is not the port's {mac}"
+                        );
+                    }
+                    continue;
+                }
                 PortCounters::add(&c.rx_packets, 1);
                 PortCounters::add(&c.rx_bytes, meta.len as u64);
                 let src = ports[i].id;
@@ -613,6 +650,12 @@ mod tests {
             f.route(1, &frame(B, [2, 0, b[0], b[1], b[2], b[3]]), t);
         }
         assert_eq!(f.len(), MAX_MACS);
+        // Once the invented addresses have aged, a new one is learned again.
+        let later = t + MAC_AGE + Duration::from_secs(1);
+        let new = [2, 0xaa, 0, 0, 0, 1];
+        f.route(2, &frame(B, new), later);
+        assert_eq!(f.len(), 1);
+        assert_eq!(f.route(1, &frame(new, B), later), Route::Unicast(2));
     }
 
     /// A port fed and drained by the test.
@@ -622,6 +665,7 @@ mod tests {
         inbox: Arc<Mutex<VecDeque<Vec<u8>>>>,
         outbox: Arc<Mutex<Vec<Vec<u8>>>>,
         wake: EventFd,
+        mac: Option<Mac>,
     }
 
     impl Port for TestPort {
@@ -643,6 +687,9 @@ mod tests {
         fn needs_checksum(&self) -> bool {
             false
         }
+        fn source_mac(&self) -> Option<Mac> {
+            self.mac
+        }
         fn transmit(&mut self, frame: &[u8], _: FrameMeta) -> bool {
             self.outbox.lock().unwrap().push(frame.to_vec());
             true
@@ -659,6 +706,10 @@ mod tests {
     type Boxes = (Arc<Mutex<VecDeque<Vec<u8>>>>, Arc<Mutex<Vec<Vec<u8>>>>);
 
     fn test_port(name: &str) -> (Box<dyn Port>, Boxes) {
+        test_port_with(name, None)
+    }
+
+    fn test_port_with(name: &str, mac: Option<Mac>) -> (Box<dyn Port>, Boxes) {
         let inbox = Arc::new(Mutex::new(VecDeque::new()));
         let outbox = Arc::new(Mutex::new(Vec::new()));
         let p = TestPort {
@@ -667,6 +718,7 @@ mod tests {
             inbox: Arc::clone(&inbox),
             outbox: Arc::clone(&outbox),
             wake: EventFd::new(EFD_NONBLOCK).unwrap(),
+            mac,
         };
         (Box::new(p), (inbox, outbox))
     }
@@ -701,5 +753,30 @@ mod tests {
         assert_eq!((stats[1].tx_packets, stats[1].tx_bytes), (1, 60));
         sw.remove_port(ida).unwrap();
         sw.remove_port(ida).unwrap(); // already gone: fine
+    }
+
+    #[test]
+    fn a_port_cannot_send_from_another_ports_address() {
+        let sw = Switch::new("spoof").unwrap();
+        let (pa, (a_in, a_out)) = test_port_with("a", Some(Mac(A)));
+        let (pm, (m_in, m_out)) = test_port_with("m", Some(Mac([2, 0, 0, 0, 0, 0x66])));
+        sw.add_port(pa).unwrap();
+        sw.add_port(pm).unwrap();
+        // a announces itself; m then claims a's address: dropped, counted, nothing learned.
+        a_in.lock().unwrap().push_back(frame([0xff; 6], A));
+        wait_for(|| m_out.lock().unwrap().len() == 1);
+        m_in.lock().unwrap().push_back(frame([0xff; 6], A));
+        wait_for(|| sw.ports().unwrap()[1].2.errors == 1);
+        assert!(
+            a_out.lock().unwrap().is_empty(),
+            "the spoofed frame went nowhere"
+        );
+        // Traffic for a still reaches a.
+        m_in.lock()
+            .unwrap()
+            .push_back(frame(A, [2, 0, 0, 0, 0, 0x66]));
+        wait_for(|| a_out.lock().unwrap().len() == 1);
+        let stats = sw.ports().unwrap();
+        assert_eq!((stats[1].2.rx_packets, stats[1].2.errors), (1, 1));
     }
 }

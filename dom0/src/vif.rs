@@ -70,7 +70,7 @@ impl Vif {
                 (Arc::clone(dom), Arc::clone(switch), Arc::clone(&counters));
             let name = format!("dom{}-vif{devid}", dom.id);
             DeviceThread::spawn(dirs, name, move |dirs, stop| {
-                serve(dirs, &dom, devid, &switch, stop, &counters);
+                serve(dirs, &dom, devid, mac, &switch, stop, &counters);
             })
             .map_err(VifError::Thread)?
         };
@@ -167,6 +167,7 @@ fn serve(
     dirs: &DeviceDirs,
     dom: &Arc<DomainShared>,
     devid: u32,
+    mac: Mac,
     switch: &Switch,
     stop: &AtomicBool,
     counters: &OnceLock<Arc<PortCounters>>,
@@ -177,7 +178,7 @@ fn serve(
         return;
     }
     let port = match connect(dirs, dom, devid) {
-        Ok(p) => p,
+        Ok(p) => p.with_source_mac(mac),
         Err(why) => {
             dom.guest_fault("vif-handshake", format_args!("{}: {why}", dirs.frontend));
             dirs.set_state(state::CLOSED);
