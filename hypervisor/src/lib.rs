@@ -22,6 +22,8 @@ pub mod vcpu;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 
+use pv_protocol::grant::DomId;
+
 use kvm_bindings::{Msrs, kvm_msr_entry, kvm_userspace_memory_region};
 use kvm_ioctls::{Kvm, VcpuFd};
 use std::mem::offset_of;
@@ -182,7 +184,18 @@ impl Hypervisor {
         if let Some(c) = &cfg.cpus {
             domain::check_cpus(c).map_err(|e| Error::Config(format!("cpus: {e}")))?;
         }
-        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        // Ids are never reused, and a domain id must fit Xen's 16 bits below the reserved ones
+        // (DOMID_SELF and friends): the store's permissions and the event-channel ABI carry it.
+        let id = self
+            .next_id
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                (n < u32::from(DomId::FIRST_RESERVED.0)).then_some(n + 1)
+            })
+            .map_err(|n| {
+                Error::Config(format!(
+                    "domain ids are used up ({n} domains created; ids are never reused)"
+                ))
+            })?;
         let ram = memory::GuestRam::new(cfg.mem_mib << 20)?;
         let kernel = cfg.kernel.as_deref().unwrap_or(guest_drivers::GUEST_KERNEL);
         let entry = boot::load_kernel(&ram, kernel)?;

@@ -28,6 +28,9 @@ use crate::domain::DomainShared;
 use crate::evtchn::HostPort;
 use crate::store::Store;
 
+/// Console output reads (of up to 2 KiB) per pass of the PV-device thread.
+const CONSOLE_READS_PER_PASS: usize = 8;
+
 /// Replies queued for a guest beyond which it is no longer served until it reads them.
 const MAX_QUEUED_REPLY_BYTES: usize = 64 * 1024;
 
@@ -93,7 +96,12 @@ fn serve(dom: &Arc<DomainShared>, store: &Store, devs: &PvDevs) {
         // Console first: output written just before a request stays in order.
         let mut buf = [0u8; 2048];
         let mut drained = false;
-        while !console_broken {
+        // Bounded: a guest writing from several vCPUs could otherwise keep this thread here
+        // and starve its store; what is left is read on the next pass.
+        for _ in 0..CONSOLE_READS_PER_PASS {
+            if console_broken {
+                break;
+            }
             match out.read(&mut buf) {
                 Ok(0) => break,
                 Ok(n) => {

@@ -7,7 +7,7 @@
 //! may do anything; the owner may do anything to its node. Guests reach the store through
 //! the `pvdev` ring server; dom0 calls this API directly.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use pv_protocol::grant::DomId;
@@ -47,6 +47,14 @@ pub type Result<T> = std::result::Result<T, StoreErrno>;
 struct Node {
     value: Vec<u8>,
     perms: Vec<Perm>,
+    /// Generation of the node's last change (transactions compare it with their start).
+    generation: u64,
+}
+
+impl Node {
+    fn owner(&self) -> u32 {
+        self.perms.first().map_or(0, |p| u32::from(p.domid.0))
+    }
 }
 
 #[derive(Debug)]
@@ -56,23 +64,32 @@ struct Watch {
     token: String,
 }
 
+/// An open transaction: only what it changed (an overlay on the live tree, `None` = removed),
+/// never a copy of the store.
 #[derive(Debug)]
 struct Tx {
     domid: u32,
-    nodes: BTreeMap<String, Node>,
     start_gen: u64,
-    touched: BTreeSet<String>,
+    over: BTreeMap<String, Option<Node>>,
 }
 
 /// Called when a domain has new watch events queued.
 pub type Wake = Box<dyn Fn() + Send + Sync>;
 
+/// Removed paths remembered for open transactions' conflict checks; beyond this many, they are
+/// all forgotten and every transaction open at that point fails its commit with `EAGAIN`.
+const MAX_TOMBSTONES: usize = 16384;
+
 #[derive(Default)]
 struct Inner {
     nodes: BTreeMap<String, Node>,
-    /// Generation of the last change to each path (including removals).
-    changed: HashMap<String, u64>,
+    /// Nodes each domain owns (the quota counts them).
+    owned: HashMap<u32, usize>,
     generation: u64,
+    /// Paths removed while transactions are open, with the generation of the removal.
+    tombstones: HashMap<String, u64>,
+    /// Transactions that started before this generation cannot commit (tombstones were lost).
+    tombstone_floor: u64,
     watches: Vec<Watch>,
     txs: HashMap<u32, Tx>,
     next_tx: u32,
@@ -118,17 +135,6 @@ fn parent(path: &str) -> Option<&str> {
     }
 }
 
-fn owned_by(nodes: &BTreeMap<String, Node>, domid: u32) -> usize {
-    nodes
-        .values()
-        .filter(|n| {
-            n.perms
-                .first()
-                .is_some_and(|p| u32::from(p.domid.0) == domid)
-        })
-        .count()
-}
-
 fn can(domid: u32, node: &Node, want: PermKind) -> bool {
     if domid == 0 {
         return true;
@@ -157,11 +163,12 @@ impl Store {
             ..Default::default()
         };
         for p in ["/", "/local", "/local/domain"] {
-            inner.nodes.insert(
-                p.into(),
+            inner.put_live(
+                p,
                 Node {
                     value: Vec::new(),
                     perms: vec![perm(PermKind::None, 0)],
+                    generation: 0,
                 },
             );
         }
@@ -204,6 +211,7 @@ impl Store {
         g.txs.retain(|_, t| t.domid != domid);
         g.events.remove(&domid);
         g.wakers.remove(&domid);
+        g.trim_tombstones();
     }
 
     /// Takes the next queued watch event `(path, token)` for `domid`.
@@ -213,10 +221,10 @@ impl Store {
 
     /// Reads a node.
     pub fn read(&self, domid: u32, tx: u32, path: &str) -> Result<Vec<u8>> {
-        let mut g = self.lock();
+        let g = self.lock();
+        g.check_tx(domid, tx)?;
         let path = Self::absolute(domid, path);
-        let nodes = g.view(domid, tx, &path)?;
-        let n = nodes.get(&path).ok_or(StoreErrno::ENOENT)?;
+        let n = g.get(tx, &path).ok_or(StoreErrno::ENOENT)?;
         if !can(domid, n, PermKind::Read) {
             return Err(StoreErrno::EACCES);
         }
@@ -225,10 +233,10 @@ impl Store {
 
     /// Lists a node's children.
     pub fn directory(&self, domid: u32, tx: u32, path: &str) -> Result<Vec<String>> {
-        let mut g = self.lock();
+        let g = self.lock();
+        g.check_tx(domid, tx)?;
         let path = Self::absolute(domid, path);
-        let nodes = g.view(domid, tx, &path)?;
-        let n = nodes.get(&path).ok_or(StoreErrno::ENOENT)?;
+        let n = g.get(tx, &path).ok_or(StoreErrno::ENOENT)?;
         if !can(domid, n, PermKind::Read) {
             return Err(StoreErrno::EACCES);
         }
@@ -237,11 +245,10 @@ impl Store {
         } else {
             format!("{path}/")
         };
-        Ok(nodes
-            .range(prefix.clone()..)
-            .take_while(|(k, _)| k.starts_with(&prefix))
-            .filter(|(k, _)| !k[prefix.len()..].contains('/'))
-            .map(|(k, _)| k[prefix.len()..].to_string())
+        Ok(g.below(tx, &prefix)
+            .into_iter()
+            .filter(|k| !k[prefix.len()..].contains('/'))
+            .map(|k| k[prefix.len()..].to_string())
             .collect())
     }
 
@@ -252,16 +259,19 @@ impl Store {
         if domid != 0 && value.len() > g.quota.value_bytes {
             return Err(StoreErrno::E2BIG);
         }
+        g.check_tx(domid, tx)?;
         let path = Self::absolute(domid, path);
-        let quota = g.quota.nodes;
-        let mut created = Vec::new();
-        {
-            let nodes = g.view_mut(domid, tx)?;
-            if let Some(n) = nodes.get(&path) {
+        let node = match g.get(tx, &path) {
+            Some(n) => {
                 if !can(domid, n, PermKind::Write) {
                     return Err(StoreErrno::EACCES);
                 }
-            } else {
+                Node {
+                    value: value.to_vec(),
+                    ..n.clone()
+                }
+            }
+            None => {
                 // Walk up to the nearest existing ancestor.
                 let mut missing = vec![path.clone()];
                 let mut p = parent(&path);
@@ -269,7 +279,7 @@ impl Store {
                     let Some(pp) = p else {
                         return Err(StoreErrno::ENOENT);
                     };
-                    if let Some(n) = nodes.get(pp) {
+                    if let Some(n) = g.get(tx, pp) {
                         break n.clone();
                     }
                     missing.push(pp.to_string());
@@ -278,31 +288,30 @@ impl Store {
                 if !can(domid, &base, PermKind::Write) {
                     return Err(StoreErrno::EACCES);
                 }
-                // Counted by scanning: writes are not a hot path, and the total is bounded by the
-                // quotas themselves.
-                if domid != 0 && owned_by(nodes, domid) + missing.len() > quota {
-                    return Err(StoreErrno::ENOSPC);
+                if domid != 0 {
+                    g.room_for(domid, tx, missing.len())?;
                 }
                 let mut perms = base.perms.clone();
                 if let Some(first) = perms.first_mut().filter(|_| domid != 0) {
                     first.domid = DomId(domid as u16);
                 }
-                for m in missing.into_iter().rev() {
-                    nodes.insert(
-                        m.clone(),
-                        Node {
-                            value: Vec::new(),
-                            perms: perms.clone(),
-                        },
-                    );
-                    created.push(m);
+                let fresh = |value: Vec<u8>| Node {
+                    value,
+                    perms: perms.clone(),
+                    generation: 0,
+                };
+                // Parents first; the node itself below.
+                for m in missing[1..].iter().rev() {
+                    g.put(tx, m, Some(fresh(Vec::new())));
                 }
+                fresh(value.to_vec())
             }
-            if let Some(n) = nodes.get_mut(&path) {
-                n.value = value.to_vec();
-            }
+        };
+        let fired = node.clone();
+        g.put(tx, &path, Some(node));
+        if tx == 0 {
+            g.fire(&path, &fired);
         }
-        g.touched(domid, tx, &path, &created);
         Ok(())
     }
 
@@ -318,41 +327,35 @@ impl Store {
     /// Removes a node and its subtree.
     pub fn rm(&self, domid: u32, tx: u32, path: &str) -> Result<()> {
         let mut g = self.lock();
+        g.check_tx(domid, tx)?;
         let path = Self::absolute(domid, path);
         if path == "/" {
             return Err(StoreErrno::EINVAL);
         }
-        let removed: Vec<String>;
-        {
-            let nodes = g.view_mut(domid, tx)?;
-            let n = nodes.get(&path).ok_or(StoreErrno::ENOENT)?;
-            if !can(domid, n, PermKind::Write) {
-                return Err(StoreErrno::EACCES);
-            }
-            let prefix = format!("{path}/");
-            let doomed: Vec<String> = std::iter::once(path.clone())
-                .chain(
-                    nodes
-                        .range(prefix.clone()..)
-                        .take_while(|(k, _)| k.starts_with(&prefix))
-                        .map(|(k, _)| k.clone()),
-                )
-                .collect();
-            for k in &doomed {
-                nodes.remove(k);
-            }
-            removed = doomed;
+        let n = g.get(tx, &path).ok_or(StoreErrno::ENOENT)?.clone();
+        if !can(domid, &n, PermKind::Write) {
+            return Err(StoreErrno::EACCES);
         }
-        g.touched(domid, tx, &path, &removed);
+        let doomed = g.below(tx, &format!("{path}/"));
+        if tx != 0 && domid != 0 {
+            g.room_for(domid, tx, doomed.len() + 1)?;
+        }
+        for k in doomed.iter().chain(std::iter::once(&path)) {
+            g.put(tx, k, None);
+        }
+        if tx == 0 {
+            // Watchers learn of the removal if they could read the node it removed.
+            g.fire(&path, &n);
+        }
         Ok(())
     }
 
     /// A node's permission list.
     pub fn get_perms(&self, domid: u32, tx: u32, path: &str) -> Result<Vec<Perm>> {
-        let mut g = self.lock();
+        let g = self.lock();
+        g.check_tx(domid, tx)?;
         let path = Self::absolute(domid, path);
-        let nodes = g.view(domid, tx, &path)?;
-        let n = nodes.get(&path).ok_or(StoreErrno::ENOENT)?;
+        let n = g.get(tx, &path).ok_or(StoreErrno::ENOENT)?;
         if !can(domid, n, PermKind::Read) {
             return Err(StoreErrno::EACCES);
         }
@@ -365,17 +368,24 @@ impl Store {
             return Err(StoreErrno::EINVAL);
         }
         let mut g = self.lock();
+        g.check_tx(domid, tx)?;
         let path = Self::absolute(domid, path);
-        {
-            let nodes = g.view_mut(domid, tx)?;
-            let n = nodes.get_mut(&path).ok_or(StoreErrno::ENOENT)?;
-            let owner = n.perms.first().map_or(0, |p| u32::from(p.domid.0));
-            if domid != 0 && (owner != domid || u32::from(perms[0].domid.0) != domid) {
-                return Err(StoreErrno::EACCES);
-            }
-            n.perms = perms.to_vec();
+        let n = g.get(tx, &path).ok_or(StoreErrno::ENOENT)?;
+        if domid != 0 && (n.owner() != domid || u32::from(perms[0].domid.0) != domid) {
+            return Err(StoreErrno::EACCES);
         }
-        g.touched(domid, tx, &path, &[]);
+        if tx != 0 && domid != 0 {
+            g.room_for(domid, tx, 1)?;
+        }
+        let node = Node {
+            perms: perms.to_vec(),
+            ..n.clone()
+        };
+        let fired = node.clone();
+        g.put(tx, &path, Some(node));
+        if tx == 0 {
+            g.fire(&path, &fired);
+        }
         Ok(())
     }
 
@@ -426,16 +436,16 @@ impl Store {
         g.next_tx = g.next_tx.wrapping_add(1).max(1);
         let tx = Tx {
             domid,
-            nodes: g.nodes.clone(),
             start_gen: g.generation,
-            touched: BTreeSet::new(),
+            over: BTreeMap::new(),
         };
         g.txs.insert(id, tx);
         Ok(id)
     }
 
-    /// Ends a transaction: applies it if `commit` and nothing it touched changed meanwhile
-    /// (else `EAGAIN`, and nothing is applied).
+    /// Ends a transaction: applies it if `commit` and nothing it changed (nor the parent of a
+    /// node it wrote) changed meanwhile, and the domain's quota still holds (else `EAGAIN` or
+    /// `ENOSPC`, and nothing is applied).
     pub fn transaction_end(&self, domid: u32, tx: u32, commit: bool) -> Result<()> {
         let mut g = self.lock();
         let t = match g.txs.remove(&tx) {
@@ -446,74 +456,183 @@ impl Store {
             }
             None => return Err(StoreErrno::ENOENT),
         };
-        if !commit {
-            return Ok(());
-        }
-        let conflict = t
-            .touched
-            .iter()
-            .any(|p| g.changed.get(p).is_some_and(|&c| c > t.start_gen));
-        if conflict {
-            return Err(StoreErrno::EAGAIN);
-        }
-        for p in &t.touched {
-            match t.nodes.get(p) {
-                Some(n) => g.nodes.insert(p.clone(), n.clone()),
-                None => g.nodes.remove(p),
-            };
-        }
-        let touched: Vec<String> = t.touched.into_iter().collect();
-        for p in &touched {
-            g.mark_changed(p);
-        }
-        Ok(())
+        let r = if commit { g.commit(t) } else { Ok(()) };
+        g.trim_tombstones();
+        r
     }
 }
 
 impl Inner {
-    /// The tree an operation sees: the live one, or its transaction's copy.
-    fn view(&mut self, domid: u32, tx: u32, _path: &str) -> Result<&BTreeMap<String, Node>> {
-        if tx == 0 {
-            return Ok(&self.nodes);
-        }
-        match self.txs.get(&tx) {
-            Some(t) if t.domid == domid => Ok(&t.nodes),
+    /// `ENOENT` for a transaction that is not `domid`'s.
+    fn check_tx(&self, domid: u32, tx: u32) -> Result<()> {
+        match tx {
+            0 => Ok(()),
+            t if self.txs.get(&t).is_some_and(|t| t.domid == domid) => Ok(()),
             _ => Err(StoreErrno::ENOENT),
         }
     }
 
-    fn view_mut(&mut self, domid: u32, tx: u32) -> Result<&mut BTreeMap<String, Node>> {
-        if tx == 0 {
-            return Ok(&mut self.nodes);
+    /// A node as `tx` sees it (0: the live tree).
+    fn get(&self, tx: u32, path: &str) -> Option<&Node> {
+        if let Some(e) = self.txs.get(&tx).and_then(|t| t.over.get(path)) {
+            return e.as_ref();
         }
-        match self.txs.get_mut(&tx) {
-            Some(t) if t.domid == domid => Ok(&mut t.nodes),
-            _ => Err(StoreErrno::ENOENT),
-        }
+        self.nodes.get(path)
     }
 
-    /// Records a change to `path` (and `extra` paths) made by `domid` in `tx`.
-    fn touched(&mut self, _domid: u32, tx: u32, path: &str, extra: &[String]) {
-        if tx != 0 {
-            if let Some(t) = self.txs.get_mut(&tx) {
-                t.touched.insert(path.to_string());
-                t.touched.extend(extra.iter().cloned());
+    /// Every path under `prefix` (which ends in `/`) as `tx` sees the tree.
+    fn below(&self, tx: u32, prefix: &str) -> Vec<String> {
+        let under = |k: &&String| k.starts_with(prefix);
+        let mut seen: BTreeMap<&String, bool> = self
+            .nodes
+            .range(prefix.to_string()..)
+            .map(|(k, _)| k)
+            .take_while(under)
+            .map(|k| (k, true))
+            .collect();
+        if let Some(t) = self.txs.get(&tx) {
+            for (k, e) in t.over.range(prefix.to_string()..) {
+                if !k.starts_with(prefix) {
+                    break;
+                }
+                seen.insert(k, e.is_some());
             }
+        }
+        seen.into_iter()
+            .filter(|&(_, live)| live)
+            .map(|(k, _)| k.clone())
+            .collect()
+    }
+
+    /// Nodes `domid` owns, as `tx` sees the tree.
+    fn owned_in(&self, domid: u32, tx: u32) -> usize {
+        let live = self.owned.get(&domid).copied().unwrap_or(0);
+        let Some(t) = self.txs.get(&tx) else {
+            return live;
+        };
+        let mut n = live as i64;
+        for (p, e) in &t.over {
+            let was = self.nodes.get(p).is_some_and(|o| o.owner() == domid);
+            let is = e.as_ref().is_some_and(|o| o.owner() == domid);
+            n += i64::from(is) - i64::from(was);
+        }
+        n.max(0) as usize
+    }
+
+    /// Whether `domid` may create `more` nodes (its quota) and, in a transaction, record `more`
+    /// changes (a transaction holds at most its domain's node quota of changes).
+    fn room_for(&self, domid: u32, tx: u32, more: usize) -> Result<()> {
+        let quota = self.quota.nodes;
+        if self.owned_in(domid, tx) + more > quota {
+            return Err(StoreErrno::ENOSPC);
+        }
+        if self
+            .txs
+            .get(&tx)
+            .is_some_and(|t| t.over.len() + more > quota)
+        {
+            return Err(StoreErrno::ENOSPC);
+        }
+        Ok(())
+    }
+
+    /// Sets (`Some`) or removes (`None`) a node, in `tx`'s overlay or (0) in the live tree.
+    fn put(&mut self, tx: u32, path: &str, node: Option<Node>) {
+        if let Some(t) = self.txs.get_mut(&tx) {
+            t.over.insert(path.to_string(), node);
             return;
         }
-        self.mark_changed(path);
-        for p in extra {
-            if p != path {
-                self.changed.insert(p.clone(), self.generation);
+        self.generation += 1;
+        match node {
+            Some(n) => self.put_live(path, n),
+            None => self.remove_live(path),
+        }
+    }
+
+    fn put_live(&mut self, path: &str, mut node: Node) {
+        node.generation = self.generation;
+        *self.owned.entry(node.owner()).or_default() += 1;
+        if let Some(old) = self.nodes.insert(path.to_string(), node) {
+            self.disown(old.owner());
+        }
+    }
+
+    fn remove_live(&mut self, path: &str) {
+        if let Some(old) = self.nodes.remove(path) {
+            self.disown(old.owner());
+            if !self.txs.is_empty() {
+                self.tombstones.insert(path.to_string(), self.generation);
+                if self.tombstones.len() > MAX_TOMBSTONES {
+                    self.tombstones.clear();
+                    self.tombstone_floor = self.generation;
+                }
             }
         }
     }
 
-    fn mark_changed(&mut self, path: &str) {
-        self.generation += 1;
-        self.changed.insert(path.to_string(), self.generation);
-        // A change fires watches on the path and its ancestors; removing a parent also fires
-        // watches below it.
+    fn disown(&mut self, owner: u32) {
+        if let Some(c) = self.owned.get_mut(&owner) {
+            *c = c.saturating_sub(1);
+        }
+    }
+
+    /// Whether `path` changed after generation `since` (written, created or removed).
+    fn changed_since(&self, path: &str, since: u64) -> bool {
+        self.nodes.get(path).is_some_and(|n| n.generation > since)
+            || self.tombstones.get(path).is_some_and(|&g| g > since)
+    }
+
+    fn commit(&mut self, t: Tx) -> Result<()> {
+        let conflict = t.start_gen < self.tombstone_floor
+            || t.over.iter().any(|(p, e)| {
+                self.changed_since(p, t.start_gen)
+                    || (e.is_some()
+                        && parent(p).is_some_and(|pp| self.changed_since(pp, t.start_gen)))
+            });
+        if conflict {
+            return Err(StoreErrno::EAGAIN);
+        }
+        // The quota again: other transactions of the domain may have committed meanwhile.
+        if t.domid != 0 {
+            let mut owned = self.owned.get(&t.domid).copied().unwrap_or(0) as i64;
+            for (p, e) in &t.over {
+                let was = self.nodes.get(p).is_some_and(|o| o.owner() == t.domid);
+                let is = e.as_ref().is_some_and(|o| o.owner() == t.domid);
+                owned += i64::from(is) - i64::from(was);
+            }
+            if owned > self.quota.nodes as i64 {
+                return Err(StoreErrno::ENOSPC);
+            }
+        }
+        // A removed parent takes its live children along (they are in the overlay only when the
+        // transaction saw them, and it saw the tree as it was).
+        for (p, e) in t.over {
+            let before = self.nodes.get(&p).cloned();
+            if e.is_none() {
+                for k in self.below(0, &format!("{p}/")) {
+                    self.put(0, &k, None);
+                }
+            }
+            self.put(0, &p, e.clone());
+            if let Some(n) = e.or(before) {
+                self.fire(&p, &n);
+            }
+        }
+        Ok(())
+    }
+
+    /// Forgets tombstones no open transaction can need.
+    fn trim_tombstones(&mut self) {
+        match self.txs.values().map(|t| t.start_gen).min() {
+            None => self.tombstones.clear(),
+            Some(oldest) => self.tombstones.retain(|_, g| *g > oldest),
+        }
+    }
+
+    /// Queues watch events for a change to `path` whose node (after a write, before a removal)
+    /// is `node`: watches on the path, its ancestors and (for a removal) its descendants fire,
+    /// for domains that may read the node.
+    fn fire(&mut self, path: &str, node: &Node) {
         let hits: Vec<(u32, String)> = self
             .watches
             .iter()
@@ -522,10 +641,7 @@ impl Inner {
                     || path.starts_with(&format!("{}/", w.path.trim_end_matches('/')))
                     || w.path.starts_with(&format!("{path}/"))
             })
-            .filter(|w| {
-                let node = self.nodes.get(path).or_else(|| self.nodes.get(&w.path));
-                node.is_none_or(|n| can(w.domid, n, PermKind::Read))
-            })
+            .filter(|w| can(w.domid, node, PermKind::Read))
             .map(|w| (w.domid, w.token.clone()))
             .collect();
         for (domid, token) in hits {
@@ -710,6 +826,79 @@ mod tests {
             s.transaction_start(2).unwrap();
         }
         assert_eq!(s.transaction_start(2), Err(StoreErrno::ENOSPC));
+    }
+
+    #[test]
+    fn transactions_hold_only_their_changes_and_the_quota_holds_at_commit() {
+        let s = Store::new(Quota {
+            nodes: 20,
+            ..Quota::default()
+        });
+        s.introduce(2, "two", Box::new(|| {}));
+        let owned = |s: &Store| s.lock().owned.get(&2).copied().unwrap_or(0);
+        let base = owned(&s);
+        // Two transactions each fit the quota alone; together they would not.
+        let (t1, t2) = (
+            s.transaction_start(2).unwrap(),
+            s.transaction_start(2).unwrap(),
+        );
+        for i in 0..12 {
+            s.write(2, t1, &format!("a{i}"), b"x").unwrap();
+            s.write(2, t2, &format!("b{i}"), b"x").unwrap();
+        }
+        assert_eq!(s.lock().txs[&t1].over.len(), 12, "an overlay, not a copy");
+        s.transaction_end(2, t1, true).unwrap();
+        assert_eq!(s.transaction_end(2, t2, true), Err(StoreErrno::ENOSPC));
+        assert_eq!(owned(&s), base + 12);
+        // A transaction cannot pile up more changes than the quota, even by write/rm.
+        let t = s.transaction_start(2).unwrap();
+        let err = (0..100)
+            .find_map(|i| {
+                let p = format!("c{i}");
+                s.write(2, t, &p, b"x").and_then(|()| s.rm(2, t, &p)).err()
+            })
+            .unwrap();
+        assert_eq!(err, StoreErrno::ENOSPC);
+        s.transaction_end(2, t, false).unwrap();
+    }
+
+    #[test]
+    fn commits_see_removed_parents_and_removals_outside_transactions_leave_nothing_behind() {
+        let s = store();
+        s.write(2, 0, "dir/x", b"1").unwrap();
+        // The parent goes while a transaction writes below it: the commit is refused.
+        let t = s.transaction_start(2).unwrap();
+        s.write(2, t, "dir/y", b"2").unwrap();
+        s.rm(2, 0, "dir").unwrap();
+        assert_eq!(s.transaction_end(2, t, true), Err(StoreErrno::EAGAIN));
+        assert_eq!(s.read(2, 0, "dir/y"), Err(StoreErrno::ENOENT));
+        // A transaction removing a subtree also removes what was added below it meanwhile.
+        s.write(2, 0, "dir/x", b"1").unwrap();
+        let t = s.transaction_start(2).unwrap();
+        s.rm(2, t, "dir").unwrap();
+        s.write(2, 0, "dir/late", b"3").unwrap();
+        s.transaction_end(2, t, true).unwrap();
+        assert_eq!(
+            s.directory(2, 0, "/local/domain/2"),
+            Ok(vec!["domid".into(), "name".into()])
+        );
+        // With no transaction open, write/rm loops leave no bookkeeping.
+        for i in 0..100 {
+            s.write(2, 0, &format!("tmp{i}"), b"x").unwrap();
+            s.rm(2, 0, &format!("tmp{i}")).unwrap();
+        }
+        assert!(s.lock().tombstones.is_empty());
+    }
+
+    #[test]
+    fn a_removal_is_not_announced_to_a_domain_that_could_not_read_the_node() {
+        let s = store();
+        s.write(3, 0, "secret/x", b"1").unwrap();
+        // Domain 2 watches a path it cannot read inside domain 3's home.
+        s.watch(2, "/local/domain/3/secret/x", "spy").unwrap();
+        while s.next_event(2).is_some() {}
+        s.rm(3, 0, "secret").unwrap();
+        assert_eq!(s.next_event(2), None);
     }
 
     #[test]
