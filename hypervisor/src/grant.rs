@@ -109,12 +109,9 @@ pub fn map(
     let (table, off) = entry_word(d, gref)?;
     let mut track = track(d);
     for _ in 0..16 {
-        // One u32 holds flags (low half) and domid (high half); read it and the frame once.
+        // One u32 holds flags (low half) and domid (high half); read it once.
         let word = table
             .load_u32(off, std::sync::atomic::Ordering::SeqCst)
-            .map_err(|_| GrantError::BadRef(gref))?;
-        let frame = table
-            .load_u32(off + 4, std::sync::atomic::Ordering::SeqCst)
             .map_err(|_| GrantError::BadRef(gref))?;
         let flags = GrantFlags::from_bits_retain(word as u16);
         let domid = (word >> 16) as u16;
@@ -133,24 +130,32 @@ pub fn map(
         if !readonly && flags.contains(GrantFlags::READONLY) {
             return Err(GrantError::ReadOnly(gref));
         }
-        let gpa = u64::from(frame) * PAGE_SIZE as u64;
-        if gpa
-            .checked_add(PAGE_SIZE as u64)
-            .is_none_or(|end| end > d.ram.size())
-        {
-            return Err(GrantError::BadFrame { gref, frame });
-        }
         let mut want = flags | GrantFlags::READING;
         if !readonly {
             want |= GrantFlags::WRITING;
         }
         let new = (word & 0xffff_0000) | u32::from(want.bits());
         match table.compare_exchange_u32(off, word, new) {
-            Ok(_) => {
+            Ok(Ok(_)) => {
                 let e = track.maps.entry(gref).or_insert((0, 0));
                 e.0 += 1;
                 if !readonly {
                     e.1 += 1;
+                }
+                // The frame is read once the entry is claimed (as Xen does): from here on the
+                // guest may not change the entry, so the frame checked is the frame mapped.
+                // SeqCst: after the claim's exchange, like every access to the entry.
+                let frame = table
+                    .load_u32(off + 4, std::sync::atomic::Ordering::SeqCst)
+                    .unwrap_or(u32::MAX);
+                let gpa = u64::from(frame) * PAGE_SIZE as u64;
+                if gpa
+                    .checked_add(PAGE_SIZE as u64)
+                    .is_none_or(|end| end > d.ram.size())
+                {
+                    drop(track);
+                    release(d, gref, !readonly);
+                    return Err(GrantError::BadFrame { gref, frame });
                 }
                 return Ok(GrantMapping {
                     dom: Arc::downgrade(d),
@@ -161,7 +166,8 @@ pub fn map(
                 });
             }
             // The guest changed the entry between our read and our exchange: look again.
-            Err(_) => continue,
+            Ok(Err(_)) => continue,
+            Err(_) => return Err(GrantError::BadRef(gref)),
         }
     }
     Err(GrantError::Busy(gref))
