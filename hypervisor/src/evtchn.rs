@@ -270,8 +270,40 @@ pub fn send(d: &DomainShared, port: u32) -> Result<(), Errno> {
 /// `EVTCHNOP_close`: frees `port`; an interdomain peer's port goes back to unbound (offered to
 /// us again), as in Xen.
 pub fn close(d: &DomainShared, port: u32) -> Result<(), Errno> {
-    let binding = check_port(&table(d), port)?.clone();
-    match binding {
+    // The binding is read, then acted on under the lock(s) it needs; if it changed in between
+    // (two vCPUs closing and rebinding at once), look again.
+    for _ in 0..16 {
+        let binding = check_port(&table(d), port)?.clone();
+        if close_binding(d, port, &binding) {
+            return Ok(());
+        }
+    }
+    Err(Errno::EAGAIN)
+}
+
+/// Whether two bindings are the same one (the same host doorbell, not just an equal shape).
+fn same(a: &Binding, b: &Binding) -> bool {
+    match (a, b) {
+        (Binding::Free, Binding::Free) => true,
+        (Binding::Unbound { remote: x }, Binding::Unbound { remote: y }) => x == y,
+        (
+            Binding::Interdomain {
+                remote_dom: a,
+                remote_port: b,
+            },
+            Binding::Interdomain {
+                remote_dom: c,
+                remote_port: e,
+            },
+        ) => a == c && b == e,
+        (Binding::Host { eventfd: x }, Binding::Host { eventfd: y }) => Arc::ptr_eq(x, y),
+        _ => false,
+    }
+}
+
+/// Frees `port` if it is still bound as `binding`; `false` if it changed meanwhile.
+fn close_binding(d: &DomainShared, port: u32, binding: &Binding) -> bool {
+    match binding.clone() {
         Binding::Interdomain {
             remote_dom,
             remote_port,
@@ -283,6 +315,9 @@ pub fn close(d: &DomainShared, port: u32) -> Result<(), Errno> {
             };
             let r: &DomainShared = remote.as_deref().unwrap_or(d);
             let (mut mine, mut theirs) = lock_pair(d, r);
+            if !mine.get(port).is_some_and(|b| same(b, binding)) {
+                return false;
+            }
             mine.set(port, Binding::Free);
             if remote_dom == d.id || remote.is_some() {
                 let rt = theirs.as_deref_mut().unwrap_or(&mut mine);
@@ -293,12 +328,23 @@ pub fn close(d: &DomainShared, port: u32) -> Result<(), Errno> {
             }
         }
         Binding::Host { eventfd } => {
+            // The doorbell goes before the port is free (so a new binding of the port can
+            // register its own); KVM matches the eventfd, so this never removes another's.
             unregister_doorbell(d, &eventfd, port);
-            table(d).set(port, Binding::Free);
+            let mut t = table(d);
+            if t.get(port).is_some_and(|b| same(b, binding)) {
+                t.set(port, Binding::Free);
+            }
         }
-        _ => table(d).set(port, Binding::Free),
+        _ => {
+            let mut t = table(d);
+            if !t.get(port).is_some_and(|b| same(b, binding)) {
+                return false;
+            }
+            t.set(port, Binding::Free);
+        }
     }
-    Ok(())
+    true
 }
 
 /// Closes every port of `d` (domain destroy): interdomain peers go back to unbound, host
