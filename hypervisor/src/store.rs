@@ -506,12 +506,13 @@ impl Inner {
 
     /// Nodes `domid` owns, as `tx` sees the tree.
     fn owned_in(&self, domid: u32, tx: u32) -> usize {
-        let live = self.owned.get(&domid).copied().unwrap_or(0);
-        let Some(t) = self.txs.get(&tx) else {
-            return live;
-        };
-        let mut n = live as i64;
-        for (p, e) in &t.over {
+        self.owned_with(domid, self.txs.get(&tx).map(|t| &t.over))
+    }
+
+    /// Nodes `domid` would own with the changes `over` applied to the live tree.
+    fn owned_with(&self, domid: u32, over: Option<&BTreeMap<String, Option<Node>>>) -> usize {
+        let mut n = self.owned.get(&domid).copied().unwrap_or(0) as i64;
+        for (p, e) in over.into_iter().flatten() {
             let was = self.nodes.get(p).is_some_and(|o| o.owner() == domid);
             let is = e.as_ref().is_some_and(|o| o.owner() == domid);
             n += i64::from(is) - i64::from(was);
@@ -593,16 +594,8 @@ impl Inner {
             return Err(StoreErrno::EAGAIN);
         }
         // The quota again: other transactions of the domain may have committed meanwhile.
-        if t.domid != 0 {
-            let mut owned = self.owned.get(&t.domid).copied().unwrap_or(0) as i64;
-            for (p, e) in &t.over {
-                let was = self.nodes.get(p).is_some_and(|o| o.owner() == t.domid);
-                let is = e.as_ref().is_some_and(|o| o.owner() == t.domid);
-                owned += i64::from(is) - i64::from(was);
-            }
-            if owned > self.quota.nodes as i64 {
-                return Err(StoreErrno::ENOSPC);
-            }
+        if t.domid != 0 && self.owned_with(t.domid, Some(&t.over)) > self.quota.nodes {
+            return Err(StoreErrno::ENOSPC);
         }
         // A removed parent takes its live children along (they are in the overlay only when the
         // transaction saw them, and it saw the tree as it was).
