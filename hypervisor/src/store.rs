@@ -61,6 +61,8 @@ impl Node {
 struct Watch {
     domid: u32,
     path: String,
+    /// `path` with one trailing `/`, to match descendants without formatting per change.
+    below: String,
     token: String,
 }
 
@@ -405,6 +407,7 @@ impl Store {
         }
         g.watches.push(Watch {
             domid,
+            below: format!("{}/", path.trim_end_matches('/')),
             path: path.clone(),
             token: token.to_string(),
         });
@@ -626,14 +629,11 @@ impl Inner {
     /// is `node`: watches on the path, its ancestors and (for a removal) its descendants fire,
     /// for domains that may read the node.
     fn fire(&mut self, path: &str, node: &Node) {
+        let below = format!("{path}/");
         let hits: Vec<(u32, String)> = self
             .watches
             .iter()
-            .filter(|w| {
-                path == w.path
-                    || path.starts_with(&format!("{}/", w.path.trim_end_matches('/')))
-                    || w.path.starts_with(&format!("{path}/"))
-            })
+            .filter(|w| path == w.path || path.starts_with(&w.below) || w.path.starts_with(&below))
             .filter(|w| can(w.domid, node, PermKind::Read))
             .map(|w| (w.domid, w.token.clone()))
             .collect();
