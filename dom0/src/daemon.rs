@@ -109,6 +109,25 @@ struct State {
 /// Ended domains remembered for `status`.
 const ENDED_KEPT: usize = 64;
 
+/// Most of the log `dmesg` reads (its end): the log grows for the daemon's life.
+const DMESG_BYTES: u64 = 1 << 20;
+
+/// The last `max` bytes of the file at `path`, from the first whole line in them.
+fn log_tail(path: &Path, max: u64) -> std::io::Result<String> {
+    use std::io::Seek;
+    let mut f = std::fs::File::open(path)?;
+    let len = f.metadata()?.len();
+    let start = len.saturating_sub(max);
+    f.seek(std::io::SeekFrom::Start(start))?;
+    let mut bytes = Vec::with_capacity((len - start) as usize);
+    f.read_to_end(&mut bytes)?;
+    let text = String::from_utf8_lossy(&bytes);
+    Ok(match text.find('\n') {
+        Some(i) if start > 0 => text[i + 1..].to_string(),
+        _ => text.into_owned(),
+    })
+}
+
 /// xl's state letter (r b p s c d) and the detail of a final state (shutdown reason and code,
 /// crash registers).
 fn state_letter(dom: &DomainShared) -> (&'static str, String) {
@@ -340,7 +359,7 @@ impl Daemon {
             }
             Request::Console { .. } => unreachable!("handled by the connection"),
             Request::Dmesg { lines } => {
-                let text = std::fs::read_to_string(self.runtime.join(control::LOG))
+                let text = log_tail(&self.runtime.join(control::LOG), DMESG_BYTES)
                     .map_err(DaemonError::Log)?;
                 let all: Vec<&str> = text.lines().collect();
                 let tail = all[all.len().saturating_sub(lines)..].join("\n");
@@ -915,5 +934,23 @@ impl Daemon {
             }
         }
         self.changed.notify_all();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dmesg_reads_only_the_end_of_the_log_from_a_whole_line() {
+        let p = std::env::temp_dir().join(format!("sv-logtail-{}", std::process::id()));
+        let text: String = (0..1000).map(|i| format!("line {i}\n")).collect();
+        std::fs::write(&p, &text).unwrap();
+        let t = log_tail(&p, 100).unwrap();
+        assert!(t.len() <= 100);
+        assert!(t.starts_with("line "), "{t:?}");
+        assert!(t.ends_with("line 999\n"));
+        assert_eq!(log_tail(&p, 1 << 20).unwrap(), text);
+        std::fs::remove_file(&p).unwrap();
     }
 }
