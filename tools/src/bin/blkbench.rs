@@ -23,6 +23,7 @@ use std::time::Duration;
 use dom0::disk::Disk;
 use dom0::vbd::Vbd;
 use hypervisor::{DomainConfig, Hypervisor};
+use splitvisor_tools::results::{median, range};
 
 const IMAGE_BYTES: u64 = 1 << 30;
 
@@ -140,16 +141,6 @@ struct Series {
     guest: Vec<f64>,
 }
 
-fn median(v: &[f64]) -> f64 {
-    let mut v = v.to_vec();
-    v.sort_by(f64::total_cmp);
-    match v.len() {
-        0 => f64::NAN,
-        n if n % 2 == 1 => v[n / 2],
-        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
-    }
-}
-
 impl Series {
     fn ratios(&self) -> Vec<f64> {
         self.guest
@@ -162,9 +153,7 @@ impl Series {
     /// `| fio | guest | ratio | range |` cells.
     fn cells(&self) -> String {
         let r = self.ratios();
-        let (lo, hi) = r
-            .iter()
-            .fold((f64::INFINITY, 0f64), |(lo, hi), &x| (lo.min(x), hi.max(x)));
+        let (lo, hi) = range(&r);
         if self.fio.is_empty() {
             return format!("- | {:.0} | - | - |", median(&self.guest));
         }

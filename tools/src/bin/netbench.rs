@@ -7,7 +7,10 @@
 //! `sendmmsg` in one namespace, `recvmmsg` in the other. The guest side is two domains on one
 //! switch: `udpbench` sending, `udpsink` counting.
 //!
-//! Usage: `netbench [--seconds S] [--out FILE]` (needs root and iproute2).
+//! Each round runs veth, then the guests, for each size; the table shows medians over
+//! `--rounds` rounds (default 5) and the range of the per-round ratios.
+//!
+//! Usage: `netbench [--seconds S] [--rounds R] [--out FILE]` (needs root and iproute2).
 
 use std::fmt::Write as _;
 use std::os::fd::AsRawFd;
@@ -19,6 +22,7 @@ use std::time::{Duration, Instant};
 use dom0::switch::Switch;
 use dom0::vif::Vif;
 use hypervisor::{DomainConfig, Hypervisor};
+use splitvisor_tools::results::{median, range};
 
 /// UDP payload sizes measured: 64-byte and 1500-byte frames.
 const SIZES: [(usize, &str); 2] = [(18, "64-byte frames"), (1472, "1500-byte frames")];
@@ -267,6 +271,7 @@ fn guests(hv: &Hypervisor, payload: usize, seconds: u32) -> Result<Figure, Strin
 
 fn run() -> Result<(), String> {
     let mut seconds = 5u32;
+    let mut rounds = 5u32;
     let mut out = "benchmarks/results/net.md".to_string();
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -277,9 +282,15 @@ fn run() -> Result<(), String> {
                     .parse()
                     .map_err(|e| format!("--seconds: {e}"))?
             }
+            "--rounds" => {
+                rounds = v("--rounds")?
+                    .parse::<u32>()
+                    .map_err(|e| format!("--rounds: {e}"))?
+                    .max(1)
+            }
             "--out" => out = v("--out")?,
             "-h" | "--help" => {
-                println!("usage: netbench [--seconds S] [--out FILE]");
+                println!("usage: netbench [--seconds S] [--rounds R] [--out FILE]");
                 return Ok(());
             }
             other => return Err(format!("unknown argument {other:?} (try --help)")),
@@ -287,15 +298,21 @@ fn run() -> Result<(), String> {
     }
     let hv = Hypervisor::new().map_err(|e| e.to_string())?;
     let pair = VethPair::new()?;
-    let mut rows = Vec::new();
-    for (payload, label) in SIZES {
-        eprintln!("netbench: veth, {label}, {seconds} s");
-        let v = veth(&pair, payload, seconds)?;
-        eprintln!("netbench:   {:.0} kpps received", v.pps() / 1e3);
-        eprintln!("netbench: guests through the switch, {label}, {seconds} s");
-        let g = guests(&hv, payload, seconds)?;
-        eprintln!("netbench:   {:.0} kpps received", g.pps() / 1e3);
-        rows.push((payload, label, v, g));
+    // Rounds of (veth, guests) for each size: the host's speed drifts, so each guest run is
+    // compared with the veth run just before it, and the table shows medians.
+    let mut runs: Vec<Vec<(Figure, Figure)>> = vec![Vec::new(); SIZES.len()];
+    for round in 0..rounds {
+        for ((payload, label), r) in SIZES.iter().zip(&mut runs) {
+            let v = veth(&pair, *payload, seconds)?;
+            let g = guests(&hv, *payload, seconds)?;
+            eprintln!(
+                "netbench: round {round}, {label}: veth {:.0} kpps, guests {:.0} kpps -> {:.2}x",
+                v.pps() / 1e3,
+                g.pps() / 1e3,
+                g.pps() / v.pps()
+            );
+            r.push((v, g));
+        }
     }
     drop(pair);
 
@@ -307,24 +324,28 @@ fn run() -> Result<(), String> {
     );
     let _ = writeln!(
         t,
-        "{cores} cores, KVM {:?}; one UDP flow, {seconds} s per case, received packets counted at the receiver; Gbit/s of Ethernet frames without FCS (payload + 42 bytes); `cargo run --release -p splitvisor-tools --bin netbench`.\n",
+        "{cores} cores, KVM {:?}; one UDP flow, {seconds} s per run, received packets counted at the receiver; Gbit/s of Ethernet frames without FCS (payload + 42 bytes); medians over {rounds} round(s) of a veth run then a guest run, the ratio range across rounds in the last-but-one column; `cargo run --release -p splitvisor-tools --bin netbench -- --seconds {seconds} --rounds {rounds}`.\n",
         hv.flavour()
     );
     let _ = writeln!(
         t,
-        "| frames | veth (kpps) | veth (Gbit/s) | guests (kpps) | guests (Gbit/s) | guests / veth | guest sender delivered |"
+        "| frames | veth (kpps) | veth (Gbit/s) | guests (kpps) | guests (Gbit/s) | guests / veth | ratio range | guest sender delivered |"
     );
-    let _ = writeln!(t, "|---|---:|---:|---:|---:|---:|---:|");
-    for (payload, label, v, g) in &rows {
+    let _ = writeln!(t, "|---|---:|---:|---:|---:|---:|---:|---:|");
+    for ((payload, label), r) in SIZES.iter().zip(&runs) {
+        let col =
+            |f: &dyn Fn(&(Figure, Figure)) -> f64| median(&r.iter().map(f).collect::<Vec<_>>());
+        let ratios: Vec<f64> = r.iter().map(|(v, g)| g.pps() / v.pps()).collect();
+        let (lo, hi) = range(&ratios);
         let _ = writeln!(
             t,
-            "| {label} | {:.0} | {:.2} | {:.0} | {:.2} | {:.2}x | {:.0}% |",
-            v.pps() / 1e3,
-            v.gbps(*payload),
-            g.pps() / 1e3,
-            g.gbps(*payload),
-            g.pps() / v.pps(),
-            100.0 * g.packets as f64 / (g.sent.max(1)) as f64,
+            "| {label} | {:.0} | {:.2} | {:.0} | {:.2} | {:.2}x | {lo:.2}-{hi:.2}x | {:.0}% |",
+            col(&|(v, _)| v.pps()) / 1e3,
+            col(&|(v, _)| v.gbps(*payload)),
+            col(&|(_, g)| g.pps()) / 1e3,
+            col(&|(_, g)| g.gbps(*payload)),
+            median(&ratios),
+            col(&|(_, g)| 100.0 * g.packets as f64 / (g.sent.max(1)) as f64),
         );
     }
     let _ = writeln!(
