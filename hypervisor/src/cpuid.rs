@@ -8,6 +8,13 @@
 //! exactly as before the table existed. A VMM that boots a general-purpose kernel starts from
 //! `KVM_GET_SUPPORTED_CPUID` instead and passes that table to [`apply`], which adds the leaves to
 //! it.
+//!
+//! A guest's `cpuid` reaches KVM only where the host can intercept it: always under VMX/SVM, but
+//! under PVM only when the CPU offers CPUID faulting (the guest kernel runs in ring 3, where
+//! `cpuid` is not privileged). On a PVM host without it (seen on AMD EPYC hosts) the guest reads
+//! the host's own leaves and the table installed here is never consulted; the Splitvisor guest
+//! kernel does not care (it finds start-info in `rdi`), a Linux guest would not find Splitvisor
+//! ([`leaves_reach_guest`]).
 
 use kvm_bindings::{CpuId, kvm_cpuid_entry2};
 use kvm_ioctls::VcpuFd;
@@ -51,6 +58,20 @@ pub fn apply(cpuid: &CpuId, info: &PlatformInfo) -> Result<CpuId, vmm_sys_util::
         .collect();
     entries.extend(leaves.iter().map(entry));
     CpuId::from_entries(&entries)
+}
+
+/// Whether a guest's `cpuid` is served from the table KVM is given (see the module docs): always
+/// on hardware virtualization; on PVM only if the host CPU has CPUID faulting (`cpuid_fault` in
+/// `/proc/cpuinfo`).
+pub fn leaves_reach_guest(flavour: crate::KvmFlavour) -> bool {
+    match flavour {
+        crate::KvmFlavour::Hardware => true,
+        crate::KvmFlavour::Pvm => std::fs::read_to_string("/proc/cpuinfo").is_ok_and(|info| {
+            info.lines()
+                .filter(|l| l.starts_with("flags"))
+                .any(|l| l.split_whitespace().any(|f| f == "cpuid_fault"))
+        }),
+    }
 }
 
 /// Installs the leaves on vCPU `index` of a domain with `nr_vcpus` vCPUs.
