@@ -7,6 +7,7 @@
 //! list, ring sizes for every page count). It compiles the program with gcc against the header,
 //! runs it and compares its output. A missing gcc fails the test: it is required.
 
+use splitvisor_tests::tool;
 use std::fmt::{Display, Write as _};
 use std::mem::{offset_of, size_of};
 use std::path::PathBuf;
@@ -857,16 +858,14 @@ fn c_header_agrees_with_pv_protocol() {
     let exe = dir.join("abi_check");
     std::fs::write(&src, program()).unwrap();
 
-    let gcc = Command::new("gcc")
+    let gcc = tool("gcc", "gcc")
         .args(["-std=c11", "-Wall", "-Wextra", "-Werror", "-I"])
         .arg(&include)
         .arg("-o")
         .arg(&exe)
         .arg(&src)
         .output()
-        .unwrap_or_else(|e| {
-            panic!("gcc is required for this test (install gcc): cannot run it: {e}")
-        });
+        .unwrap();
     assert!(
         gcc.status.success(),
         "the header disagrees with pv-protocol (generated check: {}):\n{}",
@@ -901,12 +900,12 @@ fn the_check_catches_a_wrong_offset() {
         ),
     )
     .unwrap();
-    let gcc = Command::new("gcc")
+    let gcc = tool("gcc", "gcc")
         .args(["-std=c11", "-fsyntax-only", "-I"])
         .arg(&include)
         .arg(&src)
         .output()
-        .expect("gcc is required for this test");
+        .unwrap();
     assert!(!gcc.status.success());
     assert!(String::from_utf8_lossy(&gcc.stderr).contains("sv_blkif_request, id"));
 }

@@ -3,7 +3,6 @@
 //! namespace the test creates (so nothing else on the machine is touched).
 
 use std::net::UdpSocket;
-use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -11,7 +10,7 @@ use dom0::switch::Switch;
 use dom0::tap::{Tap, TapPort};
 use dom0::vif::Vif;
 use hypervisor::{Domain, DomainState, Hypervisor};
-use splitvisor_tests::{domain, hypervisor};
+use splitvisor_tests::{domain, hypervisor, tool};
 
 const T: Duration = Duration::from_secs(60);
 
@@ -126,14 +125,18 @@ struct Netns(String);
 impl Netns {
     fn new(tag: &str) -> Self {
         let name = format!("sv-{}-{tag}", std::process::id());
-        run(&["ip", "netns", "add", &name]);
+        run(&["netns", "add", &name]);
         Self(name)
     }
 
-    fn exec(&self, args: &[&str]) -> std::process::Output {
-        let mut full = vec!["ip", "netns", "exec", &self.0];
-        full.extend_from_slice(args);
-        Command::new(full[0]).args(&full[1..]).output().unwrap()
+    /// Runs `args` inside the namespace; `args[0]` comes from the Debian package `package`.
+    fn exec(&self, package: &str, args: &[&str]) -> std::process::Output {
+        drop(tool(args[0], package)); // fails the test, naming the package, if it is missing
+        tool("ip", "iproute2")
+            .args(["netns", "exec", &self.0])
+            .args(args)
+            .output()
+            .unwrap()
     }
 
     /// Runs `f` on a thread that has entered the namespace.
@@ -158,23 +161,18 @@ impl Netns {
 
 impl Drop for Netns {
     fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+        let _ = tool("ip", "iproute2")
+            .args(["netns", "del", &self.0])
+            .status();
     }
 }
 
+/// Runs `ip ARGS` (as root) and checks it succeeded.
 fn run(args: &[&str]) {
-    let out = Command::new(args[0])
-        .args(&args[1..])
-        .output()
-        .unwrap_or_else(|e| {
-            panic!(
-                "{}: {e} (this test needs iproute2 and root)",
-                args.join(" ")
-            )
-        });
+    let out = tool("ip", "iproute2").args(args).output().unwrap();
     assert!(
         out.status.success(),
-        "{}: {}",
+        "ip {}: {}",
         args.join(" "),
         String::from_utf8_lossy(&out.stderr)
     );
@@ -187,12 +185,12 @@ fn the_host_pings_a_guest_and_echoes_udp_through_the_tap_uplink() {
     let tap_name = format!("svt{}", std::process::id() % 100_000);
     let tap = Tap::create(&tap_name).expect("TAP device (needs root and /dev/net/tun)");
     // Move the host end into the namespace and give it an address there.
-    run(&["ip", "link", "set", "dev", &tap_name, "netns", &ns.0]);
+    run(&["link", "set", "dev", &tap_name, "netns", &ns.0]);
     for cmd in [
         vec!["ip", "addr", "add", "10.9.0.1/24", "dev", &tap_name],
         vec!["ip", "link", "set", "dev", &tap_name, "up"],
     ] {
-        let out = ns.exec(&cmd);
+        let out = ns.exec("iproute2", &cmd);
         assert!(
             out.status.success(),
             "{cmd:?}: {}",
@@ -206,7 +204,10 @@ fn the_host_pings_a_guest_and_echoes_udp_through_the_tap_uplink() {
     connected(&g);
 
     // The host's own ping, from inside the namespace.
-    let out = ns.exec(&["ping", "-c", "3", "-W", "2", "-i", "0.2", "10.9.0.2"]);
+    let out = ns.exec(
+        "iputils-ping",
+        &["ping", "-c", "3", "-W", "2", "-i", "0.2", "10.9.0.2"],
+    );
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),
