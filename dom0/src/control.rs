@@ -10,18 +10,122 @@
 //! Ops (fields in parentheses; `dom` is a domain name or id):
 //! `hello`, `info`, `list`, `create` (`spec`: a parsed domain file, `paused`), `destroy` (`dom`),
 //! `shutdown` (`dom`, `reboot`, `wait`), `pause` / `unpause` (`dom`), `console` (`dom`),
-//! `dmesg` (`lines`), `block-attach` (`dom`, `spec`: one disk spec), `block-detach` (`dom`,
+//! `dmesg` (`lines`), `block-attach` (`dom`, `spec`: one disk spec, `base`: the directory a
+//! relative target is relative to), `block-detach` (`dom`,
 //! `vdev`), `block-list` (`dom`), `network-attach` (`dom`, `spec`: one vif spec),
 //! `network-detach` (`dom`, `devid`), `network-list` (`dom`), `top`, `status` (`dom`: also a
 //! domain that ended recently: `{"live":false,"shutdown_code":0,"crashed":false,...}`),
 //! `vcpu-list` (`dom`, optional: all domains), `vcpu-pin` (`dom`, `vcpu`: an index or null for
 //! all, `cpus`: host CPU numbers or null for all).
+//!
+//! Clients are not trusted: a request line is at most [`MAX_REQUEST`] bytes, and every field is
+//! checked as it is parsed ([`parse_request`]): a [`DomainSpec`] or a [`DomRef`] that exists is a
+//! valid one (see [`crate::xlcfg`]). A request that does not parse gets `{"error":...}`.
 
+use std::fmt;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::xlcfg::DomainSpec;
+use crate::xlcfg::{DomainName, DomainSpec, HostPath, Shown, Vdev};
+
+/// Longest request line, newline included. A longer one is answered with an error and the
+/// connection is closed.
+pub const MAX_REQUEST: usize = 1 << 20;
+
+/// Longest device spec in `block-attach` / `network-attach`: a path plus a few settings.
+pub const MAX_DEVICE_SPEC: usize = 8192;
+
+/// A request that cannot be served.
+#[derive(Debug, thiserror::Error)]
+pub enum RequestError {
+    /// Not JSON, an unknown op, or a field out of its bounds.
+    #[error("bad request")]
+    Malformed(#[source] serde_json::Error),
+    /// Another protocol version.
+    #[error("protocol version {0} requested; this daemon speaks {PROTOCOL_VERSION}")]
+    Version(u32),
+}
+
+/// Parses and checks one request line.
+pub fn parse_request(line: &[u8]) -> Result<Envelope, RequestError> {
+    let env: Envelope = serde_json::from_slice(line).map_err(RequestError::Malformed)?;
+    if env.v != PROTOCOL_VERSION {
+        return Err(RequestError::Version(env.v));
+    }
+    Ok(env)
+}
+
+/// A domain named in a request: its id, or its name.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub enum DomRef {
+    /// A domain id.
+    Id(u32),
+    /// A domain name.
+    Name(DomainName),
+}
+
+impl DomRef {
+    /// Whether domain `id` called `name` is the one meant.
+    pub fn matches(&self, id: u32, name: &DomainName) -> bool {
+        match self {
+            DomRef::Id(i) => *i == id,
+            DomRef::Name(n) => n == name,
+        }
+    }
+}
+
+impl TryFrom<String> for DomRef {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        if let Ok(id) = s.parse() {
+            return Ok(DomRef::Id(id));
+        }
+        DomainName::try_from(s)
+            .map(DomRef::Name)
+            .map_err(|_| "not a domain name or id".to_string())
+    }
+}
+
+impl std::str::FromStr for DomRef {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        Self::try_from(s.to_owned())
+    }
+}
+
+impl From<DomRef> for String {
+    fn from(d: DomRef) -> String {
+        d.to_string()
+    }
+}
+
+impl fmt::Display for DomRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            DomRef::Id(i) => write!(f, "{i}"),
+            DomRef::Name(n) => write!(f, "{n}"),
+        }
+    }
+}
+
+/// A device spec from a client: at most [`MAX_DEVICE_SPEC`] bytes (parsed by the daemon).
+fn de_device_spec<'de, D: serde::Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    let s = String::deserialize(d)?;
+    if s.len() > MAX_DEVICE_SPEC {
+        return Err(serde::de::Error::custom(format!(
+            "device spec {:?}: longer than {MAX_DEVICE_SPEC} bytes",
+            Shown(&s)
+        )));
+    }
+    Ok(s)
+}
+
+/// A host CPU list from a client: as in a domain file.
+fn de_cpus<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Vec<u32>>, D::Error> {
+    crate::xlcfg::de_cpus(d)
+}
 
 /// The protocol version this build speaks.
 pub const PROTOCOL_VERSION: u32 = 1;
@@ -54,12 +158,12 @@ pub enum Request {
     /// Tears a domain down now.
     Destroy {
         /// Name or id.
-        dom: String,
+        dom: DomRef,
     },
     /// Asks the guest to power off (or reboot).
     Shutdown {
         /// Name or id.
-        dom: String,
+        dom: DomRef,
         /// Reboot instead.
         #[serde(default)]
         reboot: bool,
@@ -70,17 +174,17 @@ pub enum Request {
     /// Pauses the vCPUs.
     Pause {
         /// Name or id.
-        dom: String,
+        dom: DomRef,
     },
     /// Resumes the vCPUs.
     Unpause {
         /// Name or id.
-        dom: String,
+        dom: DomRef,
     },
     /// Attaches to the console (the connection becomes a byte stream).
     Console {
         /// Name or id.
-        dom: String,
+        dom: DomRef,
     },
     /// The last lines of the daemon's log.
     Dmesg {
@@ -91,63 +195,69 @@ pub enum Request {
     /// Hot-plugs a disk.
     BlockAttach {
         /// Name or id.
-        dom: String,
+        dom: DomRef,
         /// One disk spec, as in a domain file.
+        #[serde(deserialize_with = "de_device_spec")]
         spec: String,
+        /// The directory a relative target is relative to (the client's; without it a relative
+        /// target is refused).
+        #[serde(default)]
+        base: Option<HostPath>,
     },
     /// Hot-unplugs a disk.
     BlockDetach {
         /// Name or id.
-        dom: String,
+        dom: DomRef,
         /// `xvdb`.
-        vdev: String,
+        vdev: Vdev,
     },
     /// A domain's disks.
     BlockList {
         /// Name or id.
-        dom: String,
+        dom: DomRef,
     },
     /// Hot-plugs a network interface.
     NetworkAttach {
         /// Name or id.
-        dom: String,
+        dom: DomRef,
         /// One vif spec, as in a domain file.
+        #[serde(deserialize_with = "de_device_spec")]
         spec: String,
     },
     /// Hot-unplugs a network interface.
     NetworkDetach {
         /// Name or id.
-        dom: String,
+        dom: DomRef,
         /// Device id (0..7).
         devid: u32,
     },
     /// A domain's network interfaces.
     NetworkList {
         /// Name or id.
-        dom: String,
+        dom: DomRef,
     },
     /// Per-domain counters (CPU time, block and network I/O).
     Top,
     /// A domain's state, also for a while after it is gone (how it ended).
     Status {
         /// Name or id.
-        dom: String,
+        dom: DomRef,
     },
     /// vCPUs: host CPU, state, time, affinity.
     VcpuList {
         /// Name or id; every domain when absent.
         #[serde(default)]
-        dom: Option<String>,
+        dom: Option<DomRef>,
     },
     /// Restricts vCPUs to host CPUs.
     VcpuPin {
         /// Name or id.
-        dom: String,
+        dom: DomRef,
         /// One vCPU, or every one when absent.
         #[serde(default)]
         vcpu: Option<u32>,
         /// Host CPUs; every one when absent.
-        #[serde(default)]
+        #[serde(default, deserialize_with = "de_cpus")]
         cpus: Option<Vec<u32>>,
     },
 }
@@ -180,7 +290,7 @@ pub enum Reply {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct DomainInfo {
     /// Name.
-    pub name: String,
+    pub name: DomainName,
     /// Id.
     pub id: u32,
     /// Memory, MiB.
@@ -239,7 +349,7 @@ mod tests {
         let e = Envelope {
             v: PROTOCOL_VERSION,
             req: Request::Shutdown {
-                dom: "web".into(),
+                dom: "web".parse().unwrap(),
                 reboot: false,
                 wait: true,
             },

@@ -3,13 +3,19 @@
 //!
 //! One thread accepts connections, one per connection serves requests, and a lifecycle thread
 //! watches for domains that stopped and applies their `on_poweroff` / `on_reboot` / `on_crash`
-//! action. All state sits behind one mutex; nothing slow (a guest's shutdown, a console stream)
-//! is waited for while holding it.
+//! action. All state sits behind one mutex; nothing slow (a guest's shutdown or its release of a
+//! device, a console stream) is waited for while holding it.
+//!
+//! Everything on the socket is outside input: the peer's credentials are checked when it
+//! connects ([`Access`]), at most [`MAX_CLIENTS`] connections are served at once, a request line
+//! is bounded ([`control::MAX_REQUEST`]) and every request is checked as it is parsed
+//! ([`control::parse_request`]); a bad one gets `{"error":...}` and nothing else happens.
 
 use std::collections::{BTreeMap, HashMap};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -20,26 +26,31 @@ use pv_protocol::hypercall::ShutdownReason;
 use serde_json::{Value, json};
 
 use crate::blkback::BlkStats;
-use crate::control::{self, DomainInfo, Envelope, PROTOCOL_VERSION, Reply, Request};
+use crate::control::{
+    self, DomRef, DomainInfo, Envelope, MAX_REQUEST, PROTOCOL_VERSION, Reply, Request,
+};
 use crate::disk::Disk;
+use crate::peer::{self, Access};
 use crate::switch::Switch;
 use crate::tap::{Tap, TapPort};
 use crate::vbd::Vbd;
 use crate::vif::Vif;
-use crate::xlcfg::{Action, DiskSpec, DomainSpec, MAX_VIFS, VifSpec};
+use crate::xlcfg::{
+    Action, DiskSpec, DomainName, DomainSpec, IfName, MAX_VIFS, Shown, SwitchName, Vdev, VifSpec,
+};
 
 /// Errors a request can end in (sent to the client as one line).
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
     /// No domain by that name or id.
-    #[error("no domain {0:?}")]
-    NoDomain(String),
+    #[error("no domain {:?}", .0.to_string())]
+    NoDomain(DomRef),
     /// The name is taken.
-    #[error("a domain named {0:?} already exists")]
-    NameTaken(String),
+    #[error("a domain named {0} already exists")]
+    NameTaken(DomainName),
     /// Building the domain failed.
-    #[error("cannot create domain {0:?}")]
-    Create(String, #[source] hypervisor::Error),
+    #[error("cannot create domain {0}")]
+    Create(DomainName, #[source] hypervisor::Error),
     /// The kernel image cannot be read.
     #[error("kernel {0}")]
     Kernel(PathBuf, #[source] std::io::Error),
@@ -49,7 +60,7 @@ pub enum DaemonError {
     /// A network interface could not be attached.
     #[error("vif {0}")]
     Vif(String, #[source] Box<dyn std::error::Error + Send + Sync>),
-    /// A device spec did not parse.
+    /// A device spec did not parse (the spec, cut short for the message).
     #[error("bad spec {0:?}: {1}")]
     Spec(String, String),
     /// No such device.
@@ -67,12 +78,48 @@ pub enum DaemonError {
     /// The log cannot be read.
     #[error("daemon log")]
     Log(#[source] std::io::Error),
-    /// The request names another protocol version.
-    #[error("protocol version {0} requested; this daemon speaks {PROTOCOL_VERSION}")]
-    Version(u32),
+    /// The request did not parse.
+    #[error(transparent)]
+    Request(#[from] control::RequestError),
+    /// The request line is too long.
+    #[error("request longer than {MAX_REQUEST} bytes; closing the connection")]
+    TooLong,
+    /// The peer may not use the daemon.
+    #[error("permission denied: {0}")]
+    Denied(String),
+    /// Too many connections are open.
+    #[error("too many connections ({MAX_CLIENTS}); try again later")]
+    Busy,
+    /// The op is not served on this path.
+    #[error("{0} is not a request/reply op")]
+    NotHere(&'static str),
     /// vCPU placement failed.
     #[error("vCPU placement")]
     Vcpu(#[from] VcpuError),
+}
+
+/// Largest kernel image the daemon reads.
+const MAX_KERNEL_BYTES: u64 = 64 << 20;
+
+/// Reads a kernel image: a regular file (not a FIFO, nor `/dev/zero`) of at most
+/// [`MAX_KERNEL_BYTES`].
+fn read_kernel(path: &Path) -> std::io::Result<Vec<u8>> {
+    let f = crate::disk::open_regular(path, false, 0)
+        .map_err(|e| e.unwrap_or_else(|| std::io::Error::other("not a regular file")))?;
+    let mut bytes = Vec::new();
+    f.take(MAX_KERNEL_BYTES + 1).read_to_end(&mut bytes)?;
+    if bytes.len() as u64 > MAX_KERNEL_BYTES {
+        return Err(std::io::Error::other(format!(
+            "larger than {} MiB",
+            MAX_KERNEL_BYTES >> 20
+        )));
+    }
+    Ok(bytes)
+}
+
+/// A refused device spec, cut short for the message (a client may send 8 KiB of it).
+fn spec_error(spec: &str, why: String) -> DaemonError {
+    DaemonError::Spec(Shown(spec).to_string(), why)
 }
 
 /// A domain the daemon manages, with its devices.
@@ -99,11 +146,11 @@ impl Managed {
 #[derive(Default)]
 struct State {
     domains: BTreeMap<u32, Managed>,
-    switches: HashMap<String, Arc<Switch>>,
+    switches: HashMap<SwitchName, Arc<Switch>>,
     /// Switches with a TAP uplink, by switch name: the TAP's interface name.
-    uplinks: HashMap<String, String>,
+    uplinks: HashMap<SwitchName, IfName>,
     /// How the last domains to go ended (id, name, final state), newest last.
-    ended: std::collections::VecDeque<(u32, String, DomainState)>,
+    ended: std::collections::VecDeque<(u32, DomainName, DomainState)>,
 }
 
 /// Ended domains remembered for `status`.
@@ -148,7 +195,7 @@ fn state_letter(dom: &DomainShared) -> (&'static str, String) {
     }
 }
 
-fn status_json(id: u32, name: &str, live: bool, s: &DomainState) -> Value {
+fn status_json(id: u32, name: &DomainName, live: bool, s: &DomainState) -> Value {
     let (code, crashed) = match s {
         DomainState::Shutdown { reason, code } => (Some(*code), *reason == ShutdownReason::Crash),
         DomainState::Crashed { .. } => (None, true),
@@ -164,9 +211,11 @@ fn status_json(id: u32, name: &str, live: bool, s: &DomainState) -> Value {
 pub struct Daemon {
     hv: Hypervisor,
     runtime: PathBuf,
+    access: Access,
     state: Mutex<State>,
     changed: Condvar,
     started: Instant,
+    clients: AtomicUsize,
 }
 
 impl std::fmt::Debug for Daemon {
@@ -181,15 +230,54 @@ impl std::fmt::Debug for Daemon {
 const MAX_RESTARTS: usize = 5;
 const RESTART_WINDOW: Duration = Duration::from_secs(10);
 
+/// Connections served at once; more are told to try later and closed.
+pub const MAX_CLIENTS: usize = 128;
+
+/// Counts a connection for as long as it lives.
+struct ClientSlot<'a>(&'a AtomicUsize);
+
+impl Drop for ClientSlot<'_> {
+    fn drop(&mut self) {
+        // Relaxed: a counter only; nothing else is published through it.
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Sends `reply` as one line.
+fn send(out: &mut impl Write, reply: &Reply) -> std::io::Result<()> {
+    let mut text = serde_json::to_string(reply).unwrap_or_default();
+    text.push('\n');
+    out.write_all(text.as_bytes())
+}
+
+/// One request line of at most `max` bytes: `Ok(None)` at the end of the stream, `Err(true)`
+/// when the line is longer (the rest is not read), `Err(false)` when reading failed.
+fn read_request(r: &mut impl BufRead, max: usize, buf: &mut Vec<u8>) -> Result<Option<()>, bool> {
+    buf.clear();
+    let n = r
+        .take(max as u64)
+        .read_until(b'\n', buf)
+        .map_err(|_| false)?;
+    match n {
+        0 => Ok(None),
+        _ if buf.last() == Some(&b'\n') => Ok(Some(())),
+        // No newline: the limit was hit, or the client's last line ended with the stream.
+        _ if n == max => Err(true),
+        _ => Ok(Some(())),
+    }
+}
+
 impl Daemon {
-    /// A daemon over `hv`, with its files in `runtime`.
-    pub fn new(hv: Hypervisor, runtime: &Path) -> Arc<Self> {
+    /// A daemon over `hv`, with its files in `runtime`, serving the peers `access` admits.
+    pub fn new(hv: Hypervisor, runtime: &Path, access: Access) -> Arc<Self> {
         Arc::new(Self {
             hv,
             runtime: runtime.to_owned(),
+            access,
             state: Mutex::default(),
             changed: Condvar::new(),
             started: Instant::now(),
+            clients: AtomicUsize::new(0),
         })
     }
 
@@ -205,14 +293,53 @@ impl Daemon {
             .spawn(move || me.lifecycle());
         for conn in listener.incoming() {
             match conn {
-                Ok(c) => {
-                    let me = Arc::clone(self);
-                    let _ = std::thread::Builder::new()
-                        .name("client".into())
-                        .spawn(move || me.client(c));
+                Ok(c) => self.admit(c),
+                Err(e) => {
+                    tracing::warn!("accept: {e}");
+                    // Out of descriptors, say: do not spin on the error.
+                    std::thread::sleep(Duration::from_millis(10));
                 }
-                Err(e) => tracing::warn!("accept: {e}"),
             }
+        }
+    }
+
+    /// Checks who connected and hands the connection to a thread of its own, or refuses it.
+    fn admit(self: &Arc<Self>, mut c: UnixStream) {
+        let refuse = |c: &mut UnixStream, e: DaemonError| {
+            let _ = c.set_write_timeout(Some(Duration::from_secs(1)));
+            let _ = send(c, &Reply::Error(control::chain(&e)));
+        };
+        let cred = match peer::peer_cred(&c) {
+            Ok(cred) => cred,
+            Err(e) => {
+                tracing::warn!("connection refused: {}", control::chain(&e));
+                return;
+            }
+        };
+        if let Err(why) = self.access.check(&cred) {
+            tracing::warn!(uid = cred.uid, pid = cred.pid, "connection refused: {why}");
+            return refuse(&mut c, DaemonError::Denied(why));
+        }
+        // Relaxed: a counter only; the slot is given back by the connection's thread.
+        if self.clients.fetch_add(1, Ordering::Relaxed) >= MAX_CLIENTS {
+            self.clients.fetch_sub(1, Ordering::Relaxed);
+            tracing::warn!(
+                uid = cred.uid,
+                pid = cred.pid,
+                "connection refused: {MAX_CLIENTS} open"
+            );
+            return refuse(&mut c, DaemonError::Busy);
+        }
+        let me = Arc::clone(self);
+        let spawned = std::thread::Builder::new()
+            .name("client".into())
+            .spawn(move || {
+                let _slot = ClientSlot(&me.clients);
+                me.client(c);
+            });
+        if spawned.is_err() {
+            // The closure (and its slot) went with the failed spawn.
+            tracing::warn!("connection dropped: cannot start a thread for it");
         }
     }
 
@@ -221,20 +348,25 @@ impl Daemon {
             return;
         };
         let mut reader = BufReader::new(stream);
-        let mut line = String::new();
+        let mut line = Vec::new();
         loop {
-            line.clear();
-            match reader.read_line(&mut line) {
-                Ok(0) | Err(_) => return,
-                Ok(_) => {}
+            match read_request(&mut reader, MAX_REQUEST, &mut line) {
+                Ok(Some(())) => {}
+                Ok(None) | Err(false) => return,
+                Err(true) => {
+                    tracing::warn!("request longer than {MAX_REQUEST} bytes; connection closed");
+                    let _ = send(
+                        &mut out,
+                        &Reply::Error(control::chain(&DaemonError::TooLong)),
+                    );
+                    return;
+                }
             }
-            let parsed: Result<Envelope, _> = serde_json::from_str(&line);
-            let (reply, console) = match parsed {
-                Err(e) => (Reply::Error(format!("bad request: {e}")), None),
-                Ok(env) if env.v != PROTOCOL_VERSION => (
-                    Reply::Error(control::chain(&DaemonError::Version(env.v))),
-                    None,
-                ),
+            let (reply, console) = match control::parse_request(&line) {
+                Err(e) => {
+                    tracing::debug!("refused request: {}", control::chain(&e));
+                    (Reply::Error(control::chain(&e)), None)
+                }
                 Ok(Envelope {
                     req: Request::Console { dom },
                     ..
@@ -250,9 +382,7 @@ impl Daemon {
                     }
                 }
             };
-            let mut text = serde_json::to_string(&reply).unwrap_or_default();
-            text.push('\n');
-            if out.write_all(text.as_bytes()).is_err() {
+            if send(&mut out, &reply).is_err() {
                 return;
             }
             if let Some(id) = console {
@@ -306,19 +436,14 @@ impl Daemon {
         let _ = out.shutdown(std::net::Shutdown::Both);
     }
 
-    /// A domain id from a name or a number.
-    fn find(&self, dom: &str) -> Result<u32, DaemonError> {
+    /// A live domain's id from its name or id.
+    fn find(&self, dom: &DomRef) -> Result<u32, DaemonError> {
         let st = self.lock();
-        if let Ok(id) = dom.parse::<u32>()
-            && st.domains.contains_key(&id)
-        {
-            return Ok(id);
-        }
         st.domains
             .iter()
-            .find(|(_, m)| m.spec.name == dom)
+            .find(|(id, m)| dom.matches(**id, &m.spec.name))
             .map(|(id, _)| *id)
-            .ok_or_else(|| DaemonError::NoDomain(dom.into()))
+            .ok_or_else(|| DaemonError::NoDomain(dom.clone()))
     }
 
     fn handle(&self, req: Request) -> Result<Value, DaemonError> {
@@ -357,7 +482,8 @@ impl Daemon {
                     .map_err(|e| DaemonError::Lifecycle(id, e))?;
                 Ok(json!({ "id": id }))
             }
-            Request::Console { .. } => unreachable!("handled by the connection"),
+            // Turns the connection into a stream: served by `client`, never here.
+            Request::Console { .. } => Err(DaemonError::NotHere("console")),
             Request::Dmesg { lines } => {
                 let text = log_tail(&self.runtime.join(control::LOG), DMESG_BYTES)
                     .map_err(DaemonError::Log)?;
@@ -365,18 +491,19 @@ impl Daemon {
                 let tail = all[all.len().saturating_sub(lines)..].join("\n");
                 Ok(Value::String(tail))
             }
-            Request::BlockAttach { dom, spec } => {
+            Request::BlockAttach { dom, spec, base } => {
                 let id = self.find(&dom)?;
-                self.block_attach(id, &spec)
+                self.block_attach(id, &spec, base.as_deref())
             }
             Request::BlockDetach { dom, vdev } => {
                 let id = self.find(&dom)?;
                 let vbd = self.with(id, |m| {
                     let i = m.disks.iter().position(|(d, _)| d.vdev == vdev)?;
+                    m.spec.disks.retain(|d| d.vdev != vdev);
                     Some(m.disks.remove(i))
                 })?;
                 // Dropped outside the lock: the guest gets time to release it.
-                drop(vbd.ok_or_else(|| DaemonError::NoDevice(id, vdev.clone()))?);
+                drop(vbd.ok_or_else(|| DaemonError::NoDevice(id, vdev.to_string()))?);
                 Ok(json!({ "id": id, "vdev": vdev }))
             }
             Request::BlockList { dom } => {
@@ -409,6 +536,10 @@ impl Daemon {
                 let id = self.find(&dom)?;
                 let vif = self.with(id, |m| {
                     let i = m.vifs.iter().position(|(d, _, _)| *d == devid)?;
+                    let (_, spec, _) = &m.vifs[i];
+                    if let Some(j) = m.spec.vifs.iter().position(|v| v == spec) {
+                        m.spec.vifs.remove(j);
+                    }
                     Some(m.vifs.remove(i))
                 })?;
                 drop(vif.ok_or_else(|| DaemonError::NoDevice(id, format!("vif {devid}")))?);
@@ -471,17 +602,17 @@ impl Daemon {
             }
             Request::Status { dom } => {
                 let st = self.lock();
-                if let Some((id, m)) = st.domains.iter().find(|(id, m)| {
-                    m.spec.name == dom || dom.parse::<u32>().is_ok_and(|n| n == **id)
-                }) {
+                if let Some((id, m)) = st
+                    .domains
+                    .iter()
+                    .find(|(id, m)| dom.matches(**id, &m.spec.name))
+                {
                     return Ok(status_json(*id, &m.spec.name, true, &m.domain.state()));
                 }
                 st.ended
                     .iter()
                     .rev()
-                    .find(|(id, name, _)| {
-                        *name == dom || dom.parse::<u32>().is_ok_and(|n| n == *id)
-                    })
+                    .find(|(id, name, _)| dom.matches(*id, name))
                     .map(|(id, name, s)| status_json(*id, name, false, s))
                     .ok_or(DaemonError::NoDomain(dom))
             }
@@ -494,7 +625,7 @@ impl Daemon {
         let m = st
             .domains
             .get_mut(&id)
-            .ok_or_else(|| DaemonError::NoDomain(id.to_string()))?;
+            .ok_or(DaemonError::NoDomain(DomRef::Id(id)))?;
         Ok(f(m))
     }
 
@@ -600,10 +731,10 @@ impl Daemon {
         replaces: Option<u32>,
     ) -> Result<u32, DaemonError> {
         let kernel = match &spec.kernel {
-            Some(p) => Some(std::fs::read(p).map_err(|e| DaemonError::Kernel(p.clone(), e))?),
+            Some(p) => Some(read_kernel(p).map_err(|e| DaemonError::Kernel(p.to_path_buf(), e))?),
             None => None,
         };
-        let mut cmdline = spec.cmdline.clone();
+        let mut cmdline = spec.cmdline.as_str().to_owned();
         // The guest kernel's network stack takes its address from the command line.
         if let Some(ip) = spec.vifs.iter().find_map(|v| v.ip)
             && !cmdline.split_whitespace().any(|w| w.starts_with("ip="))
@@ -621,7 +752,7 @@ impl Daemon {
         let domain = self
             .hv
             .create_domain(DomainConfig {
-                name: spec.name.clone(),
+                name: spec.name.to_string(),
                 mem_mib: spec.memory,
                 vcpus: spec.vcpus,
                 kernel,
@@ -673,9 +804,7 @@ impl Daemon {
         let fail = |e: Box<dyn std::error::Error + Send + Sync>| {
             DaemonError::Disk(format!("{} ({})", d.vdev, d.target.display()), e)
         };
-        if let Some(size) = d.size
-            && !d.target.exists()
-        {
+        if let Some(size) = d.size {
             Disk::create_sparse(&d.target, size).map_err(|e| fail(Box::new(e)))?;
         }
         Vbd::attach(
@@ -701,7 +830,7 @@ impl Daemon {
         let sw = match st.switches.get(&v.bridge) {
             Some(s) => Arc::clone(s),
             None => {
-                let s = Arc::new(Switch::new(&v.bridge).map_err(|e| fail(Box::new(e)))?);
+                let s = Arc::new(Switch::new(v.bridge.as_str()).map_err(|e| fail(Box::new(e)))?);
                 st.switches.insert(v.bridge.clone(), Arc::clone(&s));
                 s
             }
@@ -709,23 +838,31 @@ impl Daemon {
         if let Some(tap) = &v.uplink_tap
             && !st.uplinks.contains_key(&v.bridge)
         {
-            let t = Tap::create(tap).map_err(|e| fail(Box::new(e)))?;
+            let t = Tap::create(tap.as_str()).map_err(|e| fail(Box::new(e)))?;
             let p = TapPort::new(t).map_err(|e| fail(Box::new(e)))?;
             sw.add_port(Box::new(p)).map_err(|e| fail(Box::new(e)))?;
             st.uplinks.insert(v.bridge.clone(), tap.clone());
-            tracing::info!(switch = %v.bridge, tap, "TAP uplink attached");
+            tracing::info!(switch = %v.bridge, %tap, "TAP uplink attached");
         }
         Vif::attach(self.hv.store(), dom.shared(), devid, v.mac, &sw).map_err(|e| fail(Box::new(e)))
     }
 
-    fn block_attach(&self, id: u32, spec: &str) -> Result<Value, DaemonError> {
+    fn block_attach(&self, id: u32, spec: &str, base: Option<&Path>) -> Result<Value, DaemonError> {
         let mut st = self.lock();
         let m = st
             .domains
             .get_mut(&id)
-            .ok_or_else(|| DaemonError::NoDomain(id.to_string()))?;
-        let d =
-            DiskSpec::parse(spec, m.disks.len()).map_err(|e| DaemonError::Spec(spec.into(), e))?;
+            .ok_or(DaemonError::NoDomain(DomRef::Id(id)))?;
+        // The default vdev is the first free one. A relative path is relative to the client's
+        // `base`, never to the daemon's working directory.
+        let free = (0..Vdev::COUNT)
+            .find(|&i| {
+                !m.disks
+                    .iter()
+                    .any(|(o, _)| Some(o.vdev) == Vdev::from_index(i))
+            })
+            .unwrap_or(Vdev::COUNT);
+        let d = DiskSpec::parse(spec, free, base).map_err(|e| spec_error(spec, e))?;
         if m.disks.iter().any(|(o, _)| o.vdev == d.vdev) {
             return Err(DaemonError::Spec(
                 spec.into(),
@@ -740,25 +877,23 @@ impl Daemon {
     }
 
     fn network_attach(&self, id: u32, spec: &str) -> Result<Value, DaemonError> {
-        let v = VifSpec::parse(spec).map_err(|e| DaemonError::Spec(spec.into(), e))?;
+        let v = VifSpec::parse(spec).map_err(|e| spec_error(spec, e))?;
         let mut st = self.lock();
         let (devid, domain_shared) = {
             let m = st
                 .domains
                 .get(&id)
-                .ok_or_else(|| DaemonError::NoDomain(id.to_string()))?;
+                .ok_or(DaemonError::NoDomain(DomRef::Id(id)))?;
             let devid = (0..MAX_VIFS as u32)
                 .find(|d| !m.vifs.iter().any(|(o, _, _)| o == d))
-                .ok_or_else(|| {
-                    DaemonError::Spec(spec.into(), format!("{MAX_VIFS} vifs already"))
-                })?;
+                .ok_or_else(|| spec_error(spec, format!("{MAX_VIFS} vifs already")))?;
             (devid, m.domain.id())
         };
         // Borrow dance: plugging needs the switch table and the domain at once.
         let mut m = st
             .domains
             .remove(&domain_shared)
-            .ok_or_else(|| DaemonError::NoDomain(id.to_string()))?;
+            .ok_or(DaemonError::NoDomain(DomRef::Id(id)))?;
         let plugged = self.plug_vif(&mut st, &m.domain, devid, &v);
         let out = plugged.map(|vif| {
             let mac = vif.mac();
@@ -808,11 +943,11 @@ impl Daemon {
     }
 
     /// Remembers how domain `id` ended, for `status`.
-    fn remember(st: &mut State, id: u32, name: &str, state: DomainState) {
+    fn remember(st: &mut State, id: u32, name: &DomainName, state: DomainState) {
         if st.ended.len() == ENDED_KEPT {
             st.ended.pop_front();
         }
-        st.ended.push_back((id, name.to_owned(), state));
+        st.ended.push_back((id, name.clone(), state));
     }
 
     fn destroy(&self, id: u32) {

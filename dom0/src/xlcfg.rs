@@ -7,6 +7,12 @@
 //! `on_poweroff` / `on_reboot` / `on_crash` (`destroy` | `restart` | `preserve`), `disk` and `vif`
 //! (lists of device specs, as in xl-disk-configuration(5) and xl-network-configuration(5)).
 //! Anything else, and any malformed value, is refused with the file, the line and the reason.
+//!
+//! The same types travel to the daemon on the control socket, whose clients are not trusted:
+//! every invariant is checked when a value is built, whether from a file or from JSON (the
+//! checked newtypes [`DomainName`], [`Vdev`], [`HostPath`], [`Label`] and [`Cmdline`], and
+//! `deserialize_with` checks on the numeric and list fields). A [`DomainSpec`] that exists is a
+//! valid one, however it arrived.
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -230,6 +236,306 @@ impl Lexer<'_> {
     }
 }
 
+/// A domain's name: 1 to 64 ASCII letters, digits, `-`, `_` and `.`, and not a number (so it is
+/// never taken for a domain id).
+#[derive(
+    Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
+#[serde(try_from = "String", into = "String")]
+pub struct DomainName(String);
+
+impl DomainName {
+    /// Longest name.
+    pub const MAX: usize = 64;
+
+    /// The name.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl TryFrom<String> for DomainName {
+    type Error = String;
+    fn try_from(n: String) -> Result<Self, String> {
+        let ok = !n.is_empty()
+            && n.len() <= Self::MAX
+            && n.chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+            && n.parse::<u64>().is_err();
+        if ok {
+            Ok(Self(n))
+        } else {
+            Err(format!(
+                "name {:?}: 1-{} letters, digits, `-`, `_`, `.`, not only digits",
+                Shown(&n),
+                Self::MAX
+            ))
+        }
+    }
+}
+
+impl std::str::FromStr for DomainName {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        Self::try_from(s.to_owned())
+    }
+}
+
+impl From<DomainName> for String {
+    fn from(n: DomainName) -> String {
+        n.0
+    }
+}
+
+impl fmt::Display for DomainName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl PartialEq<str> for DomainName {
+    fn eq(&self, other: &str) -> bool {
+        self.0 == other
+    }
+}
+
+/// At most the first 64 characters of an outside string, for error messages (a client's 1 MiB
+/// field is not echoed back whole): `{}` shows them as they are, `{:?}` quoted and escaped.
+pub struct Shown<'a>(pub &'a str);
+
+impl Shown<'_> {
+    /// The part shown, and whether some was left out.
+    fn cut(&self) -> (&str, bool) {
+        match self.0.char_indices().nth(64) {
+            Some((i, _)) => (&self.0[..i], true),
+            None => (self.0, false),
+        }
+    }
+}
+
+impl fmt::Display for Shown<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let (s, more) = self.cut();
+        write!(f, "{s}{}", if more { "..." } else { "" })
+    }
+}
+
+impl fmt::Debug for Shown<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let (s, more) = self.cut();
+        write!(f, "{s:?}{}", if more { "..." } else { "" })
+    }
+}
+
+/// A Xen virtual disk name, `xvda` to `xvdz`.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
+#[serde(try_from = "String", into = "String")]
+pub struct Vdev(u8);
+
+impl Vdev {
+    /// Disks a domain can have.
+    pub const COUNT: usize = 26;
+
+    /// The `index`th disk (`xvda` is 0), if there is one.
+    pub fn from_index(index: usize) -> Option<Self> {
+        u8::try_from(index)
+            .ok()
+            .filter(|&i| usize::from(i) < Self::COUNT)
+            .map(Self)
+    }
+
+    /// Xen's device number (202 << 8 | disk << 4): 51712 for xvda.
+    pub fn devid(self) -> u32 {
+        (202 << 8) | (u32::from(self.0) << 4)
+    }
+}
+
+impl std::str::FromStr for Vdev {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.as_bytes() {
+            [b'x', b'v', b'd', c @ b'a'..=b'z'] => Ok(Self(c - b'a')),
+            _ => Err(format!("vdev {:?}: use xvda .. xvdz", Shown(s))),
+        }
+    }
+}
+
+impl TryFrom<String> for Vdev {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        s.parse()
+    }
+}
+
+impl From<Vdev> for String {
+    fn from(v: Vdev) -> String {
+        v.to_string()
+    }
+}
+
+impl fmt::Display for Vdev {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "xvd{}", char::from(b'a' + self.0))
+    }
+}
+
+/// A path on the host the daemon opens (a disk image, a kernel): absolute (the daemon's working
+/// directory is not the client's), at most 4095 bytes, without NUL bytes.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(try_from = "PathBuf", into = "PathBuf")]
+pub struct HostPath(PathBuf);
+
+impl HostPath {
+    /// Longest path (PATH_MAX less the NUL).
+    pub const MAX: usize = 4095;
+
+    /// `path`, taken relative to `base` when it is relative (and `base` is given).
+    pub fn new(path: &Path, base: Option<&Path>) -> Result<Self, String> {
+        match base {
+            Some(b) if path.is_relative() => Self::try_from(b.join(path)),
+            _ => Self::try_from(path.to_owned()),
+        }
+    }
+
+    /// The path.
+    pub fn as_path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl std::ops::Deref for HostPath {
+    type Target = Path;
+    fn deref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl TryFrom<PathBuf> for HostPath {
+    type Error = String;
+    fn try_from(p: PathBuf) -> Result<Self, String> {
+        use std::os::unix::ffi::OsStrExt;
+        let bytes = p.as_os_str().as_bytes();
+        if bytes.len() > Self::MAX || bytes.contains(&0) {
+            return Err(format!(
+                "path {:?}: at most {} bytes, no NUL",
+                Shown(&p.to_string_lossy()),
+                Self::MAX
+            ));
+        }
+        if !p.is_absolute() {
+            return Err(format!(
+                "path {:?}: must be absolute",
+                Shown(&p.to_string_lossy())
+            ));
+        }
+        Ok(Self(p))
+    }
+}
+
+impl From<HostPath> for PathBuf {
+    fn from(p: HostPath) -> PathBuf {
+        p.0
+    }
+}
+
+/// A switch or interface name of 1 to `MAX` ASCII letters, digits, `-`, `_` and `.` (not `.` or
+/// `..`): what Linux accepts as an interface name, and safe in the store and in logs.
+#[derive(
+    Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
+#[serde(try_from = "String", into = "String")]
+pub struct Label<const MAX: usize>(String);
+
+/// A virtual switch's name (`bridge=`).
+pub type SwitchName = Label<31>;
+/// A host network interface's name (`tap=`; Linux's IFNAMSIZ less the NUL).
+pub type IfName = Label<15>;
+
+impl<const MAX: usize> Label<MAX> {
+    /// The name.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl<const MAX: usize> TryFrom<String> for Label<MAX> {
+    type Error = String;
+    fn try_from(n: String) -> Result<Self, String> {
+        let ok = !n.is_empty()
+            && n.len() <= MAX
+            && n != "."
+            && n != ".."
+            && n.chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
+        if ok {
+            Ok(Self(n))
+        } else {
+            Err(format!(
+                "{:?}: 1 to {MAX} letters, digits, `-`, `_`, `.`",
+                Shown(&n)
+            ))
+        }
+    }
+}
+
+impl<const MAX: usize> std::str::FromStr for Label<MAX> {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        Self::try_from(s.to_owned())
+    }
+}
+
+impl<const MAX: usize> From<Label<MAX>> for String {
+    fn from(n: Label<MAX>) -> String {
+        n.0
+    }
+}
+
+impl<const MAX: usize> fmt::Display for Label<MAX> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// A guest command line: fits the start-info page (less room for the ` ip=` the daemon may
+/// add), printable ASCII and spaces.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct Cmdline(String);
+
+impl Cmdline {
+    /// Longest command line in a domain file (start-info holds 1023 bytes; ` ip=` and an
+    /// address take at most 19).
+    pub const MAX: usize = pv_protocol::start_info::CMDLINE_MAX - 32;
+
+    /// The text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl TryFrom<String> for Cmdline {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        if s.len() > Self::MAX || !s.bytes().all(|b| b == b' ' || b.is_ascii_graphic()) {
+            return Err(format!(
+                "command line {:?}: at most {} printable ASCII characters",
+                Shown(&s),
+                Self::MAX
+            ));
+        }
+        Ok(Self(s))
+    }
+}
+
+impl From<Cmdline> for String {
+    fn from(c: Cmdline) -> String {
+        c.0
+    }
+}
+
 /// What to do when a domain powers off, reboots or crashes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -261,28 +567,50 @@ impl std::str::FromStr for Action {
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct DiskSpec {
     /// The image file.
-    pub target: PathBuf,
+    pub target: HostPath,
     /// Xen virtual device name (`xvda`).
-    pub vdev: String,
+    pub vdev: Vdev,
     /// Read-only.
     pub readonly: bool,
     /// Create a sparse image of this many bytes if the file does not exist.
+    #[serde(deserialize_with = "de_size")]
     pub size: Option<u64>,
 }
 
+/// Largest image `size=` creates: 1 PiB.
+pub const MAX_IMAGE_BYTES: u64 = 1 << 50;
+
+fn check_size(b: u64) -> Result<u64, String> {
+    if b > 0 && b.is_multiple_of(512) && b <= MAX_IMAGE_BYTES {
+        Ok(b)
+    } else {
+        Err(format!(
+            "size {b}: a positive multiple of 512 bytes up to 1P, like 64M or 1G"
+        ))
+    }
+}
+
+fn de_size<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    use serde::Deserialize;
+    Option::<u64>::deserialize(d)?
+        .map(check_size)
+        .transpose()
+        .map_err(serde::de::Error::custom)
+}
+
 impl DiskSpec {
-    /// Xen's device number for `xvd<letter>` (202 << 8 | disk << 4): 51712 for xvda.
+    /// Xen's device number for the vdev.
     pub fn devid(&self) -> u32 {
-        let disk = self.vdev.as_bytes()[3] - b'a';
-        (202 << 8) | (u32::from(disk) << 4)
+        self.vdev.devid()
     }
 
     /// Parses one spec: positional `target[,format[,vdev[,access]]]` or `key=value` items
     /// (`target=` last, as in Xen, since a path may contain commas), plus `size=`. `index` picks
-    /// the default vdev (xvda, xvdb, ...).
-    pub fn parse(spec: &str, index: usize) -> Result<Self, String> {
+    /// the default vdev (xvda, xvdb, ...). A relative target is taken relative to `base`, and
+    /// refused without one.
+    pub fn parse(spec: &str, index: usize, base: Option<&Path>) -> Result<Self, String> {
         let (head, target_kv) = match spec.find("target=") {
-            Some(i) => (&spec[..i], Some(spec[i + 7..].to_owned())),
+            Some(i) => (&spec[..i], Some(&spec[i + "target=".len()..])),
             None => (spec, None),
         };
         let mut target = target_kv;
@@ -292,21 +620,28 @@ impl DiskSpec {
         let mut positional = 0;
         for item in head.split(',').map(str::trim).filter(|s| !s.is_empty()) {
             match item.split_once('=') {
-                Some(("vdev", v)) => vdev = Some(v.to_owned()),
-                Some(("access", v)) => access = Some(v.to_owned()),
+                Some(("vdev", v)) => vdev = Some(v),
+                Some(("access", v)) => access = Some(v),
                 Some(("format", "raw")) => {}
-                Some(("format", v)) => return Err(format!("format {v:?}: only raw images")),
+                Some(("format", v)) => {
+                    return Err(format!("format {:?}: only raw images", Shown(v)));
+                }
                 Some(("devtype", "disk")) | Some(("backendtype", "qdisk" | "phy")) => {}
                 Some(("size", v)) => size = Some(parse_size(v)?),
-                Some((k, _)) => return Err(format!("unknown disk setting {k:?}")),
+                Some((k, _)) => return Err(format!("unknown disk setting {:?}", Shown(k))),
                 None => {
                     match positional {
-                        0 => target = Some(item.to_owned()),
+                        0 => target = Some(item),
                         1 if item == "raw" => {}
-                        1 => return Err(format!("format {item:?}: only raw images")),
-                        2 => vdev = Some(item.to_owned()),
-                        3 => access = Some(item.to_owned()),
-                        _ => return Err(format!("unexpected {item:?} after the access mode")),
+                        1 => return Err(format!("format {:?}: only raw images", Shown(item))),
+                        2 => vdev = Some(item),
+                        3 => access = Some(item),
+                        _ => {
+                            return Err(format!(
+                                "unexpected {:?} after the access mode",
+                                Shown(item)
+                            ));
+                        }
                     }
                     positional += 1;
                 }
@@ -315,19 +650,22 @@ impl DiskSpec {
         let target = target
             .filter(|t| !t.is_empty())
             .ok_or("a disk needs a target (an image file)")?;
-        let vdev = vdev.unwrap_or_else(|| format!("xvd{}", (b'a' + (index as u8 % 26)) as char));
-        let ok_vdev =
-            vdev.len() == 4 && vdev.starts_with("xvd") && vdev.as_bytes()[3].is_ascii_lowercase();
-        if !ok_vdev {
-            return Err(format!("vdev {vdev:?}: use xvda .. xvdz"));
-        }
-        let readonly = match access.as_deref() {
+        let target = HostPath::new(Path::new(target), base)?;
+        let vdev = match vdev {
+            Some(v) => v.parse()?,
+            None => Vdev::from_index(index).ok_or(format!(
+                "disk {}: a domain has at most {} disks",
+                index + 1,
+                Vdev::COUNT
+            ))?,
+        };
+        let readonly = match access {
             None | Some("rw" | "w") => false,
             Some("ro" | "r") => true,
-            Some(a) => return Err(format!("access {a:?}: use rw or ro")),
+            Some(a) => return Err(format!("access {:?}: use rw or ro", Shown(a))),
         };
         Ok(Self {
-            target: PathBuf::from(target),
+            target,
             vdev,
             readonly,
             size,
@@ -335,85 +673,113 @@ impl DiskSpec {
     }
 }
 
-/// `1G`, `512M`, `4096K`, or bytes.
+/// `1G`, `512M`, `4096K`, `1T`, or bytes.
 fn parse_size(v: &str) -> Result<u64, String> {
-    let (num, mult) = match v.chars().last() {
-        Some('K' | 'k') => (&v[..v.len() - 1], 1 << 10),
-        Some('M' | 'm') => (&v[..v.len() - 1], 1 << 20),
-        Some('G' | 'g') => (&v[..v.len() - 1], 1 << 30),
-        _ => (v, 1),
+    let (num, shift) = match v.as_bytes().last() {
+        Some(b'K' | b'k') => (&v[..v.len() - 1], 10),
+        Some(b'M' | b'm') => (&v[..v.len() - 1], 20),
+        Some(b'G' | b'g') => (&v[..v.len() - 1], 30),
+        Some(b'T' | b't') => (&v[..v.len() - 1], 40),
+        Some(b'P' | b'p') => (&v[..v.len() - 1], 50),
+        _ => (v, 0),
     };
-    num.parse::<u64>()
-        .ok()
-        .and_then(|n| n.checked_mul(mult))
-        .filter(|&b| b > 0 && b % 512 == 0)
-        .ok_or_else(|| format!("size {v:?}: a positive multiple of 512 bytes, like 64M or 1G"))
+    let bad = || {
+        format!(
+            "size {:?}: a positive multiple of 512 bytes up to 1P, like 64M or 1G",
+            Shown(v)
+        )
+    };
+    let n: u64 = num.parse().map_err(|_| bad())?;
+    n.checked_mul(1 << shift)
+        .ok_or_else(bad)
+        .and_then(|b| check_size(b).map_err(|_| bad()))
 }
 
 /// A network interface from a `vif = [...]` spec.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct VifSpec {
-    /// Fixed MAC (generated if absent).
+    /// Fixed MAC (generated if absent): a unicast address, not all zeros.
+    #[serde(deserialize_with = "de_mac")]
     pub mac: Option<Mac>,
     /// The switch to plug into (`xenbr0` when not given, as in Xen).
-    pub bridge: String,
+    pub bridge: SwitchName,
     /// Attach a TAP device to the switch (the host's uplink), named `tap=` or after the switch.
-    pub uplink_tap: Option<String>,
+    pub uplink_tap: Option<IfName>,
     /// The guest's IP address, passed to the guest kernel's network stack.
     pub ip: Option<std::net::Ipv4Addr>,
+}
+
+fn check_mac(m: Mac) -> Result<Mac, String> {
+    if m.is_multicast() || m.0 == [0; 6] {
+        Err(format!("mac {m}: a vif needs a unicast address"))
+    } else {
+        Ok(m)
+    }
+}
+
+fn de_mac<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Mac>, D::Error> {
+    use serde::Deserialize;
+    Option::<Mac>::deserialize(d)?
+        .map(check_mac)
+        .transpose()
+        .map_err(serde::de::Error::custom)
 }
 
 impl VifSpec {
     /// Parses `key=value` items: `mac`, `bridge`, `uplink=tap`, `tap=IFNAME`, `ip`,
     /// `type=vif`/`model=` (accepted, ignored).
     pub fn parse(spec: &str) -> Result<Self, String> {
-        let mut v = VifSpec {
-            mac: None,
-            bridge: "xenbr0".into(),
-            uplink_tap: None,
-            ip: None,
-        };
+        let mut mac = None;
+        let mut bridge: Option<SwitchName> = None;
+        let mut ip = None;
         let mut uplink = false;
-        let mut tap = None;
+        let mut tap: Option<IfName> = None;
         for item in spec.split(',').map(str::trim).filter(|s| !s.is_empty()) {
             let (k, val) = item
                 .split_once('=')
-                .ok_or_else(|| format!("{item:?}: vif settings are key=value"))?;
+                .ok_or_else(|| format!("{:?}: vif settings are key=value", Shown(item)))?;
             match k {
                 "mac" => {
-                    v.mac = Some(
-                        val.parse()
-                            .map_err(|e: crate::switch::BadMac| e.to_string())?,
-                    )
+                    let m = val
+                        .parse()
+                        .map_err(|e: crate::switch::BadMac| e.to_string())?;
+                    mac = Some(check_mac(m)?);
                 }
-                "bridge" if !val.is_empty() && val.len() < 32 => v.bridge = val.into(),
-                "bridge" => return Err(format!("bridge {val:?}: 1 to 31 characters")),
+                "bridge" => bridge = Some(val.parse().map_err(|e| format!("bridge {e}"))?),
                 "uplink" if val == "tap" => uplink = true,
-                "uplink" => return Err(format!("uplink {val:?}: only `tap`")),
-                "tap" if !val.is_empty() && val.len() < 16 => tap = Some(val.to_owned()),
-                "tap" => {
-                    return Err(format!(
-                        "tap {val:?}: an interface name of 1 to 15 characters"
-                    ));
-                }
+                "uplink" => return Err(format!("uplink {:?}: only `tap`", Shown(val))),
+                "tap" => tap = Some(val.parse().map_err(|e| format!("tap {e}"))?),
                 "ip" => {
-                    v.ip = Some(
+                    ip = Some(
                         val.parse()
-                            .map_err(|_| format!("ip {val:?}: not an IPv4 address"))?,
+                            .map_err(|_| format!("ip {:?}: not an IPv4 address", Shown(val)))?,
                     )
                 }
                 "type" | "model" | "script" => {}
-                other => return Err(format!("unknown vif setting {other:?}")),
+                other => return Err(format!("unknown vif setting {:?}", Shown(other))),
             }
         }
-        if uplink || tap.is_some() {
-            v.uplink_tap = Some(tap.unwrap_or_else(|| {
-                let mut n = format!("sv{}", v.bridge);
+        let bridge = match bridge {
+            Some(b) => b,
+            None => "xenbr0".parse()?,
+        };
+        let uplink_tap = match tap {
+            Some(t) => Some(t),
+            None if uplink => {
+                // `sv` + the switch's name, cut to an interface name's length (ASCII: cut
+                // anywhere).
+                let mut n = format!("sv{bridge}");
                 n.truncate(15);
-                n
-            }));
-        }
-        Ok(v)
+                Some(n.parse()?)
+            }
+            None => None,
+        };
+        Ok(Self {
+            mac,
+            bridge,
+            uplink_tap,
+            ip,
+        })
     }
 }
 
@@ -441,32 +807,118 @@ pub fn parse_cpu_list(text: &str) -> Result<Vec<u32>, String> {
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct DomainSpec {
     /// Unique name.
-    pub name: String,
+    pub name: DomainName,
     /// Memory in MiB.
+    #[serde(deserialize_with = "de_memory")]
     pub memory: u64,
     /// vCPUs.
+    #[serde(deserialize_with = "de_vcpus")]
     pub vcpus: u32,
     /// Host CPUs the vCPUs may run on (all when absent).
-    #[serde(default)]
+    #[serde(default, deserialize_with = "de_cpus")]
     pub cpus: Option<Vec<u32>>,
     /// Kernel ELF (the project's own guest kernel when absent).
-    pub kernel: Option<PathBuf>,
+    pub kernel: Option<HostPath>,
     /// Kernel command line.
-    pub cmdline: String,
+    pub cmdline: Cmdline,
     /// On poweroff.
     pub on_poweroff: Action,
     /// On reboot.
     pub on_reboot: Action,
     /// On crash.
     pub on_crash: Action,
-    /// Disks.
+    /// Disks (at most one per vdev).
+    #[serde(deserialize_with = "de_disks")]
     pub disks: Vec<DiskSpec>,
     /// Network interfaces (1 to 8).
+    #[serde(deserialize_with = "de_vifs")]
     pub vifs: Vec<VifSpec>,
 }
 
 /// Most vifs per domain.
 pub const MAX_VIFS: usize = 8;
+/// Memory a domain may have, MiB.
+pub const MEMORY_MIB: std::ops::RangeInclusive<u64> = 16..=16384;
+/// vCPUs a domain may have.
+pub const VCPUS: std::ops::RangeInclusive<u64> = 1..=32;
+/// Host CPU numbers a CPU list may name (0 to this, exclusive).
+pub const MAX_CPU: u32 = 1024;
+
+/// Deserializes a `T` and checks it with `check` (the same check a domain file gets).
+fn checked<'de, D, T>(d: D, check: impl FnOnce(&T) -> Result<(), String>) -> Result<T, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: serde::Deserialize<'de>,
+{
+    let v = T::deserialize(d)?;
+    check(&v).map_err(serde::de::Error::custom)?;
+    Ok(v)
+}
+
+fn check_range(what: &str, v: u64, r: &std::ops::RangeInclusive<u64>) -> Result<(), String> {
+    if r.contains(&v) {
+        Ok(())
+    } else {
+        Err(format!(
+            "`{what}` must be a number from {} to {}, not {v}",
+            r.start(),
+            r.end()
+        ))
+    }
+}
+
+fn de_memory<'de, D: serde::Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+    checked(d, |&m: &u64| check_range("memory", m, &MEMORY_MIB))
+}
+
+fn de_vcpus<'de, D: serde::Deserializer<'de>>(d: D) -> Result<u32, D::Error> {
+    checked(d, |&v: &u32| check_range("vcpus", v.into(), &VCPUS))
+}
+
+fn check_cpus(cpus: &[u32]) -> Result<(), String> {
+    let sorted = cpus.windows(2).all(|w| w[0] < w[1]);
+    if cpus.is_empty() || !sorted || cpus.iter().any(|&c| c >= MAX_CPU) {
+        return Err(format!(
+            "CPU list: sorted, distinct CPU numbers below {MAX_CPU}, at least one"
+        ));
+    }
+    Ok(())
+}
+
+/// A CPU list field: sorted, distinct, each below [`MAX_CPU`] (what [`parse_cpu_list`] gives).
+pub(crate) fn de_cpus<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<Option<Vec<u32>>, D::Error> {
+    checked(d, |c: &Option<Vec<u32>>| {
+        c.as_deref().map_or(Ok(()), check_cpus)
+    })
+}
+
+fn check_disks(disks: &[DiskSpec]) -> Result<(), String> {
+    let mut seen = [false; Vdev::COUNT];
+    for d in disks {
+        let slot = &mut seen[usize::from(d.vdev.0)];
+        if std::mem::replace(slot, true) {
+            return Err(format!("two disks are {}", d.vdev));
+        }
+    }
+    Ok(())
+}
+
+fn de_disks<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<DiskSpec>, D::Error> {
+    checked(d, |v: &Vec<DiskSpec>| check_disks(v))
+}
+
+fn check_vifs(vifs: &[VifSpec]) -> Result<(), String> {
+    if vifs.len() > MAX_VIFS {
+        return Err(format!("{} vifs; at most {MAX_VIFS}", vifs.len()));
+    }
+    Ok(())
+}
+
+fn de_vifs<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<VifSpec>, D::Error> {
+    checked(d, |v: &Vec<VifSpec>| check_vifs(v))
+}
 
 impl DomainSpec {
     /// Reads and checks a configuration file; relative image and kernel paths are taken relative
@@ -483,28 +935,30 @@ impl DomainSpec {
             let mut s = parse_settings(o, ov).map_err(|e| ConfigError { line: i + 1, ..e })?;
             settings.append(&mut s);
         }
-        let mut spec = Self::from_settings(&settings, path)?;
-        let base = path.parent().unwrap_or(Path::new("."));
-        for d in &mut spec.disks {
-            if d.target.is_relative() {
-                d.target = base.join(&d.target);
-            }
-        }
-        if let Some(k) = spec.kernel.as_mut().filter(|k| k.is_relative()) {
-            *k = base.join(&*k);
-        }
-        Ok(spec)
+        // The daemon needs absolute paths; a relative one is relative to the file's directory.
+        let dir = path.parent().unwrap_or(Path::new("."));
+        let base = std::path::absolute(dir).map_err(|e| ConfigError {
+            file: path.to_owned(),
+            line: 0,
+            reason: format!("its directory: {e}"),
+        })?;
+        Self::from_settings(&settings, path, Some(&base))
     }
 
-    /// Gives the settings meaning; a later setting of the same key wins (overrides).
-    pub fn from_settings(settings: &[Setting], file: &Path) -> Result<Self, ConfigError> {
+    /// Gives the settings meaning; a later setting of the same key wins (overrides). Relative
+    /// paths are taken relative to `base`, and refused without one.
+    pub fn from_settings(
+        settings: &[Setting],
+        file: &Path,
+        base: Option<&Path>,
+    ) -> Result<Self, ConfigError> {
         let mut spec = DomainSpec {
-            name: String::new(),
+            name: DomainName(String::new()),
             memory: 64,
             vcpus: 1,
             cpus: None,
             kernel: None,
-            cmdline: String::new(),
+            cmdline: Cmdline::default(),
             on_poweroff: Action::Destroy,
             on_reboot: Action::Restart,
             on_crash: Action::Destroy,
@@ -525,11 +979,13 @@ impl DomainSpec {
                     s.key
                 ))),
             };
-            let want_int = |lo: u64, hi: u64| match &s.value {
-                Value::Int(v) if (lo..=hi).contains(v) => Ok(*v),
+            let want_int = |r: &std::ops::RangeInclusive<u64>| match &s.value {
+                Value::Int(v) => check_range(&s.key, *v, r).map(|()| *v).map_err(err),
                 other => Err(err(format!(
-                    "`{}` must be a number from {lo} to {hi}, not {other}",
-                    s.key
+                    "`{}` must be a number from {} to {}, not {other}",
+                    s.key,
+                    r.start(),
+                    r.end()
                 ))),
             };
             let want_list = || match &s.value {
@@ -541,29 +997,21 @@ impl DomainSpec {
             };
             match s.key.as_str() {
                 "name" => {
-                    let n = want_str()?;
-                    let ok = !n.is_empty()
-                        && n.len() <= 64
-                        && n.chars()
-                            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
-                    if !ok {
-                        return Err(err(format!(
-                            "name {n:?}: 1-64 letters, digits, `-`, `_`, `.`"
-                        )));
-                    }
-                    spec.name = n;
+                    spec.name = want_str()?.try_into().map_err(err)?;
                     name_line = Some(s.line);
                 }
-                "memory" => spec.memory = want_int(16, 16384)?,
-                "vcpus" => spec.vcpus = want_int(1, 32)? as u32,
+                "memory" => spec.memory = want_int(&MEMORY_MIB)?,
+                "vcpus" => spec.vcpus = want_int(&VCPUS)? as u32,
                 "cpus" => {
                     spec.cpus = match want_str()?.as_str() {
                         "all" => None,
                         list => Some(parse_cpu_list(list).map_err(err)?),
                     }
                 }
-                "kernel" => spec.kernel = Some(PathBuf::from(want_str()?)),
-                "cmdline" | "extra" => spec.cmdline = want_str()?,
+                "kernel" => {
+                    spec.kernel = Some(HostPath::new(Path::new(&want_str()?), base).map_err(err)?)
+                }
+                "cmdline" | "extra" => spec.cmdline = want_str()?.try_into().map_err(err)?,
                 "on_poweroff" | "on_reboot" | "on_crash" => {
                     let a: Action = want_str()?.parse().map_err(err)?;
                     match s.key.as_str() {
@@ -577,13 +1025,11 @@ impl DomainSpec {
                         .iter()
                         .enumerate()
                         .map(|(i, d)| {
-                            DiskSpec::parse(d, i).map_err(|r| err(format!("disk {}: {r}", i + 1)))
+                            DiskSpec::parse(d, i, base)
+                                .map_err(|r| err(format!("disk {}: {r}", i + 1)))
                         })
                         .collect::<Result<_, _>>()?;
-                    let mut seen = std::collections::HashSet::new();
-                    if let Some(d) = spec.disks.iter().find(|d| !seen.insert(d.vdev.clone())) {
-                        return Err(err(format!("two disks are {}", d.vdev)));
-                    }
+                    check_disks(&spec.disks).map_err(err)?;
                 }
                 "vif" => {
                     let l = want_list()?;
@@ -602,7 +1048,7 @@ impl DomainSpec {
                 "type" | "builder" => {
                     let _ = want_str()?;
                 }
-                other => return Err(err(format!("unknown setting `{other}`"))),
+                other => return Err(err(format!("unknown setting `{}`", Shown(other)))),
             }
         }
         if name_line.is_none() {
@@ -623,7 +1069,7 @@ mod tests {
 
     fn spec(text: &str) -> Result<DomainSpec, ConfigError> {
         let f = Path::new("t.cfg");
-        DomainSpec::from_settings(&parse_settings(text, f)?, f)
+        DomainSpec::from_settings(&parse_settings(text, f)?, f, Some(Path::new("/cfg")))
     }
 
     #[test]
@@ -656,24 +1102,28 @@ vif = [ 'mac=02:53:00:00:00:01,bridge=br0,ip=10.0.0.2', 'bridge=lan,uplink=tap' 
 "#,
         )
         .unwrap();
-        assert_eq!(s.name, "demo");
+        assert_eq!(s.name.as_str(), "demo");
         assert_eq!((s.memory, s.vcpus), (128, 2));
         assert_eq!(s.cpus, Some(vec![0, 1]));
-        assert_eq!(s.cmdline, "blkverify");
+        assert_eq!(s.cmdline.as_str(), "blkverify");
         assert_eq!(s.on_crash, Action::Restart);
         assert_eq!(s.on_reboot, Action::Restart);
-        assert_eq!(s.disks[0].target, PathBuf::from("/tmp/a,b.img"));
+        assert_eq!(s.disks[0].target.as_path(), Path::new("/tmp/a,b.img"));
+        assert_eq!(s.disks[1].target.as_path(), Path::new("/cfg/b.img"));
         assert_eq!((s.disks[0].devid(), s.disks[0].readonly), (51712, false));
         assert_eq!(s.disks[0].size, Some(1 << 30));
         assert_eq!(
-            (s.disks[1].vdev.as_str(), s.disks[1].readonly),
+            (s.disks[1].vdev.to_string().as_str(), s.disks[1].readonly),
             ("xvdb", true)
         );
         assert_eq!(s.disks[1].devid(), 51728);
         assert_eq!(s.vifs[0].mac.unwrap().to_string(), "02:53:00:00:00:01");
         assert_eq!(s.vifs[0].ip, Some("10.0.0.2".parse().unwrap()));
-        assert_eq!(s.vifs[1].bridge, "lan");
-        assert_eq!(s.vifs[1].uplink_tap.as_deref(), Some("svlan"));
+        assert_eq!(s.vifs[1].bridge.as_str(), "lan");
+        assert_eq!(
+            s.vifs[1].uplink_tap.as_ref().map(IfName::as_str),
+            Some("svlan")
+        );
     }
 
     #[test]
@@ -722,8 +1172,8 @@ vif = [ 'mac=02:53:00:00:00:01,bridge=br0,ip=10.0.0.2', 'bridge=lan,uplink=tap' 
         std::fs::write(&f, "name = 'd'\nmemory = 64\ndisk = ['x.img']\n").unwrap();
         let s = DomainSpec::load(&f, &["memory=256".into(), "extra='ticker'".into()]).unwrap();
         assert_eq!(s.memory, 256);
-        assert_eq!(s.cmdline, "ticker");
-        assert_eq!(s.disks[0].target, dir.join("x.img"));
+        assert_eq!(s.cmdline.as_str(), "ticker");
+        assert_eq!(s.disks[0].target.as_path(), dir.join("x.img"));
         let e = DomainSpec::load(&f, &["memory=oops".into()]).unwrap_err();
         assert_eq!(e.file, PathBuf::from("<command line>"));
         let e = DomainSpec::load(&dir.join("missing.cfg"), &[]).unwrap_err();
@@ -740,7 +1190,8 @@ vif = [ 'mac=02:53:00:00:00:01,bridge=br0,ip=10.0.0.2', 'bridge=lan,uplink=tap' 
 
         #[test]
         fn disk_and_vif_specs_never_panic(s in "[a-z=,./:0-9]{0,60}") {
-            let _ = DiskSpec::parse(&s, 0);
+            let _ = DiskSpec::parse(&s, 0, Some(Path::new("/b")));
+            let _ = DiskSpec::parse(&s, 30, None);
             let _ = VifSpec::parse(&s);
         }
     }

@@ -175,7 +175,7 @@ fn create_list_console_pause_unpause_destroy() {
     let doms = env.list();
     assert_eq!(doms.len(), 1);
     assert_eq!((doms[0].name.as_str(), doms[0].id), ("tick", 1));
-    assert_eq!(doms[0].spec.cmdline, "ticker");
+    assert_eq!(doms[0].spec.cmdline.as_str(), "ticker");
 
     let c = env.console("tick", Duration::from_millis(700));
     assert!(
@@ -362,7 +362,7 @@ fn two_domains_from_the_examples_ping_each_other() {
     assert!(out.contains("ping: 5 sent, 5 received"), "{out}");
     let doms = env.list();
     assert_eq!(doms.len(), 1, "ping powered off and went: {doms:?}");
-    assert_eq!(doms[0].name, "echo");
+    assert_eq!(doms[0].name.as_str(), "echo");
 }
 
 #[test]
@@ -557,7 +557,7 @@ fn console_on_a_terminal_is_raw_while_attached_and_restored_after_detach() {
         "terminal modes restored"
     );
     // The guest is still running.
-    assert_eq!(env.list()[0].name, "i");
+    assert_eq!(env.list()[0].name.as_str(), "i");
 }
 
 /// `Cpus_allowed_list` of the daemon's thread named `name`, as the kernel reports it.

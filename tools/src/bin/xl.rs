@@ -8,8 +8,9 @@ use std::process::{Command, ExitCode, Stdio};
 use std::time::{Duration, Instant};
 
 use clap::{Parser, Subcommand};
-use dom0::control::{self, DomainInfo, Envelope, PROTOCOL_VERSION, Reply, Request};
-use dom0::xlcfg::DomainSpec;
+use dom0::control::{self, DomRef, DomainInfo, Envelope, PROTOCOL_VERSION, Reply, Request};
+use dom0::peer;
+use dom0::xlcfg::{DomainSpec, HostPath, Vdev};
 use serde_json::Value;
 
 /// Splitvisor's toolstack: create, inspect and control domains.
@@ -55,7 +56,7 @@ enum Verb {
     /// Destroy a domain at once (no shutdown in the guest).
     Destroy {
         /// Name or id.
-        domain: String,
+        domain: DomRef,
     },
     /// Ask a domain to power off (through its control/shutdown key).
     Shutdown {
@@ -63,7 +64,7 @@ enum Verb {
         #[arg(short = 'w')]
         wait: bool,
         /// Name or id.
-        domain: String,
+        domain: DomRef,
     },
     /// Ask a domain to reboot (it is rebuilt if on_reboot=restart).
     Reboot {
@@ -71,22 +72,22 @@ enum Verb {
         #[arg(short = 'w')]
         wait: bool,
         /// Name or id.
-        domain: String,
+        domain: DomRef,
     },
     /// Pause a domain's vCPUs.
     Pause {
         /// Name or id.
-        domain: String,
+        domain: DomRef,
     },
     /// Resume a paused domain.
     Unpause {
         /// Name or id.
-        domain: String,
+        domain: DomRef,
     },
     /// Attach to a domain's console (detach with Ctrl-]).
     Console {
         /// Name or id.
-        domain: String,
+        domain: DomRef,
     },
     /// Show the end of the daemon's log.
     Dmesg {
@@ -108,12 +109,12 @@ enum Verb {
     /// List vCPUs: Name ID VCPU CPU State Time(s) Affinity (all domains, or one).
     VcpuList {
         /// Name or id.
-        domain: Option<String>,
+        domain: Option<DomRef>,
     },
     /// Pin vCPUs to host CPUs: `xl vcpu-pin DOM all 1`, `xl vcpu-pin DOM 0 0-1`.
     VcpuPin {
         /// Name or id.
-        domain: String,
+        domain: DomRef,
         /// A vCPU index, or `all`.
         vcpu: String,
         /// Host CPUs (`0`, `0-1`, `0,2-3`), or `all`.
@@ -122,40 +123,40 @@ enum Verb {
     /// Hot-plug a disk: `xl block-attach DOM 'file.img,raw,xvdb,rw'`.
     BlockAttach {
         /// Name or id.
-        domain: String,
+        domain: DomRef,
         /// A disk spec, as in a domain file.
         spec: String,
     },
     /// Hot-unplug a disk.
     BlockDetach {
         /// Name or id.
-        domain: String,
+        domain: DomRef,
         /// The virtual device (xvdb).
-        vdev: String,
+        vdev: Vdev,
     },
     /// List a domain's disks.
     BlockList {
         /// Name or id.
-        domain: String,
+        domain: DomRef,
     },
     /// Hot-plug a network interface: `xl network-attach DOM 'bridge=br0'`.
     NetworkAttach {
         /// Name or id.
-        domain: String,
+        domain: DomRef,
         /// A vif spec, as in a domain file.
         spec: String,
     },
     /// Hot-unplug a network interface.
     NetworkDetach {
         /// Name or id.
-        domain: String,
+        domain: DomRef,
         /// Device id (from network-list).
         devid: u32,
     },
     /// List a domain's network interfaces.
     NetworkList {
         /// Name or id.
-        domain: String,
+        domain: DomRef,
     },
 }
 
@@ -200,10 +201,36 @@ struct Client {
     reader: BufReader<UnixStream>,
 }
 
+/// Why connecting failed: no daemon there, or one we must not talk to.
+enum ConnectError {
+    /// Nothing answers (or the directory is not there yet).
+    Absent(std::io::Error),
+    /// The directory or the daemon cannot be trusted.
+    Untrusted(String),
+}
+
 impl Client {
-    fn connect(dir: &Path) -> Result<Self, std::io::Error> {
-        let stream = UnixStream::connect(dir.join(control::SOCKET))?;
-        let reader = BufReader::new(stream.try_clone()?);
+    /// Connects to the daemon in `dir`, after checking that the directory is one only we (or
+    /// root) control, and that the daemon answering runs as root or as us.
+    fn connect(dir: &Path) -> Result<Self, ConnectError> {
+        match std::fs::symlink_metadata(dir) {
+            Err(e) => return Err(ConnectError::Absent(e)),
+            Ok(_) => peer::check_runtime_dir(dir)
+                .map_err(|e| ConnectError::Untrusted(control::chain(&e)))?,
+        }
+        let stream =
+            UnixStream::connect(dir.join(control::SOCKET)).map_err(ConnectError::Absent)?;
+        let cred =
+            peer::peer_cred(&stream).map_err(|e| ConnectError::Untrusted(control::chain(&e)))?;
+        if !peer::daemon_is_trusted(cred.uid) {
+            return Err(ConnectError::Untrusted(format!(
+                "the daemon on {} runs as uid {} (pid {}), neither root nor us; refusing to talk to it",
+                dir.display(),
+                cred.uid,
+                cred.pid
+            )));
+        }
+        let reader = BufReader::new(stream.try_clone().map_err(ConnectError::Absent)?);
         Ok(Self { stream, reader })
     }
 
@@ -231,27 +258,30 @@ impl Client {
 }
 
 fn connect(dir: &Path) -> Result<Client, Fail> {
-    Client::connect(dir).map_err(|e| {
-        fail(format!(
+    Client::connect(dir).map_err(|e| match e {
+        ConnectError::Absent(e) => fail(format!(
             "no splitvisord on {} ({e}); `xl create` starts one, or run splitvisord",
             dir.display()
-        ))
+        )),
+        ConnectError::Untrusted(why) => fail(why),
     })
 }
 
 /// Connects, starting the daemon in the background first if none answers.
 fn connect_or_start(dir: &Path) -> Result<Client, Fail> {
-    if let Ok(c) = Client::connect(dir) {
-        return Ok(c);
+    match Client::connect(dir) {
+        Ok(c) => return Ok(c),
+        Err(ConnectError::Untrusted(why)) => return Err(fail(why)),
+        Err(ConnectError::Absent(_)) => {}
     }
     let exe = std::env::current_exe()
         .ok()
         .and_then(|p| p.parent().map(|d| d.join("splitvisord")))
         .filter(|p| p.exists())
         .unwrap_or_else(|| PathBuf::from("splitvisord"));
-    std::fs::create_dir_all(dir).map_err(|e| fail(format!("{}: {e}", dir.display())))?;
+    peer::make_runtime_dir(dir)?;
     let out_path = dir.join("daemon.out");
-    let out = std::fs::File::create(&out_path)
+    let out = peer::open_append_nofollow(&out_path)
         .map_err(|e| fail(format!("{}: {e}", out_path.display())))?;
     let mut cmd = Command::new(&exe);
     cmd.arg("--runtime-dir")
@@ -308,14 +338,14 @@ fn state_column(letter: &str) -> String {
 }
 
 /// Attaches to a console: output to stdout, stdin to the guest; Ctrl-] detaches.
-fn console(dir: &Path, dom: &str) -> Result<(), Fail> {
+fn console(dir: &Path, dom: &DomRef) -> Result<(), Fail> {
     stream_console(open_console(dir, dom)?)
 }
 
 /// Attaches to `dom`'s console (its output so far comes first).
-fn open_console(dir: &Path, dom: &str) -> Result<Client, Fail> {
+fn open_console(dir: &Path, dom: &DomRef) -> Result<Client, Fail> {
     let mut c = connect(dir)?;
-    c.call(Request::Console { dom: dom.into() })?;
+    c.call(Request::Console { dom: dom.clone() })?;
     Ok(c)
 }
 
@@ -425,7 +455,12 @@ fn run(cli: Cli) -> Result<(), Fail> {
                 v["id"]
             );
             if attach {
-                let id = v["id"].to_string();
+                let id = DomRef::Id(
+                    v["id"]
+                        .as_u64()
+                        .and_then(|i| u32::try_from(i).ok())
+                        .ok_or_else(|| fail("the daemon answered create without an id"))?,
+                );
                 let con = open_console(&dir, &id)?;
                 if !paused {
                     c.call(Request::Unpause { dom: id.clone() })?;
@@ -460,7 +495,7 @@ fn run(cli: Cli) -> Result<(), Fail> {
             ];
             for d in &doms {
                 rows.push(vec![
-                    d.name.clone(),
+                    d.name.to_string(),
                     d.id.to_string(),
                     d.mem.to_string(),
                     d.vcpus.to_string(),
@@ -616,7 +651,15 @@ fn run(cli: Cli) -> Result<(), Fail> {
             }
         }
         Verb::BlockAttach { domain, spec } => {
-            let v = connect(&dir)?.call(Request::BlockAttach { dom: domain, spec })?;
+            // A relative image path is relative to where xl runs, not to the daemon.
+            let base = std::env::current_dir()
+                .ok()
+                .and_then(|d| HostPath::new(&d, None).ok());
+            let v = connect(&dir)?.call(Request::BlockAttach {
+                dom: domain,
+                spec,
+                base,
+            })?;
             eprintln!(
                 "xl: attached {} (device {})",
                 v["vdev"].as_str().unwrap_or("?"),
