@@ -1,0 +1,150 @@
+//! What the tests of the real `xl` binary and the real `splitvisord` share: a runtime directory
+//! per test with its daemon (started by `xl create`, killed when the test ends).
+#![allow(dead_code)]
+
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use dom0::control::DomainInfo;
+
+/// The `xl` binary under test.
+pub const XL: &str = env!("CARGO_BIN_EXE_xl");
+
+/// Makes sure an up-to-date `splitvisord` sits next to `xl` (it belongs to another package, so
+/// `cargo test -p splitvisor-tools` alone would not build it, and a stale one would embed a
+/// stale guest kernel); a no-op when it is fresh.
+pub fn daemon_built() {
+    static BUILT: OnceLock<()> = OnceLock::new();
+    BUILT.get_or_init(|| {
+        let dir = Path::new(XL).parent().unwrap();
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let mut cmd = Command::new(cargo);
+        cmd.args(["build", "-p", "dom0", "--bin", "splitvisord"]);
+        if dir.ends_with("release") {
+            cmd.arg("--release");
+        }
+        assert!(cmd.status().unwrap().success(), "building splitvisord");
+    });
+}
+
+/// A runtime directory with its daemon; both go when the test ends.
+pub struct Env {
+    /// The test's directory; the runtime directory is `run` in it.
+    pub dir: PathBuf,
+}
+
+impl Env {
+    /// A fresh directory for the test tagged `tag`.
+    pub fn new(tag: &str) -> Self {
+        daemon_built();
+        assert!(
+            Path::new("/dev/kvm").exists(),
+            "/dev/kvm is missing: these tests boot real domains"
+        );
+        let dir = std::env::temp_dir().join(format!("sv-xl-{}-{tag}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        Self { dir }
+    }
+
+    /// Runs xl on the test's runtime directory.
+    pub fn xl(&self, args: &[&str]) -> Output {
+        Command::new(XL)
+            .arg("--runtime-dir")
+            .arg(self.dir.join("run"))
+            .args(args)
+            .output()
+            .unwrap()
+    }
+
+    /// Runs xl, asserting success; returns stdout.
+    pub fn ok(&self, args: &[&str]) -> String {
+        let o = self.xl(args);
+        assert!(
+            o.status.success(),
+            "xl {args:?} failed: {}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        );
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    }
+
+    /// Runs xl, asserting failure with one line on stderr; returns it.
+    pub fn fails(&self, args: &[&str]) -> String {
+        let o = self.xl(args);
+        assert!(!o.status.success(), "xl {args:?} should fail");
+        let err = String::from_utf8_lossy(&o.stderr).into_owned();
+        assert_eq!(err.lines().count(), 1, "one line: {err:?}");
+        assert!(err.starts_with("xl: "), "{err:?}");
+        err
+    }
+
+    /// Writes a domain file; returns its path.
+    pub fn cfg(&self, name: &str, text: &str) -> String {
+        let p = self.dir.join(name);
+        std::fs::write(&p, text).unwrap();
+        p.to_string_lossy().into_owned()
+    }
+
+    /// `xl list --json`.
+    pub fn list(&self) -> Vec<DomainInfo> {
+        serde_json::from_str(&self.ok(&["list", "--json"])).unwrap()
+    }
+
+    /// The console as `xl console` shows it within `for_how_long` (history first), then
+    /// detaches with Ctrl-].
+    pub fn console(&self, dom: &str, for_how_long: Duration) -> String {
+        self.console_typing(dom, b"", for_how_long)
+    }
+
+    /// As [`console`](Self::console), typing `keys` first.
+    pub fn console_typing(&self, dom: &str, keys: &[u8], for_how_long: Duration) -> String {
+        let mut child = Command::new(XL)
+            .arg("--runtime-dir")
+            .arg(self.dir.join("run"))
+            .args(["console", dom])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut out = child.stdout.take().unwrap();
+        let reader = std::thread::spawn(move || {
+            let mut s = Vec::new();
+            let _ = out.read_to_end(&mut s);
+            s
+        });
+        child.stdin.as_mut().unwrap().write_all(keys).unwrap();
+        std::thread::sleep(for_how_long);
+        let _ = child.stdin.as_mut().unwrap().write_all(&[0x1d]);
+        let status = child.wait().unwrap();
+        assert!(status.success(), "xl console exited {status}");
+        String::from_utf8_lossy(&reader.join().unwrap()).into_owned()
+    }
+
+    /// Waits (30 s at most) until `f` holds.
+    pub fn wait_until(&self, what: &str, mut f: impl FnMut() -> bool) {
+        let t = Instant::now();
+        while !f() {
+            assert!(t.elapsed() < Duration::from_secs(30), "timed out: {what}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        let lock = self.dir.join("run").join(dom0::control::LOCK);
+        if let Some(pid) = std::fs::read_to_string(lock)
+            .ok()
+            .and_then(|p| p.trim().parse::<i32>().ok())
+        {
+            // SAFETY: kill on the daemon this test started.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
