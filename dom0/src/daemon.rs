@@ -128,18 +128,68 @@ struct Managed {
     domain: Domain,
     disks: Vec<(DiskSpec, Vbd)>,
     vifs: Vec<(u32, VifSpec, Vif)>,
-    restarts: u32,
-    /// Restarts in the current burst (a domain that crashes on boot is not restarted forever).
-    recent_restarts: Vec<Instant>,
+    restarts: Restarts,
     /// Stopped and kept for inspection (`on_*=preserve`).
     preserved: bool,
 }
 
 impl Managed {
-    /// Drops every device (polite close while the guest still runs).
-    fn unplug_all(&mut self) {
-        self.disks.clear();
-        self.vifs.clear();
+    /// Takes every device out, to be dropped (each a polite close that may wait for the guest)
+    /// after the state lock is released.
+    fn unplug_all(&mut self) -> Devices {
+        (
+            std::mem::take(&mut self.disks),
+            std::mem::take(&mut self.vifs),
+        )
+    }
+}
+
+/// A domain's devices, taken out to be dropped outside the state lock.
+type Devices = (Vec<(DiskSpec, Vbd)>, Vec<(u32, VifSpec, Vif)>);
+
+/// How a domain's restarts went, over its successive ids: for `xl list`, the give-up rule and
+/// the back-off.
+#[derive(Debug, Clone)]
+struct Restarts {
+    /// Restarts so far.
+    total: u32,
+    /// When the recent ones happened (a domain that crashes on boot is not restarted forever).
+    recent: Vec<Instant>,
+    /// Restarts in a row after runs shorter than [`STABLE_RUN`]: the back-off grows with it.
+    streak: u32,
+    /// When this incarnation was built.
+    started: Instant,
+    /// A restart that is put off: when it is due, and the streak it continues.
+    due: Option<(Instant, u32)>,
+}
+
+impl Restarts {
+    fn new() -> Self {
+        Self {
+            total: 0,
+            recent: Vec::new(),
+            streak: 0,
+            started: Instant::now(),
+            due: None,
+        }
+    }
+}
+
+/// A run at least this long starts the back-off again from nothing.
+const STABLE_RUN: Duration = Duration::from_secs(60);
+/// The back-off's first step and its ceiling.
+const BACKOFF_FIRST: Duration = Duration::from_millis(250);
+const BACKOFF_MAX: Duration = Duration::from_secs(300);
+
+/// How long to wait before restarting a domain that has been restarted `streak` times in a row
+/// after short runs: at once the first time, then 0.25 s, doubling up to 5 minutes. A guest
+/// that reboots every 2 s thus settles at one boot per 5 minutes instead of using up the host.
+fn backoff(streak: u32) -> Duration {
+    match streak {
+        0 => Duration::ZERO,
+        n => BACKOFF_FIRST
+            .saturating_mul(1 << (n - 1).min(20))
+            .min(BACKOFF_MAX),
     }
 }
 
@@ -457,7 +507,7 @@ impl Daemon {
             Request::Info => Ok(self.info()),
             Request::List => Ok(serde_json::to_value(self.list()).unwrap_or_default()),
             Request::Create { spec, paused } => {
-                let id = self.create(&spec, paused, 0, None)?;
+                let id = self.create(&spec, paused, Restarts::new(), None)?;
                 Ok(json!({ "id": id, "name": spec.name }))
             }
             Request::Destroy { dom } => {
@@ -670,8 +720,14 @@ impl Daemon {
                     vcpus: m.spec.vcpus,
                     state: letter.into(),
                     time: m.domain.shared().cpu_time().as_secs_f64(),
-                    detail,
-                    restarts: m.restarts,
+                    detail: match m.restarts.due {
+                        Some((at, _)) => format!(
+                            "{detail}; restart in {:.1} s",
+                            at.saturating_duration_since(Instant::now()).as_secs_f64()
+                        ),
+                        None => detail,
+                    },
+                    restarts: m.restarts.total,
                     spec: m.spec.clone(),
                 }
             })
@@ -727,7 +783,7 @@ impl Daemon {
         &self,
         spec: &DomainSpec,
         paused: bool,
-        restarts: u32,
+        restarts: Restarts,
         replaces: Option<u32>,
     ) -> Result<u32, DaemonError> {
         let kernel = match &spec.kernel {
@@ -769,7 +825,6 @@ impl Daemon {
             disks: Vec::new(),
             vifs: Vec::new(),
             restarts,
-            recent_restarts: Vec::new(),
             preserved: false,
         };
         let devices = (|| {
@@ -783,7 +838,8 @@ impl Daemon {
             Ok(())
         })();
         if let Err(e) = devices {
-            m.unplug_all();
+            // Nothing was connected yet, so dropping the devices waits for no guest.
+            drop(m.unplug_all());
             m.domain.destroy();
             return Err(e);
         }
@@ -980,7 +1036,8 @@ impl Daemon {
     fn lifecycle(self: Arc<Self>) {
         loop {
             std::thread::sleep(Duration::from_millis(50));
-            let stopped: Vec<(u32, DomainState, Action)> = {
+            // (id, final state, action, seen for the first time)
+            let stopped: Vec<(u32, DomainState, Action, bool)> = {
                 let st = self.lock();
                 st.domains
                     .iter()
@@ -997,56 +1054,87 @@ impl Daemon {
                             DomainState::Destroyed => Action::Destroy,
                             _ => return None,
                         };
-                        Some((*id, s, action))
+                        Some((*id, s, action, m.restarts.due.is_none()))
                     })
                     .collect()
             };
-            for (id, state, action) in stopped {
-                match &state {
-                    DomainState::Crashed { detail } => {
-                        tracing::error!(domid = id, "domain crashed: {detail}; on_crash={action:?}")
+            for (id, state, action, first) in stopped {
+                if first {
+                    match &state {
+                        DomainState::Crashed { detail } => tracing::error!(
+                            domid = id,
+                            "domain crashed: {detail}; on_crash={action:?}"
+                        ),
+                        s => tracing::info!(domid = id, state = ?s, "domain stopped; {action:?}"),
                     }
-                    s => tracing::info!(domid = id, state = ?s, "domain stopped; {action:?}"),
                 }
                 match action {
                     Action::Destroy => self.destroy(id),
                     Action::Preserve => {
-                        let mut st = self.lock();
-                        if let Some(m) = st.domains.get_mut(&id) {
-                            m.preserved = true;
-                            m.unplug_all();
-                        }
-                        drop(st);
+                        let devices = self
+                            .with(id, |m| {
+                                m.preserved = true;
+                                m.unplug_all()
+                            })
+                            .ok();
+                        // Outside the lock: each device waits a while for the (stopped) guest.
+                        drop(devices);
                         self.changed.notify_all();
                     }
-                    Action::Restart => self.restart(id),
+                    Action::Restart => {
+                        if self.restart_due(id) {
+                            self.restart(id);
+                        }
+                    }
                 }
             }
         }
+    }
+
+    /// Puts domain `id`'s restart off by its back-off the first time it is seen stopped; whether
+    /// the restart is due now.
+    fn restart_due(&self, id: u32) -> bool {
+        let now = Instant::now();
+        self.with(id, |m| {
+            let r = &mut m.restarts;
+            let (at, _) = *r.due.get_or_insert_with(|| {
+                let streak = if now.duration_since(r.started) >= STABLE_RUN {
+                    0
+                } else {
+                    r.streak
+                };
+                let wait = backoff(streak);
+                if !wait.is_zero() {
+                    tracing::warn!(
+                        domid = id,
+                        "restart {} in a row after a short run: put off by {wait:?}",
+                        streak + 1
+                    );
+                }
+                (now + wait, streak)
+            });
+            at <= now
+        })
+        .unwrap_or(false)
     }
 
     fn restart(&self, id: u32) {
         // The stopped domain stays listed (in its final state) until its successor is; its
         // devices go first, so the new one can open the same images and switch ports.
         let now = Instant::now();
-        let Some((devices, spec, restarts, mut recent)) = ({
+        let Some((devices, spec, mut restarts)) = ({
             let mut st = self.lock();
             st.domains.get_mut(&id).map(|m| {
-                m.recent_restarts
+                m.restarts
+                    .recent
                     .retain(|t| now.duration_since(*t) < RESTART_WINDOW);
-                let devices = (std::mem::take(&mut m.disks), std::mem::take(&mut m.vifs));
-                (
-                    devices,
-                    m.spec.clone(),
-                    m.restarts + 1,
-                    m.recent_restarts.clone(),
-                )
+                (m.unplug_all(), m.spec.clone(), m.restarts.clone())
             })
         }) else {
             return;
         };
         drop(devices);
-        if recent.len() >= MAX_RESTARTS {
+        if restarts.recent.len() >= MAX_RESTARTS {
             tracing::error!(
                 domid = id,
                 name = %spec.name,
@@ -1055,12 +1143,17 @@ impl Daemon {
             self.destroy(id);
             return;
         }
+        let streak = restarts.due.map_or(0, |(_, s)| s);
+        restarts = Restarts {
+            total: restarts.total + 1,
+            streak: streak + 1,
+            started: now,
+            due: None,
+            recent: restarts.recent,
+        };
+        restarts.recent.push(now);
         match self.create(&spec, false, restarts, Some(id)) {
             Ok(new) => {
-                recent.push(now);
-                if let Some(m) = self.lock().domains.get_mut(&new) {
-                    m.recent_restarts = recent;
-                }
                 tracing::info!(old = id, domid = new, name = %spec.name, "domain restarted");
             }
             Err(e) => {
@@ -1075,6 +1168,14 @@ impl Daemon {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn restarts_back_off_exponentially_up_to_a_ceiling() {
+        let steps: Vec<u64> = (0..6).map(|n| backoff(n).as_millis() as u64).collect();
+        assert_eq!(steps, [0, 250, 500, 1000, 2000, 4000]);
+        assert_eq!(backoff(12), BACKOFF_MAX);
+        assert_eq!(backoff(u32::MAX), BACKOFF_MAX);
+    }
 
     #[test]
     fn dmesg_reads_only_the_end_of_the_log_from_a_whole_line() {

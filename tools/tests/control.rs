@@ -4,8 +4,7 @@
 //! the bystander keeps running and answering (its ticks go on; at the end it shuts down
 //! cleanly when asked, which takes the guest's cooperation).
 
-use std::io::{BufRead, BufReader, Write};
-use std::os::unix::net::UnixStream;
+use std::io::BufRead;
 use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
@@ -16,43 +15,7 @@ use proptest::test_runner::{Config, TestRunner};
 use serde_json::{Value, json};
 
 mod common;
-use common::{Env, XL};
-
-/// A raw connection to the daemon.
-struct Raw {
-    w: UnixStream,
-    r: BufReader<UnixStream>,
-}
-
-impl Raw {
-    fn new(env: &Env) -> Self {
-        let w = UnixStream::connect(env.dir.join("run").join(dom0::control::SOCKET)).unwrap();
-        // A request that makes the daemon hang fails the test instead of hanging it.
-        w.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
-        let r = BufReader::new(w.try_clone().unwrap());
-        Self { w, r }
-    }
-
-    /// Sends `line` (a newline is added) and returns the one reply line, parsed.
-    fn send(&mut self, line: &[u8]) -> Reply {
-        self.w.write_all(line).unwrap();
-        self.w.write_all(b"\n").unwrap();
-        let mut back = String::new();
-        self.r
-            .read_line(&mut back)
-            .unwrap_or_else(|e| panic!("no reply to {:?}: {e}", String::from_utf8_lossy(line)));
-        assert!(back.ends_with('\n'), "reply to {line:?}: {back:?}");
-        serde_json::from_str(&back).unwrap_or_else(|e| panic!("reply {back:?}: {e}"))
-    }
-
-    /// Sends `req` and expects an error reply; returns its text.
-    fn refused(&mut self, req: &Value) -> String {
-        match self.send(req.to_string().as_bytes()) {
-            Reply::Error(e) => e,
-            Reply::Ok(v) => panic!("{req} was accepted: {v}"),
-        }
-    }
-}
+use common::{Env, Raw, XL};
 
 /// The daemon's pid (from `hello`).
 fn daemon_pid(raw: &mut Raw) -> u64 {

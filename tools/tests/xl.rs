@@ -7,7 +7,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 mod common;
-use common::{Env, XL};
+use common::{Env, Raw, XL};
 
 fn last_tick(console: &str) -> u64 {
     console
@@ -140,6 +140,93 @@ fn on_crash_restart_rebuilds_the_domain_and_preserve_keeps_it() {
     assert!(err.trim_end().ends_with("exited with code 2"), "{err}");
     env.ok(&["destroy", "kept"]);
     assert!(env.list().is_empty());
+}
+
+/// A domain that crashes at once is restarted at once the first time, then after a back-off that
+/// doubles (0.25 s, 0.5 s, 1 s, 2 s, ...): a crash or reboot loop cannot use up the host.
+#[test]
+fn crash_loops_back_off_exponentially_before_each_restart() {
+    let env = Env::new("backoff");
+    let cfg = env.cfg(
+        "c.cfg",
+        "name = \"looper\"\nextra = \"crash\"\non_crash = \"restart\"\n",
+    );
+    env.ok(&["create", &cfg]);
+    // When each restart count was first seen.
+    let mut seen: Vec<(u32, Instant)> = Vec::new();
+    let mut put_off = false;
+    let t = Instant::now();
+    while t.elapsed() < Duration::from_secs(30) {
+        let doms = env.list();
+        let Some(d) = doms.first() else { break };
+        put_off |= d.detail.contains("restart in");
+        if seen.last().is_none_or(|(n, _)| *n != d.restarts) {
+            seen.push((d.restarts, Instant::now()));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(put_off, "xl list -l showed no pending restart");
+    let at = |n: u32| seen.iter().find(|(r, _)| *r == n).map(|(_, t)| *t);
+    let (r3, r4, r5) = (at(3).unwrap(), at(4).unwrap(), at(5).unwrap());
+    // Restart 4 waits 1 s, restart 5 waits 2 s (each plus a boot and a crash).
+    assert!(r4 - r3 >= Duration::from_millis(900), "{seen:?}");
+    assert!(r5 - r4 >= Duration::from_millis(1900), "{seen:?}");
+    let log = env.ok(&["dmesg", "-n", "400"]);
+    assert!(log.contains("put off by 2s"), "{log}");
+    // The give-up rule still holds: 5 restarts within 10 s and it is destroyed.
+    assert!(log.contains("giving up"), "{log}");
+    assert!(env.list().is_empty());
+}
+
+/// A preserved domain's devices are released without the daemon's lock held: the stopped guest
+/// never answers the polite detach, which waits for it, and meanwhile every request is served.
+#[test]
+fn preserving_a_domain_does_not_stall_the_daemon() {
+    let env = Env::new("preserve");
+    let img = env.dir.join("p.img");
+    let cfg = env.cfg(
+        "p.cfg",
+        &format!(
+            "name = \"p\"\nextra = \"blkverify\"\non_poweroff = \"preserve\"\n\
+             disk = [ 'vdev=xvda,size=16M,target={}' ]\n",
+            img.display()
+        ),
+    );
+    env.ok(&["create", &cfg]);
+    // The longest answer to `hello` while the guest checks its disk, powers off without
+    // releasing it, and is preserved.
+    let mut raw = Raw::new(&env);
+    let mut worst = Duration::ZERO;
+    let t = Instant::now();
+    loop {
+        let asked = Instant::now();
+        raw.send(br#"{"v":1,"op":"hello"}"#);
+        let doms = env.list();
+        // Preserved: its disk goes (blkverify never released it, so the detach waits
+        // CLOSE_TIMEOUT for the stopped guest).
+        let done = doms[0].state == "s" && env.ok(&["block-list", "p"]).lines().count() == 1;
+        worst = worst.max(asked.elapsed());
+        if done {
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "not preserved: {doms:?}"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // Give the detach its whole wait, answering throughout.
+    let t = Instant::now();
+    while t.elapsed() < dom0::xenbus::CLOSE_TIMEOUT {
+        let asked = Instant::now();
+        raw.send(br#"{"v":1,"op":"list"}"#);
+        worst = worst.max(asked.elapsed());
+    }
+    assert!(
+        worst < dom0::xenbus::CLOSE_TIMEOUT / 2,
+        "a request waited {worst:?} while a preserved domain's disk was released"
+    );
+    env.ok(&["destroy", "p"]);
 }
 
 #[test]

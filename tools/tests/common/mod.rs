@@ -2,13 +2,15 @@
 //! per test with its daemon (started by `xl create`, killed when the test ends).
 #![allow(dead_code)]
 
-use std::io::{Read, Write};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use dom0::control::DomainInfo;
+use dom0::control::{DomainInfo, Reply};
+use serde_json::Value;
 
 /// The `xl` binary under test.
 pub const XL: &str = env!("CARGO_BIN_EXE_xl");
@@ -146,5 +148,44 @@ impl Drop for Env {
             unsafe { libc::kill(pid, libc::SIGKILL) };
         }
         let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A raw connection to the daemon.
+pub struct Raw {
+    /// Where requests go.
+    pub w: UnixStream,
+    /// Where replies come from.
+    pub r: BufReader<UnixStream>,
+}
+
+impl Raw {
+    /// Connects to `env`'s daemon.
+    pub fn new(env: &Env) -> Self {
+        let w = UnixStream::connect(env.dir.join("run").join(dom0::control::SOCKET)).unwrap();
+        // A request that makes the daemon hang fails the test instead of hanging it.
+        w.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        let r = BufReader::new(w.try_clone().unwrap());
+        Self { w, r }
+    }
+
+    /// Sends `line` (a newline is added) and returns the one reply line, parsed.
+    pub fn send(&mut self, line: &[u8]) -> Reply {
+        self.w.write_all(line).unwrap();
+        self.w.write_all(b"\n").unwrap();
+        let mut back = String::new();
+        self.r
+            .read_line(&mut back)
+            .unwrap_or_else(|e| panic!("no reply to {:?}: {e}", String::from_utf8_lossy(line)));
+        assert!(back.ends_with('\n'), "reply to {line:?}: {back:?}");
+        serde_json::from_str(&back).unwrap_or_else(|e| panic!("reply {back:?}: {e}"))
+    }
+
+    /// Sends `req` and expects an error reply; returns its text.
+    pub fn refused(&mut self, req: &Value) -> String {
+        match self.send(req.to_string().as_bytes()) {
+            Reply::Error(e) => e,
+            Reply::Ok(v) => panic!("{req} was accepted: {v}"),
+        }
     }
 }
