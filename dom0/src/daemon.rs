@@ -30,7 +30,7 @@ use crate::control::{
     self, DomRef, DomainInfo, Envelope, MAX_REQUEST, PROTOCOL_VERSION, Reply, Request,
 };
 use crate::disk::Disk;
-use crate::peer::{self, Access};
+use crate::peer::{self, Access, Role};
 use crate::switch::Switch;
 use crate::tap::{Tap, TapPort};
 use crate::vbd::Vbd;
@@ -93,6 +93,9 @@ pub enum DaemonError {
     /// The op is not served on this path.
     #[error("{0} is not a request/reply op")]
     NotHere(&'static str),
+    /// Acting for the client failed.
+    #[error(transparent)]
+    Peer(#[from] crate::peer::PeerError),
     /// vCPU placement failed.
     #[error("vCPU placement")]
     Vcpu(#[from] VcpuError),
@@ -125,6 +128,8 @@ fn spec_error(spec: &str, why: String) -> DaemonError {
 /// A domain the daemon manages, with its devices.
 struct Managed {
     spec: DomainSpec,
+    /// Who asked for it: a group member's files are opened as that member, also on restarts.
+    owner: Role,
     domain: Domain,
     disks: Vec<(DiskSpec, Vbd)>,
     vifs: Vec<(u32, VifSpec, Vif)>,
@@ -366,10 +371,13 @@ impl Daemon {
                 return;
             }
         };
-        if let Err(why) = self.access.check(&cred) {
-            tracing::warn!(uid = cred.uid, pid = cred.pid, "connection refused: {why}");
-            return refuse(&mut c, DaemonError::Denied(why));
-        }
+        let role = match self.access.check(&cred) {
+            Ok(role) => role,
+            Err(why) => {
+                tracing::warn!(uid = cred.uid, pid = cred.pid, "connection refused: {why}");
+                return refuse(&mut c, DaemonError::Denied(why));
+            }
+        };
         // Relaxed: a counter only; the slot is given back by the connection's thread.
         if self.clients.fetch_add(1, Ordering::Relaxed) >= MAX_CLIENTS {
             self.clients.fetch_sub(1, Ordering::Relaxed);
@@ -385,7 +393,7 @@ impl Daemon {
             .name("client".into())
             .spawn(move || {
                 let _slot = ClientSlot(&me.clients);
-                me.client(c);
+                me.client(c, role);
             });
         if spawned.is_err() {
             // The closure (and its slot) went with the failed spawn.
@@ -393,7 +401,7 @@ impl Daemon {
         }
     }
 
-    fn client(&self, stream: UnixStream) {
+    fn client(&self, stream: UnixStream, role: Role) {
         let Ok(mut out) = stream.try_clone() else {
             return;
         };
@@ -426,7 +434,7 @@ impl Daemon {
                 },
                 Ok(env) => {
                     tracing::debug!(?env.req, "request");
-                    match self.handle(env.req) {
+                    match self.handle(env.req, role) {
                         Ok(v) => (Reply::Ok(v), None),
                         Err(e) => (Reply::Error(control::chain(&e)), None),
                     }
@@ -496,7 +504,7 @@ impl Daemon {
             .ok_or_else(|| DaemonError::NoDomain(dom.clone()))
     }
 
-    fn handle(&self, req: Request) -> Result<Value, DaemonError> {
+    fn handle(&self, req: Request, role: Role) -> Result<Value, DaemonError> {
         match req {
             Request::Hello => Ok(json!({
                 "version": env!("CARGO_PKG_VERSION"),
@@ -507,7 +515,7 @@ impl Daemon {
             Request::Info => Ok(self.info()),
             Request::List => Ok(serde_json::to_value(self.list()).unwrap_or_default()),
             Request::Create { spec, paused } => {
-                let id = self.create(&spec, paused, Restarts::new(), None)?;
+                let id = self.create(&spec, role, paused, Restarts::new(), None)?;
                 Ok(json!({ "id": id, "name": spec.name }))
             }
             Request::Destroy { dom } => {
@@ -543,7 +551,7 @@ impl Daemon {
             }
             Request::BlockAttach { dom, spec, base } => {
                 let id = self.find(&dom)?;
-                self.block_attach(id, &spec, base.as_deref())
+                self.block_attach(id, &spec, base.as_deref(), role)
             }
             Request::BlockDetach { dom, vdev } => {
                 let id = self.find(&dom)?;
@@ -782,12 +790,17 @@ impl Daemon {
     fn create(
         &self,
         spec: &DomainSpec,
+        owner: Role,
         paused: bool,
         restarts: Restarts,
         replaces: Option<u32>,
     ) -> Result<u32, DaemonError> {
         let kernel = match &spec.kernel {
-            Some(p) => Some(read_kernel(p).map_err(|e| DaemonError::Kernel(p.to_path_buf(), e))?),
+            Some(p) => Some(
+                owner
+                    .open_files(|| read_kernel(p))?
+                    .map_err(|e| DaemonError::Kernel(p.to_path_buf(), e))?,
+            ),
             None => None,
         };
         let mut cmdline = spec.cmdline.as_str().to_owned();
@@ -821,6 +834,7 @@ impl Daemon {
         let id = domain.id();
         let mut m = Managed {
             spec: spec.clone(),
+            owner,
             domain,
             disks: Vec::new(),
             vifs: Vec::new(),
@@ -829,7 +843,8 @@ impl Daemon {
         };
         let devices = (|| {
             for d in &spec.disks {
-                m.disks.push((d.clone(), self.plug_disk(&m.domain, d)?));
+                m.disks
+                    .push((d.clone(), self.plug_disk(&m.domain, d, owner)?));
             }
             for (i, v) in spec.vifs.iter().enumerate() {
                 let vif = self.plug_vif(&mut st, &m.domain, i as u32, v)?;
@@ -856,21 +871,22 @@ impl Daemon {
         Ok(id)
     }
 
-    fn plug_disk(&self, dom: &Domain, d: &DiskSpec) -> Result<Vbd, DaemonError> {
+    /// Attaches disk `d` to `dom`, creating its image first if it has a size; the image is
+    /// created and opened with `owner`'s identity (and nothing else is done with it).
+    fn plug_disk(&self, dom: &Domain, d: &DiskSpec, owner: Role) -> Result<Vbd, DaemonError> {
         let fail = |e: Box<dyn std::error::Error + Send + Sync>| {
             DaemonError::Disk(format!("{} ({})", d.vdev, d.target.display()), e)
         };
-        if let Some(size) = d.size {
-            Disk::create_sparse(&d.target, size).map_err(|e| fail(Box::new(e)))?;
-        }
-        Vbd::attach(
-            self.hv.store(),
-            dom.shared(),
-            d.devid(),
-            &d.target,
-            d.readonly,
-        )
-        .map_err(|e| fail(Box::new(e)))
+        let disk = owner
+            .open_files(|| {
+                if let Some(size) = d.size {
+                    Disk::create_sparse(&d.target, size)?;
+                }
+                Disk::open(&d.target, d.readonly)
+            })?
+            .map_err(|e| fail(Box::new(e)))?;
+        Vbd::attach_disk(self.hv.store(), dom.shared(), d.devid(), disk)
+            .map_err(|e| fail(Box::new(e)))
     }
 
     fn plug_vif(
@@ -903,7 +919,13 @@ impl Daemon {
         Vif::attach(self.hv.store(), dom.shared(), devid, v.mac, &sw).map_err(|e| fail(Box::new(e)))
     }
 
-    fn block_attach(&self, id: u32, spec: &str, base: Option<&Path>) -> Result<Value, DaemonError> {
+    fn block_attach(
+        &self,
+        id: u32,
+        spec: &str,
+        base: Option<&Path>,
+        role: Role,
+    ) -> Result<Value, DaemonError> {
         let mut st = self.lock();
         let m = st
             .domains
@@ -925,7 +947,7 @@ impl Daemon {
                 format!("{} is in use", d.vdev),
             ));
         }
-        let vbd = self.plug_disk(&m.domain, &d)?;
+        let vbd = self.plug_disk(&m.domain, &d, role)?;
         let out = json!({ "id": id, "vdev": d.vdev, "devid": d.devid() });
         m.spec.disks.push(d.clone());
         m.disks.push((d, vbd));
@@ -1122,13 +1144,13 @@ impl Daemon {
         // The stopped domain stays listed (in its final state) until its successor is; its
         // devices go first, so the new one can open the same images and switch ports.
         let now = Instant::now();
-        let Some((devices, spec, mut restarts)) = ({
+        let Some((devices, spec, owner, mut restarts)) = ({
             let mut st = self.lock();
             st.domains.get_mut(&id).map(|m| {
                 m.restarts
                     .recent
                     .retain(|t| now.duration_since(*t) < RESTART_WINDOW);
-                (m.unplug_all(), m.spec.clone(), m.restarts.clone())
+                (m.unplug_all(), m.spec.clone(), m.owner, m.restarts.clone())
             })
         }) else {
             return;
@@ -1152,7 +1174,7 @@ impl Daemon {
             recent: restarts.recent,
         };
         restarts.recent.push(now);
-        match self.create(&spec, false, restarts, Some(id)) {
+        match self.create(&spec, owner, false, restarts, Some(id)) {
             Ok(new) => {
                 tracing::info!(old = id, domid = new, name = %spec.name, "domain restarted");
             }

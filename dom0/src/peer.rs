@@ -5,6 +5,10 @@
 //! in its configuration (`splitvisord --group NAME`, as `dockerd -G`). `xl` checks the other way
 //! round: the daemon it talks to must run as root or as the same user ([`daemon_is_trusted`]),
 //! and the runtime directory must be one nobody else can write ([`check_runtime_dir`]).
+//!
+//! A group member is not the daemon's equal: the files it names (kernels, disk images) are
+//! opened with its own filesystem identity ([`as_user`]), so it can use only files it could
+//! open itself.
 
 use std::os::fd::AsFd;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
@@ -28,6 +32,97 @@ pub enum PeerError {
     /// The runtime directory cannot be trusted.
     #[error("runtime directory {0}: {1}")]
     Dir(String, String),
+    /// Taking on a user's filesystem identity failed.
+    #[error("cannot act as uid {0}")]
+    Identity(u32, #[source] std::io::Error),
+    /// A daemon that is not root cannot open files as someone else.
+    #[error(
+        "uid {0} may not name files: this daemon does not run as root, so it cannot open them as that user"
+    )]
+    NotRoot(u32),
+}
+
+/// What a peer the daemon serves may do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// Root or the daemon's own user: files it names are opened as the daemon.
+    Owner,
+    /// A member of the configured group: files it names are opened as that user.
+    Member(Cred),
+}
+
+impl Role {
+    /// Runs `f`, which opens files a request named, with the identity those files must be opened
+    /// with (see [`as_user`]).
+    pub fn open_files<R>(&self, f: impl FnOnce() -> R) -> Result<R, PeerError> {
+        match self {
+            Role::Owner => Ok(f()),
+            Role::Member(c) => as_user(c, f),
+        }
+    }
+}
+
+/// Runs `f` with this thread's filesystem identity (fsuid, fsgid and supplementary groups; the
+/// kernel keeps them per thread) set to `who`'s, so that the files `f` opens are only those
+/// `who` could open itself; restores the thread's own afterwards. Only root can do this.
+pub fn as_user<R>(who: &Cred, f: impl FnOnce() -> R) -> Result<R, PeerError> {
+    if !Uid::effective().is_root() {
+        return Err(PeerError::NotRoot(who.uid));
+    }
+    let groups = groups_of(who);
+    let saved = nix::unistd::getgroups().map_err(|e| PeerError::Identity(who.uid, e.into()))?;
+    let saved: Vec<libc::gid_t> = saved.iter().map(|g| g.as_raw()).collect();
+    let fail = |e: std::io::Error| PeerError::Identity(who.uid, e);
+    // Raw system calls: glibc's setgroups() would change every thread of the daemon.
+    set_groups(&groups).map_err(fail)?;
+    // SAFETY: setfsgid/setfsuid take plain ids and change only this thread's credentials.
+    unsafe {
+        libc::syscall(libc::SYS_setfsgid, who.gid);
+        libc::syscall(libc::SYS_setfsuid, who.uid);
+    }
+    // setfsuid reports no errors: ask for the current value (an invalid id changes nothing).
+    // SAFETY: as above.
+    let now = unsafe { libc::syscall(libc::SYS_setfsuid, u32::MAX) };
+    let r = if now == i64::from(who.uid) {
+        Ok(f())
+    } else {
+        Err(fail(std::io::Error::other("setfsuid did not take")))
+    };
+    // SAFETY: as above; back to root's own filesystem identity.
+    unsafe {
+        libc::syscall(libc::SYS_setfsuid, 0u32);
+        libc::syscall(libc::SYS_setfsgid, Gid::effective().as_raw());
+    }
+    // Restoring root's groups cannot fail for root; if it did, this thread would keep fewer
+    // rights than it should, never more.
+    let _ = set_groups(&saved);
+    r
+}
+
+/// Sets this thread's supplementary groups.
+fn set_groups(groups: &[libc::gid_t]) -> std::io::Result<()> {
+    // SAFETY: `groups` is a valid array of `groups.len()` ids, only read by the kernel.
+    let r = unsafe { libc::syscall(libc::SYS_setgroups, groups.len(), groups.as_ptr()) };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+/// `who`'s groups as the system's group database has them (just its group without an entry).
+fn groups_of(who: &Cred) -> Vec<libc::gid_t> {
+    let from_db = User::from_uid(Uid::from_raw(who.uid))
+        .ok()
+        .flatten()
+        .and_then(|u| {
+            let name = std::ffi::CString::new(u.name).ok()?;
+            nix::unistd::getgrouplist(&name, Gid::from_raw(who.gid)).ok()
+        });
+    match from_db {
+        Some(gs) => gs.iter().map(|g| g.as_raw()).collect(),
+        None => vec![who.gid],
+    }
 }
 
 /// The kernel's word on who connected.
@@ -81,15 +176,15 @@ impl Access {
         self.group.as_ref().map(|(n, g)| (n.as_str(), *g))
     }
 
-    /// Whether `c` may use the daemon; the reason when not.
-    pub fn check(&self, c: &Cred) -> Result<(), String> {
+    /// Whether `c` may use the daemon, and as what; the reason when not.
+    pub fn check(&self, c: &Cred) -> Result<Role, String> {
         if c.uid == 0 || c.uid == self.uid {
-            return Ok(());
+            return Ok(Role::Owner);
         }
         if let Some((_, gid)) = &self.group
             && (c.gid == *gid || user_in_group(c.uid, *gid))
         {
-            return Ok(());
+            return Ok(Role::Member(*c));
         }
         let also = match &self.group {
             Some((name, _)) => format!(", nor in group {name}"),
@@ -201,16 +296,63 @@ mod tests {
             group: None,
         };
         let cred = |uid, gid| Cred { pid: 1, uid, gid };
-        assert!(a.check(&cred(0, 0)).is_ok());
-        assert!(a.check(&cred(1000, 1000)).is_ok());
+        assert_eq!(a.check(&cred(0, 0)), Ok(Role::Owner));
+        assert_eq!(a.check(&cred(1000, 1000)), Ok(Role::Owner));
         let e = a.check(&cred(1001, 1001)).unwrap_err();
         assert!(e.contains("uid 1001"), "{e}");
         let g = Access {
             uid: 1000,
             group: Some(("sv".into(), 4242)),
         };
-        assert!(g.check(&cred(1001, 4242)).is_ok());
+        assert_eq!(
+            g.check(&cred(1001, 4242)),
+            Ok(Role::Member(cred(1001, 4242)))
+        );
         assert!(g.check(&cred(1001, 1001)).unwrap_err().contains("group sv"));
+    }
+
+    #[test]
+    fn files_are_opened_with_the_members_identity_and_root_is_restored() {
+        let base = std::env::temp_dir().join(format!("sv-peer-id-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&base);
+        std::fs::create_dir_all(&base).unwrap();
+        let mine = base.join("mine.img");
+        let roots = base.join("roots.img");
+        std::fs::write(&mine, b"m").unwrap();
+        std::fs::write(&roots, b"r").unwrap();
+        std::os::unix::fs::chown(&mine, Some(4242), Some(4242)).unwrap();
+        std::fs::set_permissions(&mine, std::fs::Permissions::from_mode(0o600)).unwrap();
+        std::fs::set_permissions(&roots, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let member = Role::Member(Cred {
+            pid: 1,
+            uid: 4242,
+            gid: 4242,
+        });
+        let open = |p: &Path| std::fs::OpenOptions::new().read(true).write(true).open(p);
+        // These tests run as root: the member gets its own file, not root's.
+        assert!(member.open_files(|| open(&mine)).unwrap().is_ok());
+        let e = member.open_files(|| open(&roots)).unwrap().unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::PermissionDenied);
+        // What it creates (where it may) is its own.
+        let home = base.join("home");
+        std::fs::create_dir(&home).unwrap();
+        std::os::unix::fs::chown(&home, Some(4242), Some(4242)).unwrap();
+        assert!(
+            member
+                .open_files(|| std::fs::File::create(base.join("no.img")))
+                .unwrap()
+                .is_err()
+        );
+        let made = home.join("made.img");
+        member
+            .open_files(|| std::fs::File::create(&made))
+            .unwrap()
+            .unwrap();
+        assert_eq!(std::fs::metadata(&made).unwrap().uid(), 4242);
+        // The thread is root again, with its groups.
+        assert!(open(&roots).is_ok());
+        assert!(Role::Owner.open_files(|| open(&roots)).unwrap().is_ok());
+        std::fs::remove_dir_all(&base).unwrap();
     }
 
     #[test]

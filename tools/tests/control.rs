@@ -464,6 +464,7 @@ fn arbitrary_json_requests_never_stop_the_daemon_or_a_bystander() {
 /// refused even when the socket's permissions let it connect; a member of the group is served.
 #[test]
 fn only_root_the_daemons_user_and_its_group_are_served() {
+    use std::os::unix::fs::PermissionsExt;
     let env = Env::new("ctl-peer");
     let daemon = Path::new(XL).parent().unwrap().join("splitvisord");
     let run = env.dir.join("run");
@@ -479,10 +480,10 @@ fn only_root_the_daemons_user_and_its_group_are_served() {
     });
     // xl as uid 4242 with nogroup only as a supplementary group: the directory and socket let it
     // in, the daemon does not (its credentials name neither the user nor the group).
-    let as_user = |uid: u32, gid: u32, groups: &'static [u32]| {
+    let as_user = |uid: u32, gid: u32, groups: &'static [u32], args: &[&str]| {
         use std::os::unix::process::CommandExt;
         let mut c = Command::new(XL);
-        c.arg("--runtime-dir").arg(&run).arg("list");
+        c.arg("--runtime-dir").arg(&run).args(args);
         // SAFETY: only async-signal-safe calls between fork and exec.
         unsafe {
             c.pre_exec(move || {
@@ -497,14 +498,46 @@ fn only_root_the_daemons_user_and_its_group_are_served() {
         }
         c.output().unwrap()
     };
-    let o = as_user(4242, 4242, &[65534]);
+    let o = as_user(4242, 4242, &[65534], &["list"]);
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success());
     assert!(err.contains("permission denied: uid 4242"), "{err}");
     assert_eq!(err.lines().count(), 1, "{err}");
     // Its primary group is the configured one: served.
-    let o = as_user(4242, 65534, &[]);
+    let o = as_user(4242, 65534, &[], &["list"]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    // A member names only files it could open itself: root's image is refused, its own is
+    // used (and one it has the daemon create is its own).
+    let roots = env.dir.join("roots.img");
+    std::fs::write(&roots, vec![0u8; 1 << 20]).unwrap();
+    std::fs::set_permissions(&roots, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let mine = env.dir.join("mine");
+    std::fs::create_dir(&mine).unwrap();
+    std::os::unix::fs::chown(&mine, Some(4242), Some(65534)).unwrap();
+    let theirs = env.cfg(
+        "theirs.cfg",
+        &format!(
+            "name = \"m1\"\nextra = \"idle\"\ndisk = [ '{},raw,xvda,ro' ]\n",
+            roots.display()
+        ),
+    );
+    let o = as_user(4242, 65534, &[], &["create", &theirs]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && err.contains("Permission denied"),
+        "{err}"
+    );
+    let own = env.cfg(
+        "own.cfg",
+        &format!(
+            "name = \"m2\"\nextra = \"idle\"\ndisk = [ 'vdev=xvda,size=1M,target={}/d.img' ]\n",
+            mine.display()
+        ),
+    );
+    let o = as_user(4242, 65534, &[], &["create", &own]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    use std::os::unix::fs::MetadataExt;
+    assert_eq!(std::fs::metadata(mine.join("d.img")).unwrap().uid(), 4242);
     let log = std::fs::read_to_string(run.join(dom0::control::LOG)).unwrap();
     assert!(
         log.contains("connection refused") && log.contains("uid=4242"),
