@@ -435,8 +435,16 @@ impl Store {
         if domid != 0 && open >= g.quota.transactions {
             return Err(StoreErrno::ENOSPC);
         }
-        let id = g.next_tx;
-        g.next_tx = g.next_tx.wrapping_add(1).max(1);
+        // Ids wrap; one still open (anyone's) is skipped, and 0 means "no transaction". The
+        // loop ends because some id is free.
+        if g.txs.len() >= u32::MAX as usize - 1 {
+            return Err(StoreErrno::ENOSPC);
+        }
+        let mut id = g.next_tx;
+        while id == 0 || g.txs.contains_key(&id) {
+            id = id.wrapping_add(1);
+        }
+        g.next_tx = id.wrapping_add(1);
         let tx = Tx {
             domid,
             start_gen: g.generation,
@@ -892,6 +900,28 @@ mod tests {
         while s.next_event(2).is_some() {}
         s.rm(3, 0, "secret").unwrap();
         assert_eq!(s.next_event(2), None);
+    }
+
+    #[test]
+    fn wrapped_transaction_ids_skip_open_ones_and_zero() {
+        let s = store();
+        let a = s.transaction_start(2).unwrap();
+        // Four billion starts are out of reach of a test; put the counter where they would.
+        s.lock().next_tx = u32::MAX;
+        let b = s.transaction_start(3).unwrap();
+        let c = s.transaction_start(3).unwrap();
+        assert_eq!(b, u32::MAX);
+        assert_ne!(c, 0, "0 means no transaction");
+        assert_ne!(c, a, "an open transaction's id is not handed out again");
+        // Both transactions still belong to their domains.
+        s.write(2, a, "x", b"2").unwrap();
+        assert_eq!(
+            s.write(3, a, "/local/domain/3/x", b"3"),
+            Err(StoreErrno::ENOENT)
+        );
+        s.transaction_end(2, a, true).unwrap();
+        s.transaction_end(3, c, true).unwrap();
+        assert_eq!(s.read(2, 0, "x").unwrap(), b"2");
     }
 
     #[test]
