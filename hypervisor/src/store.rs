@@ -4,8 +4,10 @@
 //! Paths are Xen's: absolute (`/local/domain/3/device/vbd/0/state`) or relative to the caller's
 //! home `/local/domain/<id>`. Each node carries a permission list: the first entry names the
 //! owner and the access everyone else gets; later entries grant access to specific domains. Dom0
-//! may do anything; the owner may do anything to its node. Guests reach the store through
-//! the `pvdev` ring server; dom0 calls this API directly.
+//! may do anything; the owner may do anything to its node. A domain's home is owned by dom0 and
+//! open to the guest through its ACL, as Xen's toolstack makes it: the guest works in it but
+//! cannot remove it or change its permissions. Guests reach the store through the `pvdev` ring
+//! server; dom0 calls this API directly.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -122,6 +124,13 @@ pub fn home(domid: u32) -> String {
     format!("/local/domain/{domid}")
 }
 
+/// Whether `path` is some domain's home `/local/domain/<id>`: only dom0 removes one (a guest
+/// has write access to its own, which would otherwise let it remove it).
+fn is_home(path: &str) -> bool {
+    path.strip_prefix("/local/domain/")
+        .is_some_and(|id| !id.is_empty() && id.bytes().all(|c| c.is_ascii_digit()))
+}
+
 fn perm(kind: PermKind, domid: u32) -> Perm {
     Perm {
         kind,
@@ -192,17 +201,24 @@ impl Store {
         }
     }
 
-    /// Prepares a domain's home: `/local/domain/<id>` owned by it, readable by nobody else, with
-    /// `name` and `domid` nodes written by dom0; `wake` is called when watch events are queued.
+    /// Prepares a domain's home as Xen's toolstack does: `/local/domain/<id>` owned by dom0 (so
+    /// the guest can neither remove it nor change its permissions), read/write for the guest
+    /// through its ACL and hidden from everyone else; `name` and `domid` written by dom0 and only
+    /// readable by the guest. `wake` is called when watch events are queued.
     pub fn introduce(&self, domid: u32, name: &str, wake: Wake) {
         let h = home(domid);
         let mut g = self.lock();
         g.wakers.insert(domid, Arc::new(wake));
         drop(g);
         let _ = self.write(0, 0, &h, b"");
-        let _ = self.set_perms(0, 0, &h, &[perm(PermKind::None, domid)]);
-        let _ = self.write(0, 0, &format!("{h}/name"), name.as_bytes());
-        let _ = self.write(0, 0, &format!("{h}/domid"), domid.to_string().as_bytes());
+        let rw = [perm(PermKind::None, 0), perm(PermKind::Both, domid)];
+        let _ = self.set_perms(0, 0, &h, &rw);
+        let ro = [perm(PermKind::None, 0), perm(PermKind::Read, domid)];
+        for (k, v) in [("name", name.to_string()), ("domid", domid.to_string())] {
+            let p = format!("{h}/{k}");
+            let _ = self.write(0, 0, &p, v.as_bytes());
+            let _ = self.set_perms(0, 0, &p, &ro);
+        }
     }
 
     /// Forgets a domain: its home subtree, watches, transactions and queued events.
@@ -335,7 +351,7 @@ impl Store {
             return Err(StoreErrno::EINVAL);
         }
         let n = g.get(tx, &path).ok_or(StoreErrno::ENOENT)?.clone();
-        if !can(domid, &n, PermKind::Write) {
+        if !can(domid, &n, PermKind::Write) || (domid != 0 && is_home(&path)) {
             return Err(StoreErrno::EACCES);
         }
         let doomed = g.below(tx, &format!("{path}/"));
@@ -922,6 +938,40 @@ mod tests {
         s.transaction_end(2, a, true).unwrap();
         s.transaction_end(3, c, true).unwrap();
         assert_eq!(s.read(2, 0, "x").unwrap(), b"2");
+    }
+
+    #[test]
+    fn a_guest_cannot_remove_or_take_over_its_home() {
+        let s = store();
+        let home = "/local/domain/2";
+        assert_eq!(s.rm(2, 0, home), Err(StoreErrno::EACCES));
+        let t = s.transaction_start(2).unwrap();
+        assert_eq!(s.rm(2, t, home), Err(StoreErrno::EACCES));
+        s.transaction_end(2, t, false).unwrap();
+        assert_eq!(
+            s.set_perms(2, 0, home, &[perm(PermKind::Both, 2)]),
+            Err(StoreErrno::EACCES)
+        );
+        // Dom0 owns it; the guest reads and writes in it through the ACL.
+        let perms = s.get_perms(2, 0, home).unwrap();
+        assert_eq!(perms, [perm(PermKind::None, 0), perm(PermKind::Both, 2)]);
+        s.write(2, 0, "data/x", b"1").unwrap();
+        assert_eq!(s.get_perms(2, 0, "data/x").unwrap()[0].domid, DomId(2));
+        s.rm(2, 0, "data").unwrap();
+        // The toolstack's own keys are the guest's to read, not to change.
+        assert_eq!(s.write(2, 0, "name", b"dom0"), Err(StoreErrno::EACCES));
+        assert_eq!(s.rm(2, 0, "domid"), Err(StoreErrno::EACCES));
+        assert_eq!(s.read(2, 0, "name").unwrap(), b"two");
+        assert_eq!(s.read(2, 0, home).unwrap(), b"");
+        // Nodes dom0 writes in the home are dom0's (not counted against the guest), and the
+        // guest may use them.
+        s.write(0, 0, "/local/domain/2/control/shutdown", b"")
+            .unwrap();
+        assert_eq!(
+            s.get_perms(2, 0, "control/shutdown").unwrap()[0].domid,
+            DomId(0)
+        );
+        s.write(2, 0, "control/shutdown", b"").unwrap();
     }
 
     #[test]
