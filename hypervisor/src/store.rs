@@ -26,6 +26,10 @@ pub struct Quota {
     pub watches: usize,
     /// Transactions a domain may have open.
     pub transactions: usize,
+    /// Node changes one transaction may make: every write, removal or permission change of a
+    /// node counts, also of one it changed before (a transaction's work is bounded, not only
+    /// the nodes it creates).
+    pub transaction_edits: usize,
     /// Watch events queued for a domain that does not read them.
     pub queued_events: usize,
 }
@@ -37,6 +41,8 @@ impl Default for Quota {
             value_bytes: 2048,
             watches: 128,
             transactions: 10,
+            // Xen's transaction-nodes quota; Linux's xenbus transactions make a handful.
+            transaction_edits: 1024,
             queued_events: 1024,
         }
     }
@@ -75,6 +81,8 @@ struct Tx {
     domid: u32,
     start_gen: u64,
     over: BTreeMap<String, Option<Node>>,
+    /// Node changes made so far (the `transaction_edits` quota).
+    edits: usize,
 }
 
 /// Called when a domain has new watch events queued.
@@ -284,6 +292,9 @@ impl Store {
                 if !can(domid, n, PermKind::Write) {
                     return Err(StoreErrno::EACCES);
                 }
+                if domid != 0 {
+                    g.edits_room(tx, 1)?;
+                }
                 Node {
                     value: value.to_vec(),
                     ..n.clone()
@@ -307,7 +318,8 @@ impl Store {
                     return Err(StoreErrno::EACCES);
                 }
                 if domid != 0 {
-                    g.room_for(domid, tx, missing.len())?;
+                    g.nodes_room(domid, tx, missing.len())?;
+                    g.edits_room(tx, missing.len())?;
                 }
                 let mut perms = base.perms.clone();
                 if let Some(first) = perms.first_mut().filter(|_| domid != 0) {
@@ -355,8 +367,8 @@ impl Store {
             return Err(StoreErrno::EACCES);
         }
         let doomed = g.below(tx, &format!("{path}/"));
-        if tx != 0 && domid != 0 {
-            g.room_for(domid, tx, doomed.len() + 1)?;
+        if domid != 0 {
+            g.edits_room(tx, doomed.len() + 1)?;
         }
         for k in doomed.iter().chain(std::iter::once(&path)) {
             g.put(tx, k, None);
@@ -392,8 +404,8 @@ impl Store {
         if domid != 0 && (n.owner() != domid || u32::from(perms[0].domid.0) != domid) {
             return Err(StoreErrno::EACCES);
         }
-        if tx != 0 && domid != 0 {
-            g.room_for(domid, tx, 1)?;
+        if domid != 0 {
+            g.edits_room(tx, 1)?;
         }
         let node = Node {
             perms: perms.to_vec(),
@@ -465,6 +477,7 @@ impl Store {
             domid,
             start_gen: g.generation,
             over: BTreeMap::new(),
+            edits: 0,
         };
         g.txs.insert(id, tx);
         Ok(id)
@@ -547,17 +560,20 @@ impl Inner {
         n.max(0) as usize
     }
 
-    /// Whether `domid` may create `more` nodes (its quota) and, in a transaction, record `more`
-    /// changes (a transaction holds at most its domain's node quota of changes).
-    fn room_for(&self, domid: u32, tx: u32, more: usize) -> Result<()> {
-        let quota = self.quota.nodes;
-        if self.owned_in(domid, tx) + more > quota {
+    /// Whether `domid` may create `more` nodes (its quota), as `tx` sees the tree.
+    fn nodes_room(&self, domid: u32, tx: u32, more: usize) -> Result<()> {
+        if self.owned_in(domid, tx) + more > self.quota.nodes {
             return Err(StoreErrno::ENOSPC);
         }
+        Ok(())
+    }
+
+    /// Whether transaction `tx` (if one: 0 is the live tree) may make `more` node changes.
+    fn edits_room(&self, tx: u32, more: usize) -> Result<()> {
         if self
             .txs
             .get(&tx)
-            .is_some_and(|t| t.over.len() + more > quota)
+            .is_some_and(|t| t.edits + more > self.quota.transaction_edits)
         {
             return Err(StoreErrno::ENOSPC);
         }
@@ -567,6 +583,7 @@ impl Inner {
     /// Sets (`Some`) or removes (`None`) a node, in `tx`'s overlay or (0) in the live tree.
     fn put(&mut self, tx: u32, path: &str, node: Option<Node>) {
         if let Some(t) = self.txs.get_mut(&tx) {
+            t.edits += 1;
             t.over.insert(path.to_string(), node);
             return;
         }
@@ -849,6 +866,7 @@ mod tests {
     fn transactions_hold_only_their_changes_and_the_quota_holds_at_commit() {
         let s = Store::new(Quota {
             nodes: 20,
+            transaction_edits: 100,
             ..Quota::default()
         });
         s.introduce(2, "two", Box::new(|| {}));
@@ -867,7 +885,7 @@ mod tests {
         s.transaction_end(2, t1, true).unwrap();
         assert_eq!(s.transaction_end(2, t2, true), Err(StoreErrno::ENOSPC));
         assert_eq!(owned(&s), base + 12);
-        // A transaction cannot pile up more changes than the quota, even by write/rm.
+        // A transaction cannot pile up more changes than its quota, even by write/rm.
         let t = s.transaction_start(2).unwrap();
         let err = (0..100)
             .find_map(|i| {
@@ -972,6 +990,43 @@ mod tests {
             DomId(0)
         );
         s.write(2, 0, "control/shutdown", b"").unwrap();
+    }
+
+    #[test]
+    fn every_edit_in_a_transaction_counts_against_its_quota() {
+        let s = store();
+        s.write(2, 0, "a", b"0").unwrap();
+        // The same existing node rewritten again and again.
+        let t = s.transaction_start(2).unwrap();
+        let edits = (0..100_000).position(|_| s.write(2, t, "a", b"x").is_err());
+        assert_eq!(edits, Some(Quota::default().transaction_edits));
+        assert_eq!(s.write(2, t, "a", b"x"), Err(StoreErrno::ENOSPC));
+        assert_eq!(
+            s.set_perms(2, t, "a", &[perm(PermKind::None, 2)]),
+            Err(StoreErrno::ENOSPC)
+        );
+        s.transaction_end(2, t, false).unwrap();
+        // Many existing nodes rewritten, and their permissions set: each counts.
+        for i in 0..600 {
+            s.write(2, 0, &format!("n{i}"), b"0").unwrap();
+        }
+        let t = s.transaction_start(2).unwrap();
+        let mut done = 0;
+        let err = (0..600).flat_map(|i| [i, i]).find_map(|i| {
+            let p = format!("n{i}");
+            let r = s.write(2, t, &p, b"1");
+            let r = r.and_then(|()| s.set_perms(2, t, &p, &[perm(PermKind::None, 2)]));
+            done += 2;
+            r.err()
+        });
+        assert_eq!(err, Some(StoreErrno::ENOSPC));
+        assert!(done <= Quota::default().transaction_edits + 2, "{done}");
+        // A fresh transaction has its own allowance, and what was refused was not applied.
+        s.transaction_end(2, t, true).unwrap();
+        let t = s.transaction_start(2).unwrap();
+        s.write(2, t, "a", b"y").unwrap();
+        s.transaction_end(2, t, true).unwrap();
+        assert_eq!(s.read(2, 0, "a").unwrap(), b"y");
     }
 
     #[test]
