@@ -57,6 +57,10 @@ struct Node {
     perms: Vec<Perm>,
     /// Generation of the node's last change (transactions compare it with their start).
     generation: u64,
+    /// Generation of the last removal of a child of this node: a transaction's conflict check
+    /// learns from it that a path below, now missing, may have existed (no record per removed
+    /// path is kept, so removals cost no memory).
+    child_removed: u64,
 }
 
 impl Node {
@@ -88,20 +92,12 @@ struct Tx {
 /// Called when a domain has new watch events queued.
 pub type Wake = Box<dyn Fn() + Send + Sync>;
 
-/// Removed paths remembered for open transactions' conflict checks; beyond this many, they are
-/// all forgotten and every transaction open at that point fails its commit with `EAGAIN`.
-const MAX_TOMBSTONES: usize = 16384;
-
 #[derive(Default)]
 struct Inner {
     nodes: BTreeMap<String, Node>,
     /// Nodes each domain owns (the quota counts them).
     owned: HashMap<u32, usize>,
     generation: u64,
-    /// Paths removed while transactions are open, with the generation of the removal.
-    tombstones: HashMap<String, u64>,
-    /// Transactions that started before this generation cannot commit (tombstones were lost).
-    tombstone_floor: u64,
     watches: Vec<Watch>,
     txs: HashMap<u32, Tx>,
     next_tx: u32,
@@ -188,6 +184,7 @@ impl Store {
                     value: Vec::new(),
                     perms: vec![perm(PermKind::None, 0)],
                     generation: 0,
+                    child_removed: 0,
                 },
             );
         }
@@ -237,7 +234,6 @@ impl Store {
         g.txs.retain(|_, t| t.domid != domid);
         g.events.remove(&domid);
         g.wakers.remove(&domid);
-        g.trim_tombstones();
     }
 
     /// Takes the next queued watch event `(path, token)` for `domid`.
@@ -329,6 +325,7 @@ impl Store {
                     value,
                     perms: perms.clone(),
                     generation: 0,
+                    child_removed: 0,
                 };
                 // Parents first; the node itself below.
                 for m in missing[1..].iter().rev() {
@@ -496,9 +493,7 @@ impl Store {
             }
             None => return Err(StoreErrno::ENOENT),
         };
-        let r = if commit { g.commit(t) } else { Ok(()) };
-        g.trim_tombstones();
-        r
+        if commit { g.commit(t) } else { Ok(()) }
     }
 }
 
@@ -597,20 +592,21 @@ impl Inner {
     fn put_live(&mut self, path: &str, mut node: Node) {
         node.generation = self.generation;
         *self.owned.entry(node.owner()).or_default() += 1;
-        if let Some(old) = self.nodes.insert(path.to_string(), node) {
-            self.disown(old.owner());
+        if let Some(old) = self.nodes.get_mut(path) {
+            // A transaction's copy of the node may predate later removals below it.
+            node.child_removed = node.child_removed.max(old.child_removed);
+            let owner = std::mem::replace(old, node).owner();
+            self.disown(owner);
+        } else {
+            self.nodes.insert(path.to_string(), node);
         }
     }
 
     fn remove_live(&mut self, path: &str) {
         if let Some(old) = self.nodes.remove(path) {
             self.disown(old.owner());
-            if !self.txs.is_empty() {
-                self.tombstones.insert(path.to_string(), self.generation);
-                if self.tombstones.len() > MAX_TOMBSTONES {
-                    self.tombstones.clear();
-                    self.tombstone_floor = self.generation;
-                }
+            if let Some(up) = parent(path).and_then(|p| self.nodes.get_mut(p)) {
+                up.child_removed = self.generation;
             }
         }
     }
@@ -621,19 +617,49 @@ impl Inner {
         }
     }
 
-    /// Whether `path` changed after generation `since` (written, created or removed).
-    fn changed_since(&self, path: &str, since: u64) -> bool {
-        self.nodes.get(path).is_some_and(|n| n.generation > since)
-            || self.tombstones.get(path).is_some_and(|&g| g > since)
+    /// Whether `path` changed after generation `since` (written, created or removed). A path
+    /// missing now answers for its nearest existing ancestor, which was then re-created or lost
+    /// a child after `since` if anything below it was removed: exact for what the transaction
+    /// touched, conservative only in also counting a removed sibling below that ancestor.
+    /// `absent` remembers the answer for missing paths, so a commit walks each ancestor once.
+    fn changed_since<'a>(
+        &self,
+        path: &'a str,
+        since: u64,
+        absent: &mut HashMap<&'a str, bool>,
+    ) -> bool {
+        if let Some(n) = self.nodes.get(path) {
+            return n.generation > since;
+        }
+        let mut walked = vec![path];
+        let mut p = path;
+        let changed = loop {
+            let Some(up) = parent(p) else {
+                break true;
+            };
+            if let Some(&c) = absent.get(up) {
+                break c;
+            }
+            if let Some(n) = self.nodes.get(up) {
+                break n.generation > since || n.child_removed > since;
+            }
+            walked.push(up);
+            p = up;
+        };
+        for w in walked {
+            absent.insert(w, changed);
+        }
+        changed
     }
 
     fn commit(&mut self, t: Tx) -> Result<()> {
-        let conflict = t.start_gen < self.tombstone_floor
-            || t.over.iter().any(|(p, e)| {
-                self.changed_since(p, t.start_gen)
-                    || (e.is_some()
-                        && parent(p).is_some_and(|pp| self.changed_since(pp, t.start_gen)))
-            });
+        let since = t.start_gen;
+        let mut absent = HashMap::new();
+        let conflict = t.over.iter().any(|(p, e)| {
+            self.changed_since(p, since, &mut absent)
+                || (e.is_some()
+                    && parent(p).is_some_and(|pp| self.changed_since(pp, since, &mut absent)))
+        });
         if conflict {
             return Err(StoreErrno::EAGAIN);
         }
@@ -656,14 +682,6 @@ impl Inner {
             }
         }
         Ok(())
-    }
-
-    /// Forgets tombstones no open transaction can need.
-    fn trim_tombstones(&mut self) {
-        match self.txs.values().map(|t| t.start_gen).min() {
-            None => self.tombstones.clear(),
-            Some(oldest) => self.tombstones.retain(|_, g| *g > oldest),
-        }
     }
 
     /// Queues watch events for a change to `path` whose node (after a write, before a removal)
@@ -917,12 +935,18 @@ mod tests {
             s.directory(2, 0, "/local/domain/2"),
             Ok(vec!["domid".into(), "name".into()])
         );
-        // With no transaction open, write/rm loops leave no bookkeeping.
+        // Write/rm loops leave no bookkeeping, with transactions open or not.
+        let t = s.transaction_start(3).unwrap();
         for i in 0..100 {
             s.write(2, 0, &format!("tmp{i}"), b"x").unwrap();
             s.rm(2, 0, &format!("tmp{i}")).unwrap();
         }
-        assert!(s.lock().tombstones.is_empty());
+        s.transaction_end(3, t, false).unwrap();
+        assert_eq!(
+            s.lock().nodes.len(),
+            3 + 2 * 3,
+            "the root path and two homes"
+        );
     }
 
     #[test]
@@ -1027,6 +1051,65 @@ mod tests {
         s.write(2, t, "a", b"y").unwrap();
         s.transaction_end(2, t, true).unwrap();
         assert_eq!(s.read(2, 0, "a").unwrap(), b"y");
+    }
+
+    #[test]
+    fn removing_many_nodes_does_not_abort_other_domains_transactions() {
+        let s = store();
+        s.write(2, 0, "dev/state", b"1").unwrap();
+        let victim = s.transaction_start(2).unwrap();
+        s.write(2, victim, "dev/state", b"4").unwrap();
+        s.write(2, victim, "dev/ring-ref", b"8").unwrap();
+        // Domain 3 keeps a transaction of its own open and churns through removals.
+        let own = s.transaction_start(3).unwrap();
+        s.write(3, own, "mine", b"x").unwrap();
+        for i in 0..20_000 {
+            let p = format!("junk/{i}");
+            s.write(3, 0, &p, b"x").unwrap();
+            s.rm(3, 0, &p).unwrap();
+        }
+        s.transaction_end(2, victim, true).unwrap();
+        assert_eq!(s.read(2, 0, "dev/state").unwrap(), b"4");
+        // It touched nothing that changed, so its own commit stands too.
+        s.transaction_end(3, own, true).unwrap();
+        assert_eq!(s.read(3, 0, "mine").unwrap(), b"x");
+    }
+
+    #[test]
+    fn commits_still_see_every_removal_they_depend_on() {
+        let s = store();
+        s.write(2, 0, "a/b", b"1").unwrap();
+        s.write(2, 0, "d/x", b"1").unwrap();
+        // The node the transaction wrote was removed.
+        let t = s.transaction_start(2).unwrap();
+        s.write(2, t, "a/b", b"2").unwrap();
+        s.rm(2, 0, "a/b").unwrap();
+        assert_eq!(s.transaction_end(2, t, true), Err(StoreErrno::EAGAIN));
+        // A node below one the transaction removed was removed (and the tree then re-grown).
+        s.write(2, 0, "a/b/c", b"1").unwrap();
+        let t = s.transaction_start(2).unwrap();
+        s.rm(2, t, "a").unwrap();
+        s.rm(2, 0, "a/b").unwrap();
+        assert_eq!(s.transaction_end(2, t, true), Err(StoreErrno::EAGAIN));
+        // A node the transaction creates came and went meanwhile.
+        let t = s.transaction_start(2).unwrap();
+        s.write(2, t, "d/new", b"t").unwrap();
+        s.write(2, 0, "d/new", b"o").unwrap();
+        s.rm(2, 0, "d/new").unwrap();
+        assert_eq!(s.transaction_end(2, t, true), Err(StoreErrno::EAGAIN));
+        // The parent went and came back.
+        let t = s.transaction_start(2).unwrap();
+        s.write(2, t, "d/y", b"t").unwrap();
+        s.rm(2, 0, "d").unwrap();
+        s.write(2, 0, "d/x", b"1").unwrap();
+        assert_eq!(s.transaction_end(2, t, true), Err(StoreErrno::EAGAIN));
+        // A removal elsewhere does not matter.
+        s.write(2, 0, "e/z", b"1").unwrap();
+        let t = s.transaction_start(2).unwrap();
+        s.write(2, t, "d/y", b"t").unwrap();
+        s.rm(2, 0, "e/z").unwrap();
+        s.transaction_end(2, t, true).unwrap();
+        assert_eq!(s.read(2, 0, "d/y").unwrap(), b"t");
     }
 
     #[test]
