@@ -24,6 +24,11 @@ pub struct Quota {
     pub value_bytes: usize,
     /// Watches a domain may hold.
     pub watches: usize,
+    /// Bytes in one watch token (each event carries it).
+    pub watch_token_bytes: usize,
+    /// Bytes of path and token over all of a domain's watches (as xenstored's memory quota
+    /// counts them).
+    pub watch_bytes: usize,
     /// Transactions a domain may have open.
     pub transactions: usize,
     /// Node changes one transaction may make: every write, removal or permission change of a
@@ -40,6 +45,10 @@ impl Default for Quota {
             nodes: 1000,
             value_bytes: 2048,
             watches: 128,
+            // Linux names a watch by a pointer in hex (16 bytes); 16 times that is plenty.
+            watch_token_bytes: 256,
+            // 128 watches of typical back-end paths (~60 bytes) and tokens fit three times over.
+            watch_bytes: 32 * 1024,
             transactions: 10,
             // Xen's transaction-nodes quota; Linux's xenbus transactions make a handful.
             transaction_edits: 1024,
@@ -99,6 +108,8 @@ struct Inner {
     owned: HashMap<u32, usize>,
     generation: u64,
     watches: Vec<Watch>,
+    /// Watches and their path and token bytes, per domain (the quotas; no scan).
+    watch_use: HashMap<u32, (usize, usize)>,
     txs: HashMap<u32, Tx>,
     next_tx: u32,
     events: HashMap<u32, VecDeque<(String, String)>>,
@@ -231,6 +242,7 @@ impl Store {
         let _ = self.rm(0, 0, &home(domid));
         let mut g = self.lock();
         g.watches.retain(|w| w.domid != domid);
+        g.watch_use.remove(&domid);
         g.txs.retain(|_, t| t.domid != domid);
         g.events.remove(&domid);
         g.wakers.remove(&domid);
@@ -419,17 +431,22 @@ impl Store {
     /// Registers a watch; like Xen, it fires once at once.
     pub fn watch(&self, domid: u32, path: &str, token: &str) -> Result<()> {
         let mut g = self.lock();
-        let held = g.watches.iter().filter(|w| w.domid == domid).count();
-        if domid != 0 && held >= g.quota.watches {
-            return Err(StoreErrno::ENOSPC);
+        if domid != 0 && token.len() > g.quota.watch_token_bytes {
+            return Err(StoreErrno::E2BIG);
         }
         let path = Self::absolute(domid, path);
+        let bytes = path.len() + token.len();
+        let (held, used) = g.watch_use.get(&domid).copied().unwrap_or_default();
+        if domid != 0 && (held >= g.quota.watches || used + bytes > g.quota.watch_bytes) {
+            return Err(StoreErrno::ENOSPC);
+        }
         if g.watches
             .iter()
             .any(|w| w.domid == domid && w.path == path && w.token == token)
         {
             return Err(StoreErrno::EEXIST);
         }
+        *g.watch_use.entry(domid).or_default() = (held + 1, used + bytes);
         g.watches.push(Watch {
             domid,
             below: format!("{}/", path.trim_end_matches('/')),
@@ -449,6 +466,10 @@ impl Store {
             .retain(|w| !(w.domid == domid && w.path == path && w.token == token));
         if g.watches.len() == before {
             return Err(StoreErrno::ENOENT);
+        }
+        if let Some((held, used)) = g.watch_use.get_mut(&domid) {
+            *held = held.saturating_sub(1);
+            *used = used.saturating_sub(path.len() + token.len());
         }
         Ok(())
     }
@@ -1110,6 +1131,37 @@ mod tests {
         s.rm(2, 0, "e/z").unwrap();
         s.transaction_end(2, t, true).unwrap();
         assert_eq!(s.read(2, 0, "d/y").unwrap(), b"t");
+    }
+
+    #[test]
+    fn watch_tokens_and_paths_are_bounded_per_domain() {
+        let s = store();
+        let q = Quota::default();
+        // One token of 4 KiB is refused outright.
+        assert_eq!(s.watch(2, "a", &"t".repeat(4096)), Err(StoreErrno::E2BIG));
+        // Long paths with long tokens run into the domain's byte total before its watch count.
+        let long = format!("/local/domain/2/{}", "p".repeat(2000));
+        let token = "t".repeat(q.watch_token_bytes);
+        let mut held = 0;
+        let err = loop {
+            match s.watch(2, &format!("{long}{held}"), &token) {
+                Ok(()) => held += 1,
+                Err(e) => break e,
+            }
+        };
+        assert_eq!(err, StoreErrno::ENOSPC);
+        assert_eq!(held, q.watch_bytes / (long.len() + 1 + token.len()));
+        assert!(held < q.watches);
+        // Another domain is not affected, and removing a watch gives its bytes back.
+        s.watch(3, &long, &token).unwrap();
+        s.unwatch(2, &format!("{long}0"), &token).unwrap();
+        s.watch(2, &format!("{long}0"), &token).unwrap();
+        assert_eq!(
+            s.watch(2, &format!("{long}x"), &token),
+            Err(StoreErrno::ENOSPC)
+        );
+        // Dom0 is not limited.
+        s.watch(0, &long, &"t".repeat(4096)).unwrap();
     }
 
     #[test]
