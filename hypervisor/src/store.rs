@@ -10,6 +10,7 @@
 //! server; dom0 calls this API directly.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::ops::Bound;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use pv_protocol::grant::DomId;
@@ -78,13 +79,93 @@ impl Node {
     }
 }
 
-#[derive(Debug)]
-struct Watch {
-    domid: u32,
-    path: String,
-    /// `path` with one trailing `/`, to match descendants without formatting per change.
-    below: String,
-    token: String,
+/// A watch event as queued: `(path, token)`, both shared.
+type Event = (Arc<str>, Arc<str>);
+
+/// Every watch, indexed by the watched path: a change looks up its own path and those of its
+/// ancestors (and for a removal, the range below it), never every watch. Paths and tokens are
+/// shared (`Arc<str>`) with the events that name them, so firing copies no string.
+#[derive(Debug, Default)]
+struct Watches {
+    /// Watched path -> watching domain -> its tokens on that path.
+    by_path: BTreeMap<Arc<str>, BTreeMap<u32, Vec<Arc<str>>>>,
+    /// How many watched paths have each length: the only prefixes of a changed path worth
+    /// looking up (a deep path costs one lookup per length in use, not per ancestor).
+    lens: BTreeMap<usize, usize>,
+    /// Each domain's watches (path, token) and their bytes: the quotas, without a scan.
+    by_dom: HashMap<u32, (Vec<Event>, usize)>,
+}
+
+impl Watches {
+    fn holds(&self, domid: u32, path: &str, token: &str) -> bool {
+        self.by_path
+            .get(path)
+            .and_then(|g| g.get(&domid))
+            .is_some_and(|ts| ts.iter().any(|t| **t == *token))
+    }
+
+    /// Adds a watch (not held yet); returns its shared path and token.
+    fn add(&mut self, domid: u32, path: &str, token: &str) -> (Arc<str>, Arc<str>) {
+        let token: Arc<str> = Arc::from(token);
+        let path = match self.by_path.get_key_value(path) {
+            Some((p, _)) => Arc::clone(p),
+            None => {
+                *self.lens.entry(path.len()).or_default() += 1;
+                Arc::from(path)
+            }
+        };
+        let group = self.by_path.entry(Arc::clone(&path)).or_default();
+        group.entry(domid).or_default().push(Arc::clone(&token));
+        let (list, bytes) = self.by_dom.entry(domid).or_default();
+        *bytes += path.len() + token.len();
+        list.push((Arc::clone(&path), Arc::clone(&token)));
+        (path, token)
+    }
+
+    /// Removes one watch; whether it was held.
+    fn remove(&mut self, domid: u32, path: &str, token: &str) -> bool {
+        let Some(group) = self.by_path.get_mut(path) else {
+            return false;
+        };
+        let Some(tokens) = group.get_mut(&domid) else {
+            return false;
+        };
+        let Some(i) = tokens.iter().position(|t| **t == *token) else {
+            return false;
+        };
+        tokens.swap_remove(i);
+        if tokens.is_empty() {
+            group.remove(&domid);
+        }
+        if group.is_empty() {
+            self.by_path.remove(path);
+            if let Some(n) = self.lens.get_mut(&path.len()) {
+                *n -= 1;
+                if *n == 0 {
+                    self.lens.remove(&path.len());
+                }
+            }
+        }
+        if let Some((list, bytes)) = self.by_dom.get_mut(&domid) {
+            list.retain(|(p, t)| !(**p == *path && **t == *token));
+            *bytes = bytes.saturating_sub(path.len() + token.len());
+        }
+        true
+    }
+
+    /// `(watches, bytes)` a domain holds.
+    fn usage(&self, domid: u32) -> (usize, usize) {
+        self.by_dom
+            .get(&domid)
+            .map_or((0, 0), |(list, bytes)| (list.len(), *bytes))
+    }
+
+    fn remove_domain(&mut self, domid: u32) {
+        let (list, _) = self.by_dom.remove(&domid).unwrap_or_default();
+        for (p, t) in list {
+            self.remove(domid, &p, &t);
+        }
+    }
 }
 
 /// An open transaction: only what it changed (an overlay on the live tree, `None` = removed),
@@ -107,14 +188,15 @@ struct Inner {
     /// Nodes each domain owns (the quota counts them).
     owned: HashMap<u32, usize>,
     generation: u64,
-    watches: Vec<Watch>,
-    /// Watches and their path and token bytes, per domain (the quotas; no scan).
-    watch_use: HashMap<u32, (usize, usize)>,
+    watches: Watches,
     txs: HashMap<u32, Tx>,
     next_tx: u32,
-    events: HashMap<u32, VecDeque<(String, String)>>,
+    events: HashMap<u32, VecDeque<Event>>,
     wakers: HashMap<u32, Arc<Wake>>,
     quota: Quota,
+    /// Units of work done under the lock (entries looked at), for tests that bound it.
+    #[cfg(test)]
+    steps: std::cell::Cell<u64>,
 }
 
 /// The store.
@@ -241,15 +323,14 @@ impl Store {
     pub fn release(&self, domid: u32) {
         let _ = self.rm(0, 0, &home(domid));
         let mut g = self.lock();
-        g.watches.retain(|w| w.domid != domid);
-        g.watch_use.remove(&domid);
+        g.watches.remove_domain(domid);
         g.txs.retain(|_, t| t.domid != domid);
         g.events.remove(&domid);
         g.wakers.remove(&domid);
     }
 
     /// Takes the next queued watch event `(path, token)` for `domid`.
-    pub fn next_event(&self, domid: u32) -> Option<(String, String)> {
+    pub fn next_event(&self, domid: u32) -> Option<(Arc<str>, Arc<str>)> {
         self.lock().events.get_mut(&domid)?.pop_front()
     }
 
@@ -349,7 +430,7 @@ impl Store {
         let fired = node.clone();
         g.put(tx, &path, Some(node));
         if tx == 0 {
-            g.fire(&path, &fired);
+            g.fire(&path, &fired, false);
         }
         Ok(())
     }
@@ -384,7 +465,7 @@ impl Store {
         }
         if tx == 0 {
             // Watchers learn of the removal if they could read the node it removed.
-            g.fire(&path, &n);
+            g.fire(&path, &n, true);
         }
         Ok(())
     }
@@ -423,7 +504,7 @@ impl Store {
         let fired = node.clone();
         g.put(tx, &path, Some(node));
         if tx == 0 {
-            g.fire(&path, &fired);
+            g.fire(&path, &fired, false);
         }
         Ok(())
     }
@@ -436,24 +517,15 @@ impl Store {
         }
         let path = Self::absolute(domid, path);
         let bytes = path.len() + token.len();
-        let (held, used) = g.watch_use.get(&domid).copied().unwrap_or_default();
+        let (held, used) = g.watches.usage(domid);
         if domid != 0 && (held >= g.quota.watches || used + bytes > g.quota.watch_bytes) {
             return Err(StoreErrno::ENOSPC);
         }
-        if g.watches
-            .iter()
-            .any(|w| w.domid == domid && w.path == path && w.token == token)
-        {
+        if g.watches.holds(domid, &path, token) {
             return Err(StoreErrno::EEXIST);
         }
-        *g.watch_use.entry(domid).or_default() = (held + 1, used + bytes);
-        g.watches.push(Watch {
-            domid,
-            below: format!("{}/", path.trim_end_matches('/')),
-            path: path.clone(),
-            token: token.to_string(),
-        });
-        g.queue_event(domid, &path, token);
+        let (path, token) = g.watches.add(domid, &path, token);
+        g.queue_event(domid, &path, &token);
         Ok(())
     }
 
@@ -461,15 +533,8 @@ impl Store {
     pub fn unwatch(&self, domid: u32, path: &str, token: &str) -> Result<()> {
         let mut g = self.lock();
         let path = Self::absolute(domid, path);
-        let before = g.watches.len();
-        g.watches
-            .retain(|w| !(w.domid == domid && w.path == path && w.token == token));
-        if g.watches.len() == before {
+        if !g.watches.remove(domid, &path, token) {
             return Err(StoreErrno::ENOENT);
-        }
-        if let Some((held, used)) = g.watch_use.get_mut(&domid) {
-            *held = held.saturating_sub(1);
-            *used = used.saturating_sub(path.len() + token.len());
         }
         Ok(())
     }
@@ -519,6 +584,12 @@ impl Store {
 }
 
 impl Inner {
+    /// Counts one unit of work (tests assert on the count, not on time).
+    fn step(&self) {
+        #[cfg(test)]
+        self.steps.set(self.steps.get() + 1);
+    }
+
     /// `ENOENT` for a transaction that is not `domid`'s.
     fn check_tx(&self, domid: u32, tx: u32) -> Result<()> {
         match tx {
@@ -698,38 +769,77 @@ impl Inner {
                 }
             }
             self.put(0, &p, e.clone());
+            let removal = e.is_none();
             if let Some(n) = e.or(before) {
-                self.fire(&p, &n);
+                self.fire(&p, &n, removal);
             }
         }
         Ok(())
     }
 
     /// Queues watch events for a change to `path` whose node (after a write, before a removal)
-    /// is `node`: watches on the path, its ancestors and (for a removal) its descendants fire,
-    /// for domains that may read the node.
-    fn fire(&mut self, path: &str, node: &Node) {
-        let below = format!("{path}/");
-        let hits: Vec<(u32, String)> = self
-            .watches
-            .iter()
-            .filter(|w| path == w.path || path.starts_with(&w.below) || w.path.starts_with(&below))
-            .filter(|w| can(w.domid, node, PermKind::Read))
-            .map(|w| (w.domid, w.token.clone()))
-            .collect();
+    /// is `node`: watches on the path, its ancestors and (for a `removal`) its descendants fire,
+    /// for domains that may read the node. The work is one lookup per watched-path length up to
+    /// `path`'s, plus one step per matching domain and per event.
+    fn fire(&mut self, path: &str, node: &Node, removal: bool) {
+        let mut hits: Vec<(u32, Arc<str>)> = Vec::new();
+        let mut take = |group: &BTreeMap<u32, Vec<Arc<str>>>| {
+            for (&d, tokens) in group {
+                if !can(d, node, PermKind::Read) {
+                    self.step();
+                    continue;
+                }
+                for t in tokens {
+                    self.step();
+                    hits.push((d, Arc::clone(t)));
+                }
+            }
+        };
+        let bytes = path.as_bytes();
+        for &len in self.watches.lens.range(..=path.len()).map(|(l, _)| l) {
+            // The path itself, the root, or a prefix ending where a component does.
+            let ancestor = len == path.len() || len == 1 || bytes.get(len) == Some(&b'/');
+            if let Some(group) = path
+                .get(..len)
+                .filter(|_| ancestor)
+                .and_then(|p| self.watches.by_path.get(p))
+            {
+                take(group);
+            }
+        }
+        if removal {
+            let below = if path == "/" {
+                "/".to_string()
+            } else {
+                format!("{path}/")
+            };
+            let under = self
+                .watches
+                .by_path
+                .range::<str, _>((Bound::Included(below.as_str()), Bound::Unbounded))
+                .take_while(|(k, _)| k.starts_with(below.as_str()))
+                .filter(|(k, _)| ***k != *path);
+            for (_, group) in under {
+                take(group);
+            }
+        }
+        if hits.is_empty() {
+            return;
+        }
+        let changed: Arc<str> = Arc::from(path);
         for (domid, token) in hits {
-            self.queue_event(domid, path, &token);
+            self.queue_event(domid, &changed, &token);
         }
     }
 
-    fn queue_event(&mut self, domid: u32, path: &str, token: &str) {
+    fn queue_event(&mut self, domid: u32, path: &Arc<str>, token: &Arc<str>) {
         let cap = self.quota.queued_events;
         let q = self.events.entry(domid).or_default();
         if domid != 0 && q.len() >= cap {
             // A domain that does not read its events loses the oldest, not the host's memory.
             q.pop_front();
         }
-        q.push_back((path.to_string(), token.to_string()));
+        q.push_back((Arc::clone(path), Arc::clone(token)));
         if let Some(w) = self.wakers.get(&domid) {
             w();
         }
@@ -1162,6 +1272,67 @@ mod tests {
         );
         // Dom0 is not limited.
         s.watch(0, &long, &"t".repeat(4096)).unwrap();
+    }
+
+    #[test]
+    fn a_change_examines_only_the_watches_it_matches() {
+        let s = store();
+        // Domain 3 holds its whole quota of watches, none on what domain 2 changes.
+        for i in 0..Quota::default().watches {
+            s.watch(3, &format!("w{i}"), "t").unwrap();
+        }
+        while s.next_event(3).is_some() {}
+        let steps = |s: &Store| s.lock().steps.replace(0);
+        steps(&s);
+        s.watch(2, "dev", "mine").unwrap();
+        assert_eq!(
+            steps(&s),
+            0,
+            "registering looks at no other domain's watches"
+        );
+        assert!(s.next_event(2).is_some());
+        s.write(2, 0, "dev/state", b"1").unwrap();
+        assert_eq!(steps(&s), 1, "one watch matched, nothing else looked at");
+        {
+            let g = s.lock();
+            let (_, queued) = g.events[&2].back().unwrap();
+            let held = &g.watches.by_path["/local/domain/2/dev"][&2][0];
+            assert!(
+                Arc::ptr_eq(queued, held),
+                "the event shares the watch's token"
+            );
+        }
+        assert_eq!(
+            s.next_event(2),
+            Some(("/local/domain/2/dev/state".into(), "mine".into()))
+        );
+        s.write(2, 0, "elsewhere", b"1").unwrap();
+        assert_eq!(steps(&s), 0);
+        assert_eq!(s.next_event(2), None);
+        assert_eq!(s.next_event(3), None);
+    }
+
+    #[test]
+    fn a_removal_fires_the_watches_below_it_and_a_write_only_those_above() {
+        let s = store();
+        s.write(2, 0, "dev/vbd/state", b"1").unwrap();
+        s.watch(2, "dev/vbd/state", "leaf").unwrap();
+        s.watch(2, "/", "root").unwrap();
+        while s.next_event(2).is_some() {}
+        // As in Xen: a write fires the node's and its ancestors' watches.
+        s.write(2, 0, "dev", b"x").unwrap();
+        let ev: Vec<_> = std::iter::from_fn(|| s.next_event(2)).collect();
+        assert_eq!(ev, [("/local/domain/2/dev".into(), "root".into())]);
+        s.rm(2, 0, "dev").unwrap();
+        let mut ev: Vec<_> = std::iter::from_fn(|| s.next_event(2)).collect();
+        ev.sort();
+        assert_eq!(
+            ev,
+            [
+                ("/local/domain/2/dev".into(), "leaf".into()),
+                ("/local/domain/2/dev".into(), "root".into())
+            ]
+        );
     }
 
     #[test]
