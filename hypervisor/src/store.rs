@@ -9,7 +9,7 @@
 //! cannot remove it or change its permissions. Guests reach the store through the `pvdev` ring
 //! server; dom0 calls this API directly.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::ops::Bound;
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -36,8 +36,11 @@ pub struct Quota {
     /// node counts, also of one it changed before (a transaction's work is bounded, not only
     /// the nodes it creates).
     pub transaction_edits: usize,
-    /// Watch events queued for a domain that does not read them.
+    /// Watch events queued for a domain (dom0 too) that does not read them; what does not fit
+    /// is merged into one event per watch, naming the watched path, delivered after the queue.
     pub queued_events: usize,
+    /// Bytes of path and token in a domain's queued events (the same overflow).
+    pub queued_event_bytes: usize,
 }
 
 impl Default for Quota {
@@ -54,6 +57,8 @@ impl Default for Quota {
             // Xen's transaction-nodes quota; Linux's xenbus transactions make a handful.
             transaction_edits: 1024,
             queued_events: 1024,
+            // 1024 events of typical paths; long paths fill it with fewer.
+            queued_event_bytes: 128 * 1024,
         }
     }
 }
@@ -81,6 +86,34 @@ impl Node {
 
 /// A watch event as queued: `(path, token)`, both shared.
 type Event = (Arc<str>, Arc<str>);
+
+/// A domain's queued watch events.
+#[derive(Debug, Default)]
+struct EventQueue {
+    queue: VecDeque<Event>,
+    /// Path and token bytes in `queue`.
+    bytes: usize,
+    /// Watches `(path, token)` that had an event the queue had no room for, each once, in the
+    /// order they overflowed. Each is delivered, once `queue` is empty, as one event naming the
+    /// watched path: like the event at registration, it tells the client to re-read what it
+    /// watches, so no change goes unannounced. While any wait, new events join them, so the
+    /// merged events come after everything they stand for.
+    lost: VecDeque<Event>,
+    lost_set: HashSet<Event>,
+}
+
+impl EventQueue {
+    fn is_empty(&self) -> bool {
+        self.queue.is_empty() && self.lost.is_empty()
+    }
+
+    fn forget_watch(&mut self, path: &str, token: &str) {
+        let key: Event = (Arc::from(path), Arc::from(token));
+        if self.lost_set.remove(&key) {
+            self.lost.retain(|w| *w != key);
+        }
+    }
+}
 
 /// Every watch, indexed by the watched path: a change looks up its own path and those of its
 /// ancestors (and for a removal, the range below it), never every watch. Paths and tokens are
@@ -191,7 +224,7 @@ struct Inner {
     watches: Watches,
     txs: HashMap<u32, Tx>,
     next_tx: u32,
-    events: HashMap<u32, VecDeque<Event>>,
+    events: HashMap<u32, EventQueue>,
     wakers: HashMap<u32, Arc<Wake>>,
     quota: Quota,
     /// Units of work done under the lock (entries looked at), for tests that bound it.
@@ -331,7 +364,15 @@ impl Store {
 
     /// Takes the next queued watch event `(path, token)` for `domid`.
     pub fn next_event(&self, domid: u32) -> Option<(Arc<str>, Arc<str>)> {
-        self.lock().events.get_mut(&domid)?.pop_front()
+        let mut g = self.lock();
+        let q = g.events.get_mut(&domid)?;
+        if let Some(ev) = q.queue.pop_front() {
+            q.bytes = q.bytes.saturating_sub(ev.0.len() + ev.1.len());
+            return Some(ev);
+        }
+        let w = q.lost.pop_front()?;
+        q.lost_set.remove(&w);
+        Some(w)
     }
 
     /// Reads a node.
@@ -525,7 +566,7 @@ impl Store {
             return Err(StoreErrno::EEXIST);
         }
         let (path, token) = g.watches.add(domid, &path, token);
-        g.queue_event(domid, &path, &token);
+        g.queue_event(domid, &path, &path, &token);
         Ok(())
     }
 
@@ -535,6 +576,11 @@ impl Store {
         let path = Self::absolute(domid, path);
         if !g.watches.remove(domid, &path, token) {
             return Err(StoreErrno::ENOENT);
+        }
+        // A merged event for it would name a watch the domain no longer holds (and such
+        // entries could pile up beyond the watch quota).
+        if let Some(q) = g.events.get_mut(&domid) {
+            q.forget_watch(&path, token);
         }
         Ok(())
     }
@@ -782,8 +828,9 @@ impl Inner {
     /// for domains that may read the node. The work is one lookup per watched-path length up to
     /// `path`'s, plus one step per matching domain and per event.
     fn fire(&mut self, path: &str, node: &Node, removal: bool) {
-        let mut hits: Vec<(u32, Arc<str>)> = Vec::new();
-        let mut take = |group: &BTreeMap<u32, Vec<Arc<str>>>| {
+        // Shared handles (a reference count each), not copies of the strings.
+        let mut hits: Vec<(u32, Arc<str>, Arc<str>)> = Vec::new();
+        let mut take = |watched: &Arc<str>, group: &BTreeMap<u32, Vec<Arc<str>>>| {
             for (&d, tokens) in group {
                 if !can(d, node, PermKind::Read) {
                     self.step();
@@ -791,7 +838,7 @@ impl Inner {
                 }
                 for t in tokens {
                     self.step();
-                    hits.push((d, Arc::clone(t)));
+                    hits.push((d, Arc::clone(watched), Arc::clone(t)));
                 }
             }
         };
@@ -799,12 +846,12 @@ impl Inner {
         for &len in self.watches.lens.range(..=path.len()).map(|(l, _)| l) {
             // The path itself, the root, or a prefix ending where a component does.
             let ancestor = len == path.len() || len == 1 || bytes.get(len) == Some(&b'/');
-            if let Some(group) = path
+            if let Some((watched, group)) = path
                 .get(..len)
                 .filter(|_| ancestor)
-                .and_then(|p| self.watches.by_path.get(p))
+                .and_then(|p| self.watches.by_path.get_key_value(p))
             {
-                take(group);
+                take(watched, group);
             }
         }
         if removal {
@@ -819,28 +866,37 @@ impl Inner {
                 .range::<str, _>((Bound::Included(below.as_str()), Bound::Unbounded))
                 .take_while(|(k, _)| k.starts_with(below.as_str()))
                 .filter(|(k, _)| ***k != *path);
-            for (_, group) in under {
-                take(group);
+            for (watched, group) in under {
+                take(watched, group);
             }
         }
         if hits.is_empty() {
             return;
         }
         let changed: Arc<str> = Arc::from(path);
-        for (domid, token) in hits {
-            self.queue_event(domid, &changed, &token);
+        for (domid, watched, token) in hits {
+            self.queue_event(domid, &watched, &changed, &token);
         }
     }
 
-    fn queue_event(&mut self, domid: u32, path: &Arc<str>, token: &Arc<str>) {
-        let cap = self.quota.queued_events;
+    /// Queues event `(path, token)` of the watch on `watched` for `domid`, within the domain's
+    /// event quota (see [`EventQueue::lost`] for what happens beyond it); wakes the domain's
+    /// server when its queue was empty (it drains everything queued once woken).
+    fn queue_event(&mut self, domid: u32, watched: &Arc<str>, path: &Arc<str>, token: &Arc<str>) {
+        let (cap, cap_bytes) = (self.quota.queued_events, self.quota.queued_event_bytes);
         let q = self.events.entry(domid).or_default();
-        if domid != 0 && q.len() >= cap {
-            // A domain that does not read its events loses the oldest, not the host's memory.
-            q.pop_front();
+        let was_empty = q.is_empty();
+        let cost = path.len() + token.len();
+        if !q.lost.is_empty() || q.queue.len() >= cap || q.bytes + cost > cap_bytes {
+            let w: Event = (Arc::clone(watched), Arc::clone(token));
+            if q.lost_set.insert(w.clone()) {
+                q.lost.push_back(w);
+            }
+        } else {
+            q.queue.push_back((Arc::clone(path), Arc::clone(token)));
+            q.bytes += cost;
         }
-        q.push_back((Arc::clone(path), Arc::clone(token)));
-        if let Some(w) = self.wakers.get(&domid) {
+        if was_empty && let Some(w) = self.wakers.get(&domid) {
             w();
         }
     }
@@ -1295,7 +1351,7 @@ mod tests {
         assert_eq!(steps(&s), 1, "one watch matched, nothing else looked at");
         {
             let g = s.lock();
-            let (_, queued) = g.events[&2].back().unwrap();
+            let (_, queued) = g.events[&2].queue.back().unwrap();
             let held = &g.watches.by_path["/local/domain/2/dev"][&2][0];
             assert!(
                 Arc::ptr_eq(queued, held),
@@ -1333,6 +1389,82 @@ mod tests {
                 ("/local/domain/2/dev".into(), "root".into())
             ]
         );
+    }
+
+    #[test]
+    fn an_unread_event_queue_is_bounded_and_what_overflows_becomes_one_event_per_watch() {
+        let s = Store::new(Quota {
+            queued_events: 10,
+            ..Quota::default()
+        });
+        let wakes = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let w = Arc::clone(&wakes);
+        s.introduce(
+            2,
+            "two",
+            Box::new(move || {
+                w.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }),
+        );
+        s.watch(2, "a", "A").unwrap();
+        s.watch(2, "b", "B").unwrap();
+        while s.next_event(2).is_some() {}
+        let woken = wakes.load(std::sync::atomic::Ordering::Relaxed);
+        for i in 0..20 {
+            s.write(2, 0, &format!("a/{i}"), b"x").unwrap();
+        }
+        s.write(2, 0, "b/x", b"x").unwrap();
+        s.write(2, 0, "a/0", b"y").unwrap();
+        assert_eq!(
+            wakes.load(std::sync::atomic::Ordering::Relaxed),
+            woken + 1,
+            "woken when events appear, not once per event"
+        );
+        let ev: Vec<_> = std::iter::from_fn(|| s.next_event(2)).collect();
+        let want: Vec<(Arc<str>, Arc<str>)> = (0..10)
+            .map(|i| (format!("/local/domain/2/a/{i}").into(), "A".into()))
+            .chain([
+                ("/local/domain/2/a".into(), "A".into()),
+                ("/local/domain/2/b".into(), "B".into()),
+            ])
+            .collect();
+        assert_eq!(ev, want, "the oldest kept, the rest one event per watch");
+        // Drained, the queue takes events again.
+        s.write(2, 0, "b/y", b"x").unwrap();
+        assert_eq!(
+            s.next_event(2),
+            Some(("/local/domain/2/b/y".into(), "B".into()))
+        );
+    }
+
+    #[test]
+    fn queued_events_are_bounded_in_bytes_and_for_every_domain() {
+        let q = Quota::default();
+        let s = store();
+        let long = "p".repeat(2000);
+        s.watch(2, "/local/domain/2", "t").unwrap();
+        s.watch(0, "/local/domain/2", "dom0").unwrap();
+        for i in 0..2 * q.queued_events {
+            s.write(2, 0, &format!("{long}/{i}"), b"x").unwrap();
+            s.rm(2, 0, &long).unwrap();
+        }
+        let g = s.lock();
+        // Dom0 reads none of its events here: they are bounded too.
+        for d in [0, 2] {
+            let (n, bytes) = (g.events[&d].queue.len(), g.events[&d].bytes);
+            let all: usize = g.events[&d]
+                .queue
+                .iter()
+                .map(|(p, t)| p.len() + t.len())
+                .sum();
+            assert_eq!(bytes, all);
+            assert!(
+                bytes <= q.queued_event_bytes && n < q.queued_events,
+                "{n} events, {bytes} B"
+            );
+            assert!(n >= q.queued_event_bytes / (long.len() + 40), "{n}");
+            assert_eq!(g.events[&d].lost.len(), 1, "one watch overflowed");
+        }
     }
 
     #[test]
