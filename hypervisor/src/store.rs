@@ -210,6 +210,9 @@ struct Tx {
     over: BTreeMap<String, Option<Node>>,
     /// Node changes made so far (the `transaction_edits` quota).
     edits: usize,
+    /// Nodes of `domid` the changes add (negative: remove), kept as they are made so the node
+    /// quota is checked without a pass over the overlay; the commit counts exactly.
+    owned_delta: i64,
 }
 
 /// Called when a domain has new watch events queued.
@@ -223,6 +226,8 @@ struct Inner {
     generation: u64,
     watches: Watches,
     txs: HashMap<u32, Tx>,
+    /// Transactions each domain has open (the quota; no scan).
+    open_txs: HashMap<u32, usize>,
     next_tx: u32,
     events: HashMap<u32, EventQueue>,
     wakers: HashMap<u32, Arc<Wake>>,
@@ -358,6 +363,7 @@ impl Store {
         let mut g = self.lock();
         g.watches.remove_domain(domid);
         g.txs.retain(|_, t| t.domid != domid);
+        g.open_txs.remove(&domid);
         g.events.remove(&domid);
         g.wakers.remove(&domid);
     }
@@ -588,7 +594,7 @@ impl Store {
     /// Starts a transaction; returns its id.
     pub fn transaction_start(&self, domid: u32) -> Result<u32> {
         let mut g = self.lock();
-        let open = g.txs.values().filter(|t| t.domid == domid).count();
+        let open = g.open_txs.get(&domid).copied().unwrap_or(0);
         if domid != 0 && open >= g.quota.transactions {
             return Err(StoreErrno::ENOSPC);
         }
@@ -607,8 +613,10 @@ impl Store {
             start_gen: g.generation,
             over: BTreeMap::new(),
             edits: 0,
+            owned_delta: 0,
         };
         g.txs.insert(id, tx);
+        *g.open_txs.entry(domid).or_default() += 1;
         Ok(id)
     }
 
@@ -625,6 +633,9 @@ impl Store {
             }
             None => return Err(StoreErrno::ENOENT),
         };
+        if let Some(n) = g.open_txs.get_mut(&domid) {
+            *n = n.saturating_sub(1);
+        }
         if commit { g.commit(t) } else { Ok(()) }
     }
 }
@@ -677,15 +688,18 @@ impl Inner {
             .collect()
     }
 
-    /// Nodes `domid` owns, as `tx` sees the tree.
+    /// Nodes `domid` owns, as `tx` (one of `domid`'s, or 0) sees the tree.
     fn owned_in(&self, domid: u32, tx: u32) -> usize {
-        self.owned_with(domid, self.txs.get(&tx).map(|t| &t.over))
+        let live = self.owned.get(&domid).copied().unwrap_or(0) as i64;
+        let delta = self.txs.get(&tx).map_or(0, |t| t.owned_delta);
+        (live + delta).max(0) as usize
     }
 
     /// Nodes `domid` would own with the changes `over` applied to the live tree.
     fn owned_with(&self, domid: u32, over: Option<&BTreeMap<String, Option<Node>>>) -> usize {
         let mut n = self.owned.get(&domid).copied().unwrap_or(0) as i64;
         for (p, e) in over.into_iter().flatten() {
+            self.step();
             let was = self.nodes.get(p).is_some_and(|o| o.owner() == domid);
             let is = e.as_ref().is_some_and(|o| o.owner() == domid);
             n += i64::from(is) - i64::from(was);
@@ -716,6 +730,12 @@ impl Inner {
     /// Sets (`Some`) or removes (`None`) a node, in `tx`'s overlay or (0) in the live tree.
     fn put(&mut self, tx: u32, path: &str, node: Option<Node>) {
         if let Some(t) = self.txs.get_mut(&tx) {
+            let mine = |n: Option<&Node>| i64::from(n.is_some_and(|n| n.owner() == t.domid));
+            let before = match t.over.get(path) {
+                Some(e) => mine(e.as_ref()),
+                None => mine(self.nodes.get(path)),
+            };
+            t.owned_delta += mine(node.as_ref()) - before;
             t.edits += 1;
             t.over.insert(path.to_string(), node);
             return;
@@ -1465,6 +1485,41 @@ mod tests {
             assert!(n >= q.queued_event_bytes / (long.len() + 40), "{n}");
             assert_eq!(g.events[&d].lost.len(), 1, "one watch overflowed");
         }
+    }
+
+    #[test]
+    fn quotas_are_counted_without_scanning_transactions() {
+        let s = store();
+        for d in 3..13 {
+            s.introduce(d, "other", Box::new(|| {}));
+            for _ in 0..Quota::default().transactions {
+                s.transaction_start(d).unwrap();
+            }
+        }
+        let steps = |s: &Store| s.lock().steps.replace(0);
+        steps(&s);
+        let t = s.transaction_start(2).unwrap();
+        assert_eq!(
+            steps(&s),
+            0,
+            "other domains' transactions are not counted one by one"
+        );
+        for i in 0..500 {
+            s.write(2, t, &format!("n{i}"), b"x").unwrap();
+        }
+        steps(&s);
+        s.write(2, t, "one-more", b"x").unwrap();
+        s.write(2, t, "n0", b"y").unwrap();
+        assert_eq!(
+            steps(&s),
+            0,
+            "the transaction's changes are not counted one by one"
+        );
+        // The commit re-checks the quota once, over its changes.
+        s.transaction_end(2, t, true).unwrap();
+        assert_eq!(steps(&s), 501);
+        assert_eq!(s.read(2, 0, "n0").unwrap(), b"y");
+        assert_eq!(s.lock().owned[&2], 501);
     }
 
     #[test]
