@@ -407,10 +407,20 @@ impl Store {
         } else {
             format!("{path}/")
         };
-        Ok(g.below(tx, &prefix)
+        // Children only, never their subtrees: a listing costs what it returns.
+        let mut names: BTreeMap<&str, bool> = BTreeMap::new();
+        g.each_child(&g.nodes, &prefix, |name, _| {
+            names.insert(name, true);
+        });
+        if let Some(t) = g.txs.get(&tx) {
+            g.each_child(&t.over, &prefix, |name, e| {
+                names.insert(name, e.is_some());
+            });
+        }
+        Ok(names
             .into_iter()
-            .filter(|k| !k[prefix.len()..].contains('/'))
-            .map(|k| k[prefix.len()..].to_string())
+            .filter(|&(_, live)| live)
+            .map(|(n, _)| n.to_string())
             .collect())
     }
 
@@ -662,6 +672,45 @@ impl Inner {
             return e.as_ref();
         }
         self.nodes.get(path)
+    }
+
+    /// Calls `f(name, value)` for each key of `map` that is a child of `prefix` (which ends in
+    /// `/`), in order; seeks past each child's subtree, so the cost is a few lookups per child
+    /// whatever lies below them.
+    fn each_child<'m, V>(
+        &self,
+        map: &'m BTreeMap<String, V>,
+        prefix: &str,
+        mut f: impl FnMut(&'m str, &'m V),
+    ) {
+        let mut skip_to: Option<String> = None;
+        let mut after: Option<&'m str> = None;
+        loop {
+            self.step();
+            let from = match (&skip_to, after) {
+                (Some(k), _) => Bound::Included(k.as_str()),
+                (None, Some(k)) => Bound::Excluded(k),
+                (None, None) => Bound::Included(prefix),
+            };
+            let Some((k, v)) = map.range::<str, _>((from, Bound::Unbounded)).next() else {
+                return;
+            };
+            let Some(rest) = k.strip_prefix(prefix) else {
+                return;
+            };
+            match rest.find('/') {
+                None => {
+                    // "" is the root itself, under the prefix "/".
+                    if !rest.is_empty() {
+                        f(rest, v);
+                    }
+                    (skip_to, after) = (None, Some(k.as_str()));
+                }
+                // Below child `rest[..i]` (listed already, or absent from `map`): jump past
+                // `<child>/...`, to the first key after `<child>` + '/', that is `<child>0`.
+                Some(i) => skip_to = Some(format!("{prefix}{}0", &rest[..i])),
+            }
+        }
     }
 
     /// Every path under `prefix` (which ends in `/`) as `tx` sees the tree.
@@ -1520,6 +1569,34 @@ mod tests {
         assert_eq!(steps(&s), 501);
         assert_eq!(s.read(2, 0, "n0").unwrap(), b"y");
         assert_eq!(s.lock().owned[&2], 501);
+    }
+
+    #[test]
+    fn listing_a_directory_costs_its_children_not_its_subtree() {
+        let s = store();
+        for i in 0..900 {
+            s.write(2, 0, &format!("big/sub/n{i}"), b"").unwrap();
+        }
+        s.write(2, 0, "big/sub-x", b"").unwrap();
+        s.write(2, 0, "big/a", b"").unwrap();
+        let t = s.transaction_start(2).unwrap();
+        s.write(2, t, "big/sub/n1000", b"").unwrap();
+        s.write(2, t, "big/b/c", b"").unwrap();
+        s.rm(2, t, "big/a").unwrap();
+        let steps = |s: &Store| s.lock().steps.replace(0);
+        steps(&s);
+        assert_eq!(s.directory(2, 0, "big").unwrap(), ["a", "sub", "sub-x"]);
+        let live = steps(&s);
+        assert_eq!(s.directory(2, t, "big").unwrap(), ["b", "sub", "sub-x"]);
+        let in_tx = steps(&s);
+        assert!(live <= 8 && in_tx <= 16, "{live} and {in_tx} steps");
+        assert_eq!(s.directory(2, t, "big/b").unwrap(), ["c"]);
+        assert_eq!(s.directory(2, 0, "big/sub").unwrap().len(), 900);
+        assert_eq!(
+            s.directory(0, 0, "/").unwrap(),
+            ["local"],
+            "the root lists its children too"
+        );
     }
 
     #[test]
