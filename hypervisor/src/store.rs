@@ -232,9 +232,22 @@ struct Inner {
     events: HashMap<u32, EventQueue>,
     wakers: HashMap<u32, Arc<Wake>>,
     quota: Quota,
-    /// Units of work done under the lock (entries looked at), for tests that bound it.
+    /// Units of work done under the lock, by kind, for tests that bound it.
     #[cfg(test)]
-    steps: std::cell::Cell<u64>,
+    steps: [std::cell::Cell<u64>; 4],
+}
+
+/// Kinds of work counted under the lock (see `Inner::step`).
+#[derive(Debug, Clone, Copy)]
+enum Work {
+    /// A watch (or one domain's watches on a path) looked at for a change.
+    Watch,
+    /// A transaction change or open transaction counted.
+    Count,
+    /// A seek in a directory listing.
+    Seek,
+    /// A lookup for the nearest existing ancestor.
+    Probe,
 }
 
 /// The store.
@@ -447,25 +460,16 @@ impl Store {
                 }
             }
             None => {
-                // Walk up to the nearest existing ancestor.
-                let mut missing = vec![path.clone()];
-                let mut p = parent(&path);
-                let base = loop {
-                    let Some(pp) = p else {
-                        return Err(StoreErrno::ENOENT);
-                    };
-                    if let Some(n) = g.get(tx, pp) {
-                        break n.clone();
-                    }
-                    missing.push(pp.to_string());
-                    p = parent(pp);
-                };
+                let (base, missing) = g.nearest_ancestor(tx, &path).ok_or(StoreErrno::ENOENT)?;
+                let base = base.clone();
+                let missing: Vec<String> = missing.iter().map(|m| m.to_string()).collect();
                 if !can(domid, &base, PermKind::Write) {
                     return Err(StoreErrno::EACCES);
                 }
+                // The missing ancestors and the node itself.
                 if domid != 0 {
-                    g.nodes_room(domid, tx, missing.len())?;
-                    g.edits_room(tx, missing.len())?;
+                    g.nodes_room(domid, tx, missing.len() + 1)?;
+                    g.edits_room(tx, missing.len() + 1)?;
                 }
                 let mut perms = base.perms.clone();
                 if let Some(first) = perms.first_mut().filter(|_| domid != 0) {
@@ -478,7 +482,7 @@ impl Store {
                     child_removed: 0,
                 };
                 // Parents first; the node itself below.
-                for m in missing[1..].iter().rev() {
+                for m in &missing {
                     g.put(tx, m, Some(fresh(Vec::new())));
                 }
                 fresh(value.to_vec())
@@ -652,9 +656,40 @@ impl Store {
 
 impl Inner {
     /// Counts one unit of work (tests assert on the count, not on time).
-    fn step(&self) {
+    fn step(&self, _kind: Work) {
         #[cfg(test)]
-        self.steps.set(self.steps.get() + 1);
+        {
+            let c = &self.steps[_kind as usize];
+            c.set(c.get() + 1);
+        }
+    }
+
+    /// The nearest ancestor of `path` (which `tx` does not see) that `tx` sees, with the
+    /// ancestors below it, all missing, shallowest first. A node never exists without its
+    /// parent, so existence along the path flips once and bisecting finds it: a few lookups,
+    /// not one per level of a 1500-level path. (A transaction that removed a node can see a
+    /// child created since, live; any answer then is below an existing node, and the commit is
+    /// refused anyway, since that child changed after the transaction started.)
+    fn nearest_ancestor<'p>(&self, tx: u32, path: &'p str) -> Option<(&Node, Vec<&'p str>)> {
+        let ends: Vec<usize> = std::iter::once(1)
+            .filter(|_| path.len() > 1 && path.starts_with('/'))
+            .chain(path.match_indices('/').map(|(i, _)| i).filter(|&i| i > 0))
+            .collect();
+        let ancestor = |i: usize| &path[..ends[i]];
+        // Invariant: `ancestor(lo - 1)` exists (or lo == 0), `ancestor(hi)` does not (or
+        // hi == ends.len()).
+        let (mut lo, mut hi) = (0, ends.len());
+        while lo < hi {
+            let mid = lo + (hi - lo) / 2;
+            self.step(Work::Probe);
+            if self.get(tx, ancestor(mid)).is_some() {
+                lo = mid + 1;
+            } else {
+                hi = mid;
+            }
+        }
+        let base = self.get(tx, ancestor(lo.checked_sub(1)?))?;
+        Some((base, (lo..ends.len()).map(ancestor).collect()))
     }
 
     /// `ENOENT` for a transaction that is not `domid`'s.
@@ -686,7 +721,7 @@ impl Inner {
         let mut skip_to: Option<String> = None;
         let mut after: Option<&'m str> = None;
         loop {
-            self.step();
+            self.step(Work::Seek);
             let from = match (&skip_to, after) {
                 (Some(k), _) => Bound::Included(k.as_str()),
                 (None, Some(k)) => Bound::Excluded(k),
@@ -748,7 +783,7 @@ impl Inner {
     fn owned_with(&self, domid: u32, over: Option<&BTreeMap<String, Option<Node>>>) -> usize {
         let mut n = self.owned.get(&domid).copied().unwrap_or(0) as i64;
         for (p, e) in over.into_iter().flatten() {
-            self.step();
+            self.step(Work::Count);
             let was = self.nodes.get(p).is_some_and(|o| o.owner() == domid);
             let is = e.as_ref().is_some_and(|o| o.owner() == domid);
             n += i64::from(is) - i64::from(was);
@@ -902,11 +937,11 @@ impl Inner {
         let mut take = |watched: &Arc<str>, group: &BTreeMap<u32, Vec<Arc<str>>>| {
             for (&d, tokens) in group {
                 if !can(d, node, PermKind::Read) {
-                    self.step();
+                    self.step(Work::Watch);
                     continue;
                 }
                 for t in tokens {
-                    self.step();
+                    self.step(Work::Watch);
                     hits.push((d, Arc::clone(watched), Arc::clone(t)));
                 }
             }
@@ -1407,7 +1442,7 @@ mod tests {
             s.watch(3, &format!("w{i}"), "t").unwrap();
         }
         while s.next_event(3).is_some() {}
-        let steps = |s: &Store| s.lock().steps.replace(0);
+        let steps = |s: &Store| s.lock().steps[Work::Watch as usize].replace(0);
         steps(&s);
         s.watch(2, "dev", "mine").unwrap();
         assert_eq!(
@@ -1545,7 +1580,7 @@ mod tests {
                 s.transaction_start(d).unwrap();
             }
         }
-        let steps = |s: &Store| s.lock().steps.replace(0);
+        let steps = |s: &Store| s.lock().steps[Work::Count as usize].replace(0);
         steps(&s);
         let t = s.transaction_start(2).unwrap();
         assert_eq!(
@@ -1583,7 +1618,7 @@ mod tests {
         s.write(2, t, "big/sub/n1000", b"").unwrap();
         s.write(2, t, "big/b/c", b"").unwrap();
         s.rm(2, t, "big/a").unwrap();
-        let steps = |s: &Store| s.lock().steps.replace(0);
+        let steps = |s: &Store| s.lock().steps[Work::Seek as usize].replace(0);
         steps(&s);
         assert_eq!(s.directory(2, 0, "big").unwrap(), ["a", "sub", "sub-x"]);
         let live = steps(&s);
@@ -1597,6 +1632,31 @@ mod tests {
             ["local"],
             "the root lists its children too"
         );
+    }
+
+    #[test]
+    fn a_deep_write_finds_its_parent_in_a_few_lookups() {
+        let s = store();
+        let chain = |levels: usize| "c/".repeat(levels).trim_end_matches('/').to_string();
+        s.write(2, 0, &chain(900), b"").unwrap();
+        let steps = |s: &Store| s.lock().steps[Work::Probe as usize].replace(0);
+        steps(&s);
+        // 600 levels more than the quota has room for.
+        assert_eq!(s.write(2, 0, &chain(1500), b""), Err(StoreErrno::ENOSPC));
+        let refused = steps(&s);
+        s.write(2, 0, &chain(950), b"x").unwrap();
+        let made = steps(&s);
+        assert!(refused <= 12 && made <= 12, "{refused} and {made} lookups");
+        assert_eq!(s.read(2, 0, &chain(950)).unwrap(), b"x");
+        assert_eq!(s.read(2, 0, &chain(925)).unwrap(), b"");
+        assert_eq!(s.lock().owned[&2], 950);
+        // In a transaction too, and the commit creates the chain's missing part.
+        let t = s.transaction_start(2).unwrap();
+        s.write(2, t, &chain(960), b"t").unwrap();
+        assert_eq!(s.read(2, t, &chain(955)).unwrap(), b"");
+        s.transaction_end(2, t, true).unwrap();
+        assert_eq!(s.read(2, 0, &chain(960)).unwrap(), b"t");
+        assert_eq!(s.lock().owned[&2], 960);
     }
 
     #[test]
