@@ -4,10 +4,13 @@
 //! Paths are Xen's: absolute (`/local/domain/3/device/vbd/0/state`) or relative to the caller's
 //! home `/local/domain/<id>`. Each node carries a permission list: the first entry names the
 //! owner and the access everyone else gets; later entries grant access to specific domains. Dom0
-//! may do anything; the owner may do anything to its node. Guests reach the store through
-//! the `pvdev` ring server; dom0 calls this API directly.
+//! may do anything; the owner may do anything to its node. A domain's home is owned by dom0 and
+//! open to the guest through its ACL, as Xen's toolstack makes it: the guest works in it but
+//! cannot remove it or change its permissions. Guests reach the store through the `pvdev` ring
+//! server; dom0 calls this API directly.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::ops::Bound;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use pv_protocol::grant::DomId;
@@ -22,10 +25,22 @@ pub struct Quota {
     pub value_bytes: usize,
     /// Watches a domain may hold.
     pub watches: usize,
+    /// Bytes in one watch token (each event carries it).
+    pub watch_token_bytes: usize,
+    /// Bytes of path and token over all of a domain's watches (as xenstored's memory quota
+    /// counts them).
+    pub watch_bytes: usize,
     /// Transactions a domain may have open.
     pub transactions: usize,
-    /// Watch events queued for a domain that does not read them.
+    /// Node changes one transaction may make: every write, removal or permission change of a
+    /// node counts, also of one it changed before (a transaction's work is bounded, not only
+    /// the nodes it creates).
+    pub transaction_edits: usize,
+    /// Watch events queued for a domain (dom0 too) that does not read them; what does not fit
+    /// is merged into one event per watch, naming the watched path, delivered after the queue.
     pub queued_events: usize,
+    /// Bytes of path and token in a domain's queued events (the same overflow).
+    pub queued_event_bytes: usize,
 }
 
 impl Default for Quota {
@@ -34,8 +49,16 @@ impl Default for Quota {
             nodes: 1000,
             value_bytes: 2048,
             watches: 128,
+            // Linux names a watch by a pointer in hex (16 bytes); 16 times that is plenty.
+            watch_token_bytes: 256,
+            // 128 watches of typical back-end paths (~60 bytes) and tokens fit three times over.
+            watch_bytes: 32 * 1024,
             transactions: 10,
+            // Xen's transaction-nodes quota; Linux's xenbus transactions make a handful.
+            transaction_edits: 1024,
             queued_events: 1024,
+            // 1024 events of typical paths; long paths fill it with fewer.
+            queued_event_bytes: 128 * 1024,
         }
     }
 }
@@ -49,6 +72,10 @@ struct Node {
     perms: Vec<Perm>,
     /// Generation of the node's last change (transactions compare it with their start).
     generation: u64,
+    /// Generation of the last removal of a child of this node: a transaction's conflict check
+    /// learns from it that a path below, now missing, may have existed (no record per removed
+    /// path is kept, so removals cost no memory).
+    child_removed: u64,
 }
 
 impl Node {
@@ -57,13 +84,121 @@ impl Node {
     }
 }
 
-#[derive(Debug)]
-struct Watch {
-    domid: u32,
-    path: String,
-    /// `path` with one trailing `/`, to match descendants without formatting per change.
-    below: String,
-    token: String,
+/// A watch event as queued: `(path, token)`, both shared.
+type Event = (Arc<str>, Arc<str>);
+
+/// A domain's queued watch events.
+#[derive(Debug, Default)]
+struct EventQueue {
+    queue: VecDeque<Event>,
+    /// Path and token bytes in `queue`.
+    bytes: usize,
+    /// Watches `(path, token)` that had an event the queue had no room for, each once, in the
+    /// order they overflowed. Each is delivered, once `queue` is empty, as one event naming the
+    /// watched path: like the event at registration, it tells the client to re-read what it
+    /// watches, so no change goes unannounced. While any wait, new events join them, so the
+    /// merged events come after everything they stand for.
+    lost: VecDeque<Event>,
+    lost_set: HashSet<Event>,
+}
+
+impl EventQueue {
+    fn is_empty(&self) -> bool {
+        self.queue.is_empty() && self.lost.is_empty()
+    }
+
+    fn forget_watch(&mut self, path: &str, token: &str) {
+        let key: Event = (Arc::from(path), Arc::from(token));
+        if self.lost_set.remove(&key) {
+            self.lost.retain(|w| *w != key);
+        }
+    }
+}
+
+/// Every watch, indexed by the watched path: a change looks up its own path and those of its
+/// ancestors (and for a removal, the range below it), never every watch. Paths and tokens are
+/// shared (`Arc<str>`) with the events that name them, so firing copies no string.
+#[derive(Debug, Default)]
+struct Watches {
+    /// Watched path -> watching domain -> its tokens on that path.
+    by_path: BTreeMap<Arc<str>, BTreeMap<u32, Vec<Arc<str>>>>,
+    /// How many watched paths have each length: the only prefixes of a changed path worth
+    /// looking up (a deep path costs one lookup per length in use, not per ancestor).
+    lens: BTreeMap<usize, usize>,
+    /// Each domain's watches (path, token) and their bytes: the quotas, without a scan.
+    by_dom: HashMap<u32, (Vec<Event>, usize)>,
+}
+
+impl Watches {
+    fn holds(&self, domid: u32, path: &str, token: &str) -> bool {
+        self.by_path
+            .get(path)
+            .and_then(|g| g.get(&domid))
+            .is_some_and(|ts| ts.iter().any(|t| **t == *token))
+    }
+
+    /// Adds a watch (not held yet); returns its shared path and token.
+    fn add(&mut self, domid: u32, path: &str, token: &str) -> (Arc<str>, Arc<str>) {
+        let token: Arc<str> = Arc::from(token);
+        let path = match self.by_path.get_key_value(path) {
+            Some((p, _)) => Arc::clone(p),
+            None => {
+                *self.lens.entry(path.len()).or_default() += 1;
+                Arc::from(path)
+            }
+        };
+        let group = self.by_path.entry(Arc::clone(&path)).or_default();
+        group.entry(domid).or_default().push(Arc::clone(&token));
+        let (list, bytes) = self.by_dom.entry(domid).or_default();
+        *bytes += path.len() + token.len();
+        list.push((Arc::clone(&path), Arc::clone(&token)));
+        (path, token)
+    }
+
+    /// Removes one watch; whether it was held.
+    fn remove(&mut self, domid: u32, path: &str, token: &str) -> bool {
+        let Some(group) = self.by_path.get_mut(path) else {
+            return false;
+        };
+        let Some(tokens) = group.get_mut(&domid) else {
+            return false;
+        };
+        let Some(i) = tokens.iter().position(|t| **t == *token) else {
+            return false;
+        };
+        tokens.swap_remove(i);
+        if tokens.is_empty() {
+            group.remove(&domid);
+        }
+        if group.is_empty() {
+            self.by_path.remove(path);
+            if let Some(n) = self.lens.get_mut(&path.len()) {
+                *n -= 1;
+                if *n == 0 {
+                    self.lens.remove(&path.len());
+                }
+            }
+        }
+        if let Some((list, bytes)) = self.by_dom.get_mut(&domid) {
+            list.retain(|(p, t)| !(**p == *path && **t == *token));
+            *bytes = bytes.saturating_sub(path.len() + token.len());
+        }
+        true
+    }
+
+    /// `(watches, bytes)` a domain holds.
+    fn usage(&self, domid: u32) -> (usize, usize) {
+        self.by_dom
+            .get(&domid)
+            .map_or((0, 0), |(list, bytes)| (list.len(), *bytes))
+    }
+
+    fn remove_domain(&mut self, domid: u32) {
+        let (list, _) = self.by_dom.remove(&domid).unwrap_or_default();
+        for (p, t) in list {
+            self.remove(domid, &p, &t);
+        }
+    }
 }
 
 /// An open transaction: only what it changed (an overlay on the live tree, `None` = removed),
@@ -73,14 +208,15 @@ struct Tx {
     domid: u32,
     start_gen: u64,
     over: BTreeMap<String, Option<Node>>,
+    /// Node changes made so far (the `transaction_edits` quota).
+    edits: usize,
+    /// Nodes of `domid` the changes add (negative: remove), kept as they are made so the node
+    /// quota is checked without a pass over the overlay; the commit counts exactly.
+    owned_delta: i64,
 }
 
 /// Called when a domain has new watch events queued.
 pub type Wake = Box<dyn Fn() + Send + Sync>;
-
-/// Removed paths remembered for open transactions' conflict checks; beyond this many, they are
-/// all forgotten and every transaction open at that point fails its commit with `EAGAIN`.
-const MAX_TOMBSTONES: usize = 16384;
 
 #[derive(Default)]
 struct Inner {
@@ -88,16 +224,30 @@ struct Inner {
     /// Nodes each domain owns (the quota counts them).
     owned: HashMap<u32, usize>,
     generation: u64,
-    /// Paths removed while transactions are open, with the generation of the removal.
-    tombstones: HashMap<String, u64>,
-    /// Transactions that started before this generation cannot commit (tombstones were lost).
-    tombstone_floor: u64,
-    watches: Vec<Watch>,
+    watches: Watches,
     txs: HashMap<u32, Tx>,
+    /// Transactions each domain has open (the quota; no scan).
+    open_txs: HashMap<u32, usize>,
     next_tx: u32,
-    events: HashMap<u32, VecDeque<(String, String)>>,
+    events: HashMap<u32, EventQueue>,
     wakers: HashMap<u32, Arc<Wake>>,
     quota: Quota,
+    /// Units of work done under the lock, by kind, for tests that bound it.
+    #[cfg(test)]
+    steps: [std::cell::Cell<u64>; 4],
+}
+
+/// Kinds of work counted under the lock (see `Inner::step`).
+#[derive(Debug, Clone, Copy)]
+enum Work {
+    /// A watch (or one domain's watches on a path) looked at for a change.
+    Watch,
+    /// A transaction change or open transaction counted.
+    Count,
+    /// A seek in a directory listing.
+    Seek,
+    /// A lookup for the nearest existing ancestor.
+    Probe,
 }
 
 /// The store.
@@ -120,6 +270,13 @@ impl Default for Store {
 /// `/local/domain/<id>`.
 pub fn home(domid: u32) -> String {
     format!("/local/domain/{domid}")
+}
+
+/// Whether `path` is some domain's home `/local/domain/<id>`: only dom0 removes one (a guest
+/// has write access to its own, which would otherwise let it remove it).
+fn is_home(path: &str) -> bool {
+    path.strip_prefix("/local/domain/")
+        .is_some_and(|id| !id.is_empty() && id.bytes().all(|c| c.is_ascii_digit()))
 }
 
 fn perm(kind: PermKind, domid: u32) -> Perm {
@@ -171,6 +328,7 @@ impl Store {
                     value: Vec::new(),
                     perms: vec![perm(PermKind::None, 0)],
                     generation: 0,
+                    child_removed: 0,
                 },
             );
         }
@@ -192,33 +350,48 @@ impl Store {
         }
     }
 
-    /// Prepares a domain's home: `/local/domain/<id>` owned by it, readable by nobody else, with
-    /// `name` and `domid` nodes written by dom0; `wake` is called when watch events are queued.
+    /// Prepares a domain's home as Xen's toolstack does: `/local/domain/<id>` owned by dom0 (so
+    /// the guest can neither remove it nor change its permissions), read/write for the guest
+    /// through its ACL and hidden from everyone else; `name` and `domid` written by dom0 and only
+    /// readable by the guest. `wake` is called when watch events are queued.
     pub fn introduce(&self, domid: u32, name: &str, wake: Wake) {
         let h = home(domid);
         let mut g = self.lock();
         g.wakers.insert(domid, Arc::new(wake));
         drop(g);
         let _ = self.write(0, 0, &h, b"");
-        let _ = self.set_perms(0, 0, &h, &[perm(PermKind::None, domid)]);
-        let _ = self.write(0, 0, &format!("{h}/name"), name.as_bytes());
-        let _ = self.write(0, 0, &format!("{h}/domid"), domid.to_string().as_bytes());
+        let rw = [perm(PermKind::None, 0), perm(PermKind::Both, domid)];
+        let _ = self.set_perms(0, 0, &h, &rw);
+        let ro = [perm(PermKind::None, 0), perm(PermKind::Read, domid)];
+        for (k, v) in [("name", name.to_string()), ("domid", domid.to_string())] {
+            let p = format!("{h}/{k}");
+            let _ = self.write(0, 0, &p, v.as_bytes());
+            let _ = self.set_perms(0, 0, &p, &ro);
+        }
     }
 
     /// Forgets a domain: its home subtree, watches, transactions and queued events.
     pub fn release(&self, domid: u32) {
         let _ = self.rm(0, 0, &home(domid));
         let mut g = self.lock();
-        g.watches.retain(|w| w.domid != domid);
+        g.watches.remove_domain(domid);
         g.txs.retain(|_, t| t.domid != domid);
+        g.open_txs.remove(&domid);
         g.events.remove(&domid);
         g.wakers.remove(&domid);
-        g.trim_tombstones();
     }
 
     /// Takes the next queued watch event `(path, token)` for `domid`.
-    pub fn next_event(&self, domid: u32) -> Option<(String, String)> {
-        self.lock().events.get_mut(&domid)?.pop_front()
+    pub fn next_event(&self, domid: u32) -> Option<(Arc<str>, Arc<str>)> {
+        let mut g = self.lock();
+        let q = g.events.get_mut(&domid)?;
+        if let Some(ev) = q.queue.pop_front() {
+            q.bytes = q.bytes.saturating_sub(ev.0.len() + ev.1.len());
+            return Some(ev);
+        }
+        let w = q.lost.pop_front()?;
+        q.lost_set.remove(&w);
+        Some(w)
     }
 
     /// Reads a node.
@@ -247,10 +420,20 @@ impl Store {
         } else {
             format!("{path}/")
         };
-        Ok(g.below(tx, &prefix)
+        // Children only, never their subtrees: a listing costs what it returns.
+        let mut names: BTreeMap<&str, bool> = BTreeMap::new();
+        g.each_child(&g.nodes, &prefix, |name, _| {
+            names.insert(name, true);
+        });
+        if let Some(t) = g.txs.get(&tx) {
+            g.each_child(&t.over, &prefix, |name, e| {
+                names.insert(name, e.is_some());
+            });
+        }
+        Ok(names
             .into_iter()
-            .filter(|k| !k[prefix.len()..].contains('/'))
-            .map(|k| k[prefix.len()..].to_string())
+            .filter(|&(_, live)| live)
+            .map(|(n, _)| n.to_string())
             .collect())
     }
 
@@ -268,30 +451,25 @@ impl Store {
                 if !can(domid, n, PermKind::Write) {
                     return Err(StoreErrno::EACCES);
                 }
+                if domid != 0 {
+                    g.edits_room(tx, 1)?;
+                }
                 Node {
                     value: value.to_vec(),
                     ..n.clone()
                 }
             }
             None => {
-                // Walk up to the nearest existing ancestor.
-                let mut missing = vec![path.clone()];
-                let mut p = parent(&path);
-                let base = loop {
-                    let Some(pp) = p else {
-                        return Err(StoreErrno::ENOENT);
-                    };
-                    if let Some(n) = g.get(tx, pp) {
-                        break n.clone();
-                    }
-                    missing.push(pp.to_string());
-                    p = parent(pp);
-                };
+                let (base, missing) = g.nearest_ancestor(tx, &path).ok_or(StoreErrno::ENOENT)?;
+                let base = base.clone();
+                let missing: Vec<String> = missing.iter().map(|m| m.to_string()).collect();
                 if !can(domid, &base, PermKind::Write) {
                     return Err(StoreErrno::EACCES);
                 }
+                // The missing ancestors and the node itself.
                 if domid != 0 {
-                    g.room_for(domid, tx, missing.len())?;
+                    g.nodes_room(domid, tx, missing.len() + 1)?;
+                    g.edits_room(tx, missing.len() + 1)?;
                 }
                 let mut perms = base.perms.clone();
                 if let Some(first) = perms.first_mut().filter(|_| domid != 0) {
@@ -301,9 +479,10 @@ impl Store {
                     value,
                     perms: perms.clone(),
                     generation: 0,
+                    child_removed: 0,
                 };
                 // Parents first; the node itself below.
-                for m in missing[1..].iter().rev() {
+                for m in &missing {
                     g.put(tx, m, Some(fresh(Vec::new())));
                 }
                 fresh(value.to_vec())
@@ -312,7 +491,7 @@ impl Store {
         let fired = node.clone();
         g.put(tx, &path, Some(node));
         if tx == 0 {
-            g.fire(&path, &fired);
+            g.fire(&path, &fired, false);
         }
         Ok(())
     }
@@ -335,19 +514,19 @@ impl Store {
             return Err(StoreErrno::EINVAL);
         }
         let n = g.get(tx, &path).ok_or(StoreErrno::ENOENT)?.clone();
-        if !can(domid, &n, PermKind::Write) {
+        if !can(domid, &n, PermKind::Write) || (domid != 0 && is_home(&path)) {
             return Err(StoreErrno::EACCES);
         }
         let doomed = g.below(tx, &format!("{path}/"));
-        if tx != 0 && domid != 0 {
-            g.room_for(domid, tx, doomed.len() + 1)?;
+        if domid != 0 {
+            g.edits_room(tx, doomed.len() + 1)?;
         }
         for k in doomed.iter().chain(std::iter::once(&path)) {
             g.put(tx, k, None);
         }
         if tx == 0 {
             // Watchers learn of the removal if they could read the node it removed.
-            g.fire(&path, &n);
+            g.fire(&path, &n, true);
         }
         Ok(())
     }
@@ -376,8 +555,8 @@ impl Store {
         if domid != 0 && (n.owner() != domid || u32::from(perms[0].domid.0) != domid) {
             return Err(StoreErrno::EACCES);
         }
-        if tx != 0 && domid != 0 {
-            g.room_for(domid, tx, 1)?;
+        if domid != 0 {
+            g.edits_room(tx, 1)?;
         }
         let node = Node {
             perms: perms.to_vec(),
@@ -386,7 +565,7 @@ impl Store {
         let fired = node.clone();
         g.put(tx, &path, Some(node));
         if tx == 0 {
-            g.fire(&path, &fired);
+            g.fire(&path, &fired, false);
         }
         Ok(())
     }
@@ -394,24 +573,20 @@ impl Store {
     /// Registers a watch; like Xen, it fires once at once.
     pub fn watch(&self, domid: u32, path: &str, token: &str) -> Result<()> {
         let mut g = self.lock();
-        let held = g.watches.iter().filter(|w| w.domid == domid).count();
-        if domid != 0 && held >= g.quota.watches {
-            return Err(StoreErrno::ENOSPC);
+        if domid != 0 && token.len() > g.quota.watch_token_bytes {
+            return Err(StoreErrno::E2BIG);
         }
         let path = Self::absolute(domid, path);
-        if g.watches
-            .iter()
-            .any(|w| w.domid == domid && w.path == path && w.token == token)
-        {
+        let bytes = path.len() + token.len();
+        let (held, used) = g.watches.usage(domid);
+        if domid != 0 && (held >= g.quota.watches || used + bytes > g.quota.watch_bytes) {
+            return Err(StoreErrno::ENOSPC);
+        }
+        if g.watches.holds(domid, &path, token) {
             return Err(StoreErrno::EEXIST);
         }
-        g.watches.push(Watch {
-            domid,
-            below: format!("{}/", path.trim_end_matches('/')),
-            path: path.clone(),
-            token: token.to_string(),
-        });
-        g.queue_event(domid, &path, token);
+        let (path, token) = g.watches.add(domid, &path, token);
+        g.queue_event(domid, &path, &path, &token);
         Ok(())
     }
 
@@ -419,11 +594,13 @@ impl Store {
     pub fn unwatch(&self, domid: u32, path: &str, token: &str) -> Result<()> {
         let mut g = self.lock();
         let path = Self::absolute(domid, path);
-        let before = g.watches.len();
-        g.watches
-            .retain(|w| !(w.domid == domid && w.path == path && w.token == token));
-        if g.watches.len() == before {
+        if !g.watches.remove(domid, &path, token) {
             return Err(StoreErrno::ENOENT);
+        }
+        // A merged event for it would name a watch the domain no longer holds (and such
+        // entries could pile up beyond the watch quota).
+        if let Some(q) = g.events.get_mut(&domid) {
+            q.forget_watch(&path, token);
         }
         Ok(())
     }
@@ -431,18 +608,29 @@ impl Store {
     /// Starts a transaction; returns its id.
     pub fn transaction_start(&self, domid: u32) -> Result<u32> {
         let mut g = self.lock();
-        let open = g.txs.values().filter(|t| t.domid == domid).count();
+        let open = g.open_txs.get(&domid).copied().unwrap_or(0);
         if domid != 0 && open >= g.quota.transactions {
             return Err(StoreErrno::ENOSPC);
         }
-        let id = g.next_tx;
-        g.next_tx = g.next_tx.wrapping_add(1).max(1);
+        // Ids wrap; one still open (anyone's) is skipped, and 0 means "no transaction". The
+        // loop ends because some id is free.
+        if g.txs.len() >= u32::MAX as usize - 1 {
+            return Err(StoreErrno::ENOSPC);
+        }
+        let mut id = g.next_tx;
+        while id == 0 || g.txs.contains_key(&id) {
+            id = id.wrapping_add(1);
+        }
+        g.next_tx = id.wrapping_add(1);
         let tx = Tx {
             domid,
             start_gen: g.generation,
             over: BTreeMap::new(),
+            edits: 0,
+            owned_delta: 0,
         };
         g.txs.insert(id, tx);
+        *g.open_txs.entry(domid).or_default() += 1;
         Ok(id)
     }
 
@@ -459,13 +647,51 @@ impl Store {
             }
             None => return Err(StoreErrno::ENOENT),
         };
-        let r = if commit { g.commit(t) } else { Ok(()) };
-        g.trim_tombstones();
-        r
+        if let Some(n) = g.open_txs.get_mut(&domid) {
+            *n = n.saturating_sub(1);
+        }
+        if commit { g.commit(t) } else { Ok(()) }
     }
 }
 
 impl Inner {
+    /// Counts one unit of work (tests assert on the count, not on time).
+    fn step(&self, _kind: Work) {
+        #[cfg(test)]
+        {
+            let c = &self.steps[_kind as usize];
+            c.set(c.get() + 1);
+        }
+    }
+
+    /// The nearest ancestor of `path` (which `tx` does not see) that `tx` sees, with the
+    /// ancestors below it, all missing, shallowest first. A node never exists without its
+    /// parent, so existence along the path flips once and bisecting finds it: a few lookups,
+    /// not one per level of a 1500-level path. (A transaction that removed a node can see a
+    /// child created since, live; any answer then is below an existing node, and the commit is
+    /// refused anyway, since that child changed after the transaction started.)
+    fn nearest_ancestor<'p>(&self, tx: u32, path: &'p str) -> Option<(&Node, Vec<&'p str>)> {
+        let ends: Vec<usize> = std::iter::once(1)
+            .filter(|_| path.len() > 1 && path.starts_with('/'))
+            .chain(path.match_indices('/').map(|(i, _)| i).filter(|&i| i > 0))
+            .collect();
+        let ancestor = |i: usize| &path[..ends[i]];
+        // Invariant: `ancestor(lo - 1)` exists (or lo == 0), `ancestor(hi)` does not (or
+        // hi == ends.len()).
+        let (mut lo, mut hi) = (0, ends.len());
+        while lo < hi {
+            let mid = lo + (hi - lo) / 2;
+            self.step(Work::Probe);
+            if self.get(tx, ancestor(mid)).is_some() {
+                lo = mid + 1;
+            } else {
+                hi = mid;
+            }
+        }
+        let base = self.get(tx, ancestor(lo.checked_sub(1)?))?;
+        Some((base, (lo..ends.len()).map(ancestor).collect()))
+    }
+
     /// `ENOENT` for a transaction that is not `domid`'s.
     fn check_tx(&self, domid: u32, tx: u32) -> Result<()> {
         match tx {
@@ -481,6 +707,45 @@ impl Inner {
             return e.as_ref();
         }
         self.nodes.get(path)
+    }
+
+    /// Calls `f(name, value)` for each key of `map` that is a child of `prefix` (which ends in
+    /// `/`), in order; seeks past each child's subtree, so the cost is a few lookups per child
+    /// whatever lies below them.
+    fn each_child<'m, V>(
+        &self,
+        map: &'m BTreeMap<String, V>,
+        prefix: &str,
+        mut f: impl FnMut(&'m str, &'m V),
+    ) {
+        let mut skip_to: Option<String> = None;
+        let mut after: Option<&'m str> = None;
+        loop {
+            self.step(Work::Seek);
+            let from = match (&skip_to, after) {
+                (Some(k), _) => Bound::Included(k.as_str()),
+                (None, Some(k)) => Bound::Excluded(k),
+                (None, None) => Bound::Included(prefix),
+            };
+            let Some((k, v)) = map.range::<str, _>((from, Bound::Unbounded)).next() else {
+                return;
+            };
+            let Some(rest) = k.strip_prefix(prefix) else {
+                return;
+            };
+            match rest.find('/') {
+                None => {
+                    // "" is the root itself, under the prefix "/".
+                    if !rest.is_empty() {
+                        f(rest, v);
+                    }
+                    (skip_to, after) = (None, Some(k.as_str()));
+                }
+                // Below child `rest[..i]` (listed already, or absent from `map`): jump past
+                // `<child>/...`, to the first key after `<child>` + '/', that is `<child>0`.
+                Some(i) => skip_to = Some(format!("{prefix}{}0", &rest[..i])),
+            }
+        }
     }
 
     /// Every path under `prefix` (which ends in `/`) as `tx` sees the tree.
@@ -507,15 +772,18 @@ impl Inner {
             .collect()
     }
 
-    /// Nodes `domid` owns, as `tx` sees the tree.
+    /// Nodes `domid` owns, as `tx` (one of `domid`'s, or 0) sees the tree.
     fn owned_in(&self, domid: u32, tx: u32) -> usize {
-        self.owned_with(domid, self.txs.get(&tx).map(|t| &t.over))
+        let live = self.owned.get(&domid).copied().unwrap_or(0) as i64;
+        let delta = self.txs.get(&tx).map_or(0, |t| t.owned_delta);
+        (live + delta).max(0) as usize
     }
 
     /// Nodes `domid` would own with the changes `over` applied to the live tree.
     fn owned_with(&self, domid: u32, over: Option<&BTreeMap<String, Option<Node>>>) -> usize {
         let mut n = self.owned.get(&domid).copied().unwrap_or(0) as i64;
         for (p, e) in over.into_iter().flatten() {
+            self.step(Work::Count);
             let was = self.nodes.get(p).is_some_and(|o| o.owner() == domid);
             let is = e.as_ref().is_some_and(|o| o.owner() == domid);
             n += i64::from(is) - i64::from(was);
@@ -523,17 +791,20 @@ impl Inner {
         n.max(0) as usize
     }
 
-    /// Whether `domid` may create `more` nodes (its quota) and, in a transaction, record `more`
-    /// changes (a transaction holds at most its domain's node quota of changes).
-    fn room_for(&self, domid: u32, tx: u32, more: usize) -> Result<()> {
-        let quota = self.quota.nodes;
-        if self.owned_in(domid, tx) + more > quota {
+    /// Whether `domid` may create `more` nodes (its quota), as `tx` sees the tree.
+    fn nodes_room(&self, domid: u32, tx: u32, more: usize) -> Result<()> {
+        if self.owned_in(domid, tx) + more > self.quota.nodes {
             return Err(StoreErrno::ENOSPC);
         }
+        Ok(())
+    }
+
+    /// Whether transaction `tx` (if one: 0 is the live tree) may make `more` node changes.
+    fn edits_room(&self, tx: u32, more: usize) -> Result<()> {
         if self
             .txs
             .get(&tx)
-            .is_some_and(|t| t.over.len() + more > quota)
+            .is_some_and(|t| t.edits + more > self.quota.transaction_edits)
         {
             return Err(StoreErrno::ENOSPC);
         }
@@ -543,6 +814,13 @@ impl Inner {
     /// Sets (`Some`) or removes (`None`) a node, in `tx`'s overlay or (0) in the live tree.
     fn put(&mut self, tx: u32, path: &str, node: Option<Node>) {
         if let Some(t) = self.txs.get_mut(&tx) {
+            let mine = |n: Option<&Node>| i64::from(n.is_some_and(|n| n.owner() == t.domid));
+            let before = match t.over.get(path) {
+                Some(e) => mine(e.as_ref()),
+                None => mine(self.nodes.get(path)),
+            };
+            t.owned_delta += mine(node.as_ref()) - before;
+            t.edits += 1;
             t.over.insert(path.to_string(), node);
             return;
         }
@@ -556,20 +834,21 @@ impl Inner {
     fn put_live(&mut self, path: &str, mut node: Node) {
         node.generation = self.generation;
         *self.owned.entry(node.owner()).or_default() += 1;
-        if let Some(old) = self.nodes.insert(path.to_string(), node) {
-            self.disown(old.owner());
+        if let Some(old) = self.nodes.get_mut(path) {
+            // A transaction's copy of the node may predate later removals below it.
+            node.child_removed = node.child_removed.max(old.child_removed);
+            let owner = std::mem::replace(old, node).owner();
+            self.disown(owner);
+        } else {
+            self.nodes.insert(path.to_string(), node);
         }
     }
 
     fn remove_live(&mut self, path: &str) {
         if let Some(old) = self.nodes.remove(path) {
             self.disown(old.owner());
-            if !self.txs.is_empty() {
-                self.tombstones.insert(path.to_string(), self.generation);
-                if self.tombstones.len() > MAX_TOMBSTONES {
-                    self.tombstones.clear();
-                    self.tombstone_floor = self.generation;
-                }
+            if let Some(up) = parent(path).and_then(|p| self.nodes.get_mut(p)) {
+                up.child_removed = self.generation;
             }
         }
     }
@@ -580,19 +859,49 @@ impl Inner {
         }
     }
 
-    /// Whether `path` changed after generation `since` (written, created or removed).
-    fn changed_since(&self, path: &str, since: u64) -> bool {
-        self.nodes.get(path).is_some_and(|n| n.generation > since)
-            || self.tombstones.get(path).is_some_and(|&g| g > since)
+    /// Whether `path` changed after generation `since` (written, created or removed). A path
+    /// missing now answers for its nearest existing ancestor, which was then re-created or lost
+    /// a child after `since` if anything below it was removed: exact for what the transaction
+    /// touched, conservative only in also counting a removed sibling below that ancestor.
+    /// `absent` remembers the answer for missing paths, so a commit walks each ancestor once.
+    fn changed_since<'a>(
+        &self,
+        path: &'a str,
+        since: u64,
+        absent: &mut HashMap<&'a str, bool>,
+    ) -> bool {
+        if let Some(n) = self.nodes.get(path) {
+            return n.generation > since;
+        }
+        let mut walked = vec![path];
+        let mut p = path;
+        let changed = loop {
+            let Some(up) = parent(p) else {
+                break true;
+            };
+            if let Some(&c) = absent.get(up) {
+                break c;
+            }
+            if let Some(n) = self.nodes.get(up) {
+                break n.generation > since || n.child_removed > since;
+            }
+            walked.push(up);
+            p = up;
+        };
+        for w in walked {
+            absent.insert(w, changed);
+        }
+        changed
     }
 
     fn commit(&mut self, t: Tx) -> Result<()> {
-        let conflict = t.start_gen < self.tombstone_floor
-            || t.over.iter().any(|(p, e)| {
-                self.changed_since(p, t.start_gen)
-                    || (e.is_some()
-                        && parent(p).is_some_and(|pp| self.changed_since(pp, t.start_gen)))
-            });
+        let since = t.start_gen;
+        let mut absent = HashMap::new();
+        let conflict = t.over.iter().any(|(p, e)| {
+            self.changed_since(p, since, &mut absent)
+                || (e.is_some()
+                    && parent(p).is_some_and(|pp| self.changed_since(pp, since, &mut absent)))
+        });
         if conflict {
             return Err(StoreErrno::EAGAIN);
         }
@@ -610,47 +919,88 @@ impl Inner {
                 }
             }
             self.put(0, &p, e.clone());
+            let removal = e.is_none();
             if let Some(n) = e.or(before) {
-                self.fire(&p, &n);
+                self.fire(&p, &n, removal);
             }
         }
         Ok(())
     }
 
-    /// Forgets tombstones no open transaction can need.
-    fn trim_tombstones(&mut self) {
-        match self.txs.values().map(|t| t.start_gen).min() {
-            None => self.tombstones.clear(),
-            Some(oldest) => self.tombstones.retain(|_, g| *g > oldest),
-        }
-    }
-
     /// Queues watch events for a change to `path` whose node (after a write, before a removal)
-    /// is `node`: watches on the path, its ancestors and (for a removal) its descendants fire,
-    /// for domains that may read the node.
-    fn fire(&mut self, path: &str, node: &Node) {
-        let below = format!("{path}/");
-        let hits: Vec<(u32, String)> = self
-            .watches
-            .iter()
-            .filter(|w| path == w.path || path.starts_with(&w.below) || w.path.starts_with(&below))
-            .filter(|w| can(w.domid, node, PermKind::Read))
-            .map(|w| (w.domid, w.token.clone()))
-            .collect();
-        for (domid, token) in hits {
-            self.queue_event(domid, path, &token);
+    /// is `node`: watches on the path, its ancestors and (for a `removal`) its descendants fire,
+    /// for domains that may read the node. The work is one lookup per watched-path length up to
+    /// `path`'s, plus one step per matching domain and per event.
+    fn fire(&mut self, path: &str, node: &Node, removal: bool) {
+        // Shared handles (a reference count each), not copies of the strings.
+        let mut hits: Vec<(u32, Arc<str>, Arc<str>)> = Vec::new();
+        let mut take = |watched: &Arc<str>, group: &BTreeMap<u32, Vec<Arc<str>>>| {
+            for (&d, tokens) in group {
+                if !can(d, node, PermKind::Read) {
+                    self.step(Work::Watch);
+                    continue;
+                }
+                for t in tokens {
+                    self.step(Work::Watch);
+                    hits.push((d, Arc::clone(watched), Arc::clone(t)));
+                }
+            }
+        };
+        let bytes = path.as_bytes();
+        for &len in self.watches.lens.range(..=path.len()).map(|(l, _)| l) {
+            // The path itself, the root, or a prefix ending where a component does.
+            let ancestor = len == path.len() || len == 1 || bytes.get(len) == Some(&b'/');
+            if let Some((watched, group)) = path
+                .get(..len)
+                .filter(|_| ancestor)
+                .and_then(|p| self.watches.by_path.get_key_value(p))
+            {
+                take(watched, group);
+            }
+        }
+        if removal {
+            let below = if path == "/" {
+                "/".to_string()
+            } else {
+                format!("{path}/")
+            };
+            let under = self
+                .watches
+                .by_path
+                .range::<str, _>((Bound::Included(below.as_str()), Bound::Unbounded))
+                .take_while(|(k, _)| k.starts_with(below.as_str()))
+                .filter(|(k, _)| ***k != *path);
+            for (watched, group) in under {
+                take(watched, group);
+            }
+        }
+        if hits.is_empty() {
+            return;
+        }
+        let changed: Arc<str> = Arc::from(path);
+        for (domid, watched, token) in hits {
+            self.queue_event(domid, &watched, &changed, &token);
         }
     }
 
-    fn queue_event(&mut self, domid: u32, path: &str, token: &str) {
-        let cap = self.quota.queued_events;
+    /// Queues event `(path, token)` of the watch on `watched` for `domid`, within the domain's
+    /// event quota (see [`EventQueue::lost`] for what happens beyond it); wakes the domain's
+    /// server when its queue was empty (it drains everything queued once woken).
+    fn queue_event(&mut self, domid: u32, watched: &Arc<str>, path: &Arc<str>, token: &Arc<str>) {
+        let (cap, cap_bytes) = (self.quota.queued_events, self.quota.queued_event_bytes);
         let q = self.events.entry(domid).or_default();
-        if domid != 0 && q.len() >= cap {
-            // A domain that does not read its events loses the oldest, not the host's memory.
-            q.pop_front();
+        let was_empty = q.is_empty();
+        let cost = path.len() + token.len();
+        if !q.lost.is_empty() || q.queue.len() >= cap || q.bytes + cost > cap_bytes {
+            let w: Event = (Arc::clone(watched), Arc::clone(token));
+            if q.lost_set.insert(w.clone()) {
+                q.lost.push_back(w);
+            }
+        } else {
+            q.queue.push_back((Arc::clone(path), Arc::clone(token)));
+            q.bytes += cost;
         }
-        q.push_back((path.to_string(), token.to_string()));
-        if let Some(w) = self.wakers.get(&domid) {
+        if was_empty && let Some(w) = self.wakers.get(&domid) {
             w();
         }
     }
@@ -825,6 +1175,7 @@ mod tests {
     fn transactions_hold_only_their_changes_and_the_quota_holds_at_commit() {
         let s = Store::new(Quota {
             nodes: 20,
+            transaction_edits: 100,
             ..Quota::default()
         });
         s.introduce(2, "two", Box::new(|| {}));
@@ -843,7 +1194,7 @@ mod tests {
         s.transaction_end(2, t1, true).unwrap();
         assert_eq!(s.transaction_end(2, t2, true), Err(StoreErrno::ENOSPC));
         assert_eq!(owned(&s), base + 12);
-        // A transaction cannot pile up more changes than the quota, even by write/rm.
+        // A transaction cannot pile up more changes than its quota, even by write/rm.
         let t = s.transaction_start(2).unwrap();
         let err = (0..100)
             .find_map(|i| {
@@ -875,12 +1226,18 @@ mod tests {
             s.directory(2, 0, "/local/domain/2"),
             Ok(vec!["domid".into(), "name".into()])
         );
-        // With no transaction open, write/rm loops leave no bookkeeping.
+        // Write/rm loops leave no bookkeeping, with transactions open or not.
+        let t = s.transaction_start(3).unwrap();
         for i in 0..100 {
             s.write(2, 0, &format!("tmp{i}"), b"x").unwrap();
             s.rm(2, 0, &format!("tmp{i}")).unwrap();
         }
-        assert!(s.lock().tombstones.is_empty());
+        s.transaction_end(3, t, false).unwrap();
+        assert_eq!(
+            s.lock().nodes.len(),
+            3 + 2 * 3,
+            "the root path and two homes"
+        );
     }
 
     #[test]
@@ -892,6 +1249,414 @@ mod tests {
         while s.next_event(2).is_some() {}
         s.rm(3, 0, "secret").unwrap();
         assert_eq!(s.next_event(2), None);
+    }
+
+    #[test]
+    fn wrapped_transaction_ids_skip_open_ones_and_zero() {
+        let s = store();
+        let a = s.transaction_start(2).unwrap();
+        // Four billion starts are out of reach of a test; put the counter where they would.
+        s.lock().next_tx = u32::MAX;
+        let b = s.transaction_start(3).unwrap();
+        let c = s.transaction_start(3).unwrap();
+        assert_eq!(b, u32::MAX);
+        assert_ne!(c, 0, "0 means no transaction");
+        assert_ne!(c, a, "an open transaction's id is not handed out again");
+        // Both transactions still belong to their domains.
+        s.write(2, a, "x", b"2").unwrap();
+        assert_eq!(
+            s.write(3, a, "/local/domain/3/x", b"3"),
+            Err(StoreErrno::ENOENT)
+        );
+        s.transaction_end(2, a, true).unwrap();
+        s.transaction_end(3, c, true).unwrap();
+        assert_eq!(s.read(2, 0, "x").unwrap(), b"2");
+    }
+
+    #[test]
+    fn a_guest_cannot_remove_or_take_over_its_home() {
+        let s = store();
+        let home = "/local/domain/2";
+        assert_eq!(s.rm(2, 0, home), Err(StoreErrno::EACCES));
+        let t = s.transaction_start(2).unwrap();
+        assert_eq!(s.rm(2, t, home), Err(StoreErrno::EACCES));
+        s.transaction_end(2, t, false).unwrap();
+        assert_eq!(
+            s.set_perms(2, 0, home, &[perm(PermKind::Both, 2)]),
+            Err(StoreErrno::EACCES)
+        );
+        // Dom0 owns it; the guest reads and writes in it through the ACL.
+        let perms = s.get_perms(2, 0, home).unwrap();
+        assert_eq!(perms, [perm(PermKind::None, 0), perm(PermKind::Both, 2)]);
+        s.write(2, 0, "data/x", b"1").unwrap();
+        assert_eq!(s.get_perms(2, 0, "data/x").unwrap()[0].domid, DomId(2));
+        s.rm(2, 0, "data").unwrap();
+        // The toolstack's own keys are the guest's to read, not to change.
+        assert_eq!(s.write(2, 0, "name", b"dom0"), Err(StoreErrno::EACCES));
+        assert_eq!(s.rm(2, 0, "domid"), Err(StoreErrno::EACCES));
+        assert_eq!(s.read(2, 0, "name").unwrap(), b"two");
+        assert_eq!(s.read(2, 0, home).unwrap(), b"");
+        // Nodes dom0 writes in the home are dom0's (not counted against the guest), and the
+        // guest may use them.
+        s.write(0, 0, "/local/domain/2/control/shutdown", b"")
+            .unwrap();
+        assert_eq!(
+            s.get_perms(2, 0, "control/shutdown").unwrap()[0].domid,
+            DomId(0)
+        );
+        s.write(2, 0, "control/shutdown", b"").unwrap();
+    }
+
+    #[test]
+    fn every_edit_in_a_transaction_counts_against_its_quota() {
+        let s = store();
+        s.write(2, 0, "a", b"0").unwrap();
+        // The same existing node rewritten again and again.
+        let t = s.transaction_start(2).unwrap();
+        let edits = (0..100_000).position(|_| s.write(2, t, "a", b"x").is_err());
+        assert_eq!(edits, Some(Quota::default().transaction_edits));
+        assert_eq!(s.write(2, t, "a", b"x"), Err(StoreErrno::ENOSPC));
+        assert_eq!(
+            s.set_perms(2, t, "a", &[perm(PermKind::None, 2)]),
+            Err(StoreErrno::ENOSPC)
+        );
+        s.transaction_end(2, t, false).unwrap();
+        // Many existing nodes rewritten, and their permissions set: each counts.
+        for i in 0..600 {
+            s.write(2, 0, &format!("n{i}"), b"0").unwrap();
+        }
+        let t = s.transaction_start(2).unwrap();
+        let mut done = 0;
+        let err = (0..600).flat_map(|i| [i, i]).find_map(|i| {
+            let p = format!("n{i}");
+            let r = s.write(2, t, &p, b"1");
+            let r = r.and_then(|()| s.set_perms(2, t, &p, &[perm(PermKind::None, 2)]));
+            done += 2;
+            r.err()
+        });
+        assert_eq!(err, Some(StoreErrno::ENOSPC));
+        assert!(done <= Quota::default().transaction_edits + 2, "{done}");
+        // A fresh transaction has its own allowance, and what was refused was not applied.
+        s.transaction_end(2, t, true).unwrap();
+        let t = s.transaction_start(2).unwrap();
+        s.write(2, t, "a", b"y").unwrap();
+        s.transaction_end(2, t, true).unwrap();
+        assert_eq!(s.read(2, 0, "a").unwrap(), b"y");
+    }
+
+    #[test]
+    fn removing_many_nodes_does_not_abort_other_domains_transactions() {
+        let s = store();
+        s.write(2, 0, "dev/state", b"1").unwrap();
+        let victim = s.transaction_start(2).unwrap();
+        s.write(2, victim, "dev/state", b"4").unwrap();
+        s.write(2, victim, "dev/ring-ref", b"8").unwrap();
+        // Domain 3 keeps a transaction of its own open and churns through removals.
+        let own = s.transaction_start(3).unwrap();
+        s.write(3, own, "mine", b"x").unwrap();
+        for i in 0..20_000 {
+            let p = format!("junk/{i}");
+            s.write(3, 0, &p, b"x").unwrap();
+            s.rm(3, 0, &p).unwrap();
+        }
+        s.transaction_end(2, victim, true).unwrap();
+        assert_eq!(s.read(2, 0, "dev/state").unwrap(), b"4");
+        // It touched nothing that changed, so its own commit stands too.
+        s.transaction_end(3, own, true).unwrap();
+        assert_eq!(s.read(3, 0, "mine").unwrap(), b"x");
+    }
+
+    #[test]
+    fn commits_still_see_every_removal_they_depend_on() {
+        let s = store();
+        s.write(2, 0, "a/b", b"1").unwrap();
+        s.write(2, 0, "d/x", b"1").unwrap();
+        // The node the transaction wrote was removed.
+        let t = s.transaction_start(2).unwrap();
+        s.write(2, t, "a/b", b"2").unwrap();
+        s.rm(2, 0, "a/b").unwrap();
+        assert_eq!(s.transaction_end(2, t, true), Err(StoreErrno::EAGAIN));
+        // A node below one the transaction removed was removed (and the tree then re-grown).
+        s.write(2, 0, "a/b/c", b"1").unwrap();
+        let t = s.transaction_start(2).unwrap();
+        s.rm(2, t, "a").unwrap();
+        s.rm(2, 0, "a/b").unwrap();
+        assert_eq!(s.transaction_end(2, t, true), Err(StoreErrno::EAGAIN));
+        // A node the transaction creates came and went meanwhile.
+        let t = s.transaction_start(2).unwrap();
+        s.write(2, t, "d/new", b"t").unwrap();
+        s.write(2, 0, "d/new", b"o").unwrap();
+        s.rm(2, 0, "d/new").unwrap();
+        assert_eq!(s.transaction_end(2, t, true), Err(StoreErrno::EAGAIN));
+        // The parent went and came back.
+        let t = s.transaction_start(2).unwrap();
+        s.write(2, t, "d/y", b"t").unwrap();
+        s.rm(2, 0, "d").unwrap();
+        s.write(2, 0, "d/x", b"1").unwrap();
+        assert_eq!(s.transaction_end(2, t, true), Err(StoreErrno::EAGAIN));
+        // A removal elsewhere does not matter.
+        s.write(2, 0, "e/z", b"1").unwrap();
+        let t = s.transaction_start(2).unwrap();
+        s.write(2, t, "d/y", b"t").unwrap();
+        s.rm(2, 0, "e/z").unwrap();
+        s.transaction_end(2, t, true).unwrap();
+        assert_eq!(s.read(2, 0, "d/y").unwrap(), b"t");
+    }
+
+    #[test]
+    fn watch_tokens_and_paths_are_bounded_per_domain() {
+        let s = store();
+        let q = Quota::default();
+        // One token of 4 KiB is refused outright.
+        assert_eq!(s.watch(2, "a", &"t".repeat(4096)), Err(StoreErrno::E2BIG));
+        // Long paths with long tokens run into the domain's byte total before its watch count.
+        let long = format!("/local/domain/2/{}", "p".repeat(2000));
+        let token = "t".repeat(q.watch_token_bytes);
+        let mut held = 0;
+        let err = loop {
+            match s.watch(2, &format!("{long}{held}"), &token) {
+                Ok(()) => held += 1,
+                Err(e) => break e,
+            }
+        };
+        assert_eq!(err, StoreErrno::ENOSPC);
+        assert_eq!(held, q.watch_bytes / (long.len() + 1 + token.len()));
+        assert!(held < q.watches);
+        // Another domain is not affected, and removing a watch gives its bytes back.
+        s.watch(3, &long, &token).unwrap();
+        s.unwatch(2, &format!("{long}0"), &token).unwrap();
+        s.watch(2, &format!("{long}0"), &token).unwrap();
+        assert_eq!(
+            s.watch(2, &format!("{long}x"), &token),
+            Err(StoreErrno::ENOSPC)
+        );
+        // Dom0 is not limited.
+        s.watch(0, &long, &"t".repeat(4096)).unwrap();
+    }
+
+    #[test]
+    fn a_change_examines_only_the_watches_it_matches() {
+        let s = store();
+        // Domain 3 holds its whole quota of watches, none on what domain 2 changes.
+        for i in 0..Quota::default().watches {
+            s.watch(3, &format!("w{i}"), "t").unwrap();
+        }
+        while s.next_event(3).is_some() {}
+        let steps = |s: &Store| s.lock().steps[Work::Watch as usize].replace(0);
+        steps(&s);
+        s.watch(2, "dev", "mine").unwrap();
+        assert_eq!(
+            steps(&s),
+            0,
+            "registering looks at no other domain's watches"
+        );
+        assert!(s.next_event(2).is_some());
+        s.write(2, 0, "dev/state", b"1").unwrap();
+        assert_eq!(steps(&s), 1, "one watch matched, nothing else looked at");
+        {
+            let g = s.lock();
+            let (_, queued) = g.events[&2].queue.back().unwrap();
+            let held = &g.watches.by_path["/local/domain/2/dev"][&2][0];
+            assert!(
+                Arc::ptr_eq(queued, held),
+                "the event shares the watch's token"
+            );
+        }
+        assert_eq!(
+            s.next_event(2),
+            Some(("/local/domain/2/dev/state".into(), "mine".into()))
+        );
+        s.write(2, 0, "elsewhere", b"1").unwrap();
+        assert_eq!(steps(&s), 0);
+        assert_eq!(s.next_event(2), None);
+        assert_eq!(s.next_event(3), None);
+    }
+
+    #[test]
+    fn a_removal_fires_the_watches_below_it_and_a_write_only_those_above() {
+        let s = store();
+        s.write(2, 0, "dev/vbd/state", b"1").unwrap();
+        s.watch(2, "dev/vbd/state", "leaf").unwrap();
+        s.watch(2, "/", "root").unwrap();
+        while s.next_event(2).is_some() {}
+        // As in Xen: a write fires the node's and its ancestors' watches.
+        s.write(2, 0, "dev", b"x").unwrap();
+        let ev: Vec<_> = std::iter::from_fn(|| s.next_event(2)).collect();
+        assert_eq!(ev, [("/local/domain/2/dev".into(), "root".into())]);
+        s.rm(2, 0, "dev").unwrap();
+        let mut ev: Vec<_> = std::iter::from_fn(|| s.next_event(2)).collect();
+        ev.sort();
+        assert_eq!(
+            ev,
+            [
+                ("/local/domain/2/dev".into(), "leaf".into()),
+                ("/local/domain/2/dev".into(), "root".into())
+            ]
+        );
+    }
+
+    #[test]
+    fn an_unread_event_queue_is_bounded_and_what_overflows_becomes_one_event_per_watch() {
+        let s = Store::new(Quota {
+            queued_events: 10,
+            ..Quota::default()
+        });
+        let wakes = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let w = Arc::clone(&wakes);
+        s.introduce(
+            2,
+            "two",
+            Box::new(move || {
+                w.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }),
+        );
+        s.watch(2, "a", "A").unwrap();
+        s.watch(2, "b", "B").unwrap();
+        while s.next_event(2).is_some() {}
+        let woken = wakes.load(std::sync::atomic::Ordering::Relaxed);
+        for i in 0..20 {
+            s.write(2, 0, &format!("a/{i}"), b"x").unwrap();
+        }
+        s.write(2, 0, "b/x", b"x").unwrap();
+        s.write(2, 0, "a/0", b"y").unwrap();
+        assert_eq!(
+            wakes.load(std::sync::atomic::Ordering::Relaxed),
+            woken + 1,
+            "woken when events appear, not once per event"
+        );
+        let ev: Vec<_> = std::iter::from_fn(|| s.next_event(2)).collect();
+        let want: Vec<(Arc<str>, Arc<str>)> = (0..10)
+            .map(|i| (format!("/local/domain/2/a/{i}").into(), "A".into()))
+            .chain([
+                ("/local/domain/2/a".into(), "A".into()),
+                ("/local/domain/2/b".into(), "B".into()),
+            ])
+            .collect();
+        assert_eq!(ev, want, "the oldest kept, the rest one event per watch");
+        // Drained, the queue takes events again.
+        s.write(2, 0, "b/y", b"x").unwrap();
+        assert_eq!(
+            s.next_event(2),
+            Some(("/local/domain/2/b/y".into(), "B".into()))
+        );
+    }
+
+    #[test]
+    fn queued_events_are_bounded_in_bytes_and_for_every_domain() {
+        let q = Quota::default();
+        let s = store();
+        let long = "p".repeat(2000);
+        s.watch(2, "/local/domain/2", "t").unwrap();
+        s.watch(0, "/local/domain/2", "dom0").unwrap();
+        for i in 0..2 * q.queued_events {
+            s.write(2, 0, &format!("{long}/{i}"), b"x").unwrap();
+            s.rm(2, 0, &long).unwrap();
+        }
+        let g = s.lock();
+        // Dom0 reads none of its events here: they are bounded too.
+        for d in [0, 2] {
+            let (n, bytes) = (g.events[&d].queue.len(), g.events[&d].bytes);
+            let all: usize = g.events[&d]
+                .queue
+                .iter()
+                .map(|(p, t)| p.len() + t.len())
+                .sum();
+            assert_eq!(bytes, all);
+            assert!(
+                bytes <= q.queued_event_bytes && n < q.queued_events,
+                "{n} events, {bytes} B"
+            );
+            assert!(n >= q.queued_event_bytes / (long.len() + 40), "{n}");
+            assert_eq!(g.events[&d].lost.len(), 1, "one watch overflowed");
+        }
+    }
+
+    #[test]
+    fn quotas_are_counted_without_scanning_transactions() {
+        let s = store();
+        for d in 3..13 {
+            s.introduce(d, "other", Box::new(|| {}));
+            for _ in 0..Quota::default().transactions {
+                s.transaction_start(d).unwrap();
+            }
+        }
+        let steps = |s: &Store| s.lock().steps[Work::Count as usize].replace(0);
+        steps(&s);
+        let t = s.transaction_start(2).unwrap();
+        assert_eq!(
+            steps(&s),
+            0,
+            "other domains' transactions are not counted one by one"
+        );
+        for i in 0..500 {
+            s.write(2, t, &format!("n{i}"), b"x").unwrap();
+        }
+        steps(&s);
+        s.write(2, t, "one-more", b"x").unwrap();
+        s.write(2, t, "n0", b"y").unwrap();
+        assert_eq!(
+            steps(&s),
+            0,
+            "the transaction's changes are not counted one by one"
+        );
+        // The commit re-checks the quota once, over its changes.
+        s.transaction_end(2, t, true).unwrap();
+        assert_eq!(steps(&s), 501);
+        assert_eq!(s.read(2, 0, "n0").unwrap(), b"y");
+        assert_eq!(s.lock().owned[&2], 501);
+    }
+
+    #[test]
+    fn listing_a_directory_costs_its_children_not_its_subtree() {
+        let s = store();
+        for i in 0..900 {
+            s.write(2, 0, &format!("big/sub/n{i}"), b"").unwrap();
+        }
+        s.write(2, 0, "big/sub-x", b"").unwrap();
+        s.write(2, 0, "big/a", b"").unwrap();
+        let t = s.transaction_start(2).unwrap();
+        s.write(2, t, "big/sub/n1000", b"").unwrap();
+        s.write(2, t, "big/b/c", b"").unwrap();
+        s.rm(2, t, "big/a").unwrap();
+        let steps = |s: &Store| s.lock().steps[Work::Seek as usize].replace(0);
+        steps(&s);
+        assert_eq!(s.directory(2, 0, "big").unwrap(), ["a", "sub", "sub-x"]);
+        let live = steps(&s);
+        assert_eq!(s.directory(2, t, "big").unwrap(), ["b", "sub", "sub-x"]);
+        let in_tx = steps(&s);
+        assert!(live <= 8 && in_tx <= 16, "{live} and {in_tx} steps");
+        assert_eq!(s.directory(2, t, "big/b").unwrap(), ["c"]);
+        assert_eq!(s.directory(2, 0, "big/sub").unwrap().len(), 900);
+        assert_eq!(
+            s.directory(0, 0, "/").unwrap(),
+            ["local"],
+            "the root lists its children too"
+        );
+    }
+
+    #[test]
+    fn a_deep_write_finds_its_parent_in_a_few_lookups() {
+        let s = store();
+        let chain = |levels: usize| "c/".repeat(levels).trim_end_matches('/').to_string();
+        s.write(2, 0, &chain(900), b"").unwrap();
+        let steps = |s: &Store| s.lock().steps[Work::Probe as usize].replace(0);
+        steps(&s);
+        // 600 levels more than the quota has room for.
+        assert_eq!(s.write(2, 0, &chain(1500), b""), Err(StoreErrno::ENOSPC));
+        let refused = steps(&s);
+        s.write(2, 0, &chain(950), b"x").unwrap();
+        let made = steps(&s);
+        assert!(refused <= 12 && made <= 12, "{refused} and {made} lookups");
+        assert_eq!(s.read(2, 0, &chain(950)).unwrap(), b"x");
+        assert_eq!(s.read(2, 0, &chain(925)).unwrap(), b"");
+        assert_eq!(s.lock().owned[&2], 950);
+        // In a transaction too, and the commit creates the chain's missing part.
+        let t = s.transaction_start(2).unwrap();
+        s.write(2, t, &chain(960), b"t").unwrap();
+        assert_eq!(s.read(2, t, &chain(955)).unwrap(), b"");
+        s.transaction_end(2, t, true).unwrap();
+        assert_eq!(s.read(2, 0, &chain(960)).unwrap(), b"t");
+        assert_eq!(s.lock().owned[&2], 960);
     }
 
     #[test]

@@ -696,6 +696,29 @@ pub fn store_peek(cpu: &Cpu, cmdline: &str) -> u32 {
     if r == denied && w == denied { 0 } else { 1 }
 }
 
+/// Tries to remove its own home and to take it over with `set_perms` (`store-home`); exits 0
+/// when both are refused and the home still works (a node written in it reads back).
+pub fn store_home(cpu: &Cpu, si: &StartInfo) -> u32 {
+    use crate::store::{Path, StoreFail, request};
+    use pv_protocol::store::{MsgType, StoreErrno};
+    let mut num = [0u8; 16];
+    let id = crate::text::fmt_u32(&mut num, si.domid);
+    let home = Path::new(&[b"/local/domain", id]);
+    let mut out = [0u8; 256];
+    let rm = request(cpu, MsgType::Rm, 0, &[home.as_bytes(), b"\0"], &mut out);
+    let mut owner = [0u8; 17];
+    owner[0] = b'b';
+    owner[1..1 + id.len()].copy_from_slice(id);
+    let perms = [home.as_bytes(), b"\0", &owner[..1 + id.len()], b"\0"];
+    let sp = request(cpu, MsgType::SetPerms, 0, &perms, &mut out);
+    let w = request(cpu, MsgType::Write, 0, &[b"data/kept\0", b"yes"], &mut out);
+    let r = request(cpu, MsgType::Read, 0, &[b"data/kept\0"], &mut out).map(|r| r.len);
+    kprintln!(cpu, "store-home rm {rm:?} set-perms {sp:?} write {w:?} read {r:?}");
+    let denied = Err(StoreFail::Errno(StoreErrno::EACCES));
+    let kept = w.is_ok() && matches!(r, Ok(3)) && &out[..3] == b"yes";
+    if rm == denied && sp == denied && kept { 0 } else { 1 }
+}
+
 fn rdtsc() -> u64 {
     // SAFETY: rdtsc has no preconditions.
     unsafe { core::arch::x86_64::_rdtsc() }

@@ -123,6 +123,7 @@ extern "C" fn kmain(start_info: u64, index: u64) -> ! {
         "evtchn-host" => jobs::evtchn_host(&cpu),
         "grant-offer" => jobs::grant_offer(&cpu, si),
         "store-peek" => jobs::store_peek(&cpu, cmdline),
+        "store-home" => jobs::store_home(&cpu, si),
         "bench" => jobs::bench(&cpu, si, cmdline),
         "evtchn-peer" => jobs::evtchn_peer(&cpu),
         "blkverify" => jobs::blkverify(&cpu),
