@@ -137,6 +137,22 @@ fn parent(path: &str) -> Option<&str> {
     }
 }
 
+/// Drops `id`'s entries from `perms` and gives the node to dom0 if `id` owned it (the access
+/// everyone else gets stays); `true` when the owner changed.
+fn forget_in(perms: &mut Vec<Perm>, id: DomId) -> bool {
+    if perms.len() > 1 {
+        let rest: Vec<Perm> = perms.drain(1..).filter(|p| p.domid != id).collect();
+        perms.extend(rest);
+    }
+    match perms.first_mut() {
+        Some(owner) if owner.domid == id => {
+            owner.domid = DomId::DOM0;
+            true
+        }
+        _ => false,
+    }
+}
+
 fn can(domid: u32, node: &Node, want: PermKind) -> bool {
     if domid == 0 {
         return true;
@@ -194,25 +210,35 @@ impl Store {
 
     /// Prepares a domain's home: `/local/domain/<id>` owned by it, readable by nobody else, with
     /// `name` and `domid` nodes written by dom0; `wake` is called when watch events are queued.
+    ///
+    /// Domain ids are reused, so the new domain starts from nothing: whatever still names the id
+    /// (written after the last domain with it was released) is forgotten first, as in
+    /// [`release`](Self::release).
     pub fn introduce(&self, domid: u32, name: &str, wake: Wake) {
         let h = home(domid);
-        let mut g = self.lock();
-        g.wakers.insert(domid, Arc::new(wake));
-        drop(g);
+        self.release(domid);
+        self.lock().wakers.insert(domid, Arc::new(wake));
         let _ = self.write(0, 0, &h, b"");
         let _ = self.set_perms(0, 0, &h, &[perm(PermKind::None, domid)]);
         let _ = self.write(0, 0, &format!("{h}/name"), name.as_bytes());
         let _ = self.write(0, 0, &format!("{h}/domid"), domid.to_string().as_bytes());
     }
 
-    /// Forgets a domain: its home subtree, watches, transactions and queued events.
+    /// Forgets a domain: its home subtree, watches, transactions and queued events, and every
+    /// trace of its id elsewhere, so that a later domain given the same id inherits nothing
+    /// (Xen's XSA-322): nodes it owned outside its home pass to dom0, and permission entries
+    /// naming it are dropped, in the live tree and in other domains' open transactions.
     pub fn release(&self, domid: u32) {
+        if domid == 0 {
+            return;
+        }
         let _ = self.rm(0, 0, &home(domid));
         let mut g = self.lock();
         g.watches.retain(|w| w.domid != domid);
         g.txs.retain(|_, t| t.domid != domid);
         g.events.remove(&domid);
         g.wakers.remove(&domid);
+        g.forget_perms(domid);
         g.trim_tombstones();
     }
 
@@ -574,6 +600,26 @@ impl Inner {
         }
     }
 
+    /// Removes `domid` from every permission list; nodes it owned become dom0's. Generations are
+    /// left alone: nothing a transaction could conflict with changed, and open transactions'
+    /// copies are cleaned the same way, so a commit cannot bring the id back.
+    fn forget_perms(&mut self, domid: u32) {
+        let id = DomId(domid as u16);
+        let mut passed = 0;
+        for n in self.nodes.values_mut() {
+            passed += usize::from(forget_in(&mut n.perms, id));
+        }
+        for t in self.txs.values_mut() {
+            for n in t.over.values_mut().flatten() {
+                forget_in(&mut n.perms, id);
+            }
+        }
+        self.owned.remove(&domid);
+        if passed > 0 {
+            *self.owned.entry(0).or_default() += passed;
+        }
+    }
+
     fn disown(&mut self, owner: u32) {
         if let Some(c) = self.owned.get_mut(&owner) {
             *c = c.saturating_sub(1);
@@ -892,6 +938,122 @@ mod tests {
         while s.next_event(2).is_some() {}
         s.rm(3, 0, "secret").unwrap();
         assert_eq!(s.next_event(2), None);
+    }
+
+    fn both(domid: u32) -> Perm {
+        perm(PermKind::Both, domid)
+    }
+
+    /// Domain 2 as a toolstack leaves it: a node it created in a directory dom0 let it write
+    /// (owned by 2, outside its home), and a node of domain 3's that 3 let it read.
+    fn store_with_traces_of_two(quota: Quota) -> Store {
+        let s = Store::new(quota);
+        s.introduce(2, "two", Box::new(|| {}));
+        s.introduce(3, "three", Box::new(|| {}));
+        let dir = "/local/domain/0/backend/x";
+        s.write(0, 0, dir, b"").unwrap();
+        s.set_perms(0, 0, dir, &[perm(PermKind::None, 0), both(2)])
+            .unwrap();
+        s.write(2, 0, &format!("{dir}/mine"), b"old two's").unwrap();
+        s.write(3, 0, "shared", b"for two").unwrap();
+        s.set_perms(
+            3,
+            0,
+            "shared",
+            &[perm(PermKind::None, 3), perm(PermKind::Read, 2)],
+        )
+        .unwrap();
+        s
+    }
+
+    #[test]
+    fn a_reused_domain_id_inherits_no_node_and_no_permission() {
+        let s = store_with_traces_of_two(Quota::default());
+        s.release(2);
+        s.introduce(2, "new two", Box::new(|| {}));
+        let dir = "/local/domain/0/backend/x";
+        assert_eq!(
+            s.read(2, 0, &format!("{dir}/mine")),
+            Err(StoreErrno::EACCES)
+        );
+        assert_eq!(
+            s.write(2, 0, &format!("{dir}/new"), b""),
+            Err(StoreErrno::EACCES)
+        );
+        assert_eq!(
+            s.read(2, 0, "/local/domain/3/shared"),
+            Err(StoreErrno::EACCES)
+        );
+        // What the old domain owned outside its home is dom0's now (as Xen's xenstored does);
+        // the permissions that named it are gone.
+        assert_eq!(
+            s.get_perms(0, 0, &format!("{dir}/mine")).unwrap()[0].domid,
+            DomId(0)
+        );
+        assert_eq!(s.get_perms(0, 0, dir).unwrap(), [perm(PermKind::None, 0)]);
+        assert_eq!(
+            s.get_perms(0, 0, "/local/domain/3/shared").unwrap(),
+            [perm(PermKind::None, 3)]
+        );
+    }
+
+    #[test]
+    fn a_reused_domain_id_starts_with_its_whole_node_quota() {
+        // Home, name and domid are the domain's three; three more fill the quota.
+        let quota = Quota {
+            nodes: 6,
+            ..Quota::default()
+        };
+        let s = store_with_traces_of_two(quota);
+        for n in ["a", "b"] {
+            s.write(2, 0, &format!("/local/domain/0/backend/x/{n}"), b"")
+                .unwrap();
+        }
+        assert_eq!(s.write(2, 0, "full", b""), Err(StoreErrno::ENOSPC));
+        s.release(2);
+        s.introduce(2, "new two", Box::new(|| {}));
+        for n in ["a", "b", "c"] {
+            s.write(2, 0, n, b"").unwrap();
+        }
+        assert_eq!(s.write(2, 0, "full", b""), Err(StoreErrno::ENOSPC));
+    }
+
+    #[test]
+    fn a_transaction_open_across_a_release_cannot_restore_the_released_domain() {
+        let s = store();
+        let tx = s.transaction_start(3).unwrap();
+        s.write(3, tx, "later", b"for two").unwrap();
+        s.set_perms(3, tx, "later", &[perm(PermKind::None, 3), both(2)])
+            .unwrap();
+        s.release(2);
+        s.introduce(2, "new two", Box::new(|| {}));
+        s.transaction_end(3, tx, true).unwrap();
+        assert_eq!(
+            s.read(2, 0, "/local/domain/3/later"),
+            Err(StoreErrno::EACCES)
+        );
+        assert_eq!(
+            s.get_perms(3, 0, "later").unwrap(),
+            [perm(PermKind::None, 3)]
+        );
+    }
+
+    #[test]
+    fn introduce_starts_from_an_empty_home() {
+        let s = store();
+        s.release(2);
+        // A back end of the old domain that wrote once more after it was released.
+        s.write(0, 0, "/local/domain/2/device/vif/0/state", b"6")
+            .unwrap();
+        s.introduce(2, "new two", Box::new(|| {}));
+        assert_eq!(
+            s.read(0, 0, "/local/domain/2/device"),
+            Err(StoreErrno::ENOENT)
+        );
+        assert_eq!(
+            s.directory(2, 0, "/local/domain/2").unwrap(),
+            ["domid", "name"]
+        );
     }
 
     #[test]
