@@ -11,6 +11,7 @@ pub mod boot;
 pub mod console;
 pub mod cpuid;
 pub mod domain;
+pub mod domid;
 pub mod evtchn;
 pub mod grant;
 pub mod hypercall;
