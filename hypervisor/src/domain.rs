@@ -516,7 +516,10 @@ impl Domain {
         }
         self.shared.store.release(self.shared.id);
         crate::evtchn::close_all(&self.shared);
-        self.shared.registry.remove(self.shared.id);
+        self.shared.registry.remove(&self.shared);
+        // After the removal: from here no port can be bound to this domain, so none is left
+        // offered or connected to an id a later domain may get.
+        crate::evtchn::forget_domain(&self.shared.registry, self.shared.id);
         self.shared.state()
     }
 }

@@ -268,6 +268,9 @@ impl Hypervisor {
             ram,
             Console::new(echo),
         ));
+        // Ports other domains offered to this id while nobody had it are not this domain's to
+        // bind (Xen refuses such offers; here they are dropped before the domain can run).
+        evtchn::forget_domain(&self.registry, id);
         self.registry.insert(&shared);
         let pvdev = self.start_pv_devices(&shared)?;
         if cfg.start_paused {
