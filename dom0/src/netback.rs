@@ -27,7 +27,7 @@ use pv_protocol::netif::{
 use pv_protocol::ring::BackRing;
 
 use crate::grants::GrantMapper;
-use crate::switch::{FrameMeta, Mac, Port, PortCounters, PortError};
+use crate::switch::{FrameMeta, Mac, Port, PortCounters, PortError, VIF_MAX_LEARNED};
 
 /// How a port tells its guest about responses, and learns of its requests.
 pub trait Notify: Send {
@@ -285,6 +285,10 @@ impl<G: GrantMapper, N: Notify> Port for VifPort<G, N> {
 
     fn source_mac(&self) -> Option<Mac> {
         self.mac
+    }
+
+    fn max_learned(&self) -> usize {
+        VIF_MAX_LEARNED
     }
 
     fn transmit(&mut self, frame: &[u8], meta: FrameMeta) -> bool {

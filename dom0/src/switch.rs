@@ -4,14 +4,17 @@
 //! The switch thread owns every port. It takes frames from each port in turn (a budget per port
 //! per pass, so one busy guest cannot starve the others), learns the source MAC, and forwards
 //! to the learned port, or floods to all others when the destination is unknown, broadcast or
-//! multicast. A frame whose sender left its checksum blank is finished by the switch before it
+//! multicast. A vif's own address is fixed to its port for as long as it is plugged in; other
+//! addresses are learned per port, each port within its own bound ([`Port::max_learned`]), so a
+//! flood of invented addresses from one port (a TAP uplink facing the outside) only recycles
+//! that port's entries and never evicts or moves a guest's. A frame whose sender left its checksum blank is finished by the switch before it
 //! reaches a port that cannot take blank checksums. When every port is idle the thread spins
 //! briefly, then re-arms every port and sleeps in `poll(2)` on their file descriptors (a vif's
 //! doorbell eventfd, a TAP's io_uring eventfd) and its control eventfd.
 //!
 //! Separate switches are separate threads with separate tables: isolated networks.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::os::fd::{AsRawFd, RawFd};
 use std::str::FromStr;
@@ -187,10 +190,16 @@ pub trait Port: Send {
     /// Whether frames must reach this port with complete checksums.
     fn needs_checksum(&self) -> bool;
     /// The one source address frames from this port may carry (a guest's configured MAC); the
-    /// switch drops the others. `None`: any (an uplink).
+    /// switch drops the others, and knows this one to be on this port while it is plugged in.
+    /// `None`: any (an uplink).
     fn source_mac(&self) -> Option<Mac> {
         None
     }
+    /// How many addresses the switch may learn on this port (besides its
+    /// [`source_mac`](Self::source_mac)); once full, a new one replaces the one this port sent
+    /// from least recently. [`VIF_MAX_LEARNED`] for a guest, [`UPLINK_MAX_LEARNED`] for an
+    /// uplink.
+    fn max_learned(&self) -> usize;
     /// Delivers a frame to the port's owner; `false` when it was dropped (the switch counts
     /// deliveries and drops; the port counts only its owner's errors).
     fn transmit(&mut self, frame: &[u8], meta: FrameMeta) -> bool;
@@ -225,19 +234,82 @@ const SPOOF_WARN_LIMIT: u64 = 10;
 /// How long a learned address stays without being seen again.
 const MAC_AGE: Duration = Duration::from_secs(300);
 
-/// The learning table: which port each source address was last seen on.
-#[derive(Debug, Default)]
-pub struct Fabric {
-    table: HashMap<Mac, (u64, Instant)>,
-    /// When a full table was last swept of aged entries.
-    swept: Option<Instant>,
+/// Addresses a vif may have learned. Its own address, the only one anti-spoofing lets it send
+/// from, is fixed to its port and not counted; so this matters only for a vif built without one
+/// (tests, benchmarks), which then learns one address at a time, as a host with one NIC has.
+pub const VIF_MAX_LEARNED: usize = 1;
+
+/// Addresses an uplink (TAP) may have learned: the hosts behind it. As many as the whole switch
+/// held before it had per-port bounds (4096, about 200 KiB), far above a host network segment's
+/// size; a Linux bridge bounds the whole bridge if asked (`fdb_max_learned`, default none),
+/// Junos bounds each interface (`interface-mac-limit`, default 1024).
+pub const UPLINK_MAX_LEARNED: usize = 4096;
+
+#[derive(Debug, Clone, Copy)]
+enum Entry {
+    /// A port's own address: never aged, moved or evicted while the port is plugged in.
+    Fixed(u64),
+    /// Seen as a source on `port`, last at `seen`; `tick` is its place in the port's age order.
+    Learned { port: u64, seen: Instant, tick: u64 },
 }
 
-/// Most learned addresses per switch (a guest inventing source addresses cannot grow the table
-/// without bound; once full, unknown destinations are flooded).
-const MAX_MACS: usize = 4096;
+/// What the table keeps for one port.
+#[derive(Debug)]
+struct Learning {
+    max: usize,
+    /// Its fixed address, if it has one (and no port had it fixed first).
+    own: Option<Mac>,
+    /// Its learned addresses by tick: the least recently seen first.
+    by_age: BTreeMap<u64, Mac>,
+}
+
+/// The learning table: each port's own address, and which port each other source address was
+/// last seen on, within each port's bound.
+#[derive(Debug, Default)]
+pub struct Fabric {
+    table: HashMap<Mac, Entry>,
+    ports: HashMap<u64, Learning>,
+    /// Counts sightings, to order each port's entries.
+    tick: u64,
+}
 
 impl Fabric {
+    /// Serves port `id`: up to `max_learned` addresses may be learned on it, and `own` (a vif's
+    /// address) is on it from now until it leaves, whatever other ports send. `false` if `own`
+    /// is already another port's (the first keeps it).
+    pub fn add_port(&mut self, id: u64, max_learned: usize, own: Option<Mac>) -> bool {
+        // Port ids are not reused; should one come again, it starts afresh.
+        self.forget_port(id);
+        let mut fixed = None;
+        let mut free = true;
+        if let Some(mac) = own.filter(|m| !m.is_multicast()) {
+            match self.table.get(&mac).copied() {
+                Some(Entry::Fixed(_)) => free = false,
+                Some(Entry::Learned { port, tick, .. }) => {
+                    // Learned elsewhere first (an outside host claiming it, say): the port's own
+                    // address wins.
+                    if let Some(l) = self.ports.get_mut(&port) {
+                        l.by_age.remove(&tick);
+                    }
+                    fixed = Some(mac);
+                }
+                None => fixed = Some(mac),
+            }
+        }
+        if let Some(mac) = fixed {
+            self.table.insert(mac, Entry::Fixed(id));
+        }
+        self.ports.insert(
+            id,
+            Learning {
+                max: max_learned,
+                own: fixed,
+                by_age: BTreeMap::new(),
+            },
+        );
+        free
+    }
+
     /// Learns `frame`'s source on `src` and routes it by its destination.
     pub fn route(&mut self, src: u64, frame: &[u8], now: Instant) -> Route {
         let Some(hdr) = frame.get(..12) else {
@@ -246,42 +318,83 @@ impl Fabric {
         let dst = Mac(hdr[..6].try_into().unwrap_or_default());
         let from = Mac(hdr[6..12].try_into().unwrap_or_default());
         if !from.is_multicast() {
-            // Full: drop aged entries, at most once a second (a sweep walks the whole table).
-            if self.table.len() >= MAX_MACS
-                && !self.table.contains_key(&from)
-                && self
-                    .swept
-                    .is_none_or(|t| now.duration_since(t) >= Duration::from_secs(1))
-            {
-                self.swept = Some(now);
-                self.table
-                    .retain(|_, (_, seen)| now.duration_since(*seen) < MAC_AGE);
-            }
-            if self.table.len() < MAX_MACS || self.table.contains_key(&from) {
-                self.table.insert(from, (src, now));
-            }
+            self.learn(src, from, now);
         }
         if dst.is_multicast() {
             return Route::Flood;
         }
-        match self.table.get(&dst) {
-            Some(&(port, seen)) if now.duration_since(seen) < MAC_AGE => {
-                if port == src {
-                    Route::Drop
-                } else {
-                    Route::Unicast(port)
-                }
-            }
-            _ => Route::Flood,
+        let port = match self.table.get(&dst) {
+            Some(Entry::Fixed(port)) => *port,
+            Some(Entry::Learned { port, seen, .. }) if now.duration_since(*seen) < MAC_AGE => *port,
+            _ => return Route::Flood,
+        };
+        if port == src {
+            Route::Drop
+        } else {
+            Route::Unicast(port)
         }
     }
 
-    /// Forgets every address learned on `port` (it left the switch).
-    pub fn forget_port(&mut self, port: u64) {
-        self.table.retain(|_, (p, _)| *p != port);
+    /// Records that `from` was seen on `src`, within `src`'s bound.
+    fn learn(&mut self, src: u64, from: Mac, now: Instant) {
+        match self.table.get(&from) {
+            // A port's own address: no other port's frames move it.
+            Some(Entry::Fixed(_)) => return,
+            Some(&Entry::Learned { port, tick, .. }) => {
+                // Seen again (here or on another port): it leaves its old place in the age order.
+                if let Some(l) = self.ports.get_mut(&port) {
+                    l.by_age.remove(&tick);
+                }
+                self.table.remove(&from);
+            }
+            None => {}
+        }
+        let Some(l) = self.ports.get_mut(&src) else {
+            return;
+        };
+        if l.max == 0 {
+            return;
+        }
+        // Full: this port's least recently seen addresses make room, never another port's.
+        while l.by_age.len() >= l.max {
+            let Some((_, old)) = l.by_age.pop_first() else {
+                break;
+            };
+            self.table.remove(&old);
+        }
+        self.tick += 1;
+        l.by_age.insert(self.tick, from);
+        self.table.insert(
+            from,
+            Entry::Learned {
+                port: src,
+                seen: now,
+                tick: self.tick,
+            },
+        );
     }
 
-    /// Learned addresses.
+    /// Forgets port `port` and every address on it (it left the switch).
+    pub fn forget_port(&mut self, port: u64) {
+        let Some(l) = self.ports.remove(&port) else {
+            return;
+        };
+        for mac in l.by_age.values() {
+            self.table.remove(mac);
+        }
+        if let Some(own) = l.own
+            && matches!(self.table.get(&own), Some(Entry::Fixed(p)) if *p == port)
+        {
+            self.table.remove(&own);
+        }
+    }
+
+    /// Addresses learned on `port` (its own not counted).
+    pub fn learned_on(&self, port: u64) -> usize {
+        self.ports.get(&port).map_or(0, |l| l.by_age.len())
+    }
+
+    /// Known addresses: ports' own and learned ones.
     pub fn len(&self) -> usize {
         self.table.len()
     }
@@ -296,6 +409,7 @@ enum Command {
     Add(u64, Box<dyn Port>, Sender<()>),
     Remove(u64, Sender<()>),
     List(Sender<Vec<(u64, String, PortStats)>>),
+    Learned(Sender<Vec<(u64, usize)>>),
 }
 
 /// Errors from the switch handle.
@@ -393,6 +507,15 @@ impl Switch {
         wait.recv()
             .map_err(|_| SwitchError::Stopped(self.name.clone()))
     }
+
+    /// Every port's id and how many addresses the table has learned on it (its own not
+    /// counted), in the order of [`ports`](Self::ports).
+    pub fn learned(&self) -> Result<Vec<(u64, usize)>, SwitchError> {
+        let (reply, wait) = crossbeam_channel::bounded(1);
+        self.send(Command::Learned(reply))?;
+        wait.recv()
+            .map_err(|_| SwitchError::Stopped(self.name.clone()))
+    }
 }
 
 impl Drop for Switch {
@@ -423,6 +546,14 @@ fn run(name: &str, rx: &Receiver<Command>, wake: &EventFd) {
             match rx.try_recv() {
                 Ok(Command::Add(id, port, done)) => {
                     tracing::info!(switch = name, port = port.name(), "port added");
+                    if !fabric.add_port(id, port.max_learned(), port.source_mac()) {
+                        tracing::warn!(
+                            switch = name,
+                            port = port.name(),
+                            mac = ?port.source_mac(),
+                            "another port has this address: frames to it go there"
+                        );
+                    }
                     ports.push(Slot { id, port });
                     let _ = done.send(());
                 }
@@ -439,6 +570,13 @@ fn run(name: &str, rx: &Receiver<Command>, wake: &EventFd) {
                     let list = ports
                         .iter()
                         .map(|s| (s.id, s.port.name().to_owned(), s.port.counters().snapshot()))
+                        .collect();
+                    let _ = reply.send(list);
+                }
+                Ok(Command::Learned(reply)) => {
+                    let list = ports
+                        .iter()
+                        .map(|s| (s.id, fabric.learned_on(s.id)))
                         .collect();
                     let _ = reply.send(list);
                 }
@@ -519,6 +657,9 @@ fn run(name: &str, rx: &Receiver<Command>, wake: &EventFd) {
             }
         }
         ports.retain(|s| !dead.contains(&s.id));
+        for id in dead {
+            fabric.forget_port(id);
+        }
         if more {
             idle_since = Instant::now();
             continue;
@@ -612,9 +753,17 @@ mod tests {
     const A: [u8; 6] = [2, 0, 0, 0, 0, 1];
     const B: [u8; 6] = [2, 0, 0, 0, 0, 2];
 
+    /// Ports 1 and 2 without addresses of their own, learning as uplinks do.
+    fn two_uplinks() -> Fabric {
+        let mut f = Fabric::default();
+        f.add_port(1, UPLINK_MAX_LEARNED, None);
+        f.add_port(2, UPLINK_MAX_LEARNED, None);
+        f
+    }
+
     #[test]
     fn learns_floods_unknown_and_broadcast_and_forgets_ports() {
-        let mut f = Fabric::default();
+        let mut f = two_uplinks();
         let t = Instant::now();
         assert_eq!(f.route(1, &frame(B, A), t), Route::Flood, "B unknown");
         assert_eq!(
@@ -634,28 +783,120 @@ mod tests {
         assert_eq!(f.route(1, &frame(A, B), t), Route::Flood);
         // Entries age out.
         assert_eq!(f.route(2, &frame(B, A), t + MAC_AGE * 2), Route::Flood);
-        // A runt is dropped; a multicast source is not learned.
+        // A runt is dropped; a multicast source is not learned; a port the table does not serve
+        // learns nothing.
         assert_eq!(f.route(1, &[0u8; 5], t), Route::Drop);
-        let mut g = Fabric::default();
+        let mut g = two_uplinks();
         g.route(1, &frame(B, [1, 0, 0, 0, 0, 9]), t);
+        g.route(7, &frame(B, A), t);
         assert!(g.is_empty());
     }
 
     #[test]
-    fn the_table_is_bounded() {
+    fn each_port_learns_within_its_own_bound_recycling_its_oldest() {
+        let mut f = Fabric::default();
+        f.add_port(1, UPLINK_MAX_LEARNED, None);
+        f.add_port(2, VIF_MAX_LEARNED, None);
+        let t = Instant::now();
+        f.route(2, &frame(BCAST, B), t);
+        let mac = |i: u32| {
+            let b = i.to_be_bytes();
+            [2, 0x11, b[0], b[1], b[2], b[3]]
+        };
+        for i in 0..(UPLINK_MAX_LEARNED + 100) as u32 {
+            f.route(1, &frame(BCAST, mac(i)), t);
+        }
+        assert_eq!(f.learned_on(1), UPLINK_MAX_LEARNED);
+        assert_eq!(f.len(), UPLINK_MAX_LEARNED + 1);
+        // The first 100 made room for the last 100; port 2's address stayed.
+        assert_eq!(f.route(2, &frame(mac(99), B), t), Route::Flood);
+        assert_eq!(f.route(2, &frame(mac(100), B), t), Route::Unicast(1));
+        let newest = mac(UPLINK_MAX_LEARNED as u32 + 99);
+        assert_eq!(f.route(1, &frame(B, newest), t), Route::Unicast(2));
+        // Seen again, an address is the newest: the next to go is mac(101), not mac(100).
+        f.route(1, &frame(BCAST, mac(100)), t);
+        f.route(1, &frame(BCAST, A), t);
+        assert_eq!(f.route(2, &frame(mac(100), B), t), Route::Unicast(1));
+        assert_eq!(f.route(2, &frame(mac(101), B), t), Route::Flood);
+        // A port bound to one address recycles that one.
+        f.route(2, &frame(BCAST, C), t);
+        assert_eq!(f.learned_on(2), 1);
+        assert_eq!(f.route(1, &frame(B, A), t), Route::Flood);
+        assert_eq!(f.route(1, &frame(C, A), t), Route::Unicast(2));
+        // Leaving, a port takes its entries along.
+        f.forget_port(1);
+        assert_eq!((f.learned_on(1), f.len()), (0, 1));
+    }
+
+    #[test]
+    fn a_ports_own_address_is_known_at_once_and_never_moves_ages_or_goes_to_another() {
         let mut f = Fabric::default();
         let t = Instant::now();
-        for i in 0..(MAX_MACS + 100) as u32 {
-            let b = i.to_be_bytes();
-            f.route(1, &frame(B, [2, 0, b[0], b[1], b[2], b[3]]), t);
+        f.add_port(9, UPLINK_MAX_LEARNED, None);
+        // Claimed from outside before the guest is plugged in: the guest's port wins.
+        f.route(9, &frame(BCAST, A), t);
+        assert!(f.add_port(1, VIF_MAX_LEARNED, Some(Mac(A))));
+        assert_eq!(f.learned_on(9), 0);
+        assert_eq!(f.route(9, &frame(A, B), t), Route::Unicast(1));
+        f.route(9, &frame(BCAST, A), t);
+        let much_later = t + MAC_AGE * 10;
+        assert_eq!(f.route(9, &frame(A, B), much_later), Route::Unicast(1));
+        // A second port with the same address does not take it.
+        assert!(!f.add_port(2, VIF_MAX_LEARNED, Some(Mac(A))));
+        assert_eq!(f.route(9, &frame(A, B), t), Route::Unicast(1));
+        f.forget_port(2);
+        assert_eq!(f.route(9, &frame(A, B), t), Route::Unicast(1));
+        f.forget_port(1);
+        assert_eq!(f.route(9, &frame(A, B), t), Route::Flood);
+    }
+
+    const C: [u8; 6] = [2, 0, 0, 0, 0, 3];
+    const BCAST: [u8; 6] = [0xff; 6];
+    /// Frames from outside in these tests are sent to this address, which nobody has.
+    const NOWHERE: [u8; 6] = [2, 0xee, 0, 0, 0, 1];
+    const FLOOD: usize = 100_000;
+
+    /// Random unicast source addresses, as a flood from outside would bring.
+    fn random_macs(n: usize) -> impl Iterator<Item = [u8; 6]> {
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        (0..n).map(move |_| {
+            // xorshift64: the same addresses every run.
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let b = x.to_le_bytes();
+            [b[0] & !1, b[1], b[2], b[3], b[4], b[5]]
+        })
+    }
+
+    #[test]
+    fn a_flood_of_sources_from_the_uplink_never_evicts_a_guests_entry() {
+        let mut f = Fabric::default();
+        f.add_port(1, VIF_MAX_LEARNED, Some(Mac(A)));
+        f.add_port(2, VIF_MAX_LEARNED, Some(Mac(B)));
+        f.add_port(3, UPLINK_MAX_LEARNED, None);
+        let t = Instant::now();
+        // The guests speak once, then keep quiet for longer than an entry lives.
+        f.route(1, &frame(BCAST, A), t);
+        f.route(2, &frame(BCAST, B), t);
+        let span = MAC_AGE * 3;
+        let mut last = [0u8; 6];
+        for (i, mac) in random_macs(FLOOD).enumerate() {
+            let now = t + span.mul_f64(i as f64 / FLOOD as f64);
+            f.route(3, &frame(NOWHERE, mac), now);
+            last = mac;
         }
-        assert_eq!(f.len(), MAX_MACS);
-        // Once the invented addresses have aged, a new one is learned again.
-        let later = t + MAC_AGE + Duration::from_secs(1);
-        let new = [2, 0xaa, 0, 0, 0, 1];
-        f.route(2, &frame(B, new), later);
-        assert_eq!(f.len(), 1);
-        assert_eq!(f.route(1, &frame(new, B), later), Route::Unicast(2));
+        let end = t + span;
+        assert_eq!(f.learned_on(3), UPLINK_MAX_LEARNED);
+        assert_eq!(f.len(), UPLINK_MAX_LEARNED + 2);
+        // Unicast to each guest still goes to its port alone.
+        assert_eq!(f.route(3, &frame(A, last), end), Route::Unicast(1));
+        assert_eq!(f.route(3, &frame(B, last), end), Route::Unicast(2));
+        // The uplink keeps learning (its own oldest entries make room).
+        assert_eq!(f.route(1, &frame(last, A), end), Route::Unicast(3));
+        // A guest's address claimed from outside stays the guest's.
+        f.route(3, &frame(BCAST, A), end);
+        assert_eq!(f.route(2, &frame(A, B), end), Route::Unicast(1));
     }
 
     /// A port fed and drained by the test.
@@ -689,6 +930,13 @@ mod tests {
         }
         fn source_mac(&self) -> Option<Mac> {
             self.mac
+        }
+        fn max_learned(&self) -> usize {
+            if self.mac.is_some() {
+                VIF_MAX_LEARNED
+            } else {
+                UPLINK_MAX_LEARNED
+            }
         }
         fn transmit(&mut self, frame: &[u8], _: FrameMeta) -> bool {
             self.outbox.lock().unwrap().push(frame.to_vec());
@@ -753,6 +1001,64 @@ mod tests {
         assert_eq!((stats[1].tx_packets, stats[1].tx_bytes), (1, 60));
         sw.remove_port(ida).unwrap();
         sw.remove_port(ida).unwrap(); // already gone: fine
+    }
+
+    fn wait_long_for(what: impl Fn() -> bool) {
+        // The flood below is 100k frames through a debug build on a shared machine.
+        let t = Instant::now();
+        while !what() {
+            assert!(t.elapsed() < Duration::from_secs(300), "timed out");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    #[test]
+    fn an_uplink_flooding_random_sources_leaves_every_guests_entry_in_place() {
+        let sw = Switch::new("flood").unwrap();
+        let (pa, (a_in, a_out)) = test_port_with("vif1.0", Some(Mac(A)));
+        let (pb, (b_in, b_out)) = test_port_with("vif2.0", Some(Mac(B)));
+        let (pt, (t_in, t_out)) = test_port_with("tap0", None);
+        sw.add_port(pa).unwrap();
+        sw.add_port(pb).unwrap();
+        sw.add_port(pt).unwrap();
+        a_in.lock().unwrap().push_back(frame(BCAST, A));
+        b_in.lock().unwrap().push_back(frame(BCAST, B));
+        wait_for(|| t_out.lock().unwrap().len() == 2);
+        t_in.lock()
+            .unwrap()
+            .extend(random_macs(FLOOD).map(|m| frame(NOWHERE, m)));
+        // Unknown destination: flooded to both guests.
+        wait_long_for(|| {
+            a_out.lock().unwrap().len() == FLOOD + 1 && b_out.lock().unwrap().len() == FLOOD + 1
+        });
+        // A guest plugged in after the flood, and an outside host claiming a's address.
+        let (pc, (c_in, c_out)) = test_port_with("vif3.0", Some(Mac(C)));
+        sw.add_port(pc).unwrap();
+        c_in.lock().unwrap().push_back(frame(BCAST, C));
+        wait_for(|| t_out.lock().unwrap().len() == 3);
+        t_in.lock().unwrap().push_back(frame(BCAST, A));
+        wait_for(|| c_out.lock().unwrap().len() == 1);
+        for o in [&a_out, &b_out, &c_out, &t_out] {
+            o.lock().unwrap().clear();
+        }
+        // From outside to each guest, then to everyone (so all before it has been switched).
+        let x = [2, 0xee, 0, 0, 0, 2];
+        t_in.lock()
+            .unwrap()
+            .extend([frame(A, x), frame(B, x), frame(C, x), frame(BCAST, x)]);
+        wait_for(|| c_out.lock().unwrap().len() >= 2);
+        assert_eq!(*a_out.lock().unwrap(), [frame(A, x), frame(BCAST, x)]);
+        assert_eq!(*b_out.lock().unwrap(), [frame(B, x), frame(BCAST, x)]);
+        assert_eq!(*c_out.lock().unwrap(), [frame(C, x), frame(BCAST, x)]);
+        // Guest to guest stays inside, whatever the outside claimed.
+        b_in.lock().unwrap().extend([frame(A, B), frame(BCAST, B)]);
+        wait_for(|| t_out.lock().unwrap().len() == 1);
+        assert_eq!(*t_out.lock().unwrap(), [frame(BCAST, B)]);
+        assert_eq!(a_out.lock().unwrap()[2..], [frame(A, B), frame(BCAST, B)]);
+        // The uplink's entries stayed within its bound; the guests learned nothing but their
+        // own (fixed) addresses.
+        let learned: Vec<usize> = sw.learned().unwrap().into_iter().map(|l| l.1).collect();
+        assert_eq!(learned, [0, 0, UPLINK_MAX_LEARNED, 0]);
     }
 
     #[test]

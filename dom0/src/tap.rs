@@ -17,7 +17,7 @@ use std::sync::Arc;
 use io_uring::{IoUring, opcode, types};
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
-use crate::switch::{FrameMeta, Port, PortCounters, PortError};
+use crate::switch::{FrameMeta, Port, PortCounters, PortError, UPLINK_MAX_LEARNED};
 
 /// Errors creating a TAP device.
 #[derive(Debug, thiserror::Error)]
@@ -239,6 +239,12 @@ impl Port for TapPort {
 
     fn needs_checksum(&self) -> bool {
         true
+    }
+
+    fn max_learned(&self) -> usize {
+        // The hosts behind the uplink; a flood of invented sources from outside recycles only
+        // these.
+        UPLINK_MAX_LEARNED
     }
 
     fn transmit(&mut self, frame: &[u8], _meta: FrameMeta) -> bool {

@@ -131,7 +131,7 @@ pub enum VcpuError {
 pub struct DomainShared {
     /// The VM; declared first so it is closed before the memory it maps is released.
     pub(crate) vm: kvm_ioctls::VmFd,
-    /// Domain id (never reused while the hypervisor lives).
+    /// Domain id: no other domain has it while this value exists (see [`crate::domid`]).
     pub id: u32,
     /// Name.
     pub name: String,
@@ -156,6 +156,9 @@ pub struct DomainShared {
     pub store: Arc<crate::store::Store>,
     /// Tells the PV-device thread to finish.
     pub(crate) pvdev_stop: Arc<vmm_sys_util::eventfd::EventFd>,
+    /// The hold on `id`; declared last so the id is given back only after the VM fd, the memory
+    /// and every table above are released.
+    _lease: crate::domid::DomidLease,
 }
 
 impl DomainShared {
@@ -165,12 +168,14 @@ impl DomainShared {
         registry: Arc<crate::evtchn::Registry>,
         store: Arc<crate::store::Store>,
         pvdev_stop: Arc<vmm_sys_util::eventfd::EventFd>,
-        id: u32,
+        lease: crate::domid::DomidLease,
         cfg: &crate::DomainConfig,
         ram: GuestRam,
         console: Console,
     ) -> Self {
         Self {
+            id: lease.id(),
+            _lease: lease,
             vm,
             registry,
             ports: Mutex::new(crate::evtchn::PortTable::new(cfg.max_ports)),
@@ -178,7 +183,6 @@ impl DomainShared {
             maptrack: Mutex::default(),
             store,
             pvdev_stop,
-            id,
             name: cfg.name.clone(),
             vcpus: cfg.vcpus,
             ram,
@@ -406,6 +410,8 @@ pub struct Domain {
     pub(crate) threads: Vec<JoinHandle<()>>,
     /// The store/console service thread.
     pub(crate) pvdev: Option<JoinHandle<()>>,
+    /// `teardown` has run (by `destroy`, or for a domain whose creation failed half-way).
+    pub(crate) torn_down: bool,
 }
 
 impl Domain {
@@ -498,6 +504,7 @@ impl Domain {
     }
 
     fn teardown(&mut self) -> DomainState {
+        self.torn_down = true;
         self.shared.stop(DomainState::Destroyed);
         // A kick can land just before a vCPU enters KVM_RUN; keep kicking until every thread is
         // gone.
@@ -516,14 +523,17 @@ impl Domain {
         }
         self.shared.store.release(self.shared.id);
         crate::evtchn::close_all(&self.shared);
-        self.shared.registry.remove(self.shared.id);
+        self.shared.registry.remove(&self.shared);
+        // After the removal: from here no port can be bound to this domain, so none is left
+        // offered or connected to an id a later domain may get.
+        crate::evtchn::forget_domain(&self.shared.registry, self.shared.id);
         self.shared.state()
     }
 }
 
 impl Drop for Domain {
     fn drop(&mut self) {
-        if !self.threads.is_empty() || self.pvdev.is_some() {
+        if !self.torn_down {
             self.teardown();
         }
     }

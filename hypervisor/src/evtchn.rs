@@ -34,6 +34,10 @@ pub const DEFAULT_MAX_PORTS: u32 = 1024;
 /// The domain id of the host (dom0) side.
 pub const DOM0: u32 = 0;
 
+/// The remote of a port whose peer domain is gone: Xen's `DOMID_INVALID`, which no domain has,
+/// so nobody can bind it.
+pub const NOBODY: u32 = pv_protocol::grant::DomId::INVALID.0 as u32;
+
 #[derive(Debug, Clone)]
 pub(crate) enum Binding {
     Free,
@@ -91,8 +95,17 @@ impl Registry {
         self.lock().insert(d.id, Arc::downgrade(d));
     }
 
-    pub(crate) fn remove(&self, id: u32) {
-        self.lock().remove(&id);
+    /// Removes `d`, unless its id already belongs to another domain.
+    pub(crate) fn remove(&self, d: &DomainShared) {
+        let mut g = self.lock();
+        if g.get(&d.id).is_some_and(|w| std::ptr::eq(w.as_ptr(), d)) {
+            g.remove(&d.id);
+        }
+    }
+
+    /// Every live domain.
+    fn all(&self) -> Vec<Arc<DomainShared>> {
+        self.lock().values().filter_map(Weak::upgrade).collect()
     }
 
     /// The live domain `id`.
@@ -345,6 +358,26 @@ fn close_binding(d: &DomainShared, port: u32, binding: &Binding) -> bool {
         }
     }
     true
+}
+
+/// Offers to, and connections with, domain `id` (gone, or about to be created afresh) in every
+/// live domain become ports offered to [`NOBODY`]: the guest keeps its port number, which
+/// reports unbound, and a later domain given the same id cannot bind it. Each table is locked on
+/// its own (never the registry with a table).
+pub(crate) fn forget_domain(registry: &Registry, id: u32) {
+    for d in registry.all().iter().filter(|d| d.id != id) {
+        let mut t = table(d);
+        for b in &mut t.ports {
+            let names_it = match b {
+                Binding::Unbound { remote } => *remote == id,
+                Binding::Interdomain { remote_dom, .. } => *remote_dom == id,
+                Binding::Free | Binding::Host { .. } => false,
+            };
+            if names_it {
+                *b = Binding::Unbound { remote: NOBODY };
+            }
+        }
+    }
 }
 
 /// Closes every port of `d` (domain destroy): interdomain peers go back to unbound, host

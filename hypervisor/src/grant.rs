@@ -423,7 +423,13 @@ impl GrantCache {
     ) -> Result<Arc<GrantMapping>> {
         let mut m = self.maps.lock().unwrap_or_else(|p| p.into_inner());
         let key = (granter.id, gref.0);
-        if let Some(hit) = m.get(&key).filter(|hit| readonly || hit.writable) {
+        // A hit must be of this very domain, not of an earlier one that had its id (the cached
+        // Weak keeps that one's allocation, so the address cannot have been reused).
+        if let Some(hit) = m
+            .get(&key)
+            .filter(|hit| std::ptr::eq(hit.dom.as_ptr(), Arc::as_ptr(granter)))
+            .filter(|hit| readonly || hit.writable)
+        {
             return Ok(Arc::clone(hit));
         }
         let fresh = Arc::new(map(granter, gref, mapper, readonly)?);

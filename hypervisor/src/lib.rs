@@ -11,6 +11,7 @@ pub mod boot;
 pub mod console;
 pub mod cpuid;
 pub mod domain;
+pub mod domid;
 pub mod evtchn;
 pub mod grant;
 pub mod hypercall;
@@ -20,9 +21,6 @@ pub mod store;
 pub mod vcpu;
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, Ordering};
-
-use pv_protocol::grant::DomId;
 
 use kvm_bindings::{Msrs, kvm_msr_entry, kvm_userspace_memory_region};
 use kvm_ioctls::{Kvm, VcpuFd};
@@ -63,6 +61,9 @@ pub enum Error {
     /// Spawning a vCPU thread.
     #[error("cannot spawn a vCPU thread")]
     Thread(#[source] std::io::Error),
+    /// No domain id to give.
+    #[error("domain id")]
+    Domid(#[from] domid::DomidError),
 }
 
 /// Result alias for this crate.
@@ -124,14 +125,21 @@ impl Default for DomainConfig {
 pub struct Hypervisor {
     kvm: Kvm,
     flavour: KvmFlavour,
-    next_id: AtomicU32,
+    domids: Arc<domid::DomidPool>,
     registry: Arc<evtchn::Registry>,
     store: Arc<store::Store>,
 }
 
 impl Hypervisor {
-    /// Opens `/dev/kvm` and detects the flavour.
+    /// Opens `/dev/kvm` and detects the flavour; domain ids come from all of
+    /// [`domid::RANGE`], reused [`domid::REUSE_AFTER`] after their domain is gone.
     pub fn new() -> Result<Self> {
+        Self::with_domids(domid::DomidPool::standard())
+    }
+
+    /// As [`new`](Self::new), with domain ids from `domids` (a small range or a short reuse
+    /// delay, for tests).
+    pub fn with_domids(domids: Arc<domid::DomidPool>) -> Result<Self> {
         let kvm = Kvm::new().map_err(Error::NoKvm)?;
         vcpu::init_kick();
         let flavour = detect_flavour(&kvm);
@@ -139,10 +147,15 @@ impl Hypervisor {
         Ok(Self {
             kvm,
             flavour,
-            next_id: AtomicU32::new(1),
+            domids,
             registry: Arc::default(),
             store: Arc::default(),
         })
+    }
+
+    /// Where domain ids come from.
+    pub fn domids(&self) -> &Arc<domid::DomidPool> {
+        &self.domids
     }
 
     /// PVM or hardware.
@@ -184,18 +197,10 @@ impl Hypervisor {
         if let Some(c) = &cfg.cpus {
             domain::check_cpus(c).map_err(|e| Error::Config(format!("cpus: {e}")))?;
         }
-        // Ids are never reused, and a domain id must fit Xen's 16 bits below the reserved ones
-        // (DOMID_SELF and friends): the store's permissions and the event-channel ABI carry it.
-        let id = self
-            .next_id
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
-                (n < u32::from(DomId::FIRST_RESERVED.0)).then_some(n + 1)
-            })
-            .map_err(|n| {
-                Error::Config(format!(
-                    "domain ids are used up ({n} domains created; ids are never reused)"
-                ))
-            })?;
+        // Held by the DomainShared (its last field): the id is free again only once everything
+        // of this domain is gone, and is then reused only after the pool's delay.
+        let lease = self.domids.allocate()?;
+        let id = lease.id();
         let ram = memory::GuestRam::new(cfg.mem_mib << 20)?;
         let kernel = cfg.kernel.as_deref().unwrap_or(guest_drivers::GUEST_KERNEL);
         let entry = boot::load_kernel(&ram, kernel)?;
@@ -262,34 +267,39 @@ impl Hypervisor {
             Arc::clone(&self.registry),
             Arc::clone(&self.store),
             pvdev_stop,
-            id,
+            lease,
             &cfg,
             ram,
             Console::new(echo),
         ));
+        // Ports other domains offered to this id while nobody had it are not this domain's to
+        // bind (Xen refuses such offers; here they are dropped before the domain can run).
+        evtchn::forget_domain(&self.registry, id);
         self.registry.insert(&shared);
-        let pvdev = self.start_pv_devices(&shared)?;
+        // From here a failure tears down what was built (store home, ports, threads started).
+        let mut dom = Domain {
+            shared,
+            threads: Vec::new(),
+            pvdev: None,
+            torn_down: false,
+        };
+        dom.pvdev = Some(self.start_pv_devices(&dom.shared)?);
         if cfg.start_paused {
-            let mut g = shared.lock();
+            let mut g = dom.shared.lock();
             g.state = DomainState::Paused;
             g.pause_requested = true;
         }
-        let mut threads = Vec::new();
         for (i, vcpu) in vcpus.into_iter().enumerate() {
-            let dom = Arc::clone(&shared);
+            let shared = Arc::clone(&dom.shared);
             let t = std::thread::Builder::new()
                 .name(format!("dom{id}-vcpu{i}"))
-                .spawn(move || vcpu::run_loop(dom, vcpu, i as u32))
+                .spawn(move || vcpu::run_loop(shared, vcpu, i as u32))
                 .map_err(Error::Thread)?;
-            threads.push(t);
+            dom.threads.push(t);
         }
         tracing::info!(domid = id, name = %cfg.name, vcpus = cfg.vcpus, mem_mib = cfg.mem_mib,
             "domain created");
-        Ok(Domain {
-            shared,
-            threads,
-            pvdev: Some(pvdev),
-        })
+        Ok(dom)
     }
 
     /// Offers the store and console rings' ports to dom0, binds them, tells the guest their

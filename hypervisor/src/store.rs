@@ -230,11 +230,17 @@ struct Inner {
     open_txs: HashMap<u32, usize>,
     next_tx: u32,
     events: HashMap<u32, EventQueue>,
+    /// Each introduced domain's waker: a domain is introduced from `introduce` to `release`.
     wakers: HashMap<u32, Arc<Wake>>,
+    /// Ids that some node's permissions (live, or in an open transaction) named while no
+    /// domain with the id was introduced: `introduce` forgets them before a new domain gets the
+    /// id, and introducing any other id needs no pass over the store. At most one entry per
+    /// 16-bit id.
+    named_absent: HashSet<u32>,
     quota: Quota,
     /// Units of work done under the lock, by kind, for tests that bound it.
     #[cfg(test)]
-    steps: [std::cell::Cell<u64>; 4],
+    steps: [std::cell::Cell<u64>; 5],
 }
 
 /// Kinds of work counted under the lock (see `Inner::step`).
@@ -248,6 +254,8 @@ enum Work {
     Seek,
     /// A lookup for the nearest existing ancestor.
     Probe,
+    /// A node or transaction change looked at for permissions naming a released domain.
+    Scrub,
 }
 
 /// The store.
@@ -291,6 +299,22 @@ fn parent(path: &str) -> Option<&str> {
         Some(0) if path.len() > 1 => Some("/"),
         Some(0) | None => None,
         Some(i) => Some(&path[..i]),
+    }
+}
+
+/// Drops `id`'s entries from `perms` and gives the node to dom0 if `id` owned it (the access
+/// everyone else gets stays); `true` when the owner changed.
+fn forget_in(perms: &mut Vec<Perm>, id: DomId) -> bool {
+    if perms.iter().skip(1).any(|p| p.domid == id) {
+        let rest: Vec<Perm> = perms.drain(1..).filter(|p| p.domid != id).collect();
+        perms.extend(rest);
+    }
+    match perms.first_mut() {
+        Some(owner) if owner.domid == id => {
+            owner.domid = DomId::DOM0;
+            true
+        }
+        _ => false,
     }
 }
 
@@ -354,9 +378,18 @@ impl Store {
     /// the guest can neither remove it nor change its permissions), read/write for the guest
     /// through its ACL and hidden from everyone else; `name` and `domid` written by dom0 and only
     /// readable by the guest. `wake` is called when watch events are queued.
+    ///
+    /// Domain ids are reused, so the new domain starts from nothing: a home left behind (a back
+    /// end that wrote once more after the last domain with the id was released) is removed, and
+    /// if anything named the id in its permissions since then, that is forgotten first, as in
+    /// [`release`](Self::release). An id nothing named costs no pass over the store.
     pub fn introduce(&self, domid: u32, name: &str, wake: Wake) {
         let h = home(domid);
         let mut g = self.lock();
+        if domid != 0 {
+            let scrub = g.named_absent.contains(&domid);
+            g.forget_domain(domid, scrub);
+        }
         g.wakers.insert(domid, Arc::new(wake));
         drop(g);
         let _ = self.write(0, 0, &h, b"");
@@ -370,15 +403,20 @@ impl Store {
         }
     }
 
-    /// Forgets a domain: its home subtree, watches, transactions and queued events.
+    /// Forgets a domain: its home subtree, watches, transactions and queued events, and every
+    /// trace of its id elsewhere, so that a later domain given the same id inherits nothing
+    /// (Xen's XSA-322): nodes it owned outside its home pass to dom0 (and count as dom0's), and
+    /// permission entries naming it are dropped, in the live tree and in other domains' open
+    /// transactions.
+    ///
+    /// The cost: the domain's own watches, transactions and home subtree, plus one pass over
+    /// every node of the store and every open transaction's changes to find the entries naming
+    /// it (as xenstored walks its whole tree); never a pass per node or per watch.
     pub fn release(&self, domid: u32) {
-        let _ = self.rm(0, 0, &home(domid));
-        let mut g = self.lock();
-        g.watches.remove_domain(domid);
-        g.txs.retain(|_, t| t.domid != domid);
-        g.open_txs.remove(&domid);
-        g.events.remove(&domid);
-        g.wakers.remove(&domid);
+        if domid == 0 {
+            return;
+        }
+        self.lock().forget_domain(domid, true);
     }
 
     /// Takes the next queued watch event `(path, token)` for `domid`.
@@ -521,13 +559,7 @@ impl Store {
         if domid != 0 {
             g.edits_room(tx, doomed.len() + 1)?;
         }
-        for k in doomed.iter().chain(std::iter::once(&path)) {
-            g.put(tx, k, None);
-        }
-        if tx == 0 {
-            // Watchers learn of the removal if they could read the node it removed.
-            g.fire(&path, &n, true);
-        }
+        g.remove_tree(tx, &path, &n, &doomed);
         Ok(())
     }
 
@@ -656,11 +688,16 @@ impl Store {
 
 impl Inner {
     /// Counts one unit of work (tests assert on the count, not on time).
-    fn step(&self, _kind: Work) {
+    fn step(&self, kind: Work) {
+        self.steps(kind, 1);
+    }
+
+    /// Counts `n` units of work.
+    fn steps(&self, _kind: Work, _n: u64) {
         #[cfg(test)]
         {
             let c = &self.steps[_kind as usize];
-            c.set(c.get() + 1);
+            c.set(c.get() + _n);
         }
     }
 
@@ -811,8 +848,97 @@ impl Inner {
         Ok(())
     }
 
+    /// Removes `path` (whose node `tx` sees as `node`) and `doomed`, every path below it.
+    fn remove_tree(&mut self, tx: u32, path: &str, node: &Node, doomed: &[String]) {
+        for k in doomed
+            .iter()
+            .map(String::as_str)
+            .chain(std::iter::once(path))
+        {
+            self.put(tx, k, None);
+        }
+        if tx == 0 {
+            // Watchers learn of the removal if they could read the node it removed.
+            self.fire(path, node, true);
+        }
+    }
+
+    /// Forgets domain `domid` (not dom0): its watches, transactions, queued events, waker and
+    /// home subtree; with `scrub`, also every permission entry naming it ([`Self::forget_perms`]).
+    /// Without, the cost is the domain's own: its watches, and its home's nodes.
+    fn forget_domain(&mut self, domid: u32, scrub: bool) {
+        if domid == 0 {
+            return;
+        }
+        // Its watches and queue go first: the removal of its home is news to others only.
+        self.watches.remove_domain(domid);
+        if self.open_txs.remove(&domid).is_some_and(|n| n > 0) {
+            self.txs.retain(|_, t| t.domid != domid);
+        }
+        self.events.remove(&domid);
+        self.wakers.remove(&domid);
+        let h = home(domid);
+        if let Some(n) = self.nodes.get(&h).cloned() {
+            let doomed = self.below(0, &format!("{h}/"));
+            self.remove_tree(0, &h, &n, &doomed);
+        }
+        if scrub {
+            self.forget_perms(domid);
+        }
+    }
+
+    /// Removes `domid` from every permission list, in the live tree and in open transactions'
+    /// changes (so no commit brings it back); nodes it owned become dom0's, in the node counts
+    /// too. One step per node and per transaction change: the entries naming a domain are kept
+    /// in no index (one would cost a copy of each path per named domain on every write).
+    ///
+    /// Generations are left alone: no transaction is failed for it, and none needs to be, as
+    /// its own copies are cleaned the same way. Nothing is announced: the entries named a
+    /// domain that is gone, and everyone else's access is what it was.
+    fn forget_perms(&mut self, domid: u32) {
+        let id = DomId(domid as u16);
+        let mut looked = 0;
+        // Transactions first, while the live tree still shows what the domain owned. Each keeps
+        // the change it makes to its own domain's node count, relative to the live tree; a node
+        // passing to dom0 moves that only for dom0's transactions (the released domain's are
+        // gone): one more if it passes in the transaction's changes, one fewer if in the live
+        // tree under them.
+        for t in self.txs.values_mut() {
+            let mut delta = 0;
+            for (p, e) in &mut t.over {
+                looked += 1;
+                let over = e.as_mut().is_some_and(|n| forget_in(&mut n.perms, id));
+                let live = self.nodes.get(p).is_some_and(|n| n.owner() == domid);
+                delta += i64::from(over) - i64::from(live);
+            }
+            if t.domid == 0 {
+                t.owned_delta += delta;
+            }
+        }
+        let mut passed = 0;
+        for n in self.nodes.values_mut() {
+            looked += 1;
+            passed += usize::from(forget_in(&mut n.perms, id));
+        }
+        self.steps(Work::Scrub, looked);
+        self.owned.remove(&domid);
+        if passed > 0 {
+            *self.owned.entry(0).or_default() += passed;
+        }
+        self.named_absent.remove(&domid);
+    }
+
     /// Sets (`Some`) or removes (`None`) a node, in `tx`'s overlay or (0) in the live tree.
     fn put(&mut self, tx: u32, path: &str, node: Option<Node>) {
+        if let Some(n) = &node {
+            // Names of domains that are not there are remembered for `introduce`.
+            for p in &n.perms {
+                let d = u32::from(p.domid.0);
+                if d != 0 && !self.wakers.contains_key(&d) {
+                    self.named_absent.insert(d);
+                }
+            }
+        }
         if let Some(t) = self.txs.get_mut(&tx) {
             let mine = |n: Option<&Node>| i64::from(n.is_some_and(|n| n.owner() == t.domid));
             let before = match t.over.get(path) {
@@ -1251,6 +1377,127 @@ mod tests {
         assert_eq!(s.next_event(2), None);
     }
 
+    fn both(domid: u32) -> Perm {
+        perm(PermKind::Both, domid)
+    }
+
+    /// Domain 2 as a toolstack leaves it: a node it created in a directory dom0 let it write
+    /// (owned by 2, outside its home), and a node of domain 3's that 3 let it read.
+    fn store_with_traces_of_two(quota: Quota) -> Store {
+        let s = Store::new(quota);
+        s.introduce(2, "two", Box::new(|| {}));
+        s.introduce(3, "three", Box::new(|| {}));
+        let dir = "/local/domain/0/backend/x";
+        s.write(0, 0, dir, b"").unwrap();
+        s.set_perms(0, 0, dir, &[perm(PermKind::None, 0), both(2)])
+            .unwrap();
+        s.write(2, 0, &format!("{dir}/mine"), b"old two's").unwrap();
+        s.write(3, 0, "shared", b"for two").unwrap();
+        s.set_perms(
+            3,
+            0,
+            "shared",
+            &[perm(PermKind::None, 3), perm(PermKind::Read, 2)],
+        )
+        .unwrap();
+        s
+    }
+
+    #[test]
+    fn a_reused_domain_id_inherits_no_node_and_no_permission() {
+        let s = store_with_traces_of_two(Quota::default());
+        s.release(2);
+        s.introduce(2, "new two", Box::new(|| {}));
+        let dir = "/local/domain/0/backend/x";
+        assert_eq!(
+            s.read(2, 0, &format!("{dir}/mine")),
+            Err(StoreErrno::EACCES)
+        );
+        assert_eq!(
+            s.write(2, 0, &format!("{dir}/new"), b""),
+            Err(StoreErrno::EACCES)
+        );
+        assert_eq!(
+            s.read(2, 0, "/local/domain/3/shared"),
+            Err(StoreErrno::EACCES)
+        );
+        // What the old domain owned outside its home is dom0's now (as Xen's xenstored does);
+        // the permissions that named it are gone.
+        assert_eq!(
+            s.get_perms(0, 0, &format!("{dir}/mine")).unwrap()[0].domid,
+            DomId(0)
+        );
+        assert_eq!(s.get_perms(0, 0, dir).unwrap(), [perm(PermKind::None, 0)]);
+        assert_eq!(
+            s.get_perms(0, 0, "/local/domain/3/shared").unwrap(),
+            [perm(PermKind::None, 3)]
+        );
+    }
+
+    #[test]
+    fn a_reused_domain_id_starts_with_its_whole_node_quota() {
+        // Home, name and domid are dom0's: the quota counts only what the domain creates.
+        let quota = Quota {
+            nodes: 6,
+            ..Quota::default()
+        };
+        let s = store_with_traces_of_two(quota);
+        // `mine` and five more outside its home fill it.
+        for n in ["a", "b", "c", "d", "e"] {
+            s.write(2, 0, &format!("/local/domain/0/backend/x/{n}"), b"")
+                .unwrap();
+        }
+        assert_eq!(s.write(2, 0, "full", b""), Err(StoreErrno::ENOSPC));
+        let dom0 = s.lock().owned[&0];
+        s.release(2);
+        // The six are dom0's now; the home's three, dom0's too, went with the home.
+        assert_eq!(s.lock().owned[&0], dom0 + 6 - 3);
+        s.introduce(2, "new two", Box::new(|| {}));
+        for n in ["a", "b", "c", "d", "e", "f"] {
+            s.write(2, 0, n, b"").unwrap();
+        }
+        assert_eq!(s.write(2, 0, "full", b""), Err(StoreErrno::ENOSPC));
+        check_derived(&s);
+    }
+
+    #[test]
+    fn a_transaction_open_across_a_release_cannot_restore_the_released_domain() {
+        let s = store();
+        let tx = s.transaction_start(3).unwrap();
+        s.write(3, tx, "later", b"for two").unwrap();
+        s.set_perms(3, tx, "later", &[perm(PermKind::None, 3), both(2)])
+            .unwrap();
+        s.release(2);
+        s.introduce(2, "new two", Box::new(|| {}));
+        s.transaction_end(3, tx, true).unwrap();
+        assert_eq!(
+            s.read(2, 0, "/local/domain/3/later"),
+            Err(StoreErrno::EACCES)
+        );
+        assert_eq!(
+            s.get_perms(3, 0, "later").unwrap(),
+            [perm(PermKind::None, 3)]
+        );
+    }
+
+    #[test]
+    fn introduce_starts_from_an_empty_home() {
+        let s = store();
+        s.release(2);
+        // A back end of the old domain that wrote once more after it was released.
+        s.write(0, 0, "/local/domain/2/device/vif/0/state", b"6")
+            .unwrap();
+        s.introduce(2, "new two", Box::new(|| {}));
+        assert_eq!(
+            s.read(0, 0, "/local/domain/2/device"),
+            Err(StoreErrno::ENOENT)
+        );
+        assert_eq!(
+            s.directory(2, 0, "/local/domain/2").unwrap(),
+            ["domid", "name"]
+        );
+    }
+
     #[test]
     fn wrapped_transaction_ids_skip_open_ones_and_zero() {
         let s = store();
@@ -1657,6 +1904,267 @@ mod tests {
         s.transaction_end(2, t, true).unwrap();
         assert_eq!(s.read(2, 0, &chain(960)).unwrap(), b"t");
         assert_eq!(s.lock().owned[&2], 960);
+    }
+
+    /// Recomputes from the tree, the watches, the transactions and the queues everything the
+    /// store keeps as derived state, and compares.
+    fn check_derived(s: &Store) {
+        let g = s.lock();
+        let mut owned: HashMap<u32, usize> = HashMap::new();
+        for (p, n) in &g.nodes {
+            *owned.entry(n.owner()).or_default() += 1;
+            if let Some(up) = parent(p) {
+                assert!(g.nodes.contains_key(up), "{p} has no parent");
+            }
+        }
+        for (d, &c) in &g.owned {
+            assert_eq!(owned.remove(d).unwrap_or(0), c, "nodes of {d}");
+        }
+        assert!(owned.is_empty(), "uncounted owners {owned:?}");
+        let mut lens: BTreeMap<usize, usize> = BTreeMap::new();
+        let mut by_dom: HashMap<u32, (usize, usize)> = HashMap::new();
+        for (path, group) in &g.watches.by_path {
+            assert!(!group.is_empty(), "{path}");
+            *lens.entry(path.len()).or_default() += 1;
+            for (d, tokens) in group {
+                assert!(!tokens.is_empty());
+                let (n, b) = by_dom.entry(*d).or_default();
+                *n += tokens.len();
+                *b += tokens.iter().map(|t| path.len() + t.len()).sum::<usize>();
+            }
+        }
+        assert_eq!(g.watches.lens, lens);
+        for (d, (list, bytes)) in &g.watches.by_dom {
+            assert_eq!(
+                by_dom.remove(d).unwrap_or_default(),
+                (list.len(), *bytes),
+                "{d}"
+            );
+            for (p, t) in list {
+                assert!(g.watches.holds(*d, p, t));
+            }
+        }
+        assert!(by_dom.is_empty(), "unlisted watches of {by_dom:?}");
+        for (d, &n) in &g.open_txs {
+            assert_eq!(g.txs.values().filter(|t| t.domid == *d).count(), n, "{d}");
+        }
+        for t in g.txs.values() {
+            assert!(g.open_txs.get(&t.domid).is_some_and(|&n| n > 0));
+            let mine = |n: Option<&Node>| i64::from(n.is_some_and(|n| n.owner() == t.domid));
+            let delta: i64 = t
+                .over
+                .iter()
+                .map(|(p, e)| mine(e.as_ref()) - mine(g.nodes.get(p)))
+                .sum();
+            assert_eq!(t.owned_delta, delta, "transaction of {}", t.domid);
+        }
+        for (d, q) in &g.events {
+            let bytes: usize = q.queue.iter().map(|(p, t)| p.len() + t.len()).sum();
+            assert_eq!(q.bytes, bytes, "queue of {d}");
+            assert_eq!(q.lost.len(), q.lost_set.len());
+            assert!(q.lost.iter().all(|w| q.lost_set.contains(w)));
+        }
+        let overlays = g.txs.values().flat_map(|t| t.over.values().flatten());
+        for n in g.nodes.values().chain(overlays) {
+            for p in &n.perms {
+                let d = u32::from(p.domid.0);
+                assert!(
+                    d == 0 || g.wakers.contains_key(&d) || g.named_absent.contains(&d),
+                    "{d} is named while absent and introduce would not know"
+                );
+            }
+        }
+    }
+
+    /// Whether any permission list, live or in an open transaction, names `domid`.
+    fn named_anywhere(s: &Store, domid: u32) -> bool {
+        let g = s.lock();
+        let overlays = g.txs.values().flat_map(|t| t.over.values().flatten());
+        g.nodes
+            .values()
+            .chain(overlays)
+            .any(|n| n.perms.iter().any(|p| u32::from(p.domid.0) == domid))
+    }
+
+    #[test]
+    fn a_release_leaves_every_count_and_index_true() {
+        let s = store_with_traces_of_two(Quota::default());
+        let wakes = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let w = Arc::clone(&wakes);
+        s.introduce(
+            2,
+            "two",
+            Box::new(move || {
+                w.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }),
+        );
+        let dir = "/local/domain/0/backend/x";
+        // Domain 2: nodes in its home and outside, one it lets 3 write, watches (one on a path 3
+        // watches too), events it never read, transactions left open.
+        s.write(2, 0, "data/a", b"1").unwrap();
+        for n in ["lent", "gone", "also-gone", "kept"] {
+            s.write(2, 0, &format!("{dir}/{n}"), b"2").unwrap();
+        }
+        s.set_perms(
+            2,
+            0,
+            &format!("{dir}/lent"),
+            &[perm(PermKind::None, 2), both(3)],
+        )
+        .unwrap();
+        s.set_perms(0, 0, dir, &[perm(PermKind::None, 0), both(2), both(3)])
+            .unwrap();
+        s.watch(2, dir, "two").unwrap();
+        s.watch(2, "data", "own").unwrap();
+        s.watch(3, dir, "three").unwrap();
+        s.watch(0, "/local/domain/2", "dom0").unwrap();
+        for i in 0..3 {
+            let t = s.transaction_start(2).unwrap();
+            s.write(2, t, &format!("tx{i}"), b"x").unwrap();
+        }
+        // Domain 3's transaction changes 2's node and names 2 in a node of its own.
+        let t3 = s.transaction_start(3).unwrap();
+        s.write(3, t3, &format!("{dir}/lent"), b"3").unwrap();
+        s.write(3, t3, "later", b"3").unwrap();
+        s.set_perms(3, t3, "later", &[perm(PermKind::None, 3), both(2)])
+            .unwrap();
+        // Dom0's removes two of 2's nodes, rewrites another and creates one below it (owned by
+        // 2): its count of dom0's nodes changes by one as they pass.
+        let t0 = s.transaction_start(0).unwrap();
+        s.rm(0, t0, &format!("{dir}/gone")).unwrap();
+        s.rm(0, t0, &format!("{dir}/also-gone")).unwrap();
+        s.write(0, t0, &format!("{dir}/kept"), b"0").unwrap();
+        s.write(0, t0, &format!("{dir}/kept/below"), b"0").unwrap();
+        while s.next_event(0).is_some() {}
+        while s.next_event(3).is_some() {}
+        check_derived(&s);
+        let woken = wakes.load(std::sync::atomic::Ordering::Relaxed);
+        let dom0 = s.lock().owned[&0];
+
+        s.release(2);
+        check_derived(&s);
+        assert_eq!(wakes.load(std::sync::atomic::Ordering::Relaxed), woken);
+        {
+            let g = s.lock();
+            assert!(!g.owned.contains_key(&2));
+            // Its five nodes outside its home are dom0's now; data and data/a went with the
+            // home, and so did dom0's home, name and domid.
+            assert_eq!(g.owned[&0], dom0 + 5 - 3);
+            assert!(g.watches.usage(2) == (0, 0) && !g.events.contains_key(&2));
+            assert_eq!(g.open_txs.get(&2), None);
+            assert_eq!(g.txs.len(), 2);
+        }
+        assert!(!named_anywhere(&s, 2));
+        // Dom0 heard of the home's removal; 3's watch on the shared directory still fires.
+        assert_eq!(
+            s.next_event(0),
+            Some(("/local/domain/2".into(), "dom0".into()))
+        );
+        s.write(0, 0, &format!("{dir}/new"), b"").unwrap();
+        assert_eq!(
+            s.next_event(3),
+            Some((format!("{dir}/new").into(), "three".into()))
+        );
+        // Nothing either transaction touched changed: both commit, naming nobody gone.
+        s.transaction_end(3, t3, true).unwrap();
+        s.transaction_end(0, t0, true).unwrap();
+        assert_eq!(s.read(0, 0, &format!("{dir}/lent")).unwrap(), b"3");
+        assert_eq!(
+            s.get_perms(0, 0, &format!("{dir}/lent")).unwrap(),
+            [perm(PermKind::None, 0), both(3)]
+        );
+        assert_eq!(
+            s.get_perms(0, 0, &format!("{dir}/kept/below")).unwrap()[0],
+            perm(PermKind::None, 0)
+        );
+        assert_eq!(
+            s.read(0, 0, &format!("{dir}/gone")),
+            Err(StoreErrno::ENOENT)
+        );
+        assert!(!named_anywhere(&s, 2));
+        check_derived(&s);
+        // Dom0 removing what passed to it gives the count back.
+        let dom0 = s.lock().owned[&0];
+        s.rm(0, 0, &format!("{dir}/kept")).unwrap();
+        assert_eq!(s.lock().owned[&0], dom0 - 2);
+        check_derived(&s);
+    }
+
+    #[test]
+    fn introduce_forgets_what_named_the_id_while_nobody_had_it() {
+        let s = store();
+        s.release(2);
+        // A back end of the old domain sets permissions for it once more, and domain 3's
+        // transaction names the id.
+        s.write(0, 0, "/backend/vif/2/0/state", b"6").unwrap();
+        s.set_perms(
+            0,
+            0,
+            "/backend/vif/2/0/state",
+            &[perm(PermKind::None, 0), perm(PermKind::Read, 2)],
+        )
+        .unwrap();
+        let t = s.transaction_start(3).unwrap();
+        s.write(3, t, "offer", b"").unwrap();
+        s.set_perms(3, t, "offer", &[perm(PermKind::None, 3), both(2)])
+            .unwrap();
+        check_derived(&s);
+        s.introduce(2, "new two", Box::new(|| {}));
+        assert!(!s.lock().named_absent.contains(&2));
+        assert_eq!(
+            s.read(2, 0, "/backend/vif/2/0/state"),
+            Err(StoreErrno::EACCES)
+        );
+        s.transaction_end(3, t, true).unwrap();
+        assert_eq!(
+            s.read(2, 0, "/local/domain/3/offer"),
+            Err(StoreErrno::EACCES)
+        );
+        // Named once the new domain has the id, it is the new domain that is named.
+        s.set_perms(
+            0,
+            0,
+            "/backend/vif/2/0/state",
+            &[perm(PermKind::None, 0), perm(PermKind::Read, 2)],
+        )
+        .unwrap();
+        assert_eq!(s.read(2, 0, "/backend/vif/2/0/state").unwrap(), b"6");
+        assert!(s.lock().named_absent.is_empty());
+        check_derived(&s);
+    }
+
+    #[test]
+    fn a_release_looks_at_each_node_once_and_introducing_an_unnamed_id_at_none() {
+        let s = store();
+        for i in 0..500 {
+            s.write(3, 0, &format!("n{i}"), b"x").unwrap();
+        }
+        let t = s.transaction_start(3).unwrap();
+        for i in 0..20 {
+            s.write(3, t, &format!("t{i}"), b"x").unwrap();
+        }
+        let steps = |s: &Store| s.lock().steps[Work::Scrub as usize].replace(0);
+        steps(&s);
+        s.introduce(4, "four", Box::new(|| {}));
+        assert_eq!(steps(&s), 0, "a fresh id: no pass over the store");
+        s.write(4, 0, "x", b"").unwrap();
+        s.release(4);
+        let nodes = s.lock().nodes.len() as u64;
+        assert_eq!(
+            steps(&s),
+            nodes + 20,
+            "each node and transaction change once"
+        );
+        s.introduce(4, "four again", Box::new(|| {}));
+        assert_eq!(steps(&s), 0, "nothing named 4 since its release");
+        s.release(4);
+        steps(&s);
+        s.set_perms(3, t, "t0", &[perm(PermKind::None, 3), both(4)])
+            .unwrap();
+        s.introduce(4, "four at last", Box::new(|| {}));
+        assert!(steps(&s) > nodes, "4 was named meanwhile: forgotten first");
+        assert_eq!(s.get_perms(3, t, "t0").unwrap(), [perm(PermKind::None, 3)]);
+        check_derived(&s);
     }
 
     #[test]

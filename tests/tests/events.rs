@@ -176,3 +176,34 @@ fn destroying_a_domain_unbinds_its_peers_ports() {
     ));
     let _ = pb;
 }
+
+#[test]
+fn ports_offered_or_connected_to_a_destroyed_domain_are_offered_to_nobody() {
+    use hypervisor::evtchn;
+    use pv_protocol::evtchn::PortState;
+    use pv_protocol::grant::DomId;
+    let hv = hypervisor();
+    let cfg = |name: &str| DomainConfig {
+        name: name.into(),
+        cmdline: "idle".into(),
+        start_paused: true,
+        ..Default::default()
+    };
+    let a = hv.create_domain(cfg("a")).unwrap();
+    let b = hv.create_domain(cfg("b")).unwrap();
+    let offered = evtchn::alloc_unbound(a.shared(), b.id()).unwrap();
+    let connected = evtchn::alloc_unbound(a.shared(), b.id()).unwrap();
+    evtchn::bind_interdomain(b.shared(), a.id(), connected).unwrap();
+    b.destroy();
+    // Domain ids are reused: a port left offered to b's id could be bound by the next domain
+    // given that id.
+    for port in [offered, connected] {
+        assert_eq!(
+            evtchn::status(a.shared(), port).unwrap(),
+            PortState::Unbound {
+                dom: DomId::INVALID
+            },
+            "port {port}"
+        );
+    }
+}
