@@ -65,7 +65,7 @@ fn create_list_console_pause_unpause_destroy() {
     });
     assert!(env.list()[0].time > 0.0);
 
-    // Names are unique; ids are not reused.
+    // Names are unique; a freed id is not reused within `REUSE_AFTER` (60 s).
     let err = env.fails(&["create", &cfg]);
     assert!(err.contains("already exists"), "{err}");
     env.ok(&["destroy", "tick"]);
