@@ -120,6 +120,9 @@ fn page_region(page: &MappedPage, gref: GrantRef) -> Result<SharedRegion<'_>, Gr
 /// Persistent grants one ring keeps mapped at most: Linux blkback's default
 /// `max_persistent_grants`.
 pub const MAX_PERSISTENT_GRANTS: usize = 1056;
+/// How many of the least recently used persistent grants a miss looks at for one to evict: a
+/// bound on the work a guest can cause per segment when it keeps its oldest grants in use.
+const EVICT_SCAN: usize = 64;
 
 /// The persistent mappings of one ring: at most `capacity`, the least recently used one that no
 /// request holds evicted to make room (as Linux blkback purges its persistent grants). So dom0
@@ -157,8 +160,8 @@ impl PersistentCache {
     }
 
     /// Whether a new mapping can be kept: there is room, or the least recently used mapping
-    /// that nothing but the cache holds (no request in flight uses it) was evicted (its grant
-    /// released) to make some.
+    /// that nothing but the cache holds (no request in flight uses it), among the
+    /// [`EVICT_SCAN`] least recently used, was evicted (its grant released) to make some.
     fn make_room(&mut self) -> bool {
         if self.maps.len() < self.capacity {
             return true;
@@ -168,6 +171,7 @@ impl PersistentCache {
         let victim = self
             .by_use
             .iter()
+            .take(EVICT_SCAN)
             .find(|(_, gref)| {
                 self.maps
                     .get(gref)

@@ -285,6 +285,30 @@ fn persistent_grants_stay_bounded_and_evicted_ones_can_be_revoked() {
     assert_eq!(grants.persistent_len(), MAX_PERSISTENT_GRANTS);
     assert!(table.end(1), "grant 1 still claimed");
 
+    // When every cached grant is in use, a new one is mapped for its use alone, and released
+    // with it.
+    // (Refs the first cache never saw.)
+    for g in 1300..=1304 {
+        table.grant(g, frame(g));
+    }
+    let small = DomainGrants::persistent_with_capacity(Arc::clone(&d), 4);
+    let held: Vec<_> = (1300..1304)
+        .map(|g| small.map(GrantRef(g), true).unwrap())
+        .collect();
+    let extra = small.map(GrantRef(1304), true).unwrap();
+    assert_eq!(small.persistent_len(), 4);
+    assert!(!table.end(1304), "grant 1304 revocable while in use");
+    drop(extra);
+    assert!(table.end(1304), "grant 1304 still claimed after its use");
+    for g in 1300..1304 {
+        assert!(!table.end(g), "grant {g} revocable while in use");
+    }
+    drop(held);
+    drop(small);
+    for g in 1300..1304 {
+        assert!(table.end(g), "grant {g} still claimed after the cache went");
+    }
+
     // A page held for I/O keeps the domain's memory, not the domain: once destroyed and
     // released, the domain is gone while the page stays readable.
     let held = grants.map(GrantRef(300), false).unwrap();
