@@ -50,7 +50,8 @@ pub const MAX_INDIRECT_SEGMENTS: usize = 256;
 /// io_uring submission-queue depth.
 const URING_DEPTH: u32 = 1024;
 /// io_uring completion-queue entries. The back end never has more completions outstanding
-/// (entries submitted and not yet reaped) than this, less [`CQ_RESERVED`].
+/// (entries submitted and not yet reaped) than this, less the two it keeps for the doorbell
+/// and teardown.
 pub const COMPLETION_QUEUE: u32 = 2 * URING_DEPTH;
 /// Completion-queue entries kept for entries that are not requests: the doorbell's poll and
 /// teardown's cancel.
