@@ -8,7 +8,25 @@
 //! punched hole. New requests are submitted as soon as they are seen while earlier ones are in
 //! flight, completions are answered as they arrive, responses are published in batches, and the
 //! front end is notified only when the event index asks.
+//!
+//! **Bounded completions.** Every submitted entry owes one completion, and the completion queue
+//! has [`COMPLETION_QUEUE`] entries. A front end controls how many entries its requests need (a
+//! ring of indirect requests of 256 scattered segments each is 256 fixed reads apiece), so the
+//! back end counts the entries it submitted and has not reaped and takes a request off the ring
+//! only while the worst case still fits, in the completion queue and in the submission queue.
+//! Requests beyond that wait on the ring (back-pressure) and are taken as completions free room;
+//! the completion queue never overflows, so the kernel never has to buffer completions in
+//! memory of its own or, when that fails, drop them.
+//!
+//! **Teardown.** Dropping a back end cancels its I/O (io_uring async cancel) and waits for the
+//! completions a while ([`TEARDOWN_WAIT`]). What is still in flight then (I/O the kernel could not
+//! cancel, on a slow or hung device) may still be written into its pages, so those pages cannot
+//! be released yet; but nothing else is kept: the ring and exactly the requests in flight move to
+//! a drain thread, which releases each request's pages as the kernel completes it (io_uring
+//! completes every request it accepted, and with the bound above no completion is lost) and then
+//! the ring. Nothing is ever leaked for good.
 
+use std::mem::ManuallyDrop;
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -31,10 +49,31 @@ use crate::netback::Notify;
 pub const MAX_INDIRECT_SEGMENTS: usize = 256;
 /// io_uring submission-queue depth.
 const URING_DEPTH: u32 = 1024;
+/// io_uring completion-queue entries. The back end never has more completions outstanding
+/// (entries submitted and not yet reaped) than this, less the two it keeps for the doorbell
+/// and teardown.
+pub const COMPLETION_QUEUE: u32 = 2 * URING_DEPTH;
+/// Completion-queue entries kept for entries that are not requests: the doorbell's poll and
+/// teardown's cancel.
+const CQ_RESERVED: usize = 2;
+/// Most entries one request can need with fixed buffers: an indirect request of
+/// [`MAX_INDIRECT_SEGMENTS`] segments none of which continues the previous one (a flush carries
+/// at most 11 direct segments and its fsync; a discard is one fallocate).
+const MAX_SQES_FIXED: usize = MAX_INDIRECT_SEGMENTS;
+// A flush: its direct segments and the fsync.
+const _: () = assert!(pv_protocol::blkif::MAX_SEGMENTS_PER_REQUEST < MAX_SQES_FIXED);
+/// Most entries one request can need without fixed buffers: one readv/writev and an fsync.
+const MAX_SQES_VECTORED: usize = 2;
+const _: () = assert!(MAX_SQES_FIXED + CQ_RESERVED <= URING_DEPTH as usize);
+/// How long dropping a back end waits for its cancelled I/O to complete before it leaves what is
+/// still in flight to a drain thread (see the module documentation).
+pub const TEARDOWN_WAIT: Duration = Duration::from_secs(1);
 /// The image, as the ring's registered file.
 const DISK: types::Fixed = types::Fixed(0);
 /// User data of the doorbell's poll (request slots stay far below it).
 const UD_DOORBELL: u64 = u64::MAX;
+/// User data of teardown's cancel.
+const UD_CANCEL: u64 = u64::MAX - 1;
 /// How long [`BlkBack::serve`] keeps polling the ring after it woke the front end: about the time
 /// a woken guest takes to run and answer its responses with new requests (tens of microseconds
 /// here), so those are taken at once instead of after a doorbell and a wake-up of this thread.
@@ -132,6 +171,9 @@ pub struct BlkStats {
 struct Inflight {
     id: u64,
     op: u8,
+    /// Entries submitted for it.
+    entries: u16,
+    /// Of which not yet completed.
     sqes: u16,
     failed: bool,
     /// Data goes through the registered buffer, one fixed read/write per contiguous run.
@@ -158,18 +200,105 @@ struct Buffers {
 // travel together with the pages that keep them valid.
 unsafe impl Send for Buffers {}
 
+/// The requests in flight and the completions they still owe.
+#[derive(Default)]
+struct InflightTable {
+    /// By slot (the slot index is the io_uring user data >> [`UD_SHIFT`]).
+    slots: Vec<Option<Inflight>>,
+    free: Vec<usize>,
+    /// Requests in `slots`.
+    requests: usize,
+    /// Entries submitted for them, reaped or not: each request's entries count until its last
+    /// completion, so this bounds the completions outstanding (and, when no segment merges, the
+    /// pages the requests hold).
+    entries: usize,
+}
+
+/// What one completion did to its request.
+struct Completed {
+    /// The request's first failure, with the result that showed it.
+    failed: Option<(u64, i32)>,
+    /// The request, if this was its last completion.
+    done: Option<Inflight>,
+}
+
+impl InflightTable {
+    /// A slot for a request about to be submitted.
+    fn slot(&mut self) -> usize {
+        self.free.pop().unwrap_or_else(|| {
+            self.slots.push(None);
+            self.slots.len() - 1
+        })
+    }
+
+    /// Puts `r`, whose `r.sqes` entries were pushed with `slot`'s user data, into `slot`.
+    fn insert(&mut self, slot: usize, r: Inflight) {
+        self.entries += usize::from(r.entries);
+        self.requests += 1;
+        self.slots[slot] = Some(r);
+    }
+
+    /// Frees a slot taken by [`slot`](Self::slot) for a request that pushed no entry.
+    fn unused(&mut self, slot: usize) {
+        self.free.push(slot);
+    }
+
+    /// Accounts one completion (user data `ud`, result `res`) of a request.
+    fn complete(&mut self, ud: u64, res: i32) -> Completed {
+        let mut out = Completed {
+            failed: None,
+            done: None,
+        };
+        let slot = (ud >> UD_SHIFT) as usize;
+        let k = (ud & UD_MASK) as usize;
+        let Some(r) = self.slots.get_mut(slot).and_then(Option::as_mut) else {
+            return out;
+        };
+        r.sqes = r.sqes.saturating_sub(1);
+        // k = 0: the fsync; k >= 1: data (one entry, or with fixed buffers entry k covers
+        // segment k, whose length is iovec k).
+        let expected = match (k, r.fixed) {
+            (0, _) => None,
+            (k, true) => r.bufs.iovecs.get(k).map(|v| v.iov_len as i64),
+            (_, false) => Some(r.expect).filter(|&e| e > 0),
+        };
+        let failed_now = res < 0 || expected.is_some_and(|e| i64::from(res) != e);
+        if failed_now && !r.failed {
+            out.failed = Some((r.id, res));
+        }
+        r.failed |= failed_now;
+        if r.sqes == 0 {
+            self.entries = self.entries.saturating_sub(usize::from(r.entries));
+            out.done = self.slots[slot].take();
+            self.free.push(slot);
+            self.requests -= 1;
+        }
+        out
+    }
+}
+
 /// The back end of one block ring.
 pub struct BlkBack<'a, G: GrantMapper> {
     domid: u32,
     ring: BackRing<'a, BlkRing>,
     disk: Disk,
     grants: G,
-    uring: IoUring,
+    /// Taken only by `drop` (which may hand it to a drain thread).
+    uring: ManuallyDrop<IoUring>,
     stats: Arc<BlkCounters>,
-    /// Requests in flight, by slot (the slot index is the io_uring user data >> 1).
-    slots: Vec<Option<Inflight>>,
-    free: Vec<usize>,
-    in_flight: usize,
+    /// Requests in flight.
+    table: InflightTable,
+    /// Most completions that may be outstanding at once: the completion queue's size, less
+    /// [`CQ_RESERVED`].
+    cq_limit: usize,
+    /// Requests were left on the ring for want of room in the queues (see
+    /// [`room_for_request`](Self::room_for_request)).
+    waiting_for_room: bool,
+    /// Dropping waits this long for cancelled I/O ([`TEARDOWN_WAIT`]; tests shorten it).
+    teardown_wait: Duration,
+    /// Dropping cancels in-flight I/O (tests turn it off to stand for I/O that cannot be
+    /// cancelled).
+    teardown_cancel: bool,
     /// The guest's memory is registered with io_uring as fixed buffer 0.
     fixed: bool,
     /// Responses of one pass, and completions of one reap (kept to reuse their memory).
@@ -199,27 +328,158 @@ impl<G: GrantMapper> std::fmt::Debug for BlkBack<'_, G> {
 
 impl<G: GrantMapper> Drop for BlkBack<'_, G> {
     fn drop(&mut self) {
+        // SAFETY: `uring` is taken once, here, and `self` is not used after `drop`.
+        let uring = unsafe { ManuallyDrop::take(&mut self.uring) };
+        let mut drain = Drain {
+            domid: self.domid,
+            uring,
+            table: std::mem::take(&mut self.table),
+        };
         // The kernel may still be reading into or writing from granted pages (`serve` stops, or
-        // a ring breaks, with I/O in flight): wait for it before the pages and their grants are
-        // released, or the guest could reuse a page the disk still writes.
-        let mut answers = Vec::new();
-        while self.in_flight > 0 {
-            match self.uring.submit_and_wait(1) {
-                Ok(_) => self.reap(&mut answers),
-                Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
+        // a ring breaks, with I/O in flight). Their pages stay mapped until it is done: else the
+        // guest could reuse a page the disk still writes, and I/O through our address of a page
+        // (readv/writev) could land in whatever is mapped there next. Cancel what can be
+        // cancelled (queued or waiting work ends at once with -ECANCELED), then wait a while for
+        // the rest.
+        if drain.table.requests > 0 {
+            if self.teardown_cancel {
+                drain.cancel_all();
+            }
+            drain.wait(Some(self.teardown_wait));
+        }
+        if drain.table.requests == 0 {
+            return; // `drain` lets go of the image and the ring.
+        }
+        // Requests the kernel has not finished (a slow or hung device): keep exactly those (their
+        // pages) and the ring, never the mapper and the rest of this back end, until the kernel
+        // completes them. It completes every request it accepted, and no completion is lost (the
+        // completion queue cannot overflow), so this ends.
+        //
+        // The registered buffer is the mapper's range, which stays valid only while the mapper
+        // lives (it goes when this returns). Unregistering it leaves the kernel its own
+        // references to the pages: it pinned them at registration and, for requests still using
+        // them, unpins them only when those complete (since Linux 6.13 unregistering does not
+        // wait for that; before, it waits). After that no I/O depends on our mapping of the
+        // range. If it cannot be unregistered, the mapper must outlive the I/O: wait here.
+        if self.fixed && drain.uring.submitter().unregister_buffers().is_err() {
+            tracing::warn!(
+                domid = self.domid,
+                "{} block requests still in flight at teardown; waiting for them",
+                drain.table.requests
+            );
+            drain.wait(None);
+            return;
+        }
+        tracing::warn!(
+            domid = self.domid,
+            "{} block requests still in flight at teardown; their pages are released as they \
+             complete",
+            drain.table.requests
+        );
+        // Handed over through a slot, so that if the thread cannot be started the drain comes
+        // back here and is waited for in place (dropping it waits, see `Drain`'s `Drop`).
+        let slot = Arc::new(std::sync::Mutex::new(Some(drain)));
+        let theirs = Arc::clone(&slot);
+        let spawned = std::thread::Builder::new()
+            .name(format!("dom{}-blkdrain", self.domid))
+            .spawn(move || {
+                let drain = theirs.lock().unwrap_or_else(|p| p.into_inner()).take();
+                if let Some(mut d) = drain {
+                    d.wait(None);
+                    tracing::info!(domid = d.domid, "block requests left at teardown completed");
+                }
+            });
+        if spawned.is_err() {
+            let drain = slot.lock().unwrap_or_else(|p| p.into_inner()).take();
+            drop(drain);
+        }
+    }
+}
+
+/// A ring being torn down and the requests still in flight on it.
+struct Drain {
+    domid: u32,
+    uring: IoUring,
+    table: InflightTable,
+}
+
+/// How long one wait of [`Drain::wait`] lasts before it looks again (and, after an error of the
+/// wait itself, how long it pauses).
+const DRAIN_POLL: Duration = Duration::from_millis(100);
+
+impl Drain {
+    /// Asks the kernel to cancel every request in flight on the ring (Linux 5.19; before, the
+    /// cancel fails and the requests are waited for).
+    fn cancel_all(&mut self) {
+        let e = opcode::AsyncCancel2::new(types::CancelBuilder::any())
+            .build()
+            .user_data(UD_CANCEL);
+        // SAFETY: a cancel entry points at no memory of ours.
+        if unsafe { self.uring.submission().push(&e) }.is_ok() {
+            let _ = self.uring.submit();
+        }
+    }
+
+    /// Reaps completions until no request is in flight, or `bound` has passed. Each request's
+    /// pages are released as soon as its last completion is seen.
+    fn wait(&mut self, bound: Option<Duration>) {
+        let deadline = bound.map(|b| Instant::now() + b);
+        let mut logged = false;
+        loop {
+            self.reap();
+            if self.table.requests == 0 {
+                return;
+            }
+            let timeout = match deadline {
+                Some(d) => match d.checked_duration_since(Instant::now()) {
+                    Some(left) if !left.is_zero() => left.min(DRAIN_POLL),
+                    _ => return,
+                },
+                None => DRAIN_POLL,
+            };
+            let ts = types::Timespec::from(timeout);
+            let args = types::SubmitArgs::new().timespec(&ts);
+            match self.uring.submitter().submit_with_args(1, &args) {
+                Ok(_) => {}
+                Err(e) if matches!(e.raw_os_error(), Some(libc::ETIME | libc::EINTR)) => {}
                 Err(e) => {
-                    tracing::error!(
-                        domid = self.domid,
-                        "cannot wait for in-flight I/O, its pages stay mapped: {e}"
-                    );
-                    std::mem::forget(std::mem::take(&mut self.slots));
-                    return;
+                    // The wait itself failed: keep the pages (the kernel may still use them) and
+                    // try again later, rather than give up on them.
+                    if !logged {
+                        logged = true;
+                        tracing::error!(domid = self.domid, "waiting for in-flight I/O: {e}");
+                    }
+                    std::thread::sleep(timeout);
                 }
             }
         }
-        // The ring is torn down asynchronously after it is closed, and with it goes its reference
-        // to the registered image: give that back now, or the image (and its lock) would stay
-        // open a while after the device is gone, and attaching it again could fail.
+    }
+
+    /// Takes every completion ready; finished requests release their pages.
+    fn reap(&mut self) {
+        let done: Vec<(u64, i32)> = self
+            .uring
+            .completion()
+            .map(|c| (c.user_data(), c.result()))
+            .collect();
+        for (ud, res) in done {
+            if ud == UD_DOORBELL || ud == UD_CANCEL {
+                continue;
+            }
+            drop(self.table.complete(ud, res).done);
+        }
+    }
+}
+
+impl Drop for Drain {
+    fn drop(&mut self) {
+        // Never release pages the kernel may still use: whoever drops a drain waits for it.
+        if self.table.requests > 0 {
+            self.wait(None);
+        }
+        // The ring is torn down asynchronously after it is closed, and with it goes its
+        // reference to the registered image: give that back now, or the image (and its lock)
+        // would stay open a while after the device is gone, and attaching it again could fail.
         if let Err(e) = self.uring.submitter().unregister_files() {
             tracing::warn!(domid = self.domid, "cannot unregister the image: {e}");
         }
@@ -242,9 +502,15 @@ impl<'a, G: GrantMapper> BlkBack<'a, G> {
         let uring = IoUring::builder()
             .setup_coop_taskrun()
             .setup_taskrun_flag()
+            .setup_cqsize(COMPLETION_QUEUE)
             .build(URING_DEPTH)
-            .or_else(|_| IoUring::new(URING_DEPTH))
+            .or_else(|_| {
+                IoUring::builder()
+                    .setup_cqsize(COMPLETION_QUEUE)
+                    .build(URING_DEPTH)
+            })
             .map_err(BlkBackError::Uring)?;
+        let cq_limit = (uring.params().cq_entries() as usize).saturating_sub(CQ_RESERVED);
         // The image is registered file 0: the kernel does not look the descriptor up and take a
         // reference on it for every request.
         uring
@@ -270,11 +536,13 @@ impl<'a, G: GrantMapper> BlkBack<'a, G> {
             ring,
             disk,
             grants,
-            uring,
+            uring: ManuallyDrop::new(uring),
             stats: Arc::default(),
-            slots: Vec::new(),
-            free: Vec::new(),
-            in_flight: 0,
+            table: InflightTable::default(),
+            cq_limit,
+            waiting_for_room: false,
+            teardown_wait: TEARDOWN_WAIT,
+            teardown_cancel: true,
             fixed,
             answers: Vec::new(),
             done: Vec::new(),
@@ -312,7 +580,7 @@ impl<'a, G: GrantMapper> BlkBack<'a, G> {
         loop {
             let (busy, n) = self.pass()?;
             notify |= n;
-            if self.in_flight == 0 && !self.ring.has_unconsumed_requests()? {
+            if self.table.requests == 0 && !self.ring.has_unconsumed_requests()? {
                 return Ok(notify);
             }
             if !busy {
@@ -378,6 +646,18 @@ impl<'a, G: GrantMapper> BlkBack<'a, G> {
                 continue;
             }
             last_round = None;
+            if self.waiting_for_room {
+                // Requests wait on the ring for room in the queues, which only a completion
+                // frees: sleep until one arrives (the doorbell would only say what we know).
+                let ts = types::Timespec::from(SLEEP_MAX);
+                let args = types::SubmitArgs::new().timespec(&ts);
+                match self.uring.submitter().submit_with_args(1, &args) {
+                    Ok(_) => {}
+                    Err(e) if matches!(e.raw_os_error(), Some(libc::ETIME | libc::EINTR)) => {}
+                    Err(e) => return Err(BlkBackError::Uring(e)),
+                }
+                continue;
+            }
             // Sleep: ask for the doorbell, then look once more (the front end may have
             // published just before it saw the event index).
             if self.final_check()? {
@@ -431,6 +711,7 @@ impl<'a, G: GrantMapper> BlkBack<'a, G> {
         let mut busy = false;
         let mut notify = false;
         let mut taken = 0;
+        self.waiting_for_room = false;
         // Completions are queued as work for this thread, run when it enters the kernel: enter
         // when the kernel flags some.
         if self.uring.submission().taskrun() {
@@ -443,9 +724,10 @@ impl<'a, G: GrantMapper> BlkBack<'a, G> {
             self.reap(answers);
             busy |= !answers.is_empty();
             notify |= self.answer(answers)?;
-            // Take a request while the submission queue has room for the largest one's entries
-            // (one per segment with fixed buffers, plus an fsync).
-            if self.sq_room() <= MAX_INDIRECT_SEGMENTS {
+            // Take a request only while both queues have room for the largest one's entries:
+            // the rest wait on the ring until completions free some.
+            if !self.room_for_request() {
+                self.waiting_for_room = self.ring.has_unconsumed_requests()?;
                 break;
             }
             // At most a ring's worth per pass: the caller's stop check and sleep decisions
@@ -508,32 +790,55 @@ impl<'a, G: GrantMapper> BlkBack<'a, G> {
         Ok(self.ring.final_check_for_requests()?)
     }
 
-    fn sq_room(&mut self) -> usize {
+    /// Whether the largest request's entries fit both in the submission queue and, with the
+    /// completions already outstanding, in the completion queue: only then may a request be taken
+    /// off the ring, so the completion queue cannot overflow however the front end shapes its
+    /// requests.
+    fn room_for_request(&mut self) -> bool {
+        let worst = if self.fixed {
+            MAX_SQES_FIXED
+        } else {
+            MAX_SQES_VECTORED
+        };
         let sq = self.uring.submission();
-        sq.capacity() - sq.len()
+        let sq_room = sq.capacity() - sq.len();
+        drop(sq);
+        sq_room >= worst && self.table.entries + worst <= self.cq_limit
+    }
+
+    /// Most completions this back end lets be outstanding at once: its completion queue's size
+    /// less the entries it keeps for the doorbell and teardown. Requests are taken off the ring
+    /// only while their worst case fits under it.
+    pub fn completion_limit(&self) -> usize {
+        self.cq_limit
     }
 
     /// Queues the entries of one request (the caller then submits them).
-    fn submit(&mut self, r: Inflight) -> Result<(), BlkBackError> {
-        let slot = match self.free.pop() {
-            Some(i) => i,
-            None => {
-                self.slots.push(None);
-                self.slots.len() - 1
-            }
-        };
+    fn submit(&mut self, mut r: Inflight) -> Result<(), BlkBackError> {
+        let slot = self.table.slot();
         let mut sq = self.uring.submission();
-        let mut full = false;
+        let (mut pushed, mut full) = (0u16, false);
         sqes_for(&r, DISK, slot as u64, &mut |e| {
-            // SAFETY: the iovecs and pages the entry points to move into `self.slots[slot]`
-            // below (Vecs: their heap memory does not move, and nothing grows them until the
-            // slot is freed) and live there until the last completion has been reaped (`reap`
-            // frees the slot only then).
-            full |= unsafe { sq.push(&e) }.is_err();
+            // SAFETY: the iovecs and pages the entry points to move into the table's slot below
+            // (Vecs: their heap memory does not move, and nothing grows them until the slot is
+            // freed) and live there until the last completion has been reaped (`complete` frees
+            // the slot only then; a back end dropped earlier keeps them until then, see `Drain`).
+            match unsafe { sq.push(&e) } {
+                Ok(()) => pushed += 1,
+                Err(_) => full = true,
+            }
         });
         drop(sq);
-        self.slots[slot] = Some(r);
-        self.in_flight += 1;
+        // Only the entries pushed owe completions (room was checked: all of them, always).
+        if pushed == 0 {
+            self.table.unused(slot);
+            self.recycle(r.bufs);
+        } else {
+            r.failed |= pushed < r.sqes;
+            r.sqes = pushed;
+            r.entries = pushed;
+            self.table.insert(slot, r);
+        }
         if full {
             return Err(BlkBackError::Uring(std::io::Error::other(
                 "submission queue full",
@@ -553,37 +858,16 @@ impl<'a, G: GrantMapper> BlkBack<'a, G> {
                 self.doorbell_rang = true;
                 continue;
             }
-            let slot = (ud >> UD_SHIFT) as usize;
-            let k = (ud & UD_MASK) as usize;
-            let Some(r) = self.slots.get_mut(slot).and_then(Option::as_mut) else {
-                continue;
-            };
-            r.sqes = r.sqes.saturating_sub(1);
-            // k = 0: the fsync; k >= 1: data (one entry, or with fixed buffers entry k covers
-            // segment k, whose length is iovec k).
-            let expected = match (k, r.fixed) {
-                (0, _) => None,
-                (k, true) => r.bufs.iovecs.get(k).map(|v| v.iov_len as i64),
-                (_, false) => Some(r.expect).filter(|&e| e > 0),
-            };
-            let failed_now = res < 0 || expected.is_some_and(|e| i64::from(res) != e);
-            let first_failure = failed_now && !r.failed;
-            r.failed |= failed_now;
-            let (id, sqes_left) = (r.id, r.sqes);
-            if first_failure {
+            let Completed { failed, done } = self.table.complete(ud, res);
+            if let Some((id, res)) = failed {
                 self.warn(format_args!(
                     "disk I/O for request {id} failed: result {res}"
                 ));
             }
-            if sqes_left > 0 {
-                continue;
-            }
-            let Some(r) = self.slots[slot].take() else {
+            let Some(r) = done else {
                 continue;
             };
             self.recycle(r.bufs);
-            self.free.push(slot);
-            self.in_flight -= 1;
             if !r.failed {
                 let c = &self.stats;
                 let (n, bytes) = if r.write {
@@ -670,6 +954,7 @@ impl<'a, G: GrantMapper> BlkBack<'a, G> {
                 Ok(Inflight {
                     id,
                     op,
+                    entries: 1,
                     sqes: 1,
                     failed: false,
                     fixed: false,
@@ -767,6 +1052,7 @@ impl<'a, G: GrantMapper> BlkBack<'a, G> {
         Ok(Inflight {
             id,
             op,
+            entries: data_sqes + u16::from(flush),
             sqes: data_sqes + u16::from(flush),
             failed: false,
             fixed: self.fixed,
@@ -1060,6 +1346,201 @@ mod tests {
             let disk = Disk::open(&img, false).unwrap();
             drop(BlkBack::new(4, ring, disk, TwoPages::new()).unwrap());
         }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// Pages the test owns for good (leaked), granted as refs `0..n`; counts the pages mapped
+    /// now, and holds a token (`alive`) that lives exactly as long as the mapper. With `fixed`
+    /// it offers the pages as its `io_region` (registered with io_uring, as a domain's memory).
+    struct CountingPages {
+        base: NonNull<Page>,
+        n: u32,
+        fixed: bool,
+        live: Arc<std::sync::atomic::AtomicUsize>,
+        _alive: Arc<()>,
+    }
+
+    // SAFETY: leaked plain memory; see `TwoPages`.
+    unsafe impl Send for CountingPages {}
+
+    struct Live(Arc<std::sync::atomic::AtomicUsize>);
+
+    impl Drop for Live {
+        fn drop(&mut self) {
+            self.0.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+
+    impl CountingPages {
+        fn new(n: u32, fixed: bool) -> (Self, std::sync::Weak<()>) {
+            let pages: Vec<Page> = (0..n).map(|_| Page([0; PAGE_SIZE])).collect();
+            let base = NonNull::from(Box::leak(pages.into_boxed_slice())).cast::<Page>();
+            let alive = Arc::new(());
+            let weak = Arc::downgrade(&alive);
+            let me = Self {
+                base,
+                n,
+                fixed,
+                live: Arc::default(),
+                _alive: alive,
+            };
+            (me, weak)
+        }
+
+        /// A view of page `i` that outlives the mapper (the pages are leaked).
+        fn page_ptr(&self, i: u32) -> usize {
+            assert!(i < self.n);
+            // SAFETY: `i < n`, inside the leaked array.
+            unsafe { self.base.add(i as usize) }.as_ptr() as usize
+        }
+    }
+
+    impl GrantMapper for CountingPages {
+        fn map(&self, gref: GrantRef, _device_writes: bool) -> Result<MappedPage, GrantFailure> {
+            if gref.0 >= self.n {
+                return Err(GrantFailure {
+                    gref: gref.0,
+                    reason: "not granted".into(),
+                });
+            }
+            self.live.fetch_add(1, Ordering::SeqCst);
+            let ptr = NonNull::new(self.page_ptr(gref.0) as *mut u8).unwrap();
+            // SAFETY: the pages are leaked, valid for reads and writes for good.
+            Ok(unsafe { MappedPage::new(ptr, Box::new(Live(Arc::clone(&self.live)))) })
+        }
+
+        fn io_region(&self) -> Option<(NonNull<u8>, usize)> {
+            // Leaked: valid for good.
+            self.fixed
+                .then(|| (self.base.cast(), self.n as usize * PAGE_SIZE))
+        }
+    }
+
+    /// A FIFO as the disk: reads from it complete only when the test writes into it, as I/O on a
+    /// slow device would; the writer end is returned.
+    fn fifo_disk(dir: &std::path::Path) -> (Disk, std::fs::File) {
+        use std::os::unix::ffi::OsStrExt;
+        std::fs::create_dir_all(dir).unwrap();
+        let path = dir.join("fifo");
+        let _ = std::fs::remove_file(&path);
+        let c = std::ffi::CString::new(path.as_os_str().as_bytes()).unwrap();
+        // SAFETY: a NUL-terminated path; the result is checked.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        // Read-write: opening does not wait for a writer, and reads wait for data.
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .unwrap();
+        let writer = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+        (Disk::from_file_for_tests(file, &path, 2048), writer)
+    }
+
+    /// Drops `back` on another thread and says whether that finished within `limit` (on failure
+    /// the thread is left blocked).
+    fn drop_returns<T: Send + 'static>(back: T, limit: Duration) -> bool {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            drop(back);
+            let _ = tx.send(());
+        });
+        rx.recv_timeout(limit).is_ok()
+    }
+
+    /// Polls `f` until it is true or `limit` passes.
+    fn eventually(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
+        let deadline = Instant::now() + limit;
+        while !f() {
+            if Instant::now() > deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        true
+    }
+
+    #[test]
+    fn dropping_a_back_end_cancels_its_io_in_flight_and_releases_every_page() {
+        cancelled_at_teardown(false);
+        cancelled_at_teardown(true);
+    }
+
+    fn cancelled_at_teardown(fixed: bool) {
+        let dir =
+            std::env::temp_dir().join(format!("sv-blkback-cancel-{fixed}-{}", std::process::id()));
+        let (disk, _writer) = fifo_disk(&dir);
+        let (pages, alive) = CountingPages::new(4, fixed);
+        let live = Arc::clone(&pages.live);
+        // The ring memory must outlive the back end (which the other thread drops): leak it.
+        let mem = Box::leak(Box::new(RingMemory::new(1)));
+        let region = mem.region();
+        let mut front = MockFrontEnd::<BlkRing>::new(region, 1).unwrap();
+        let ring = BackRing::attach(region, 1).unwrap();
+        let mut back = BlkBack::new(6, ring, disk, pages).unwrap();
+        assert_eq!(back.fixed, fixed);
+        let reqs: Vec<_> = (0..4).map(|i| request(false, i, 8 * i, i as u32)).collect();
+        front.submit(&reqs).unwrap();
+        // Taken and submitted: four reads waiting on a device that never answers.
+        back.pass().unwrap();
+        assert_eq!(back.table.requests, 4);
+        assert_eq!(live.load(Ordering::SeqCst), 4);
+
+        // Dropping cancels them, waits for the cancellations, and lets go of everything.
+        assert!(
+            drop_returns(back, Duration::from_secs(30)),
+            "dropping the back end waited for I/O that never completes"
+        );
+        assert_eq!(live.load(Ordering::SeqCst), 0, "pages still mapped");
+        assert!(alive.upgrade().is_none(), "the mapper is still alive");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn io_outliving_teardown_keeps_only_its_own_pages_until_the_kernel_completes_it() {
+        drained_after_teardown(false);
+        drained_after_teardown(true);
+    }
+
+    fn drained_after_teardown(fixed: bool) {
+        use std::io::Write;
+        let dir =
+            std::env::temp_dir().join(format!("sv-blkback-drain-{fixed}-{}", std::process::id()));
+        let (disk, mut writer) = fifo_disk(&dir);
+        let (pages, alive) = CountingPages::new(4, fixed);
+        let live = Arc::clone(&pages.live);
+        let page0 = pages.page_ptr(0);
+        let mem = Box::leak(Box::new(RingMemory::new(1)));
+        let region = mem.region();
+        let mut front = MockFrontEnd::<BlkRing>::new(region, 1).unwrap();
+        let ring = BackRing::attach(region, 1).unwrap();
+        let mut back = BlkBack::new(6, ring, disk, pages).unwrap();
+        // Stand for I/O the kernel cannot cancel (on a hung device), and do not wait for it.
+        back.teardown_cancel = false;
+        back.teardown_wait = Duration::ZERO;
+        assert_eq!(back.fixed, fixed);
+        front.submit(&[request(false, 1, 0, 0)]).unwrap();
+        back.pass().unwrap();
+        assert_eq!(back.table.requests, 1);
+
+        assert!(
+            drop_returns(back, Duration::from_secs(30)),
+            "dropping the back end waited for I/O that outlives it"
+        );
+        // The kernel may still write into the page of the read in flight: that one page stays
+        // mapped; the mapper and everything else of the back end are gone.
+        assert!(alive.upgrade().is_none(), "the mapper is still alive");
+        assert_eq!(live.load(Ordering::SeqCst), 1);
+
+        // The device answers: the data lands in the page that was kept, which is then released.
+        writer.write_all(&[0xa5; PAGE_SIZE]).unwrap();
+        assert!(
+            eventually(Duration::from_secs(30), || live.load(Ordering::SeqCst) == 0),
+            "the page of the completed read is still mapped"
+        );
+        let mut got = [0u8; PAGE_SIZE];
+        // SAFETY: the leaked page; no I/O is in flight any more (its mapping is gone).
+        unsafe { std::ptr::copy_nonoverlapping(page0 as *const u8, got.as_mut_ptr(), PAGE_SIZE) };
+        assert_eq!(got, [0xa5; PAGE_SIZE]);
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

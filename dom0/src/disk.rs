@@ -148,6 +148,20 @@ pub fn open_regular(path: &Path, write: bool, flags: i32) -> Result<File, Option
 }
 
 #[cfg(test)]
+impl Disk {
+    /// Any open file as a writable disk of `sectors` (tests: a FIFO stands for a device whose I/O
+    /// completes only when the test says so).
+    pub(crate) fn from_file_for_tests(file: File, path: &Path, sectors: u64) -> Self {
+        Self {
+            file,
+            path: path.into(),
+            sectors,
+            readonly: false,
+        }
+    }
+}
+
+#[cfg(test)]
 mod tests {
     use super::*;
 

@@ -1,7 +1,7 @@
 //! What a back-end needs from the grant system: a granted page it can hand to the kernel for I/O.
 
 use std::any::Any;
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::ptr::NonNull;
 use std::sync::Arc;
 
@@ -117,16 +117,98 @@ fn page_region(page: &MappedPage, gref: GrantRef) -> Result<SharedRegion<'_>, Gr
     unsafe { SharedRegion::from_raw(page.addr(0), PAGE_SIZE) }.map_err(|e| out_of_page(gref, e))
 }
 
+/// Persistent grants one ring keeps mapped at most: Linux blkback's default
+/// `max_persistent_grants`.
+pub const MAX_PERSISTENT_GRANTS: usize = 1056;
+/// How many of the least recently used persistent grants a miss looks at for one to evict: a
+/// bound on the work a guest can cause per segment when it keeps its oldest grants in use.
+const EVICT_SCAN: usize = 64;
+
+/// The persistent mappings of one ring: at most `capacity`, the least recently used one that no
+/// request holds evicted to make room (as Linux blkback purges its persistent grants). So dom0
+/// keeps a bounded number of a guest's pages claimed, and a grant the guest stopped using is
+/// released in time and can be revoked.
+#[derive(Debug)]
+struct PersistentCache {
+    capacity: usize,
+    /// By ref: the pinned grant and its last use.
+    maps: HashMap<u32, (Arc<hypervisor::grant::PinnedGrant>, u64)>,
+    /// Refs by last use, oldest first.
+    by_use: BTreeMap<u64, u32>,
+    /// Counts uses (never wraps: 2^64 lookups).
+    clock: u64,
+}
+
+impl PersistentCache {
+    fn new(capacity: usize) -> Self {
+        Self {
+            capacity,
+            maps: HashMap::new(),
+            by_use: BTreeMap::new(),
+            clock: 0,
+        }
+    }
+
+    /// The cached mapping of `gref`, now its most recent use.
+    fn get(&mut self, gref: u32) -> Option<Arc<hypervisor::grant::PinnedGrant>> {
+        let (grant, used) = self.maps.get_mut(&gref)?;
+        self.by_use.remove(used);
+        self.clock += 1;
+        *used = self.clock;
+        self.by_use.insert(self.clock, gref);
+        Some(Arc::clone(grant))
+    }
+
+    /// Whether a new mapping can be kept: there is room, or the least recently used mapping
+    /// that nothing but the cache holds (no request in flight uses it), among the
+    /// [`EVICT_SCAN`] least recently used, was evicted (its grant released) to make some.
+    fn make_room(&mut self) -> bool {
+        if self.maps.len() < self.capacity {
+            return true;
+        }
+        // Held only here: no request holds a clone. Clones are made only under the cache's lock
+        // (which the caller holds), so a count of 1 cannot grow meanwhile.
+        let victim = self
+            .by_use
+            .iter()
+            .take(EVICT_SCAN)
+            .find(|(_, gref)| {
+                self.maps
+                    .get(gref)
+                    .is_some_and(|(g, _)| Arc::strong_count(g) == 1)
+            })
+            .map(|(&used, &gref)| (used, gref));
+        let Some((used, gref)) = victim else {
+            return false;
+        };
+        self.by_use.remove(&used);
+        // Dropping the last reference unpins the page and ends the mapping: the guest may revoke
+        // the grant from now on.
+        self.maps.remove(&gref);
+        true
+    }
+
+    fn insert(&mut self, gref: u32, grant: Arc<hypervisor::grant::PinnedGrant>) {
+        self.clock += 1;
+        self.by_use.insert(self.clock, gref);
+        if let Some((_, old)) = self.maps.insert(gref, (grant, self.clock)) {
+            self.by_use.remove(&old);
+        }
+    }
+}
+
 /// The real thing: grants of a live domain, through the hypervisor's checked grant table.
 ///
 /// With `persistent` (Xen's `feature-persistent`, when both ends offer it) a grant stays mapped
 /// after its first use and is reused by later requests, saving a map and an unmap per segment;
-/// the front end agrees not to revoke such grants while connected (and cannot: they stay
-/// claimed). Mappings are released when this value is dropped, at disconnect.
+/// the front end agrees not to revoke such grants while they are mapped (and cannot: they stay
+/// claimed). At most [`MAX_PERSISTENT_GRANTS`] stay mapped: beyond that the least recently used
+/// one not in use is released, and when every one is in use a new grant is mapped for that use
+/// only. Mappings are released when this value is dropped, at disconnect.
 #[derive(Debug)]
 pub struct DomainGrants {
     dom: Arc<hypervisor::DomainShared>,
-    persistent: Option<std::sync::Mutex<HashMap<u32, Arc<hypervisor::grant::PinnedGrant>>>>,
+    persistent: Option<std::sync::Mutex<PersistentCache>>,
 }
 
 impl DomainGrants {
@@ -138,12 +220,25 @@ impl DomainGrants {
         }
     }
 
-    /// Grants of `dom`, kept mapped after first use (writable unless the grant is read-only).
+    /// Grants of `dom`, kept mapped after first use (writable unless the grant is read-only), at
+    /// most [`MAX_PERSISTENT_GRANTS`] of them.
     pub fn persistent(dom: Arc<hypervisor::DomainShared>) -> Self {
+        Self::persistent_with_capacity(dom, MAX_PERSISTENT_GRANTS)
+    }
+
+    /// As [`persistent`](Self::persistent), keeping at most `capacity` grants mapped.
+    pub fn persistent_with_capacity(dom: Arc<hypervisor::DomainShared>, capacity: usize) -> Self {
         Self {
             dom,
-            persistent: Some(std::sync::Mutex::default()),
+            persistent: Some(std::sync::Mutex::new(PersistentCache::new(capacity))),
         }
+    }
+
+    /// Grants kept mapped persistently now (0 without persistent grants).
+    pub fn persistent_len(&self) -> usize {
+        self.persistent.as_ref().map_or(0, |c| {
+            c.lock().unwrap_or_else(|p| p.into_inner()).maps.len()
+        })
     }
 
     fn pin(
@@ -162,11 +257,11 @@ impl DomainGrants {
                 .map_err(fail);
         };
         let mut cache = cache.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(hit) = cache.get(&gref.0) {
+        if let Some(hit) = cache.get(gref.0) {
             if writable && !hit.mapping().writable() {
                 return Err(fail(hypervisor::grant::GrantError::ReadOnly(gref.0)));
             }
-            return Ok(Arc::clone(hit));
+            return Ok(hit);
         }
         // Map writable when the grant allows it (so later writes reuse it too), else read-only.
         let mapped = match hypervisor::grant::map(&self.dom, gref, 0, false) {
@@ -176,7 +271,10 @@ impl DomainGrants {
             other => other,
         };
         let pinned = Arc::new(mapped.and_then(|m| m.pin()).map_err(fail)?);
-        cache.insert(gref.0, Arc::clone(&pinned));
+        // Full of grants in use: this one serves this use only (released when it ends).
+        if cache.make_room() {
+            cache.insert(gref.0, Arc::clone(&pinned));
+        }
         Ok(pinned)
     }
 }

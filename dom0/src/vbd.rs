@@ -295,8 +295,9 @@ fn serve_queue(
     if let Err(e) = back.serve(&hp, &mut || closing()) {
         dom.guest_fault("vbd-ring", format_args!("{frontend}: {e}"));
     }
-    // The back end (its in-flight I/O drained, its grant mappings released) goes before the
-    // channel is unbound.
+    // The back end (its in-flight I/O cancelled and drained, or what the kernel has not
+    // finished left to a drain thread holding only those requests' pages; its other grant
+    // mappings released) goes before the channel is unbound.
     drop(back);
     drop(hp);
 }

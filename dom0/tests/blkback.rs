@@ -386,3 +386,285 @@ fn a_hostile_ring_dies_alone_while_a_good_one_keeps_being_served() {
         "nothing written for the hostile one"
     );
 }
+
+/// Guest memory standing in for a domain's RAM: one page-aligned range.
+struct Ram {
+    base: NonNull<u8>,
+    layout: std::alloc::Layout,
+}
+
+// SAFETY: plain heap memory owned by this value; the test reads it only while no I/O is in
+// flight, and the kernel writes it only during I/O the test waits for.
+unsafe impl Send for Ram {}
+// SAFETY: as above.
+unsafe impl Sync for Ram {}
+
+impl Ram {
+    fn new(pages: usize) -> Self {
+        let layout = std::alloc::Layout::from_size_align(pages * 4096, 4096).unwrap();
+        // SAFETY: a non-zero size.
+        let base = NonNull::new(unsafe { std::alloc::alloc_zeroed(layout) }).unwrap();
+        Self { base, layout }
+    }
+
+    fn pages(&self) -> usize {
+        self.layout.size() / 4096
+    }
+
+    #[allow(clippy::mut_from_ref)]
+    fn page(&self, i: usize) -> &mut [u8; 4096] {
+        assert!(i < self.pages());
+        // SAFETY: inside the allocation; see the type: no I/O is in flight while the test looks,
+        // and the test holds one such reference at a time.
+        unsafe { &mut *self.base.as_ptr().add(i * 4096).cast::<[u8; 4096]>() }
+    }
+}
+
+impl Drop for Ram {
+    fn drop(&mut self) {
+        // SAFETY: allocated in `new` with this layout.
+        unsafe { std::alloc::dealloc(self.base.as_ptr(), self.layout) };
+    }
+}
+
+/// Grants of [`Ram`]: ref `n` is page `n`. The mapper offers the whole range as its
+/// `io_region`, so the back end registers it with io_uring and uses fixed reads and writes (one
+/// per contiguous run of segments), as it does for a real domain. It counts the pages mapped at
+/// this moment and the most ever mapped at once.
+#[derive(Clone)]
+struct FixedRam {
+    ram: Arc<Ram>,
+    live: Arc<std::sync::atomic::AtomicUsize>,
+    peak: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+/// Counts one mapped page while it lives, and keeps its memory.
+struct Live(
+    Arc<std::sync::atomic::AtomicUsize>,
+    #[allow(dead_code)] Arc<Ram>,
+);
+
+impl Drop for Live {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+impl FixedRam {
+    fn new(pages: usize) -> Self {
+        Self {
+            ram: Arc::new(Ram::new(pages)),
+            live: Arc::default(),
+            peak: Arc::default(),
+        }
+    }
+}
+
+impl GrantMapper for FixedRam {
+    fn map(&self, gref: GrantRef, _device_writes: bool) -> Result<MappedPage, GrantFailure> {
+        let i = gref.0 as usize;
+        if i >= self.ram.pages() {
+            return Err(GrantFailure {
+                gref: gref.0,
+                reason: "not granted".into(),
+            });
+        }
+        let now = self.live.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
+        self.peak
+            .fetch_max(now, std::sync::atomic::Ordering::SeqCst);
+        // SAFETY: inside the allocation.
+        let ptr = unsafe { NonNull::new_unchecked(self.ram.base.as_ptr().add(i * 4096)) };
+        let hold = Live(Arc::clone(&self.live), Arc::clone(&self.ram));
+        // SAFETY: the hold keeps the allocation alive as long as the MappedPage.
+        Ok(unsafe { MappedPage::new(ptr, Box::new(hold)) })
+    }
+
+    fn io_region(&self) -> Option<(NonNull<u8>, usize)> {
+        // The whole allocation, alive as long as this mapper (it holds an Arc).
+        Some((self.ram.base, self.ram.layout.size()))
+    }
+}
+/// The event channel: an eventfd standing for the guest's doorbell.
+struct Chan(vmm_sys_util::eventfd::EventFd);
+
+impl dom0::netback::Notify for Chan {
+    fn notify(&self) {}
+    fn wait_fd(&self) -> std::os::fd::RawFd {
+        std::os::fd::AsRawFd::as_raw_fd(&self.0)
+    }
+    fn clear(&self) {
+        let _ = self.0.read();
+    }
+}
+
+/// Byte `j` of sector `s` of the test image.
+fn pattern(s: u64, j: usize) -> u8 {
+    (s.wrapping_mul(131) as usize + j * 7 + (s >> 8) as usize) as u8
+}
+
+#[test]
+fn a_full_ring_of_unmergeable_indirect_requests_completes_with_nothing_lost() {
+    use std::sync::atomic::Ordering::SeqCst;
+    const REQS: usize = 32;
+    const SEGS: usize = 256;
+    let fx = Fixture::new("cq", (REQS * SEGS * 4096) as u64 >> 20);
+    // Pages 0..REQS*SEGS are data; the indirect pages follow.
+    let grants = FixedRam::new(REQS * SEGS + REQS);
+    let (live, peak) = (Arc::clone(&grants.live), Arc::clone(&grants.peak));
+    let ram = Arc::clone(&grants.ram);
+    let data_page = |r: usize, i: usize| r * SEGS + (SEGS - 1 - i);
+    // Segment i of request r is page r*SEGS + 255 - i: each segment's page lies just below the
+    // previous one's, so no two segments merge into one fixed read: one entry each.
+    for r in 0..REQS {
+        let segs: Vec<BlkSegment> = (0..SEGS)
+            .map(|i| seg(data_page(r, i) as u32, 0, 7))
+            .collect();
+        write_indirect_page(&segs, ram.page(REQS * SEGS + r)).unwrap();
+    }
+    let indirect = |id: u64, op, r: usize| {
+        BlkRequest::Indirect {
+            id,
+            handle: 0,
+            op,
+            sector: (r * SEGS * 8) as u64,
+            nr_segments: SEGS as u16,
+            pages: IndirectGrefs::from_slice(&[GrantRef((REQS * SEGS + r) as u32)]).unwrap(),
+        }
+        .to_raw()
+    };
+    // What page i of request r holds when its sectors carry the pattern.
+    let expected = |r: usize, i: usize| -> Vec<u8> {
+        let first = ((r * SEGS + i) * 8) as u64;
+        (0..4096)
+            .map(|b| pattern(first + (b / 512) as u64, b % 512))
+            .collect()
+    };
+
+    let mut mem = RingMemory::new(1);
+    let region = mem.region();
+    let mut front = MockFrontEnd::<BlkRing>::new(region, 1).unwrap();
+    let ring = BackRing::attach(region, 1).unwrap();
+    assert_eq!(front.ring().size() as usize, REQS);
+    let mut back = BlkBack::new(5, ring, Disk::open(&fx.img, false).unwrap(), grants).unwrap();
+
+    // Writes: every page of every request carries its sectors' pattern.
+    for r in 0..REQS {
+        for i in 0..SEGS {
+            ram.page(data_page(r, i)).copy_from_slice(&expected(r, i));
+        }
+    }
+    let writes: Vec<_> = (0..REQS)
+        .map(|r| indirect(r as u64, IndirectOp::Write, r))
+        .collect();
+    front.submit(&writes).unwrap();
+    back.process().unwrap();
+    let want: Vec<_> = (0..REQS as u64).map(|id| (id, BlkStatus::Okay)).collect();
+    assert_eq!(front.blk_statuses(), want);
+    let file = std::fs::read(&fx.img).unwrap();
+    for (s, sector) in file.chunks(512).enumerate() {
+        assert!(
+            sector
+                .iter()
+                .enumerate()
+                .all(|(j, &b)| b == pattern(s as u64, j)),
+            "sector {s} not written"
+        );
+    }
+
+    // Reads into zeroed pages come back with the data.
+    for p in 0..REQS * SEGS {
+        ram.page(p).fill(0);
+    }
+    let reads: Vec<_> = (0..REQS)
+        .map(|r| indirect(100 + r as u64, IndirectOp::Read, r))
+        .collect();
+    front.submit(&reads).unwrap();
+    back.process().unwrap();
+    let want: Vec<_> = (0..REQS as u64)
+        .map(|id| (100 + id, BlkStatus::Okay))
+        .collect();
+    assert_eq!(front.blk_statuses(), want);
+    for r in 0..REQS {
+        for i in 0..SEGS {
+            assert_eq!(
+                &ram.page(data_page(r, i))[..],
+                &expected(r, i)[..],
+                "request {r} segment {i}"
+            );
+        }
+    }
+
+    // Flushes carrying 11 unmergeable segments each (11 writes and a linked fsync apiece).
+    let flushes: Vec<_> = (0..REQS)
+        .map(|r| {
+            let segs: Vec<BlkSegment> =
+                (0..11).map(|i| seg(data_page(r, i) as u32, 0, 7)).collect();
+            BlkRequest::Flush {
+                id: 200 + r as u64,
+                handle: 0,
+                sector: (r * SEGS * 8) as u64,
+                segments: DirectSegments::from_slice(&segs).unwrap(),
+            }
+            .to_raw()
+        })
+        .collect();
+    front.submit(&flushes).unwrap();
+    back.process().unwrap();
+    let want: Vec<_> = (0..REQS as u64)
+        .map(|id| (200 + id, BlkStatus::Okay))
+        .collect();
+    assert_eq!(front.blk_statuses(), want);
+
+    // The same load through `serve`, the back end's own loop (which must sleep on completions,
+    // not spin or wait for a doorbell, while requests wait on the ring for room).
+    for p in 0..REQS * SEGS {
+        ram.page(p).fill(0);
+    }
+    let chan =
+        Chan(vmm_sys_util::eventfd::EventFd::new(vmm_sys_util::eventfd::EFD_NONBLOCK).unwrap());
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let reads: Vec<_> = (0..REQS)
+        .map(|r| indirect(300 + r as u64, IndirectOp::Read, r))
+        .collect();
+    let got = std::thread::scope(|s| {
+        let server = s.spawn(|| back.serve(&chan, &mut || stop.load(SeqCst)));
+        if front.submit(&reads).unwrap() {
+            chan.0.write(1).unwrap();
+        }
+        let mut got = Vec::new();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        while got.len() < REQS && std::time::Instant::now() < deadline {
+            got.extend(front.blk_statuses());
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        stop.store(true, SeqCst);
+        server.join().unwrap().unwrap();
+        got.sort_by_key(|x| x.0);
+        got
+    });
+    let want: Vec<_> = (0..REQS as u64)
+        .map(|id| (300 + id, BlkStatus::Okay))
+        .collect();
+    assert_eq!(got, want);
+    for r in 0..REQS {
+        for i in 0..SEGS {
+            assert_eq!(
+                &ram.page(data_page(r, i))[..],
+                &expected(r, i)[..],
+                "request {r} segment {i} (serve)"
+            );
+        }
+    }
+
+    // Nothing was left mapped, and never more pages were in flight than the completion queue
+    // has entries (one completion per unmergeable segment): it could not overflow.
+    let limit = back.completion_limit();
+    assert!(limit < REQS * SEGS && limit <= dom0::blkback::COMPLETION_QUEUE as usize);
+    drop(back);
+    assert_eq!(live.load(SeqCst), 0);
+    let peak = peak.load(SeqCst);
+    assert!(
+        peak <= limit,
+        "{peak} pages in flight at once, more than the completion queue holds"
+    );
+}

@@ -137,8 +137,10 @@ pub struct DomainShared {
     pub name: String,
     /// vCPU count.
     pub vcpus: u32,
-    /// Guest memory.
-    pub ram: GuestRam,
+    /// Guest memory. Shared with the grants pinned for I/O ([`crate::grant::PinnedGrant`]),
+    /// which keep the memory (and nothing else of the domain) alive while the kernel may still
+    /// read or write their pages.
+    pub ram: Arc<GuestRam>,
     /// Console output.
     pub console: Console,
     pub(crate) inner: Mutex<Inner>,
@@ -185,7 +187,7 @@ impl DomainShared {
             pvdev_stop,
             name: cfg.name.clone(),
             vcpus: cfg.vcpus,
-            ram,
+            ram: Arc::new(ram),
             console,
             inner: Mutex::new(Inner {
                 state: DomainState::Running,

@@ -273,7 +273,8 @@ impl GrantMapping {
 
 impl GrantMapping {
     /// Keeps the granting domain's memory alive for as long as the result lives, so the page can
-    /// be handed to the kernel for I/O (io_uring) by address.
+    /// be handed to the kernel for I/O (io_uring) by address. Only the memory: the domain itself
+    /// (its VM, vCPUs, ports) may end meanwhile, and the grant is then released with it.
     pub fn pin(self) -> Result<PinnedGrant> {
         let dom = self
             .dom
@@ -288,7 +289,7 @@ impl GrantMapping {
             })?
             .base_addr();
         Ok(PinnedGrant {
-            _dom: dom,
+            _ram: Arc::clone(&dom.ram),
             addr,
             mapping: self,
         })
@@ -301,7 +302,7 @@ impl GrantMapping {
 pub struct PinnedGrant {
     mapping: GrantMapping,
     addr: usize,
-    _dom: Arc<DomainShared>,
+    _ram: Arc<crate::memory::GuestRam>,
 }
 
 impl PinnedGrant {

@@ -207,3 +207,100 @@ fn a_hostile_handshake_is_refused_and_the_device_closed() {
     drop(dom);
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// The `blkhostile` summary lines so far: (pass, requests, refused as expected, unexpected).
+fn hostile_summaries(text: &str) -> Vec<(u64, u64, u64, u64)> {
+    text.lines()
+        .filter_map(|l| l.strip_prefix("blkhostile: pass "))
+        .filter_map(|l| {
+            let n: Vec<u64> = l
+                .split(|c: char| !c.is_ascii_digit())
+                .filter(|s| !s.is_empty())
+                .filter_map(|s| s.parse().ok())
+                .collect();
+            (n.len() == 4).then(|| (n[0], n[1], n[2], n[3]))
+        })
+        .collect()
+}
+
+#[test]
+fn a_hostile_block_front_end_gets_defined_errors_while_a_bystander_verifies_its_disk() {
+    let dir = std::env::temp_dir().join(format!("sv-blkhostile-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (bad_img, good_img) = (dir.join("hostile.img"), dir.join("bystander.img"));
+    Disk::create_sparse(&bad_img, 16 << 20).unwrap();
+    Disk::create_sparse(&good_img, 16 << 20).unwrap();
+    let hv = hypervisor();
+    // A summary after every pass.
+    let hostile = hv
+        .create_domain(DomainConfig {
+            name: "blkhostile".into(),
+            cmdline: "blkhostile 1".into(),
+            ..Default::default()
+        })
+        .unwrap();
+    let hostile_vbd = Vbd::attach(hv.store(), hostile.shared(), 51712, &bad_img, false).unwrap();
+    assert!(
+        hostile.console().wait_for("blkhostile: pass 1,", T),
+        "{}",
+        hostile.console().text()
+    );
+
+    // Bystanders verify their own disks while the hostile guest keeps attacking.
+    for round in 0..2 {
+        let by = hv
+            .create_domain(DomainConfig {
+                name: format!("bystander{round}"),
+                cmdline: "blkverify".into(),
+                ..Default::default()
+            })
+            .unwrap();
+        let vbd = Vbd::attach(hv.store(), by.shared(), 51712, &good_img, false).unwrap();
+        let state = by.wait(T);
+        let text = by.console().text();
+        assert!(
+            matches!(state, DomainState::Shutdown { code: 0, .. }),
+            "{state:?}\n{text}"
+        );
+        assert!(text.contains("blkverify: 14 passed, 0 failed"), "{text}");
+        drop(by);
+        drop(vbd);
+    }
+    // The hostile guest kept going meanwhile: more passes, all answers as defined.
+    let passes_seen = hostile_summaries(&hostile.console().text()).len() as u64;
+    assert!(
+        hostile
+            .console()
+            .wait_for(&format!("blkhostile: pass {},", passes_seen + 1), T),
+        "{}",
+        hostile.console().text()
+    );
+    let key = format!("/local/domain/{}/control/shutdown", hostile.id());
+    hv.store().write(0, 0, &key, b"poweroff").unwrap();
+    let state = hostile.wait(T);
+    let text = hostile.console().text();
+    assert!(
+        matches!(state, DomainState::Shutdown { code: 0, .. }),
+        "{state:?}\n{text}"
+    );
+    assert!(!text.contains("blkhostile: unexpected"), "{text}");
+    let sums = hostile_summaries(&text);
+    assert!(sums.len() >= 2, "{text}");
+    for (i, &(pass, requests, refused, unexpected)) in sums.iter().enumerate() {
+        assert_eq!(pass, i as u64 + 1, "{text}");
+        assert_eq!(unexpected, 0, "{text}");
+        // Each pass sends 2 ring-fulls of indirect requests, 1500 churned grants and 19 malformed
+        // requests (and 8 using revoked grants), all answered.
+        assert!(requests >= pass * (2 * 128 + 1500 + 19 + 8), "{text}");
+        assert!(refused >= pass * (19 + 8), "{text}");
+    }
+    // The host kept serving: the hostile guest's device closes normally at its end.
+    drop(hostile);
+    let t = std::time::Instant::now();
+    while hostile_vbd.backend_state() != Some(state::CLOSED) && t.elapsed() < T {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(hostile_vbd.backend_state(), Some(state::CLOSED));
+    drop(hostile_vbd);
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -2,5 +2,6 @@
 //! CLI and the benchmarks are the crate's binaries).
 #![deny(missing_docs)]
 
+pub mod client;
 pub mod results;
 pub mod ringbench;

@@ -278,6 +278,52 @@ impl BlkFront {
         self.queue(q).ring.push_request(&req.to_raw()).is_ok()
     }
 
+    /// Queues a raw request (valid or not: the hostile job's) on queue `q` without publishing
+    /// it; `false` if the ring is full.
+    pub fn push_raw(&mut self, q: usize, raw: &pv_protocol::blkif::BlkifRequestRaw) -> bool {
+        self.queue(q).ring.push_request(raw).is_ok()
+    }
+
+    /// Slots in queue `q`'s ring.
+    pub fn ring_size(&mut self, q: usize) -> u32 {
+        self.queue(q).ring.size()
+    }
+
+    /// The next response on queue `q`, waiting until the TSC reaches `deadline`: polls the ring
+    /// a while, then sleeps in `sched_op(poll)` (at most 10 ms at a time) once the event index is
+    /// armed. `None` on timeout or a broken ring; `Some(Err(id))` for a response that does not
+    /// parse.
+    pub fn wait_until(
+        &mut self,
+        cpu: &Cpu,
+        q: usize,
+        deadline: u64,
+    ) -> Option<Result<(u64, BlkStatus), u64>> {
+        let queue = self.queue(q);
+        loop {
+            for _ in 0..2_000 {
+                match queue.ring.take_response() {
+                    Ok(Some(r)) => {
+                        return Some(
+                            BlkResponse::parse(&r)
+                                .map(|p| (p.id, p.status))
+                                .map_err(|_| r.id),
+                        );
+                    }
+                    Ok(None) => core::hint::spin_loop(),
+                    Err(_) => return None,
+                }
+            }
+            if crate::control::rdtsc() > deadline {
+                return None;
+            }
+            if !queue.ring.final_check_for_responses().unwrap_or(true) {
+                ev::poll(cpu, &[queue.port], 10_000_000);
+                ev::clear_pending(queue.port);
+            }
+        }
+    }
+
     /// Publishes queue `q`'s queued requests, ringing the doorbell only if the back end asked.
     pub fn kick(&mut self, q: usize) {
         let queue = self.queue(q);

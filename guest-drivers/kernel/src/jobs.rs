@@ -713,10 +713,17 @@ pub fn store_home(cpu: &Cpu, si: &StartInfo) -> u32 {
     let sp = request(cpu, MsgType::SetPerms, 0, &perms, &mut out);
     let w = request(cpu, MsgType::Write, 0, &[b"data/kept\0", b"yes"], &mut out);
     let r = request(cpu, MsgType::Read, 0, &[b"data/kept\0"], &mut out).map(|r| r.len);
-    kprintln!(cpu, "store-home rm {rm:?} set-perms {sp:?} write {w:?} read {r:?}");
+    kprintln!(
+        cpu,
+        "store-home rm {rm:?} set-perms {sp:?} write {w:?} read {r:?}"
+    );
     let denied = Err(StoreFail::Errno(StoreErrno::EACCES));
     let kept = w.is_ok() && matches!(r, Ok(3)) && &out[..3] == b"yes";
-    if rm == denied && sp == denied && kept { 0 } else { 1 }
+    if rm == denied && sp == denied && kept {
+        0
+    } else {
+        1
+    }
 }
 
 fn rdtsc() -> u64 {

@@ -16,6 +16,7 @@
 extern crate alloc;
 
 mod blkfront;
+mod blkhostile;
 mod console;
 mod control;
 mod demo;
@@ -130,6 +131,7 @@ extern "C" fn kmain(start_info: u64, index: u64) -> ! {
         "blkwrite" => jobs::blkwrite(&cpu),
         "blkro" => jobs::blkro(&cpu),
         "blkbench" => jobs::blkbench(&cpu, si, cmdline),
+        "blkhostile" => blkhostile::blkhostile(&cpu, cmdline),
         "crash" => jobs::crash(&cpu),
         "netecho" => netjobs::netecho(&cpu, si, cmdline),
         "ping" => netjobs::ping(&cpu, si, cmdline),

@@ -1,17 +1,17 @@
 //! `xl`: the Splitvisor toolstack's command line, after Xen's. It talks to the dom0 daemon
 //! (`splitvisord`) over its control socket; `xl create` starts the daemon when none runs.
 
-use std::io::{BufRead, BufReader, IsTerminal, Read, Write};
-use std::os::unix::net::UnixStream;
+use std::io::{IsTerminal, Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode, Stdio};
 use std::time::{Duration, Instant};
 
 use clap::{Parser, Subcommand};
-use dom0::control::{self, DomRef, DomainInfo, Envelope, PROTOCOL_VERSION, Reply, Request};
+use dom0::control::{self, DomRef, DomainInfo, Request};
 use dom0::peer;
 use dom0::xlcfg::{DomainSpec, HostPath, Vdev};
 use serde_json::Value;
+use splitvisor_tools::client::{Client, ConnectError};
 
 /// Splitvisor's toolstack: create, inspect and control domains.
 #[derive(Debug, Parser)]
@@ -193,68 +193,6 @@ fn cpu_list(cpus: impl Iterator<Item = u64>) -> String {
         })
         .collect::<Vec<_>>()
         .join(",")
-}
-
-/// A connection to the daemon.
-struct Client {
-    stream: UnixStream,
-    reader: BufReader<UnixStream>,
-}
-
-/// Why connecting failed: no daemon there, or one we must not talk to.
-enum ConnectError {
-    /// Nothing answers (or the directory is not there yet).
-    Absent(std::io::Error),
-    /// The directory or the daemon cannot be trusted.
-    Untrusted(String),
-}
-
-impl Client {
-    /// Connects to the daemon in `dir`, after checking that the directory is one only we (or
-    /// root) control, and that the daemon answering runs as root or as us.
-    fn connect(dir: &Path) -> Result<Self, ConnectError> {
-        match std::fs::symlink_metadata(dir) {
-            Err(e) => return Err(ConnectError::Absent(e)),
-            Ok(_) => peer::check_runtime_dir(dir)
-                .map_err(|e| ConnectError::Untrusted(control::chain(&e)))?,
-        }
-        let stream =
-            UnixStream::connect(dir.join(control::SOCKET)).map_err(ConnectError::Absent)?;
-        let cred =
-            peer::peer_cred(&stream).map_err(|e| ConnectError::Untrusted(control::chain(&e)))?;
-        if !peer::daemon_is_trusted(cred.uid) {
-            return Err(ConnectError::Untrusted(format!(
-                "the daemon on {} runs as uid {} (pid {}), neither root nor us; refusing to talk to it",
-                dir.display(),
-                cred.uid,
-                cred.pid
-            )));
-        }
-        let reader = BufReader::new(stream.try_clone().map_err(ConnectError::Absent)?);
-        Ok(Self { stream, reader })
-    }
-
-    fn call(&mut self, req: Request) -> Result<Value, Fail> {
-        let mut text = serde_json::to_string(&Envelope {
-            v: PROTOCOL_VERSION,
-            req,
-        })?;
-        text.push('\n');
-        self.stream
-            .write_all(text.as_bytes())
-            .map_err(|e| fail(format!("daemon connection: {e}")))?;
-        let mut line = String::new();
-        self.reader
-            .read_line(&mut line)
-            .map_err(|e| fail(format!("daemon connection: {e}")))?;
-        if line.is_empty() {
-            return Err(fail("the daemon closed the connection"));
-        }
-        match serde_json::from_str::<Reply>(&line)? {
-            Reply::Ok(v) => Ok(v),
-            Reply::Error(e) => Err(Fail(e)),
-        }
-    }
 }
 
 fn connect(dir: &Path) -> Result<Client, Fail> {

@@ -1,0 +1,87 @@
+//! A client of `splitvisord`'s control protocol ([`dom0::control`]), as `xl` and the soak test
+//! use it: it checks whom it talks to before it sends anything.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+
+use dom0::control::{self, Envelope, PROTOCOL_VERSION, Reply, Request};
+use dom0::peer;
+use serde_json::Value;
+
+/// A connection to the daemon.
+#[derive(Debug)]
+pub struct Client {
+    /// Where requests go (and, after `console`, the guest's input).
+    pub stream: UnixStream,
+    /// Where replies come from (and, after `console`, the guest's output).
+    pub reader: BufReader<UnixStream>,
+}
+
+/// A request that failed: the daemon's error line, or what went wrong on the connection.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct CallError(pub String);
+
+/// Why connecting failed: no daemon there, or one we must not talk to.
+#[derive(Debug)]
+pub enum ConnectError {
+    /// Nothing answers (or the directory is not there yet).
+    Absent(std::io::Error),
+    /// The directory or the daemon cannot be trusted.
+    Untrusted(String),
+}
+
+impl Client {
+    /// Connects to the daemon in `dir`, after checking that the directory is one only we (or
+    /// root) control, and that the daemon answering runs as root or as us.
+    pub fn connect(dir: &Path) -> Result<Self, ConnectError> {
+        match std::fs::symlink_metadata(dir) {
+            Err(e) => return Err(ConnectError::Absent(e)),
+            Ok(_) => peer::check_runtime_dir(dir)
+                .map_err(|e| ConnectError::Untrusted(control::chain(&e)))?,
+        }
+        let stream =
+            UnixStream::connect(dir.join(control::SOCKET)).map_err(ConnectError::Absent)?;
+        let cred =
+            peer::peer_cred(&stream).map_err(|e| ConnectError::Untrusted(control::chain(&e)))?;
+        if !peer::daemon_is_trusted(cred.uid) {
+            return Err(ConnectError::Untrusted(format!(
+                "the daemon on {} runs as uid {} (pid {}), neither root nor us; refusing to talk to it",
+                dir.display(),
+                cred.uid,
+                cred.pid
+            )));
+        }
+        let reader = BufReader::new(stream.try_clone().map_err(ConnectError::Absent)?);
+        Ok(Self { stream, reader })
+    }
+
+    /// Sends `req` and waits for its answer: the op's data, or the daemon's error line.
+    pub fn call(&mut self, req: Request) -> Result<Value, CallError> {
+        self.call_text(req).map_err(CallError)
+    }
+
+    fn call_text(&mut self, req: Request) -> Result<Value, String> {
+        let mut text = serde_json::to_string(&Envelope {
+            v: PROTOCOL_VERSION,
+            req,
+        })
+        .map_err(|e| format!("request: {e}"))?;
+        text.push('\n');
+        self.stream
+            .write_all(text.as_bytes())
+            .map_err(|e| format!("daemon connection: {e}"))?;
+        let mut line = String::new();
+        self.reader
+            .read_line(&mut line)
+            .map_err(|e| format!("daemon connection: {e}"))?;
+        if line.is_empty() {
+            return Err("the daemon closed the connection".into());
+        }
+        match serde_json::from_str::<Reply>(&line).map_err(|e| format!("daemon reply: {e}"))? {
+            Reply::Ok(v) => Ok(v),
+            Reply::Error(e) => Err(e),
+        }
+    }
+}
