@@ -138,8 +138,8 @@ pub struct DomainShared {
     /// vCPU count.
     pub vcpus: u32,
     /// Guest memory. Shared with the grants pinned for I/O ([`crate::grant::PinnedGrant`]),
-    /// which keep the memory (and nothing else of the domain) alive while the kernel may still
-    /// read or write their pages.
+    /// which keep the memory (and of the rest of the domain only its id's lease) alive while the
+    /// kernel may still read or write their pages.
     pub ram: Arc<GuestRam>,
     /// Console output.
     pub console: Console,
@@ -158,9 +158,10 @@ pub struct DomainShared {
     pub store: Arc<crate::store::Store>,
     /// Tells the PV-device thread to finish.
     pub(crate) pvdev_stop: Arc<vmm_sys_util::eventfd::EventFd>,
-    /// The hold on `id`; declared last so the id is given back only after the VM fd, the memory
-    /// and every table above are released.
-    _lease: crate::domid::DomidLease,
+    /// The hold on `id`, shared with every [`crate::grant::PinnedGrant`] of the domain's pages
+    /// (which hold its memory): declared last, so the id is given back only after the VM fd,
+    /// every table above and the memory are released, whoever releases them last.
+    pub(crate) lease: Arc<crate::domid::DomidLease>,
 }
 
 impl DomainShared {
@@ -177,7 +178,7 @@ impl DomainShared {
     ) -> Self {
         Self {
             id: lease.id(),
-            _lease: lease,
+            lease: Arc::new(lease),
             vm,
             registry,
             ports: Mutex::new(crate::evtchn::PortTable::new(cfg.max_ports)),

@@ -9,9 +9,10 @@
 //! so that a tool still holding an old domain's id (a console client, a log reader, `xl` racing a
 //! restart) does not reach the new domain by mistake.
 //!
-//! The lease lives in [`crate::DomainShared`], declared after everything else there: an id comes
-//! back only when the domain's VM fd, memory and tables are gone, whoever dropped the last
-//! reference, not when `destroy` returns.
+//! The lease lives in [`crate::DomainShared`], declared after everything else there, and is
+//! shared with every [`crate::grant::PinnedGrant`] (which keeps the domain's memory, for I/O the
+//! kernel may still do): an id comes back only when the domain's VM fd, memory and tables are
+//! gone, whoever dropped the last reference, not when `destroy` returns.
 
 use std::collections::{HashMap, HashSet};
 use std::ops::Range;

@@ -273,8 +273,10 @@ impl GrantMapping {
 
 impl GrantMapping {
     /// Keeps the granting domain's memory alive for as long as the result lives, so the page can
-    /// be handed to the kernel for I/O (io_uring) by address. Only the memory: the domain itself
-    /// (its VM, vCPUs, ports) may end meanwhile, and the grant is then released with it.
+    /// be handed to the kernel for I/O (io_uring) by address. Only the memory, and the domain's
+    /// hold on its id (no later domain gets the id while its predecessor's memory may still be
+    /// written): the domain itself (its VM, vCPUs, ports) may end meanwhile, and the grant is
+    /// then released with it.
     pub fn pin(self) -> Result<PinnedGrant> {
         let dom = self
             .dom
@@ -290,19 +292,23 @@ impl GrantMapping {
             .base_addr();
         Ok(PinnedGrant {
             _ram: Arc::clone(&dom.ram),
+            _lease: Arc::clone(&dom.lease),
             addr,
             mapping: self,
         })
     }
 }
 
-/// A grant mapping that also keeps its domain's memory alive: the page's host address is valid
-/// for `PAGE_SIZE` bytes (writable if the mapping is) until this is dropped.
+/// A grant mapping that also keeps its domain's memory (and its hold on its id) alive: the page's
+/// host address is valid for `PAGE_SIZE` bytes (writable if the mapping is) until this is
+/// dropped.
 #[derive(Debug)]
 pub struct PinnedGrant {
     mapping: GrantMapping,
     addr: usize,
     _ram: Arc<crate::memory::GuestRam>,
+    /// After the memory: the id is given back once the memory is.
+    _lease: Arc<crate::domid::DomidLease>,
 }
 
 impl PinnedGrant {

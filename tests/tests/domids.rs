@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use hypervisor::domid::{DomidError, DomidPool, REUSE_AFTER};
-use hypervisor::grant::GrantCache;
+use hypervisor::grant::{self, GrantCache};
 use hypervisor::{Domain, DomainConfig, Hypervisor, evtchn};
 use pv_protocol::evtchn::PortState;
 use pv_protocol::grant::{DomId, GrantEntryV1, GrantFlags, GrantRef};
@@ -180,6 +180,31 @@ fn a_persistent_grant_cache_never_answers_for_an_earlier_domain_with_the_same_id
         .unwrap();
     assert_eq!(&text, b"new domain");
     assert_eq!(cache.len(), 1);
+}
+
+#[test]
+fn a_page_pinned_for_io_holds_its_destroyed_domains_id() {
+    let hv = hypervisor(1..2, Duration::ZERO);
+    let a = parked(&hv, "a");
+    grant_page(&a, 5, 0x3000, b"in flight");
+    // As a block write the kernel has not completed keeps its page (a drain thread's).
+    let pinned = grant::map(a.shared(), GrantRef(5), 0, true)
+        .unwrap()
+        .pin()
+        .unwrap();
+    a.destroy();
+    assert!(hv.domain(1).is_none());
+    assert_eq!(
+        exhausted(&hv),
+        DomidError::Exhausted {
+            live: 1,
+            recent: 0,
+            reuse_after: Duration::ZERO
+        },
+        "the id came back while its domain's memory may still be written"
+    );
+    drop(pinned);
+    assert_eq!(parked(&hv, "b").id(), 1);
 }
 
 #[test]
