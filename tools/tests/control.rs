@@ -15,7 +15,7 @@ use proptest::test_runner::{Config, TestRunner};
 use serde_json::{Value, json};
 
 mod common;
-use common::{Env, Raw, XL};
+use common::{Env, Raw, XL, last_tick};
 
 /// The daemon's pid (from `hello`).
 fn daemon_pid(raw: &mut Raw) -> u64 {
@@ -43,14 +43,6 @@ fn bystander_alive(env: &Env, after: u64) -> u64 {
         tick > after
     });
     tick
-}
-
-fn last_tick(console: &str) -> u64 {
-    console
-        .lines()
-        .filter_map(|l| l.strip_prefix("tick ")?.trim().parse().ok())
-        .max()
-        .unwrap_or(0)
 }
 
 fn with_bystander(tag: &str) -> Env {

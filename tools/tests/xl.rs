@@ -7,15 +7,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 mod common;
-use common::{Env, Raw, XL};
-
-fn last_tick(console: &str) -> u64 {
-    console
-        .lines()
-        .filter_map(|l| l.strip_prefix("tick ")?.trim().parse().ok())
-        .max()
-        .unwrap_or(0)
-}
+use common::{Env, Raw, XL, last_tick};
 
 #[test]
 fn create_list_console_pause_unpause_destroy() {

@@ -438,8 +438,9 @@ impl Hostile<'_> {
     }
 }
 
-/// The job (see the module documentation). Returns only if no disk connects; otherwise it runs
-/// until the toolstack's shutdown request, which exits with code 0.
+/// The job (see the module documentation). Returns if no disk connects, or after `secs=S`
+/// seconds (exit code 1 if anything unexpected happened, with a `blkhostile: done, ...` line);
+/// otherwise it runs until the toolstack's shutdown request, which exits with code 0.
 pub fn blkhostile(cpu: &Cpu, cmdline: &str) -> u32 {
     let every = cmdline
         .split_whitespace()
@@ -480,8 +481,19 @@ pub fn blkhostile(cpu: &Cpu, cmdline: &str) -> u32 {
         h.tags
     );
     let mut revoked = [false; CHURN_GRANTS as usize];
+    let deadline = crate::control::secs_deadline(cmdline);
     let mut pass = 0u64;
     loop {
+        if deadline.is_some_and(crate::control::past) {
+            kprintln!(
+                cpu,
+                "blkhostile: done, pass {pass}, {} requests, {} refused as expected, {} unexpected",
+                h.t.requests,
+                h.t.refused,
+                h.t.unexpected
+            );
+            return u32::from(h.t.unexpected != 0);
+        }
         pass += 1;
         h.flood();
         h.malformed();

@@ -47,6 +47,18 @@ pub fn ticks(ms: u64) -> u64 {
     ms * TSC_KHZ.load(Ordering::Relaxed)
 }
 
+/// Where a job given `secs=S` on its command line must end: the TSC value S seconds from now.
+/// `None` without it (the job has a length of its own) or with `secs=0`.
+pub fn secs_deadline(cmdline: &str) -> Option<u64> {
+    let secs = crate::text::num(cmdline, "secs", 0).filter(|&s| s > 0)?;
+    Some(rdtsc().saturating_add(ticks(secs.saturating_mul(1000))))
+}
+
+/// Whether the TSC has reached `deadline`.
+pub fn past(deadline: u64) -> bool {
+    rdtsc() >= deadline
+}
+
 /// What the toolstack asked for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Request {

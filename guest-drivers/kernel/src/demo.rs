@@ -25,7 +25,7 @@ impl Link for Wire<'_> {
 
 /// Connects vif 0 and sends ARP probes; every frame must be accepted (TX response OKAY).
 fn net_check(cpu: &Cpu, si: &StartInfo, cmdline: &str) -> u32 {
-    let ip = crate::netjobs::arg(cmdline, "ip")
+    let ip = crate::text::arg(cmdline, "ip")
         .and_then(parse_ip)
         .unwrap_or([10, 0, 0, 2]);
     let mut nf = match NetFront::connect(cpu, 0, 500) {

@@ -158,7 +158,7 @@ struct Dev {
 
 /// `hotplug [ip=A.B.C.D]`: see the module documentation. Runs until a shutdown request.
 pub fn hotplug(cpu: &Cpu, cmdline: &str) -> u32 {
-    let ip = match crate::netjobs::arg(cmdline, "ip") {
+    let ip = match crate::text::arg(cmdline, "ip") {
         None => None,
         Some(v) => match parse_ip(v) {
             Some(ip) => Some(ip),

@@ -144,7 +144,11 @@ pub fn selftest(cpu: &Cpu, si: &StartInfo) -> u32 {
 
 /// Throws garbage at the hypervisor: unknown calls, wild pointers and lengths, bad sub-ops. Every
 /// call must come back with an error and the domain must keep running; exits 0 if it did.
-pub fn hostile(cpu: &Cpu, si: &StartInfo) -> u32 {
+/// `hostile [secs=S]`: garbage hypercalls (2000, or as many as fit in S seconds, with garbage
+/// grant entries and doorbells on random ports between them), then scribbled store and console
+/// ring indices. The host must refuse or survive all of it.
+pub fn hostile(cpu: &Cpu, si: &StartInfo, cmdline: &str) -> u32 {
+    let deadline = crate::control::secs_deadline(cmdline);
     let mut x = 0x9e37_79b9_7f4a_7c15u64 ^ u64::from(si.domid);
     let mut next = || {
         x ^= x << 13;
@@ -161,9 +165,11 @@ pub fn hostile(cpu: &Cpu, si: &StartInfo) -> u32 {
         u64::MAX,
         1 << 63,
     ];
-    let mut errors = 0u32;
-    let mut ok = 0u32;
-    for round in 0..2000u64 {
+    let mut errors = 0u64;
+    let mut ok = 0u64;
+    let mut round = 0u64;
+    while deadline.map_or(round < 2000, |d| !crate::control::past(d)) {
+        round += 1;
         let nrs = [
             nr::CONSOLE_IO,
             nr::XEN_VERSION,
@@ -192,21 +198,17 @@ pub fn hostile(cpu: &Cpu, si: &StartInfo) -> u32 {
         } else {
             ok += 1;
         }
+        // Garbage grant entries, and doorbells on random ports, now and then (and at the end).
+        if round.is_multiple_of(500) {
+            garbage_grants_and_doorbells(&mut next);
+        }
     }
+    garbage_grants_and_doorbells(&mut next);
     kprintln!(
         cpu,
-        "hostile: 2000 garbage hypercalls, {errors} refused, {ok} accepted"
+        "hostile: {round} garbage hypercalls, {errors} refused, {ok} accepted"
     );
 
-    // Garbage grant entries, and doorbells on random ports.
-    for gref in 0..64u32 {
-        let addr = pv_protocol::start_info::GRANT_TABLE_GPA as usize + gref as usize * 8;
-        // SAFETY: our own identity-mapped grant table; the host reads it only atomically.
-        unsafe { (addr as *mut u64).write_volatile(next()) };
-    }
-    for _ in 0..200 {
-        crate::evtchn::doorbell((next() % 4096) as u32);
-    }
     // Wild ring indices: the host must mark those rings broken, not follow them.
     kprintln!(cpu, "hostile: scribbling on the store and console rings");
     crate::console::flush(cpu);
@@ -225,6 +227,18 @@ pub fn hostile(cpu: &Cpu, si: &StartInfo) -> u32 {
     // The host stopped reading the broken console ring: this line goes out by hypercall.
     cpu.console_write(b"hostile: still alive\n");
     0
+}
+
+/// Writes garbage into 64 of our own grant entries and rings 200 random doorbells.
+fn garbage_grants_and_doorbells(next: &mut impl FnMut() -> u64) {
+    for gref in 0..64u32 {
+        let addr = pv_protocol::start_info::GRANT_TABLE_GPA as usize + gref as usize * 8;
+        // SAFETY: our own identity-mapped grant table; the host reads it only atomically.
+        unsafe { (addr as *mut u64).write_volatile(next()) };
+    }
+    for _ in 0..200 {
+        crate::evtchn::doorbell((next() % 4096) as u32);
+    }
 }
 
 /// Prints `tick N` about every millisecond (by the TSC) until the toolstack asks for a
@@ -909,12 +923,17 @@ fn connect_disk(cpu: &Cpu, order: u32, queues: usize) -> Option<crate::blkfront:
 }
 
 fn fill_region(sector: u64, segs: &[Seg], pattern: bool) {
+    fill_salted(sector, segs, pattern, 0);
+}
+
+/// As [`fill_region`], the pattern XORed with `salt` (a pass number: stale data shows).
+fn fill_salted(sector: u64, segs: &[Seg], pattern: bool, salt: u8) {
     let mut off = sector * 512;
     for &(page, first, last) in segs {
         let base = crate::blkfront::data_page(page);
         for b in usize::from(first) * 512..(usize::from(last) + 1) * 512 {
             let v = if pattern {
-                pv_protocol::blkif::verify_pattern(off)
+                pv_protocol::blkif::verify_pattern(off) ^ salt
             } else {
                 0xee
             };
@@ -927,6 +946,11 @@ fn fill_region(sector: u64, segs: &[Seg], pattern: bool) {
 }
 
 fn check_region(sector: u64, segs: &[Seg], zeros: bool) -> bool {
+    check_salted(sector, segs, zeros, 0)
+}
+
+/// As [`check_region`], for a pattern written by [`fill_salted`] with `salt`.
+fn check_salted(sector: u64, segs: &[Seg], zeros: bool, salt: u8) -> bool {
     let mut off = sector * 512;
     let mut ok = true;
     for &(page, first, last) in segs {
@@ -935,7 +959,7 @@ fn check_region(sector: u64, segs: &[Seg], zeros: bool) -> bool {
             let want = if zeros {
                 0
             } else {
-                pv_protocol::blkif::verify_pattern(off)
+                pv_protocol::blkif::verify_pattern(off) ^ salt
             };
             // SAFETY: as in `fill_region`; the read request completed.
             ok &= unsafe { base.add(b).read_volatile() } == want;
@@ -1000,6 +1024,59 @@ pub fn blkverify(cpu: &Cpu) -> u32 {
     );
     kprintln!(cpu, "blkverify: {} passed, {} failed", c.passed, c.failed);
     c.failed
+}
+
+/// `blksoak [secs=S]` (default 10 s): a bystander for soak tests. Until S seconds have passed, it
+/// writes the `blkverify` regions with a pattern that changes every pass, flushes, reads them
+/// back and checks every byte; it reports its progress every 10 s and ends with
+/// `blksoak: done, P passes, E errors`. Exit code = errors (a failed request or a wrong byte).
+pub fn blksoak(cpu: &Cpu, cmdline: &str) -> u32 {
+    use pv_protocol::blkif::BlkStatus;
+    let deadline = crate::control::secs_deadline(cmdline)
+        .unwrap_or_else(|| crate::control::rdtsc() + crate::control::ticks(10_000));
+    let Some(mut disk) = connect_disk(cpu, 2, crate::blkfront::MAX_QUEUES) else {
+        return 1;
+    };
+    kprintln!(
+        cpu,
+        "blksoak: disk of {} sectors, {} queue(s)",
+        disk.sectors,
+        disk.queues()
+    );
+    let (mut pass, mut errors) = (0u64, 0u32);
+    let mut report = crate::control::rdtsc() + crate::control::ticks(10_000);
+    while !crate::control::past(deadline) {
+        pass += 1;
+        let salt = (pass as u8).wrapping_mul(37) | 1;
+        for (i, &(sector, segs)) in BLKVERIFY_REGIONS.iter().enumerate() {
+            fill_salted(sector, segs, true, salt);
+            let s = disk.rw(cpu, true, sector, segs);
+            if s != BlkStatus::Okay {
+                errors += 1;
+                kprintln!(cpu, "blksoak: pass {pass}: write of region {i}: {s:?}");
+            }
+        }
+        let s = disk.flush(cpu);
+        if s != BlkStatus::Okay {
+            errors += 1;
+            kprintln!(cpu, "blksoak: pass {pass}: flush: {s:?}");
+        }
+        for (i, &(sector, segs)) in BLKVERIFY_REGIONS.iter().enumerate() {
+            fill_region(sector, segs, false);
+            let s = disk.rw(cpu, false, sector, segs);
+            if s != BlkStatus::Okay || !check_salted(sector, segs, false, salt) {
+                errors += 1;
+                kprintln!(cpu, "blksoak: pass {pass}: read-back of region {i}: {s:?}");
+            }
+        }
+        if crate::control::past(report) {
+            kprintln!(cpu, "blksoak: pass {pass}, {errors} errors");
+            report = crate::control::rdtsc() + crate::control::ticks(10_000);
+        }
+        crate::control::poll(cpu);
+    }
+    kprintln!(cpu, "blksoak: done, {pass} passes, {errors} errors");
+    errors
 }
 
 /// Writes the `blkverify` patterns (all regions but the discarded one), flushes, says so, then

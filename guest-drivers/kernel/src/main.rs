@@ -119,7 +119,7 @@ extern "C" fn kmain(start_info: u64, index: u64) -> ! {
     let code = match job {
         "selftest" => jobs::selftest(&cpu, si),
         "demo" => demo::demo(&cpu, si, cmdline),
-        "hostile" => jobs::hostile(&cpu, si),
+        "hostile" => jobs::hostile(&cpu, si, cmdline),
         "ticker" => jobs::ticker(&cpu, si),
         "evtchn-host" => jobs::evtchn_host(&cpu),
         "grant-offer" => jobs::grant_offer(&cpu, si),
@@ -128,6 +128,7 @@ extern "C" fn kmain(start_info: u64, index: u64) -> ! {
         "bench" => jobs::bench(&cpu, si, cmdline),
         "evtchn-peer" => jobs::evtchn_peer(&cpu),
         "blkverify" => jobs::blkverify(&cpu),
+        "blksoak" => jobs::blksoak(&cpu, cmdline),
         "blkwrite" => jobs::blkwrite(&cpu),
         "blkro" => jobs::blkro(&cpu),
         "blkbench" => jobs::blkbench(&cpu, si, cmdline),

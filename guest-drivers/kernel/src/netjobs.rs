@@ -22,7 +22,6 @@ use crate::net::{
     UDP_HDRS, UdpCsum, parse_ip, sum, write_udp_headers,
 };
 use crate::netfront::{NetFront, TX_PAGES};
-use crate::text::parse_u64;
 
 /// Largest frame received (a 64 KiB frame may span RX pages).
 const RX_BUF: usize = 64 * 1024;
@@ -43,18 +42,7 @@ fn rdtsc() -> u64 {
     unsafe { core::arch::x86_64::_rdtsc() }
 }
 
-/// The value of `key=value` on the command line.
-pub fn arg<'a>(cmdline: &'a str, key: &str) -> Option<&'a str> {
-    cmdline
-        .split_whitespace()
-        .skip(1)
-        .find_map(|t| t.strip_prefix(key)?.strip_prefix('='))
-}
-
-/// A numeric `key=value`, or `default` if absent (`None` if present but not a number).
-fn num(cmdline: &str, key: &str, default: u64) -> Option<u64> {
-    arg(cmdline, key).map_or(Some(default), |v| parse_u64(v.as_bytes()))
-}
+use crate::text::{arg, num};
 
 /// The first argument that is not `key=value`.
 fn positional(cmdline: &str) -> Option<&str> {
@@ -345,12 +333,15 @@ fn udpcheck_byte(seq: u64, j: usize) -> u8 {
     (seq as u8).wrapping_mul(131) ^ (j as u8).wrapping_mul(7) ^ ((j >> 8) as u8).wrapping_mul(13)
 }
 
-/// `udpcheck <dst> ip=A.B.C.D [count=N]`: N datagrams of varied sizes to the echo port, each
-/// waited for (1 s, one retry) and compared byte for byte. Exit 0 iff all came back intact.
+/// `udpcheck <dst> ip=A.B.C.D [count=N] [secs=S]`: N datagrams (or as many as S seconds allow)
+/// of varied sizes to the echo port, each waited for (1 s, one retry) and compared byte for
+/// byte. Exit 0 iff all came back intact.
 pub fn udpcheck(cpu: &Cpu, si: &StartInfo, cmdline: &str) -> u32 {
+    let deadline = crate::control::secs_deadline(cmdline);
     let (Some(dst), Some(count)) = (dst_arg(cpu, cmdline), num(cmdline, "count", 64)) else {
         return 1;
     };
+    let count = if deadline.is_some() { u64::MAX } else { count };
     let Some(mut net) = Net::connect(cpu, si, cmdline) else {
         return 1;
     };
@@ -361,7 +352,12 @@ pub fn udpcheck(cpu: &Cpu, si: &StartInfo, cmdline: &str) -> u32 {
         return 1;
     };
     let mut payload = [0u8; MAX_UDP_PAYLOAD];
+    let mut sent = 0u64;
     for seq in 0..count {
+        if deadline.is_some_and(crate::control::past) {
+            break;
+        }
+        sent += 1;
         let size = udpcheck_size(seq);
         for (j, b) in payload[..size].iter_mut().enumerate() {
             *b = udpcheck_byte(seq, j);
@@ -392,7 +388,7 @@ pub fn udpcheck(cpu: &Cpu, si: &StartInfo, cmdline: &str) -> u32 {
         }
     }
     kprintln!(cpu, "udpcheck: {ok} ok, {bad} bad, {lost} lost");
-    u32::from(ok != count)
+    u32::from(ok != sent)
 }
 
 /// `udpsink ip=A.B.C.D [port=P] [secs=S]`: counts UDP datagrams to port P from the first one
@@ -548,6 +544,7 @@ pub fn udpbench(cpu: &Cpu, si: &StartInfo, cmdline: &str) -> u32 {
 /// `nethostile ip=A.B.C.D`: malformed TX requests, each followed by a good frame; then a
 /// scribbled TX `req_prod`. Exit 0 (surviving is the back end's part).
 pub fn nethostile(cpu: &Cpu, si: &StartInfo, cmdline: &str) -> u32 {
+    let deadline = crate::control::secs_deadline(cmdline);
     let Some(mut net) = Net::connect(cpu, si, cmdline) else {
         return 1;
     };
@@ -587,59 +584,68 @@ pub fn nethostile(cpu: &Cpu, si: &StartInfo, cmdline: &str) -> u32 {
     let more = NetTxFlags::MORE_DATA;
     let none = NetTxFlags::empty();
     let mut pushed = true;
+    // One round of garbage; with `secs=`, rounds (5 ms apart) until the time is up.
+    let mut rounds = 0u64;
+    loop {
+        rounds += 1;
 
-    // A grant reference nobody granted.
-    if let Some(p) = page(&mut net) {
-        pushed &= net.nf.push_raw(&req(9999, 0, none, p, 60), Some(p));
+        // A grant reference nobody granted.
+        if let Some(p) = page(&mut net) {
+            pushed &= net.nf.push_raw(&req(9999, 0, none, p, 60), Some(p));
+        }
+        good(&mut net);
+        // Shorter than an Ethernet header.
+        if let Some(p) = page(&mut net) {
+            pushed &= net
+                .nf
+                .push_raw(&req(net.nf.tx_gref(p), 0, none, p, 10), Some(p));
+        }
+        good(&mut net);
+        // Past the end of its page.
+        if let Some(p) = page(&mut net) {
+            pushed &= net
+                .nf
+                .push_raw(&req(net.nf.tx_gref(p), 4000, none, p, 200), Some(p));
+        }
+        good(&mut net);
+        // A second slot larger than the whole frame's size.
+        if let (Some(a), Some(b)) = (page(&mut net), page(&mut net)) {
+            pushed &= net
+                .nf
+                .push_raw(&req(net.nf.tx_gref(a), 0, more, a, 100), Some(a));
+            pushed &= net
+                .nf
+                .push_raw(&req(net.nf.tx_gref(b), 0, none, b, 200), Some(b));
+        }
+        good(&mut net);
+        // A chain of 19 slots (18 is the most).
+        for i in 0..19u16 {
+            let Some(p) = page(&mut net) else { break };
+            let (flags, size) = match i {
+                0 => (more, 1900),
+                18 => (none, 100),
+                _ => (more, 100),
+            };
+            pushed &= net
+                .nf
+                .push_raw(&req(net.nf.tx_gref(p), 0, flags, p, size), Some(p));
+        }
+        good(&mut net);
+        // A page granted to domain 7, not to dom0.
+        if let Some(p) = page(&mut net) {
+            let gref = net.nf.grant_spare(p, 7);
+            pushed &= net.nf.push_raw(&req(gref, 0, none, p, 60), Some(p));
+        }
+        good(&mut net);
+        if deadline.is_none_or(crate::control::past) {
+            break;
+        }
+        net.pause(5);
     }
-    good(&mut net);
-    // Shorter than an Ethernet header.
-    if let Some(p) = page(&mut net) {
-        pushed &= net
-            .nf
-            .push_raw(&req(net.nf.tx_gref(p), 0, none, p, 10), Some(p));
-    }
-    good(&mut net);
-    // Past the end of its page.
-    if let Some(p) = page(&mut net) {
-        pushed &= net
-            .nf
-            .push_raw(&req(net.nf.tx_gref(p), 4000, none, p, 200), Some(p));
-    }
-    good(&mut net);
-    // A second slot larger than the whole frame's size.
-    if let (Some(a), Some(b)) = (page(&mut net), page(&mut net)) {
-        pushed &= net
-            .nf
-            .push_raw(&req(net.nf.tx_gref(a), 0, more, a, 100), Some(a));
-        pushed &= net
-            .nf
-            .push_raw(&req(net.nf.tx_gref(b), 0, none, b, 200), Some(b));
-    }
-    good(&mut net);
-    // A chain of 19 slots (18 is the most).
-    for i in 0..19u16 {
-        let Some(p) = page(&mut net) else { break };
-        let (flags, size) = match i {
-            0 => (more, 1900),
-            18 => (none, 100),
-            _ => (more, 100),
-        };
-        pushed &= net
-            .nf
-            .push_raw(&req(net.nf.tx_gref(p), 0, flags, p, size), Some(p));
-    }
-    good(&mut net);
-    // A page granted to domain 7, not to dom0.
-    if let Some(p) = page(&mut net) {
-        let gref = net.nf.grant_spare(p, 7);
-        pushed &= net.nf.push_raw(&req(gref, 0, none, p, 60), Some(p));
-    }
-    good(&mut net);
     if !pushed {
         kprintln!(cpu, "nethostile: TX ring refused some garbage");
     }
-    kprintln!(cpu, "nethostile: garbage sent");
+    kprintln!(cpu, "nethostile: garbage sent ({rounds} rounds)");
     net.pause(200);
     net.nf.scribble_tx_req_prod(100_000);
     kprintln!(cpu, "nethostile: ring scribbled");

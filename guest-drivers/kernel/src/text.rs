@@ -11,6 +11,19 @@ pub fn parse_u32(b: &[u8]) -> Option<u32> {
     parse_u64(b).and_then(|v| u32::try_from(v).ok())
 }
 
+/// The value of `key=value` on the command line (after the job's name).
+pub fn arg<'a>(cmdline: &'a str, key: &str) -> Option<&'a str> {
+    cmdline
+        .split_whitespace()
+        .skip(1)
+        .find_map(|t| t.strip_prefix(key)?.strip_prefix('='))
+}
+
+/// A numeric `key=value`, or `default` if absent (`None` if present but not a number).
+pub fn num(cmdline: &str, key: &str, default: u64) -> Option<u64> {
+    arg(cmdline, key).map_or(Some(default), |v| parse_u64(v.as_bytes()))
+}
+
 /// Formats `v` in decimal at the end of `buf`; returns the digits.
 pub fn fmt_u32(buf: &mut [u8; 16], mut v: u32) -> &[u8] {
     let mut i = buf.len();

@@ -98,14 +98,19 @@ fn domain_file(name: &str, dir: &Path, secs: u64) -> String {
     )
 }
 
-/// The daemon's resident memory, KiB.
-fn rss_kib(pid: u32) -> Result<u64, String> {
+/// The daemon's resident memory, KiB: all of it (`VmRSS`, which counts the guests' memory the
+/// daemon maps, as far as the guests have touched it) and its own (`RssAnon`: heap and stacks,
+/// what a leak would grow).
+fn rss_kib(pid: u32) -> Result<(u64, u64), String> {
     let s = std::fs::read_to_string(format!("/proc/{pid}/status"))
         .map_err(|e| format!("daemon status: {e}"))?;
-    s.lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .ok_or_else(|| "no VmRSS in the daemon's status".into())
+    let field = |name: &str| {
+        s.lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .ok_or_else(|| format!("no {name} in the daemon's status"))
+    };
+    Ok((field("VmRSS:")?, field("RssAnon:")?))
 }
 
 /// Lines of the daemon's log about domain `id`.
@@ -216,22 +221,22 @@ fn run() -> Result<(), String> {
         }
     };
     wait_until(at(0.1).max(Duration::from_secs(5)));
-    let rss_start = rss_kib(pid)?;
+    let (total_start, rss_start) = rss_kib(pid)?;
     let mut rss_max = rss_start;
     let mut half = Vec::new();
     let mut next_sample = started.elapsed();
     while started.elapsed() < at(0.9) {
         if started.elapsed() >= next_sample {
-            rss_max = rss_max.max(rss_kib(pid)?);
+            rss_max = rss_max.max(rss_kib(pid)?.1);
             next_sample += Duration::from_secs(5);
             if half.is_empty() && started.elapsed() >= at(0.5) {
                 half = ids.iter().map(|&id| log_lines(&log, id)).collect();
-                eprintln!("soak: half-time, daemon RSS {} KiB", rss_kib(pid)?);
+                eprintln!("soak: half-time, daemon RSS {:?} KiB", rss_kib(pid)?);
             }
         }
         std::thread::sleep(Duration::from_millis(200));
     }
-    let rss_end = rss_kib(pid)?;
+    let (total_end, rss_end) = rss_kib(pid)?;
     rss_max = rss_max.max(rss_end);
 
     // Every guest ends by itself (secs=): wait for all to be stopped (preserved).
@@ -279,13 +284,17 @@ fn run() -> Result<(), String> {
     );
     for (i, g) in GUESTS.iter().enumerate() {
         let text = console(&daemon.dir, ids[i])?;
-        let summary = if g.summary.is_empty() {
-            String::new()
-        } else {
-            text.lines()
-                .rfind(|l| l.starts_with(g.summary))
-                .unwrap_or("(no summary line)")
-                .to_string()
+        // A bystander's last report; everything a hostile guest said of itself.
+        // (A hostile guest's garbage may precede its words on the same line.)
+        let said: Vec<&str> = text
+            .lines()
+            .filter_map(|l| l.find(g.summary).map(|i| &l[i..]))
+            .filter(|l| !l.contains("disk of") && (!l.contains(": pass ") || l.contains("done")))
+            .collect();
+        let summary = match (g.summary.is_empty(), g.hostile) {
+            (true, _) => String::new(),
+            (false, true) => said.join("; "),
+            (false, false) => said.last().copied().unwrap_or_default().to_string(),
         };
         let s = &states[i];
         let how = match s["shutdown_code"].as_u64() {
@@ -300,7 +309,10 @@ fn run() -> Result<(), String> {
             if g.hostile { "hostile" } else { "bystander" },
             end[i]
         );
-        if !g.hostile && g.name != "net-echo" && (how != "exit 0" || summary.is_empty()) {
+        if !g.summary.is_empty() && summary.is_empty() {
+            failures.push(format!("{} printed no {:?} line", g.name, g.summary));
+        }
+        if !g.hostile && g.name != "net-echo" && how != "exit 0" {
             failures.push(format!("bystander {} ended {how}: {summary}", g.name));
         }
         if g.hostile {
@@ -324,8 +336,10 @@ fn run() -> Result<(), String> {
     let slack = RSS_SLACK_KIB.max(rss_start / 10);
     let _ = writeln!(
         table,
-        "\nDaemon RSS: {rss_start} KiB once all ran, {rss_end} KiB at 90% of the run \
-         (max {rss_max} KiB sampled every 5 s); allowed growth {slack} KiB.\n"
+        "\nDaemon memory of its own (RssAnon): {rss_start} KiB once all ran, {rss_end} KiB at 90% \
+         of the run (max {rss_max} KiB, sampled every 5 s); allowed growth {slack} KiB. \
+         All resident memory (VmRSS, with the guest memory the daemon maps): {total_start} KiB, \
+         then {total_end} KiB.\n"
     );
     if rss_end > rss_start + slack {
         failures.push(format!(
@@ -343,6 +357,11 @@ fn run() -> Result<(), String> {
     );
     splitvisor_tools::results::publish("soak", &out, &table)?;
     drop(daemon);
+    // The log stays for a look after the run.
+    let kept = Path::new("target").join("soak-daemon.log");
+    if std::fs::copy(&log, &kept).is_ok() {
+        eprintln!("soak: the daemon's log is in {}", kept.display());
+    }
     let _ = std::fs::remove_dir_all(&work);
     if failures.is_empty() {
         Ok(())

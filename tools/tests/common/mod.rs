@@ -189,3 +189,12 @@ impl Raw {
         }
     }
 }
+
+/// The highest `tick N` the `ticker` job printed in `console`.
+pub fn last_tick(console: &str) -> u64 {
+    console
+        .lines()
+        .filter_map(|l| l.strip_prefix("tick ")?.trim().parse().ok())
+        .max()
+        .unwrap_or(0)
+}
