@@ -69,6 +69,9 @@ pub enum Error {
 /// Result alias for this crate.
 pub type Result<T> = std::result::Result<T, Error>;
 
+/// Most memory a domain may have, MiB (1 TiB): `mem_mib << 20` stays far inside a `u64`.
+pub const MAX_MEM_MIB: u64 = 1 << 20;
+
 /// What kind of KVM this is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum KvmFlavour {
@@ -196,6 +199,12 @@ impl Hypervisor {
         }
         if let Some(c) = &cfg.cpus {
             domain::check_cpus(c).map_err(|e| Error::Config(format!("cpus: {e}")))?;
+        }
+        if cfg.mem_mib == 0 || cfg.mem_mib > MAX_MEM_MIB {
+            return Err(Error::Config(format!(
+                "mem_mib = {} (1..={MAX_MEM_MIB})",
+                cfg.mem_mib
+            )));
         }
         // Held by the DomainShared (its last field): the id is free again only once everything
         // of this domain is gone, and is then reused only after the pool's delay.

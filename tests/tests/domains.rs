@@ -216,3 +216,33 @@ fn cpu_time_is_accounted_for_running_and_finished_vcpus() {
     // The vCPU threads are gone; their time is kept.
     assert!(shared.cpu_time() >= running);
 }
+
+#[test]
+fn out_of_range_configurations_are_refused_before_anything_is_built() {
+    let hv = hypervisor();
+    for (mem_mib, vcpus, max_ports, grant_frames) in [
+        (0, 1, 64, 1),
+        (u64::MAX, 1, 64, 1),
+        ((1 << 44) + 64, 1, 64, 1),
+        (64, 0, 64, 1),
+        (64, 10_000, 64, 1),
+        (64, 1, 0, 1),
+        (64, 1, 64, 0),
+    ] {
+        let e = hv
+            .create_domain(DomainConfig {
+                name: "bad".into(),
+                mem_mib,
+                vcpus,
+                max_ports,
+                grant_frames,
+                ..Default::default()
+            })
+            .map(|d| d.id())
+            .expect_err("created");
+        assert!(
+            matches!(e, hypervisor::Error::Config(_)),
+            "{mem_mib} MiB, {vcpus} vCPUs: {e}"
+        );
+    }
+}
