@@ -85,3 +85,52 @@ impl Client {
         }
     }
 }
+
+/// A `splitvisord` this process started for itself (a benchmark's or a soak's), in a runtime
+/// directory of its own; killed when dropped.
+#[derive(Debug)]
+pub struct OwnDaemon {
+    child: std::process::Child,
+    /// Its runtime directory.
+    pub dir: std::path::PathBuf,
+}
+
+impl OwnDaemon {
+    /// Starts the `splitvisord` next to this executable on `dir` and waits (10 s at most) until it
+    /// answers; returns it with a connection.
+    pub fn start(dir: &Path) -> Result<(Self, Client), String> {
+        let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+        let daemon_exe = exe.with_file_name("splitvisord");
+        let child = std::process::Command::new(&daemon_exe)
+            .arg("--runtime-dir")
+            .arg(dir)
+            .spawn()
+            .map_err(|e| format!("{}: {e}", daemon_exe.display()))?;
+        let me = Self {
+            child,
+            dir: dir.to_owned(),
+        };
+        let t = std::time::Instant::now();
+        loop {
+            match Client::connect(dir) {
+                Ok(c) => return Ok((me, c)),
+                Err(_) if t.elapsed() < std::time::Duration::from_secs(10) => {
+                    std::thread::sleep(std::time::Duration::from_millis(20))
+                }
+                Err(e) => return Err(format!("the daemon did not come up: {e:?}")),
+            }
+        }
+    }
+
+    /// Its process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for OwnDaemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

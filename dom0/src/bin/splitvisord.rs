@@ -45,6 +45,7 @@ fn run() -> Result<(), String> {
             other => return Err(format!("unknown argument {other:?} (try --help)")),
         }
     }
+    raise_fd_limit();
     let access = Access::new(group.as_deref()).map_err(|e| control::chain(&e))?;
     peer::make_runtime_dir(&dir).map_err(|e| control::chain(&e))?;
     // With a group, its members may reach the socket (and nothing else in the directory).
@@ -114,6 +115,18 @@ fn run() -> Result<(), String> {
     );
     Daemon::new(hv, &dir, access).serve(listener);
     Ok(())
+}
+
+/// Raises the soft limit on open files to the hard one: every domain holds a dozen descriptors
+/// (VM, vCPUs, memory, eventfds, io_uring, images), so the usual 1024 would stop at ~80 domains.
+fn raise_fd_limit() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE)
+        && soft < hard
+        && let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard)
+    {
+        eprintln!("splitvisord: cannot raise the open-file limit from {soft} to {hard}: {e}");
+    }
 }
 
 /// Gives `path` (not following a symlink) to group `gid`, keeping its owner.

@@ -18,14 +18,13 @@
 
 use std::fmt::Write as _;
 use std::io::Read;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use dom0::control::{DomRef, Request};
 use dom0::xlcfg::DomainSpec;
 use serde_json::Value;
-use splitvisor_tools::client::Client;
+use splitvisor_tools::client::{Client, OwnDaemon};
 
 /// Most lines one hostile domain may leave in the daemon's log over the whole run.
 const HOSTILE_LOG_LINES: usize = 200;
@@ -140,18 +139,6 @@ fn console(dir: &Path, id: u64) -> Result<String, String> {
     Ok(String::from_utf8_lossy(&out).into_owned())
 }
 
-struct Daemon {
-    child: Child,
-    dir: PathBuf,
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 fn run() -> Result<(), String> {
     let mut secs = 60u64;
     let mut out = "benchmarks/results/soak.md".to_string();
@@ -173,28 +160,8 @@ fn run() -> Result<(), String> {
     let _ = std::fs::remove_dir_all(&work);
     std::fs::create_dir_all(&work).map_err(|e| format!("{}: {e}", work.display()))?;
     let run_dir = work.join("run");
-    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
-    let daemon_exe = exe.with_file_name("splitvisord");
-    let child = Command::new(&daemon_exe)
-        .arg("--runtime-dir")
-        .arg(&run_dir)
-        .spawn()
-        .map_err(|e| format!("{}: {e}", daemon_exe.display()))?;
-    let daemon = Daemon {
-        child,
-        dir: run_dir.clone(),
-    };
-    let pid = daemon.child.id();
-    let t = Instant::now();
-    let mut c = loop {
-        match Client::connect(&daemon.dir) {
-            Ok(c) => break c,
-            Err(_) if t.elapsed() < Duration::from_secs(10) => {
-                std::thread::sleep(Duration::from_millis(20))
-            }
-            Err(e) => return Err(format!("the daemon did not come up: {e:?}")),
-        }
-    };
+    let (daemon, mut c) = OwnDaemon::start(&run_dir)?;
+    let pid = daemon.pid();
     let log = run_dir.join(dom0::control::LOG);
 
     let mut ids = Vec::new();

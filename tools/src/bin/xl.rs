@@ -58,13 +58,17 @@ enum Verb {
         /// Name or id.
         domain: DomRef,
     },
-    /// Ask a domain to power off (through its control/shutdown key).
+    /// Ask a domain (or, with -a, every domain) to power off (through its control/shutdown key).
     Shutdown {
-        /// Wait until it has shut down.
+        /// Wait until it has (they have) shut down.
         #[arg(short = 'w')]
         wait: bool,
+        /// Every running domain.
+        #[arg(short = 'a', long = "all", conflicts_with = "domain")]
+        all: bool,
         /// Name or id.
-        domain: DomRef,
+        #[arg(required_unless_present = "all")]
+        domain: Option<DomRef>,
     },
     /// Ask a domain to reboot (it is rebuilt if on_reboot=restart).
     Reboot {
@@ -262,6 +266,47 @@ fn connect_or_start(dir: &Path) -> Result<Client, Fail> {
     }
 }
 
+/// `xl shutdown -a [-w]`: asks every running domain to power off, then (with `-w`) waits until
+/// none of them runs any more (gone, or stopped and kept).
+fn shutdown_all(dir: &Path, wait: bool) -> Result<(), Fail> {
+    let mut c = connect(dir)?;
+    let running = |c: &mut Client| -> Result<std::collections::HashSet<u32>, Fail> {
+        let doms: Vec<DomainInfo> = serde_json::from_value(c.call(Request::List)?)?;
+        Ok(doms
+            .iter()
+            .filter(|d| matches!(d.state.as_str(), "r" | "b" | "p"))
+            .map(|d| d.id)
+            .collect())
+    };
+    let asked = running(&mut c)?;
+    for &id in &asked {
+        c.call(Request::Shutdown {
+            dom: DomRef::Id(id),
+            reboot: false,
+            wait: false,
+        })?;
+    }
+    if !wait {
+        return Ok(());
+    }
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let still = running(&mut c)?;
+        let left = asked.iter().filter(|id| still.contains(id)).count();
+        if left == 0 {
+            eprintln!("xl: {} domain(s) shut down", asked.len());
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            return Err(fail(format!(
+                "{left} of {} domains still running after 120 s",
+                asked.len()
+            )));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 fn state_column(letter: &str) -> String {
     let pos = "rbpscd".find(letter).unwrap_or(0);
     (0..6)
@@ -446,13 +491,16 @@ fn run(cli: Cli) -> Result<(), Fail> {
         Verb::Destroy { domain } => {
             connect(&dir)?.call(Request::Destroy { dom: domain })?;
         }
-        Verb::Shutdown { wait, domain } => {
-            connect(&dir)?.call(Request::Shutdown {
-                dom: domain,
-                reboot: false,
-                wait,
-            })?;
-        }
+        Verb::Shutdown { wait, all, domain } => match domain {
+            Some(dom) if !all => {
+                connect(&dir)?.call(Request::Shutdown {
+                    dom,
+                    reboot: false,
+                    wait,
+                })?;
+            }
+            _ => shutdown_all(&dir, wait)?,
+        },
         Verb::Reboot { wait, domain } => {
             connect(&dir)?.call(Request::Shutdown {
                 dom: domain,

@@ -1,0 +1,378 @@
+//! `densitybench`: how many idle domains one host holds, and what they cost it.
+//!
+//! One `splitvisord`, started for the run, takes idle domains (the `idle` job, 1 vCPU) up to each
+//! count N in turn. At each N it measures:
+//! - the host's busy CPU share, system-wide from `/proc/stat`, over `--idle-secs` while all N
+//!   domains idle (everything on the host counts: the daemon, every vCPU thread, the kernel);
+//! - host memory per domain, two ways: the growth of the daemon's resident memory (its own and
+//!   the guest pages it maps, which is all of a guest's RAM the host holds) over N, and the drop
+//!   of the host's `MemAvailable` (everything, the kernel's KVM structures too, but noisy) over N;
+//! - the create rate through the daemon's API (the batch that brought it to N), and the time from
+//!   `create` to the guest's first console line for a sample of domains created with N-1
+//!   resident (p50, p99);
+//! - how long `xl list` and `xl top -n 1` take.
+//!
+//! At the largest N: `xl shutdown -a -w` (every guest acknowledges its shutdown and powers off
+//! with code 0: the domains are kept, preserved, and checked), then the destroy rate through the
+//! API; and the create and destroy rate of a few domains through the `xl` binary.
+//!
+//! Usage: `densitybench [--counts 10,100,1000] [--idle-secs S] [--memory MIB] [--out FILE]
+//! [--max-cpu PCT]`. With `--max-cpu`, it fails if the idle CPU share at the largest N is above
+//! PCT (CI uses this). Needs root and /dev/kvm.
+
+use std::fmt::Write as _;
+use std::io::BufRead;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use dom0::control::{DomRef, DomainInfo, Request};
+use dom0::xlcfg::DomainSpec;
+use splitvisor_tools::client::{Client, OwnDaemon};
+use splitvisor_tools::results::median;
+
+/// Domains whose time to first console line is measured at each count.
+const SAMPLE: usize = 20;
+
+struct Args {
+    counts: Vec<usize>,
+    idle_secs: f64,
+    memory: u64,
+    out: String,
+    max_cpu: Option<f64>,
+}
+
+fn args() -> Result<Args, String> {
+    let mut a = Args {
+        counts: vec![10, 100, 1000],
+        idle_secs: 10.0,
+        memory: 64,
+        out: "benchmarks/results/density.md".into(),
+        max_cpu: None,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(k) = it.next() {
+        let mut v = || it.next().ok_or(format!("{k} needs a value"));
+        match k.as_str() {
+            "--counts" => {
+                a.counts = v()?
+                    .split(',')
+                    .map(|n| n.parse().map_err(|_| format!("count {n:?}")))
+                    .collect::<Result<_, _>>()?;
+                a.counts.sort_unstable();
+            }
+            "--idle-secs" => a.idle_secs = v()?.parse().map_err(|_| "--idle-secs: seconds")?,
+            "--memory" => a.memory = v()?.parse().map_err(|_| "--memory: MiB")?,
+            "--out" => a.out = v()?,
+            "--max-cpu" => a.max_cpu = Some(v()?.parse().map_err(|_| "--max-cpu: percent")?),
+            other => return Err(format!("unknown argument {other:?}")),
+        }
+    }
+    if a.counts.is_empty() || a.counts[0] == 0 {
+        return Err("--counts: positive numbers".into());
+    }
+    Ok(a)
+}
+
+/// Busy and total jiffies of the whole host (`/proc/stat`'s first line).
+fn cpu_jiffies() -> Result<(u64, u64), String> {
+    let s = std::fs::read_to_string("/proc/stat").map_err(|e| format!("/proc/stat: {e}"))?;
+    let f: Vec<u64> = s
+        .lines()
+        .next()
+        .and_then(|l| l.strip_prefix("cpu "))
+        .ok_or("no cpu line in /proc/stat")?
+        .split_whitespace()
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    // user nice system idle iowait irq softirq steal (guest time is inside user)
+    let at = |i: usize| f.get(i).copied().unwrap_or(0);
+    let idle = at(3) + at(4);
+    let total: u64 = (0..8).map(at).sum();
+    Ok((total - idle, total))
+}
+
+/// The host's busy share, percent, over `secs`.
+fn busy_share(secs: f64) -> Result<f64, String> {
+    let (b0, t0) = cpu_jiffies()?;
+    std::thread::sleep(Duration::from_secs_f64(secs));
+    let (b1, t1) = cpu_jiffies()?;
+    Ok(100.0 * (b1 - b0) as f64 / (t1 - t0).max(1) as f64)
+}
+
+fn mem_available_kib() -> Result<u64, String> {
+    let s = std::fs::read_to_string("/proc/meminfo").map_err(|e| format!("/proc/meminfo: {e}"))?;
+    s.lines()
+        .find_map(|l| l.strip_prefix("MemAvailable:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .ok_or_else(|| "no MemAvailable".into())
+}
+
+/// The resident memory of process `pid`, KiB.
+fn rss_kib(pid: u32) -> Result<u64, String> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .map_err(|e| format!("daemon status: {e}"))?;
+    s.lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .ok_or_else(|| "no VmRSS".into())
+}
+
+fn percentile(v: &[f64], p: f64) -> f64 {
+    let mut v = v.to_vec();
+    v.sort_by(f64::total_cmp);
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v[((v.len() - 1) as f64 * p).round() as usize]
+}
+
+/// A domain file for idle domain `name`.
+fn spec(dir: &Path, name: &str, memory: u64) -> Result<DomainSpec, String> {
+    let file = dir.join("idle.cfg");
+    std::fs::write(
+        &file,
+        format!(
+            "name = \"{name}\"\nmemory = {memory}\nvcpus = 1\nextra = \"idle\"\n\
+             on_poweroff = \"preserve\"\n"
+        ),
+    )
+    .map_err(|e| e.to_string())?;
+    DomainSpec::load(&file, &[]).map_err(|e| e.to_string())
+}
+
+fn create(c: &mut Client, spec: DomainSpec) -> Result<u32, String> {
+    let v = c
+        .call(Request::Create {
+            spec: Box::new(spec),
+            paused: false,
+        })
+        .map_err(|e| format!("create: {e}"))?;
+    v["id"]
+        .as_u64()
+        .and_then(|i| u32::try_from(i).ok())
+        .ok_or_else(|| "create answered without an id".into())
+}
+
+/// Creates a domain and times it until its console's first line.
+fn time_to_first_line(dir: &Path, c: &mut Client, spec: DomainSpec) -> Result<f64, String> {
+    let t = Instant::now();
+    let id = create(c, spec)?;
+    let mut con = Client::connect(dir).map_err(|e| format!("{e:?}"))?;
+    con.call(Request::Console {
+        dom: DomRef::Id(id),
+    })
+    .map_err(|e| e.to_string())?;
+    let _ = con.stream.set_read_timeout(Some(Duration::from_secs(30)));
+    let mut line = Vec::new();
+    con.reader
+        .read_until(b'\n', &mut line)
+        .map_err(|e| format!("console of {id}: {e}"))?;
+    Ok(t.elapsed().as_secs_f64() * 1e3)
+}
+
+fn xl(xl: &Path, dir: &Path, args: &[&str]) -> Result<f64, String> {
+    let t = Instant::now();
+    let o = Command::new(xl)
+        .arg("--runtime-dir")
+        .arg(dir)
+        .args(args)
+        .output()
+        .map_err(|e| format!("xl: {e}"))?;
+    if !o.status.success() {
+        return Err(format!(
+            "xl {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&o.stderr).trim()
+        ));
+    }
+    Ok(t.elapsed().as_secs_f64() * 1e3)
+}
+
+/// What was measured at one count.
+struct Row {
+    n: usize,
+    busy: f64,
+    rss_kib: f64,
+    mem_kib: f64,
+    creates_per_s: f64,
+    ttfl: (f64, f64),
+    list_ms: f64,
+    top_ms: f64,
+}
+
+fn run() -> Result<(), String> {
+    let a = args()?;
+    let work = std::env::temp_dir().join(format!("sv-density-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&work);
+    std::fs::create_dir_all(&work).map_err(|e| e.to_string())?;
+    let run_dir = work.join("run");
+    let xl_exe: PathBuf = std::env::current_exe()
+        .map_err(|e| e.to_string())?
+        .with_file_name("xl");
+    let base_mem = mem_available_kib()?;
+    let base_busy = busy_share(a.idle_secs.min(5.0))?;
+    let (daemon, mut c) = OwnDaemon::start(&run_dir)?;
+    let base_rss = rss_kib(daemon.pid())?;
+    eprintln!("densitybench: host busy {base_busy:.2}% before any domain");
+
+    let mut rows = Vec::new();
+    let mut made = 0usize;
+    for &n in &a.counts {
+        let batch = n.saturating_sub(made);
+        let timed = batch.saturating_sub(SAMPLE.min(batch));
+        let t = Instant::now();
+        for _ in 0..timed {
+            create(&mut c, spec(&work, &format!("idle{made}"), a.memory)?)?;
+            made += 1;
+        }
+        let creates_per_s = timed as f64 / t.elapsed().as_secs_f64().max(1e-9);
+        let mut ttfl = Vec::new();
+        while made < n {
+            ttfl.push(time_to_first_line(
+                &run_dir,
+                &mut c,
+                spec(&work, &format!("idle{made}"), a.memory)?,
+            )?);
+            made += 1;
+        }
+        // Let every guest finish booting before idling.
+        std::thread::sleep(Duration::from_secs(2));
+        let busy = busy_share(a.idle_secs)?;
+        let mem_kib = base_mem.saturating_sub(mem_available_kib()?) as f64 / n as f64;
+        let rss_kib = rss_kib(daemon.pid())?.saturating_sub(base_rss) as f64 / n as f64;
+        let list_ms = xl(&xl_exe, &run_dir, &["list"])?;
+        let top_ms = xl(&xl_exe, &run_dir, &["top", "-n", "1"])?;
+        eprintln!(
+            "densitybench: {n} idle: host busy {busy:.2}%, {rss_kib:.0} KiB each, \
+             {creates_per_s:.0} creates/s, xl list {list_ms:.0} ms"
+        );
+        rows.push(Row {
+            n,
+            busy,
+            rss_kib,
+            mem_kib,
+            creates_per_s,
+            ttfl: (percentile(&ttfl, 0.5), percentile(&ttfl, 0.99)),
+            list_ms,
+            top_ms,
+        });
+    }
+
+    // Every guest is asked to power off at once and must acknowledge it.
+    let n = made;
+    let shutdown_ms = xl(&xl_exe, &run_dir, &["shutdown", "-a", "-w"])?;
+    let doms: Vec<DomainInfo> =
+        serde_json::from_value(c.call(Request::List).map_err(|e| e.to_string())?)
+            .map_err(|e| e.to_string())?;
+    let clean = doms
+        .iter()
+        .filter(|d| d.state == "s" && d.detail.starts_with("Poweroff, exit code 0"))
+        .count();
+    let t = Instant::now();
+    for d in &doms {
+        c.call(Request::Destroy {
+            dom: DomRef::Id(d.id),
+        })
+        .map_err(|e| format!("destroy {}: {e}", d.id))?;
+    }
+    let destroys_per_s = doms.len() as f64 / t.elapsed().as_secs_f64().max(1e-9);
+
+    // A few through the xl binary (its start-up included).
+    let cfg = work.join("xl.cfg");
+    let (mut xl_create, mut xl_destroy) = (Vec::new(), Vec::new());
+    for i in 0..10 {
+        std::fs::write(
+            &cfg,
+            format!(
+                "name = \"x{i}\"\nmemory = {}\nvcpus = 1\nextra = \"idle\"\n",
+                a.memory
+            ),
+        )
+        .map_err(|e| e.to_string())?;
+        xl_create.push(xl(&xl_exe, &run_dir, &["create", &cfg.to_string_lossy()])?);
+    }
+    for i in 0..10 {
+        xl_destroy.push(xl(&xl_exe, &run_dir, &["destroy", &format!("x{i}")])?);
+    }
+    drop(c);
+    drop(daemon);
+
+    let mut t = String::new();
+    let _ = writeln!(
+        t,
+        "# Density: idle domains on one host\n\n\
+         `densitybench --counts {}` on a 2-core, 24 GiB host (KVM PVM), `idle` job, 1 vCPU, \
+         {} MiB each; host busy before any domain: {base_busy:.2}%.\n\n\
+         | idle domains | host CPU busy | memory per domain: daemon RSS / MemAvailable | \
+         creates/s (API) | first console line p50 / p99 | `xl list` | `xl top -n 1` |\n\
+         |---:|---:|---:|---:|---:|---:|---:|",
+        a.counts
+            .iter()
+            .map(usize::to_string)
+            .collect::<Vec<_>>()
+            .join(","),
+        a.memory
+    );
+    for r in &rows {
+        let _ = writeln!(
+            t,
+            "| {} | {:.2}% | {:.0} / {:.0} KiB | {:.0} | {:.1} / {:.1} ms | {:.0} ms | {:.0} ms |",
+            r.n,
+            r.busy,
+            r.rss_kib,
+            r.mem_kib,
+            r.creates_per_s,
+            r.ttfl.0,
+            r.ttfl.1,
+            r.list_ms,
+            r.top_ms
+        );
+    }
+    let _ = writeln!(
+        t,
+        "\nAt {n} domains: `xl shutdown -a -w` took {shutdown_ms:.0} ms and {clean} of {n} guests \
+         acknowledged and powered off with code 0; destroy through the API: \
+         {destroys_per_s:.0}/s. Through the `xl` binary (its start-up included): create \
+         {:.1} ms, destroy {:.1} ms (medians of 10).",
+        median(&xl_create),
+        median(&xl_destroy)
+    );
+    splitvisor_tools::results::publish("densitybench", &a.out, &t)?;
+    let _ = std::fs::remove_dir_all(&work);
+    let mut fails = Vec::new();
+    if clean != n {
+        fails.push(format!(
+            "{} of {n} guests did not acknowledge their shutdown",
+            n - clean
+        ));
+    }
+    if let (Some(max), Some(last)) = (a.max_cpu, rows.last())
+        && last.busy > max
+    {
+        fails.push(format!(
+            "{} idle domains keep the host {:.2}% busy (at most {max}%)",
+            last.n, last.busy
+        ));
+    }
+    if fails.is_empty() {
+        Ok(())
+    } else {
+        Err(fails.join("; "))
+    }
+}
+
+fn main() {
+    splitvisor_tools::results::main("densitybench", run);
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn percentiles_pick_from_the_sorted_values() {
+        let v = [5.0, 1.0, 3.0, 2.0, 4.0];
+        assert_eq!(super::percentile(&v, 0.5), 3.0);
+        assert_eq!(super::percentile(&v, 0.99), 5.0);
+        assert!(super::percentile(&[], 0.5).is_nan());
+    }
+}
