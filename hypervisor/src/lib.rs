@@ -16,7 +16,7 @@ pub mod evtchn;
 pub mod grant;
 pub mod hypercall;
 pub mod memory;
-mod pvdev;
+pub mod pvdev;
 pub mod store;
 pub mod vcpu;
 

@@ -9,6 +9,9 @@
 //! Store messages are copied out of the ring, reassembled, bounded (`PAYLOAD_MAX`), parsed by
 //! pv-protocol and answered; a malformed one gets an error reply. A guest that stops reading its
 //! replies stops being served (its requests stay in its ring) rather than growing host memory.
+//!
+//! The framing of the request stream ([`next_message`]) and the answer to one message
+//! ([`answer`]) need no domain, so they are public: the fuzz targets drive them directly.
 
 use std::collections::VecDeque;
 use std::os::fd::AsRawFd;
@@ -18,8 +21,8 @@ use pv_protocol::byte_ring::{ByteRingConsumer, ByteRingProducer};
 use pv_protocol::console::{IN_RING, OUT_RING};
 use pv_protocol::start_info::{CONSOLE_GPA, STORE_GPA};
 use pv_protocol::store::{
-    MsgType, PAYLOAD_MAX, PermList, REQ_RING, RSP_RING, StoreErrno, StoreMsgHeader, StoreRequest,
-    encode_error, encode_message, encode_watch_event,
+    MsgType, PAYLOAD_MAX, PermList, REQ_RING, RSP_RING, StoreErrno, StoreError, StoreMsgHeader,
+    StoreRequest, encode_error, encode_message, encode_watch_event,
 };
 use vmm_sys_util::eventfd::EventFd;
 use zerocopy::FromBytes;
@@ -155,7 +158,7 @@ fn serve(dom: &Arc<DomainShared>, store: &Store, devs: &PvDevs) {
 
 /// One message framed from the request stream.
 #[derive(Debug)]
-enum Framed {
+pub enum Framed {
     /// A whole message: header and payload (at most `PAYLOAD_MAX` bytes).
     Message(StoreMsgHeader, Vec<u8>),
     /// A header claiming more than `PAYLOAD_MAX` bytes: the stream cannot be resynchronised, so
@@ -164,7 +167,7 @@ enum Framed {
 }
 
 /// Takes the next complete message off the front of `inbuf`, if there is one.
-fn next_message(inbuf: &mut Vec<u8>) -> Option<Framed> {
+pub fn next_message(inbuf: &mut Vec<u8>) -> Option<Framed> {
     let (hdr, _) = StoreMsgHeader::read_from_prefix(inbuf).ok()?;
     let len = hdr.len as usize;
     if len > PAYLOAD_MAX {
@@ -244,100 +247,114 @@ impl StoreConn<'_> {
     fn handle_messages(&mut self) {
         while let Some(f) = next_message(&mut self.inbuf) {
             match f {
-                Framed::Message(hdr, payload) => self.handle(&hdr, &payload),
+                Framed::Message(hdr, payload) => {
+                    if let Err(e) =
+                        answer(self.store, self.dom.id, &hdr, &payload, &mut self.outbuf)
+                    {
+                        self.dom.guest_fault("store-msg", format_args!("{e}"));
+                    }
+                }
                 Framed::Oversize(hdr) => {
                     self.dom.guest_fault(
                         "store-msg",
                         format_args!("payload length {} too large", hdr.len),
                     );
-                    self.reply_error(&hdr, StoreErrno::E2BIG);
+                    reply_error(&mut self.outbuf, &hdr, StoreErrno::E2BIG);
                 }
             }
         }
     }
+}
 
-    fn reply_error(&mut self, hdr: &StoreMsgHeader, e: StoreErrno) {
-        let mut m = [0u8; 32];
-        if let Ok(n) = encode_error(&mut m, hdr.req_id, hdr.tx_id, e) {
-            self.outbuf.extend(&m[..n]);
-        }
+fn reply_error(out: &mut VecDeque<u8>, hdr: &StoreMsgHeader, e: StoreErrno) {
+    let mut m = [0u8; 32];
+    if let Ok(n) = encode_error(&mut m, hdr.req_id, hdr.tx_id, e) {
+        out.extend(&m[..n]);
     }
+}
 
-    fn reply(&mut self, hdr: &StoreMsgHeader, ty: MsgType, parts: &[&[u8]]) {
-        let size = 16 + parts.iter().map(|p| p.len()).sum::<usize>();
-        let mut m = vec![0u8; size];
-        match encode_message(&mut m, ty, hdr.req_id, hdr.tx_id, parts) {
-            Ok(n) => self.outbuf.extend(&m[..n]),
-            Err(_) => self.reply_error(hdr, StoreErrno::E2BIG),
-        }
+fn reply(out: &mut VecDeque<u8>, hdr: &StoreMsgHeader, ty: MsgType, parts: &[&[u8]]) {
+    let size = 16 + parts.iter().map(|p| p.len()).sum::<usize>();
+    let mut m = vec![0u8; size];
+    match encode_message(&mut m, ty, hdr.req_id, hdr.tx_id, parts) {
+        Ok(n) => out.extend(&m[..n]),
+        Err(_) => reply_error(out, hdr, StoreErrno::E2BIG),
     }
+}
 
-    fn handle(&mut self, hdr: &StoreMsgHeader, payload: &[u8]) {
-        let request = match StoreRequest::parse(hdr, payload) {
-            Ok(r) => r,
-            Err(e) => {
-                self.dom.guest_fault("store-msg", format_args!("{e}"));
-                return self.reply_error(hdr, e.errno());
-            }
-        };
-        let ty = request.msg_type();
-        let (d, tx, s) = (self.dom.id, hdr.tx_id, self.store);
-        let ok: &[&[u8]] = &[b"OK\0"];
-        let result: Result<Vec<u8>, StoreErrno> = match request {
-            StoreRequest::Read(p) => s.read(d, tx, p.as_str()),
-            StoreRequest::Write { path, value } => s
-                .write(d, tx, path.as_str(), value)
-                .map(|()| ok[0].to_vec()),
-            StoreRequest::Mkdir(p) => s.mkdir(d, tx, p.as_str()).map(|()| ok[0].to_vec()),
-            StoreRequest::Rm(p) => s.rm(d, tx, p.as_str()).map(|()| ok[0].to_vec()),
-            StoreRequest::Directory(p) => s.directory(d, tx, p.as_str()).map(|names| {
-                names
-                    .iter()
-                    .flat_map(|n| n.bytes().chain(std::iter::once(0)))
-                    .collect()
-            }),
-            StoreRequest::GetPerms(p) => s.get_perms(d, tx, p.as_str()).and_then(|perms| {
-                let mut b = vec![0u8; perms.len() * 8 + 8];
-                PermList::write(&perms, &mut b)
-                    .map(|l| l.as_bytes().to_vec())
-                    .map_err(|e| e.errno())
-            }),
-            StoreRequest::SetPerms { path, perms } => {
-                let list: Vec<_> = perms.iter().collect();
-                s.set_perms(d, tx, path.as_str(), &list)
-                    .map(|()| ok[0].to_vec())
-            }
-            StoreRequest::Watch { path, token } => {
-                s.watch(d, path.as_str(), token).map(|()| ok[0].to_vec())
-            }
-            StoreRequest::Unwatch { path, token } => {
-                s.unwatch(d, path.as_str(), token).map(|()| ok[0].to_vec())
-            }
-            StoreRequest::TransactionStart => s
-                .transaction_start(d)
-                .map(|id| format!("{id}\0").into_bytes()),
-            StoreRequest::TransactionEnd { commit } => {
-                s.transaction_end(d, tx, commit).map(|()| ok[0].to_vec())
-            }
-            StoreRequest::GetDomainPath(id) => {
-                Ok(format!("{}\0", crate::store::home(u32::from(id.0))).into_bytes())
-            }
-            // Toolstack operations are dom0's; a guest may not use them.
-            StoreRequest::Introduce { .. }
-            | StoreRequest::Release(_)
-            | StoreRequest::Resume(_)
-            | StoreRequest::SetTarget { .. }
-            | StoreRequest::IsDomainIntroduced(_)
-            | StoreRequest::Control(_) => Err(StoreErrno::EACCES),
-            StoreRequest::DirectoryPart { .. } | StoreRequest::ResetWatches => {
-                Err(StoreErrno::ENOSYS)
-            }
-        };
-        match result {
-            Ok(body) => self.reply(hdr, ty, &[&body]),
-            Err(e) => self.reply_error(hdr, e),
+/// Answers one framed message from guest `domid` against `store`: appends exactly one reply (the
+/// request's type with its result, or `ERROR`) to `out`. A message that does not parse is
+/// answered with its error and the error is returned, for the caller to count as a guest fault.
+pub fn answer(
+    store: &Store,
+    domid: u32,
+    hdr: &StoreMsgHeader,
+    payload: &[u8],
+    out: &mut VecDeque<u8>,
+) -> Result<(), StoreError> {
+    let request = match StoreRequest::parse(hdr, payload) {
+        Ok(r) => r,
+        Err(e) => {
+            reply_error(out, hdr, e.errno());
+            return Err(e);
         }
+    };
+    let ty = request.msg_type();
+    let (d, tx, s) = (domid, hdr.tx_id, store);
+    let ok: &[&[u8]] = &[b"OK\0"];
+    let result: Result<Vec<u8>, StoreErrno> = match request {
+        StoreRequest::Read(p) => s.read(d, tx, p.as_str()),
+        StoreRequest::Write { path, value } => s
+            .write(d, tx, path.as_str(), value)
+            .map(|()| ok[0].to_vec()),
+        StoreRequest::Mkdir(p) => s.mkdir(d, tx, p.as_str()).map(|()| ok[0].to_vec()),
+        StoreRequest::Rm(p) => s.rm(d, tx, p.as_str()).map(|()| ok[0].to_vec()),
+        StoreRequest::Directory(p) => s.directory(d, tx, p.as_str()).map(|names| {
+            names
+                .iter()
+                .flat_map(|n| n.bytes().chain(std::iter::once(0)))
+                .collect()
+        }),
+        StoreRequest::GetPerms(p) => s.get_perms(d, tx, p.as_str()).and_then(|perms| {
+            let mut b = vec![0u8; perms.len() * 8 + 8];
+            PermList::write(&perms, &mut b)
+                .map(|l| l.as_bytes().to_vec())
+                .map_err(|e| e.errno())
+        }),
+        StoreRequest::SetPerms { path, perms } => {
+            let list: Vec<_> = perms.iter().collect();
+            s.set_perms(d, tx, path.as_str(), &list)
+                .map(|()| ok[0].to_vec())
+        }
+        StoreRequest::Watch { path, token } => {
+            s.watch(d, path.as_str(), token).map(|()| ok[0].to_vec())
+        }
+        StoreRequest::Unwatch { path, token } => {
+            s.unwatch(d, path.as_str(), token).map(|()| ok[0].to_vec())
+        }
+        StoreRequest::TransactionStart => s
+            .transaction_start(d)
+            .map(|id| format!("{id}\0").into_bytes()),
+        StoreRequest::TransactionEnd { commit } => {
+            s.transaction_end(d, tx, commit).map(|()| ok[0].to_vec())
+        }
+        StoreRequest::GetDomainPath(id) => {
+            Ok(format!("{}\0", crate::store::home(u32::from(id.0))).into_bytes())
+        }
+        // Toolstack operations are dom0's; a guest may not use them.
+        StoreRequest::Introduce { .. }
+        | StoreRequest::Release(_)
+        | StoreRequest::Resume(_)
+        | StoreRequest::SetTarget { .. }
+        | StoreRequest::IsDomainIntroduced(_)
+        | StoreRequest::Control(_) => Err(StoreErrno::EACCES),
+        StoreRequest::DirectoryPart { .. } | StoreRequest::ResetWatches => Err(StoreErrno::ENOSYS),
+    };
+    match result {
+        Ok(body) => reply(out, hdr, ty, &[&body]),
+        Err(e) => reply_error(out, hdr, e),
     }
+    Ok(())
 }
 
 #[cfg(test)]
