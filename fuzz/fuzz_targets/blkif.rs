@@ -46,7 +46,10 @@ fuzz_target!(|data: &[u8]| {
                 unsupported
             );
             if unsupported {
-                assert!(BlkOp::try_from(raw.operation).is_err() || matches!(e, BlkifError::Unsupported(op) if op == raw.operation));
+                assert!(
+                    BlkOp::try_from(raw.operation).is_err()
+                        || matches!(e, BlkifError::Unsupported(op) if op == raw.operation)
+                );
             }
             return;
         }
@@ -56,21 +59,35 @@ fuzz_target!(|data: &[u8]| {
     // Serialise and parse again: the same request.
     assert_eq!(BlkRequest::parse(&req.to_raw()), Ok(req));
     match req {
-        BlkRequest::Read { sector, segments, .. } | BlkRequest::Write { sector, segments, .. } => {
+        BlkRequest::Read {
+            sector, segments, ..
+        }
+        | BlkRequest::Write {
+            sector, segments, ..
+        } => {
             assert!((1..=MAX_SEGMENTS_PER_REQUEST).contains(&segments.len()));
             let sectors = check_segments(&segments);
             assert!(sector.checked_add(sectors).is_some());
         }
-        BlkRequest::Flush { sector, segments, .. } => {
+        BlkRequest::Flush {
+            sector, segments, ..
+        } => {
             assert!(segments.len() <= MAX_SEGMENTS_PER_REQUEST);
             let sectors = check_segments(&segments);
             assert!(sector.checked_add(sectors).is_some());
         }
-        BlkRequest::Discard { sector, nr_sectors, .. } => {
+        BlkRequest::Discard {
+            sector, nr_sectors, ..
+        } => {
             assert_eq!(raw.operation, BlkOp::Discard as u8);
             assert!(sector.checked_add(nr_sectors).is_some());
         }
-        BlkRequest::Indirect { nr_segments, pages, sector, .. } => {
+        BlkRequest::Indirect {
+            nr_segments,
+            pages,
+            sector,
+            ..
+        } => {
             let n = usize::from(nr_segments);
             assert!((1..=MAX_INDIRECT_SEGMENTS).contains(&n));
             assert_eq!(pages.len(), n.div_ceil(SEGMENTS_PER_INDIRECT_PAGE));

@@ -165,7 +165,12 @@ impl World<'_> {
 
 fuzz_target!(|input: Input| {
     let layout = match input.which {
-        Which::Tiny => ByteRingLayout { data: 0, size: 16, cons: 16, prod: 20 },
+        Which::Tiny => ByteRingLayout {
+            data: 0,
+            size: 16,
+            cons: 16,
+            prod: 20,
+        },
         Which::StoreRequests => pv_protocol::store::REQ_RING,
         Which::StoreResponses => pv_protocol::store::RSP_RING,
         Which::ConsoleOut => pv_protocol::console::OUT_RING,
@@ -198,7 +203,11 @@ fuzz_target!(|input: Input| {
     if w.broken() {
         return;
     }
-    assert_eq!(w.rx.available(), Ok(0), "bytes stuck after the hostile writes stopped");
+    assert_eq!(
+        w.rx.available(),
+        Ok(0),
+        "bytes stuck after the hostile writes stopped"
+    );
     assert_eq!(w.tx.free(), Ok(size));
     // Resynchronised: a fresh stream arrives exactly once and in order.
     w.tainted = false;

@@ -29,7 +29,11 @@ fuzz_target!(|data: &[u8]| {
     let n = op.arg_size();
     match EvtchnCommand::parse(op, arg) {
         Ok(c) => {
-            assert_eq!(arg.len(), n, "only an argument of exactly arg_size bytes parses");
+            assert_eq!(
+                arg.len(),
+                n,
+                "only an argument of exactly arg_size bytes parses"
+            );
             assert_eq!(c.op(), op);
             // Validated values are within their bounds.
             match c {

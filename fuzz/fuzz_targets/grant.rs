@@ -13,7 +13,14 @@ use pv_protocol::grant::{
 };
 use zerocopy::{FromBytes, IntoBytes};
 
-fn round_trip<T: FromBytes + IntoBytes + zerocopy::Immutable + zerocopy::KnownLayout + PartialEq + core::fmt::Debug>(
+fn round_trip<
+    T: FromBytes
+        + IntoBytes
+        + zerocopy::Immutable
+        + zerocopy::KnownLayout
+        + PartialEq
+        + core::fmt::Debug,
+>(
     bytes: &[u8],
 ) {
     if let Ok((v, _)) = T::read_from_prefix(bytes) {
@@ -45,7 +52,10 @@ fuzz_target!(|data: &[u8]| {
             // Access checks: wrong domain first, then read-only writes.
             match e.check_access(requester, write) {
                 Ok(()) => assert!(requester == e.domid && !(write && e.readonly())),
-                Err(GrantError::WrongDomain { granted, requester: r }) => {
+                Err(GrantError::WrongDomain {
+                    granted,
+                    requester: r,
+                }) => {
                     assert_eq!((granted, r), (e.domid.0, requester.0));
                     assert_ne!(requester, e.domid);
                 }

@@ -25,7 +25,9 @@ fuzz_target!(|data: &[u8]| {
             assert_eq!(Hypercall::parse(&again), Ok(call));
             assert_eq!(again.nr, req.nr);
             match call {
-                Hypercall::ConsoleIo(ConsoleIoCmd::Write { len, .. } | ConsoleIoCmd::Read { len, .. }) => {
+                Hypercall::ConsoleIo(
+                    ConsoleIoCmd::Write { len, .. } | ConsoleIoCmd::Read { len, .. },
+                ) => {
                     // The dispatcher allocates `len` bytes: it must be bounded.
                     assert!(len <= MAX_CONSOLE_IO);
                 }

@@ -6,11 +6,11 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
+use pv_protocol::PAGE_SIZE;
 use pv_protocol::netif::{
     ETH_HLEN, MAX_SLOTS_PER_FRAME, NetExtra, NetRxResponse, NetTxFlags, NetTxResponse,
     NetifExtraInfoRaw, NetifRxResponseRaw, NetifTxRequestRaw, NetifTxResponseRaw, TxPacket,
 };
-use pv_protocol::PAGE_SIZE;
 use zerocopy::FromBytes;
 
 fuzz_target!(|data: &[u8]| {
@@ -54,7 +54,8 @@ fuzz_target!(|data: &[u8]| {
     assert_eq!(pkt.slots[0].gref.0, first.gref);
     assert_eq!(
         pkt.flags,
-        NetTxFlags::from_bits_truncate(first.flags) & (NetTxFlags::CSUM_BLANK | NetTxFlags::DATA_VALIDATED)
+        NetTxFlags::from_bits_truncate(first.flags)
+            & (NetTxFlags::CSUM_BLANK | NetTxFlags::DATA_VALIDATED)
     );
     // Serialise and parse again: the same frame, in as many slots.
     let mut out = vec![NetifTxRequestRaw::default(); pkt.ring_slots()];

@@ -112,10 +112,16 @@ impl World<'_> {
     fn sizes_hold(&self) {
         assert!(self.back.outstanding() <= self.size);
         assert!(self.front.in_flight() <= self.size);
-        assert_eq!(self.front.free_requests() + self.front.in_flight(), self.size);
+        assert_eq!(
+            self.front.free_requests() + self.front.in_flight(),
+            self.size
+        );
         assert!(self.pending.len() as u32 <= self.size);
         assert_eq!(self.pending.len() as u32, self.back.outstanding());
-        assert!(self.taken_rsp <= self.published, "more responses than published requests");
+        assert!(
+            self.taken_rsp <= self.published,
+            "more responses than published requests"
+        );
         assert!(self.taken_req - self.answered <= u64::from(self.size));
     }
 
@@ -124,7 +130,9 @@ impl World<'_> {
             Value::Near(d) => honest.wrapping_add(d as i32 as u32),
             Value::Any(x) => x,
         };
-        self.region.store_u32(field, value, Ordering::Release).unwrap();
+        self.region
+            .store_u32(field, value, Ordering::Release)
+            .unwrap();
     }
 
     fn front_push(&mut self, n: u8) {
@@ -245,7 +253,11 @@ impl World<'_> {
                 self.front_take(n);
             }
             Op::FrontSleep | Op::FrontSleepAfter(_) => {
-                let k = if let Op::FrontSleepAfter(k) = op { u32::from(k) } else { 1 };
+                let k = if let Op::FrontSleepAfter(k) = op {
+                    u32::from(k)
+                } else {
+                    1
+                };
                 let r = self.front.final_check_for_responses_after(k);
                 let b = self.front.broken();
                 // Only k == 1 promises a wake-up at the very next response.
@@ -293,7 +305,9 @@ impl World<'_> {
             Op::Slot { idx, at, bytes } => {
                 self.tainted = true;
                 let slot = 64usize; // EchoRing: 64-byte slots
-                let off = 64 + (u32::from(idx) % self.size) as usize * slot + usize::from(at) % (slot - 7);
+                let off = 64
+                    + (u32::from(idx) % self.size) as usize * slot
+                    + usize::from(at) % (slot - 7);
                 self.region.write(off, &bytes).unwrap();
             }
         }
@@ -346,7 +360,11 @@ fuzz_target!(|input: Input| {
     if w.broken() {
         return;
     }
-    assert_eq!(w.front.in_flight(), 0, "requests stuck after the hostile writes stopped");
+    assert_eq!(
+        w.front.in_flight(),
+        0,
+        "requests stuck after the hostile writes stopped"
+    );
     assert_eq!(w.back.outstanding(), 0);
     // Resynchronised: a fresh batch goes through exactly once, in order, with its contents.
     let n = u64::from(input.final_batch) % u64::from(size) + 1;
@@ -364,7 +382,11 @@ fuzz_target!(|input: Input| {
     assert_eq!(w.back.take_request(), Ok(None));
     w.back.commit_responses();
     for i in 0..n {
-        let rsp = w.front.take_response().unwrap().expect("response delivered");
+        let rsp = w
+            .front
+            .take_response()
+            .unwrap()
+            .expect("response delivered");
         assert_eq!(rsp, echo_answer(&echo_request(first + i)));
     }
     assert_eq!(w.front.take_response(), Ok(None));

@@ -17,15 +17,29 @@ use zerocopy::FromBytes;
 fn check_path(p: &StorePath<'_>, watch: bool) {
     let s = p.as_str().as_bytes();
     assert!(!s.is_empty());
-    let max = if p.kind() == PathKind::Absolute { ABS_PATH_MAX } else { REL_PATH_MAX };
+    let max = if p.kind() == PathKind::Absolute {
+        ABS_PATH_MAX
+    } else {
+        REL_PATH_MAX
+    };
     assert!(s.len() <= max);
-    assert!(s.iter().all(|c| c.is_ascii_alphanumeric() || b"/_@-".contains(c)));
+    assert!(
+        s.iter()
+            .all(|c| c.is_ascii_alphanumeric() || b"/_@-".contains(c))
+    );
     assert!(!s.windows(2).any(|w| w == b"//"));
     assert!(s.len() == 1 || !s.ends_with(b"/"));
     if p.kind() == PathKind::Special {
         assert!(watch && !s.contains(&b'/'));
     }
-    assert_eq!(if watch { StorePath::parse_watch(s) } else { StorePath::parse(s) }, Ok(*p));
+    assert_eq!(
+        if watch {
+            StorePath::parse_watch(s)
+        } else {
+            StorePath::parse(s)
+        },
+        Ok(*p)
+    );
 }
 
 fn check(req: &StoreRequest<'_>) {
@@ -101,6 +115,9 @@ fuzz_target!(|data: &[u8]| {
         panic!("an encoded request does not frame");
     };
     assert!(stream.is_empty());
-    assert_eq!((h2.msg_type, h2.req_id, h2.tx_id), (hdr.msg_type, hdr.req_id, hdr.tx_id));
+    assert_eq!(
+        (h2.msg_type, h2.req_id, h2.tx_id),
+        (hdr.msg_type, hdr.req_id, hdr.tx_id)
+    );
     assert_eq!(StoreRequest::parse(&h2, &p2), Ok(req));
 });

@@ -64,14 +64,20 @@ fuzz_target!(|data: &[u8]| {
     let Some((&mode, rest)) = data.split_first() else {
         return;
     };
-    let stream = if mode & 0x80 != 0 { rest.to_vec() } else { decoded_stream(rest) };
+    let stream = if mode & 0x80 != 0 {
+        rest.to_vec()
+    } else {
+        decoded_stream(rest)
+    };
     let chunk = usize::from(mode & 0x7f) + 1;
 
     let store = Store::default();
     store.introduce(ATTACKER, "two", Box::new(|| {}));
     store.introduce(VICTIM, "three", Box::new(|| {}));
     let home = hypervisor::store::home(VICTIM);
-    store.write(0, 0, &format!("{home}/secret"), SECRET).unwrap();
+    store
+        .write(0, 0, &format!("{home}/secret"), SECRET)
+        .unwrap();
     let before = victim_view(&store);
 
     let mut inbuf = Vec::new();
@@ -112,7 +118,9 @@ fuzz_target!(|data: &[u8]| {
                 Ok(()) => {
                     let req = StoreRequest::parse(&hdr, &payload).unwrap();
                     match req {
-                        StoreRequest::Read(p) | StoreRequest::Directory(p) | StoreRequest::GetPerms(p)
+                        StoreRequest::Read(p)
+                        | StoreRequest::Directory(p)
+                        | StoreRequest::GetPerms(p)
                             if in_victim_home(p.as_str()) =>
                         {
                             assert!(is_error, "domain 2 read {p:?} in domain 3's home");
@@ -131,5 +139,9 @@ fuzz_target!(|data: &[u8]| {
             assert!(encode_watch_event(&mut m, &path, &token).is_ok());
         }
     }
-    assert_eq!(victim_view(&store), before, "domain 2 changed domain 3's home");
+    assert_eq!(
+        victim_view(&store),
+        before,
+        "domain 2 changed domain 3's home"
+    );
 });

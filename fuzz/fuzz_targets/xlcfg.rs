@@ -32,7 +32,10 @@ fn write_back(settings: &[Setting]) -> String {
             Value::Str(v) => quote(v),
             Value::Int(i) => i.to_string(),
             Value::List(l) => {
-                format!("[ {} ]", l.iter().map(|x| quote(x)).collect::<Vec<_>>().join(", "))
+                format!(
+                    "[ {} ]",
+                    l.iter().map(|x| quote(x)).collect::<Vec<_>>().join(", ")
+                )
             }
         };
         text.push_str(&format!("{} = {v}\n", s.key));
@@ -47,7 +50,11 @@ fuzz_target!(|data: &[u8]| {
     let settings = match parse_settings(&text, file) {
         Ok(s) => s,
         Err(e) => {
-            assert!((1..=lines).contains(&e.line), "error at line {} of {lines}", e.line);
+            assert!(
+                (1..=lines).contains(&e.line),
+                "error at line {} of {lines}",
+                e.line
+            );
             return;
         }
     };
@@ -71,7 +78,11 @@ fuzz_target!(|data: &[u8]| {
     assert_eq!(DomainSpec::from_settings(&again, file), Ok(spec.clone()));
     // Bounds the daemon relies on.
     assert!(!spec.name.is_empty() && spec.name.len() <= 64);
-    assert!(spec.name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)));
+    assert!(
+        spec.name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+    );
     assert!((16..=16384).contains(&spec.memory));
     assert!((1..=32).contains(&spec.vcpus));
     if let Some(cpus) = &spec.cpus {
@@ -83,7 +94,11 @@ fuzz_target!(|data: &[u8]| {
     let mut devids = std::collections::HashSet::new();
     for d in &spec.disks {
         assert!(d.vdev.len() == 4 && d.vdev.starts_with("xvd"));
-        assert!(devids.insert(d.devid()), "two disks share device id {}", d.devid());
+        assert!(
+            devids.insert(d.devid()),
+            "two disks share device id {}",
+            d.devid()
+        );
         assert!(!d.target.as_os_str().is_empty());
         if let Some(size) = d.size {
             assert!(size > 0 && size % 512 == 0);
