@@ -258,12 +258,13 @@ impl World<'_> {
                 } else {
                     1
                 };
+                // The batch it asks for: at most what is in flight. Only a front end waiting
+                // for the very next response is promised a wake-up by the next publication; a
+                // later, larger batch replaces an earlier request.
+                let n = k.clamp(1, self.front.in_flight().max(1));
                 let r = self.front.final_check_for_responses_after(k);
                 let b = self.front.broken();
-                // Only k == 1 promises a wake-up at the very next response.
-                if self.front_latch.check(r, b) == Some(false) && k <= 1 {
-                    self.front_asleep = true;
-                }
+                self.front_asleep = self.front_latch.check(r, b) == Some(false) && n == 1;
             }
             Op::BackTake(n) => {
                 self.back_take(u32::from(n) % (2 * self.size) + 1);
