@@ -10,8 +10,9 @@
 //! - once broken always broken: every later call of that end returns the same error;
 //! - while only event indices are scribbled on, every request is delivered exactly once and in
 //!   order, answered in order, and a side that went to sleep is always notified;
-//! - once the hostile writes stop, one round of honest traffic either breaks a ring end or leaves
-//!   both ends idle, after which a fresh batch of requests is delivered exactly once and in order.
+//! - once the hostile writes stop (and the producer indices hold their ends' last published
+//!   values again), one round of honest traffic either breaks a ring end or leaves both ends
+//!   idle, after which a fresh batch of requests is delivered exactly once and in order.
 #![no_main]
 
 use arbitrary::Arbitrary;
@@ -100,6 +101,8 @@ struct World<'a> {
     pending: std::collections::VecDeque<EchoReq>,
     taken_req: u64,
     answered: u64,
+    /// Responses the back end published.
+    committed: u64,
     /// A producer index or slot was scribbled on: contents and counts may be garbage.
     tainted: bool,
     /// An event index was scribbled on: notifications may be lost.
@@ -223,6 +226,7 @@ impl World<'_> {
 
     fn back_commit(&mut self) {
         let notify = self.back.commit_responses();
+        self.committed = self.answered;
         if self.front_asleep && !self.events_untrusted && self.answered > self.taken_rsp {
             assert!(notify, "the front end slept through its responses");
         }
@@ -337,6 +341,7 @@ fuzz_target!(|input: Input| {
         pending: Default::default(),
         taken_req: 0,
         answered: 0,
+        committed: 0,
         tainted: false,
         events_untrusted: false,
         back_asleep: false,
@@ -345,7 +350,16 @@ fuzz_target!(|input: Input| {
     for op in input.ops.iter().take(512) {
         w.step(*op);
     }
-    // The hostile writes stop. Publish what was pushed, then answer everything.
+    // The hostile writes stop. Each producer index again holds what its end last published (the
+    // end's next publication would write it anyway; an honest end never republishes an unchanged
+    // index, so without this a scribbled one could stall the ring for good without breaking it).
+    // Event indices keep whatever was scribbled. Publish what was pushed, answer everything.
+    region
+        .store_u32(REQ_PROD, w.published as u32, Ordering::Release)
+        .unwrap();
+    region
+        .store_u32(RSP_PROD, w.committed as u32, Ordering::Release)
+        .unwrap();
     w.front_commit();
     w.round();
     if !w.tainted && !w.broken() {
