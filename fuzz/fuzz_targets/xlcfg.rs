@@ -8,7 +8,10 @@
 
 use std::path::Path;
 
-use dom0::xlcfg::{DomainSpec, MAX_VIFS, Setting, Value, parse_settings};
+use dom0::xlcfg::{
+    DomainSpec, MAX_CPU, MAX_IMAGE_BYTES, MAX_VIFS, MEMORY_MIB, Setting, VCPUS, Value,
+    parse_settings,
+};
 use libfuzzer_sys::fuzz_target;
 
 fn quote(s: &str) -> String {
@@ -68,46 +71,53 @@ fuzz_target!(|data: &[u8]| {
     for (i, (a, b)) in again.iter().zip(&settings).enumerate() {
         assert_eq!((&a.key, &a.value, a.line), (&b.key, &b.value, i + 1));
     }
-    let spec = match DomainSpec::from_settings(&settings, file) {
+    let base = Some(Path::new("/etc/splitvisor"));
+    let spec = match DomainSpec::from_settings(&settings, file, base) {
         Ok(s) => s,
         Err(e) => {
             assert!((1..=lines).contains(&e.line));
             return;
         }
     };
-    assert_eq!(DomainSpec::from_settings(&again, file), Ok(spec.clone()));
+    assert_eq!(
+        DomainSpec::from_settings(&again, file, base),
+        Ok(spec.clone())
+    );
     // Bounds the daemon relies on.
-    assert!(!spec.name.is_empty() && spec.name.len() <= 64);
+    let name = spec.name.as_str();
+    assert!(!name.is_empty() && name.len() <= 64);
     assert!(
-        spec.name
-            .chars()
+        name.chars()
             .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
     );
-    assert!((16..=16384).contains(&spec.memory));
-    assert!((1..=32).contains(&spec.vcpus));
+    assert!(MEMORY_MIB.contains(&spec.memory));
+    assert!(VCPUS.contains(&u64::from(spec.vcpus)));
     if let Some(cpus) = &spec.cpus {
         assert!(!cpus.is_empty());
         assert!(cpus.windows(2).all(|w| w[0] < w[1]));
-        assert!(cpus.iter().all(|c| *c < 1024));
+        assert!(cpus.iter().all(|c| *c < MAX_CPU));
     }
     assert!(spec.vifs.len() <= MAX_VIFS);
     let mut devids = std::collections::HashSet::new();
     for d in &spec.disks {
-        assert!(d.vdev.len() == 4 && d.vdev.starts_with("xvd"));
+        assert!(d.vdev.to_string().starts_with("xvd"));
         assert!(
             devids.insert(d.devid()),
             "two disks share device id {}",
             d.devid()
         );
-        assert!(!d.target.as_os_str().is_empty());
+        assert!(d.target.is_absolute(), "{:?} not made absolute", d.target);
         if let Some(size) = d.size {
-            assert!(size > 0 && size % 512 == 0);
+            assert!(size > 0 && size % 512 == 0 && size <= MAX_IMAGE_BYTES);
         }
     }
+    if let Some(k) = &spec.kernel {
+        assert!(k.is_absolute());
+    }
     for v in &spec.vifs {
-        assert!(!v.bridge.is_empty() && v.bridge.len() < 32);
+        assert!(!v.bridge.as_str().is_empty() && v.bridge.as_str().len() < 32);
         if let Some(t) = &v.uplink_tap {
-            assert!(!t.is_empty() && t.len() < 16);
+            assert!(!t.as_str().is_empty() && t.as_str().len() < 16);
         }
     }
     // The spec travels to the daemon as JSON.
