@@ -10,7 +10,10 @@
 //! - the create rate through the daemon's API (the batch that brought it to N), and the time from
 //!   `create` to the guest's first console line for a sample of domains created with N-1
 //!   resident (p50, p99);
-//! - how long `xl list` and `xl top -n 1` take.
+//! - how long `xl list` and `xl top -n 1` take;
+//! - a busy neighbour's latency: a `ping` guest pings a `netecho` guest (both on their own
+//!   switch, there for the whole run) 30 times, 100 ms apart: round-trip p50 and p99 as the guest
+//!   measures them, with no idle domain and with each N.
 //!
 //! At the largest N: `xl shutdown -a -w` (every guest acknowledges its shutdown and powers off
 //! with code 0: the domains are kept, preserved, and checked), then the destroy rate through the
@@ -154,6 +157,64 @@ fn create(c: &mut Client, spec: DomainSpec) -> Result<u32, String> {
         .ok_or_else(|| "create answered without an id".into())
 }
 
+/// A domain file for a guest running `extra` on switch `nb0`.
+fn net_spec(dir: &Path, name: &str, extra: &str, ip: &str) -> Result<DomainSpec, String> {
+    let file = dir.join("net.cfg");
+    std::fs::write(
+        &file,
+        format!(
+            "name = \"{name}\"\nmemory = 64\nvcpus = 1\nextra = \"{extra}\"\n\
+             vif = [ 'bridge=nb0,ip={ip}' ]\non_poweroff = \"preserve\"\n"
+        ),
+    )
+    .map_err(|e| e.to_string())?;
+    DomainSpec::load(&file, &[]).map_err(|e| e.to_string())
+}
+
+/// Round trips (us) of 30 pings from a fresh guest to the `netecho` guest at 10.99.0.1: p50, p99.
+fn ping_rtt(dir: &Path, work: &Path, c: &mut Client, k: usize) -> Result<(f64, f64), String> {
+    let id = create(
+        c,
+        net_spec(
+            work,
+            &format!("pinger{k}"),
+            "ping 10.99.0.1 count=30",
+            "10.99.0.2",
+        )?,
+    )?;
+    let mut con = Client::connect(dir).map_err(|e| format!("{e:?}"))?;
+    con.call(Request::Console {
+        dom: DomRef::Id(id),
+    })
+    .map_err(|e| e.to_string())?;
+    let _ = con.stream.set_read_timeout(Some(Duration::from_secs(60)));
+    let mut rtts = Vec::new();
+    let mut summary = String::new();
+    for line in (&mut con.reader).lines() {
+        let line = line.map_err(|e| format!("pinger console: {e}"))?;
+        if let Some(us) = line.split_whitespace().find_map(|w| {
+            w.strip_prefix("time=")?
+                .strip_suffix("us")?
+                .parse::<f64>()
+                .ok()
+        }) {
+            rtts.push(us);
+        }
+        if line.starts_with("ping: ") && line.contains(" sent, ") {
+            summary = line;
+            break;
+        }
+    }
+    c.call(Request::Destroy {
+        dom: DomRef::Id(id),
+    })
+    .map_err(|e| e.to_string())?;
+    if rtts.len() < 30 {
+        return Err(format!("pinger: {} replies ({summary})", rtts.len()));
+    }
+    Ok((percentile(&rtts, 0.5), percentile(&rtts, 0.99)))
+}
+
 /// Creates a domain and times it until its console's first line.
 fn time_to_first_line(dir: &Path, c: &mut Client, spec: DomainSpec) -> Result<f64, String> {
     let t = Instant::now();
@@ -193,6 +254,7 @@ fn xl(xl: &Path, dir: &Path, args: &[&str]) -> Result<f64, String> {
 struct Row {
     n: usize,
     busy: f64,
+    ping: (f64, f64),
     rss_kib: f64,
     mem_kib: f64,
     creates_per_s: f64,
@@ -215,6 +277,9 @@ fn run() -> Result<(), String> {
     let (daemon, mut c) = OwnDaemon::start(&run_dir)?;
     let base_rss = rss_kib(daemon.pid())?;
     eprintln!("densitybench: host busy {base_busy:.2}% before any domain");
+    create(&mut c, net_spec(&work, "echo", "netecho", "10.99.0.1")?)?;
+    let ping0 = ping_rtt(&run_dir, &work, &mut c, 0)?;
+    eprintln!("densitybench: ping with no idle neighbour: {ping0:?} us");
 
     let mut rows = Vec::new();
     let mut made = 0usize;
@@ -239,6 +304,7 @@ fn run() -> Result<(), String> {
         // Let every guest finish booting before idling.
         std::thread::sleep(Duration::from_secs(2));
         let busy = busy_share(a.idle_secs)?;
+        let ping = ping_rtt(&run_dir, &work, &mut c, n)?;
         let mem_kib = base_mem.saturating_sub(mem_available_kib()?) as f64 / n as f64;
         let rss_kib = rss_kib(daemon.pid())?.saturating_sub(base_rss) as f64 / n as f64;
         let list_ms = xl(&xl_exe, &run_dir, &["list"])?;
@@ -250,6 +316,7 @@ fn run() -> Result<(), String> {
         rows.push(Row {
             n,
             busy,
+            ping,
             rss_kib,
             mem_kib,
             creates_per_s,
@@ -267,6 +334,7 @@ fn run() -> Result<(), String> {
             .map_err(|e| e.to_string())?;
     let clean = doms
         .iter()
+        .filter(|d| d.name.as_str().starts_with("idle"))
         .filter(|d| d.state == "s" && d.detail.starts_with("Poweroff, exit code 0"))
         .count();
     let t = Instant::now();
@@ -305,8 +373,9 @@ fn run() -> Result<(), String> {
          `densitybench --counts {}` on a 2-core, 24 GiB host (KVM PVM), `idle` job, 1 vCPU, \
          {} MiB each; host busy before any domain: {base_busy:.2}%.\n\n\
          | idle domains | host CPU busy | memory per domain: daemon RSS / MemAvailable | \
-         creates/s (API) | first console line p50 / p99 | `xl list` | `xl top -n 1` |\n\
-         |---:|---:|---:|---:|---:|---:|---:|",
+         creates/s (API) | first console line p50 / p99 | `xl list` | `xl top -n 1` | \
+         neighbour ping p50 / p99 |\n\
+         |---:|---:|---:|---:|---:|---:|---:|---:|",
         a.counts
             .iter()
             .map(usize::to_string)
@@ -317,7 +386,8 @@ fn run() -> Result<(), String> {
     for r in &rows {
         let _ = writeln!(
             t,
-            "| {} | {:.2}% | {:.0} / {:.0} KiB | {:.0} | {:.1} / {:.1} ms | {:.0} ms | {:.0} ms |",
+            "| {} | {:.2}% | {:.0} / {:.0} KiB | {:.0} | {:.1} / {:.1} ms | {:.0} ms | {:.0} ms | \
+             {:.0} / {:.0} us |",
             r.n,
             r.busy,
             r.rss_kib,
@@ -326,9 +396,17 @@ fn run() -> Result<(), String> {
             r.ttfl.0,
             r.ttfl.1,
             r.list_ms,
-            r.top_ms
+            r.top_ms,
+            r.ping.0,
+            r.ping.1
         );
     }
+    let _ = writeln!(
+        t,
+        "\nThe neighbour's ping with no idle domain: {:.0} / {:.0} us (p50 / p99). Host busy \
+         includes the two guests of that pair (a `netecho` waiting for frames).",
+        ping0.0, ping0.1
+    );
     let _ = writeln!(
         t,
         "\nAt {n} domains: `xl shutdown -a -w` took {shutdown_ms:.0} ms and {clean} of {n} guests \
