@@ -69,13 +69,15 @@ impl Client {
         })
         .map_err(|e| format!("request: {e}"))?;
         text.push('\n');
-        self.stream
-            .write_all(text.as_bytes())
-            .map_err(|e| format!("daemon connection: {e}"))?;
+        // A daemon that refuses us (permission, too many connections) answers with one error
+        // line and hangs up, perhaps before we have written: read its answer even then.
+        let sent = self.stream.write_all(text.as_bytes());
         let mut line = String::new();
-        self.reader
-            .read_line(&mut line)
-            .map_err(|e| format!("daemon connection: {e}"))?;
+        let read = self.reader.read_line(&mut line);
+        if line.is_empty() {
+            sent.map_err(|e| format!("daemon connection: {e}"))?;
+        }
+        read.map_err(|e| format!("daemon connection: {e}"))?;
         if line.is_empty() {
             return Err("the daemon closed the connection".into());
         }
