@@ -48,6 +48,10 @@ pub const MAX_PORTS_2L: u32 = BITS_PER_WORD * BITS_PER_WORD;
 /// Number of virtual IRQs (`NR_VIRQS`); `BIND_VIRQ` accepts `0..NR_VIRQS`.
 pub const NR_VIRQS: u32 = 24;
 
+/// `VIRQ_TIMER` (Xen's number): per vCPU, pending when the vCPU's one-shot timer
+/// (`VCPU_OP(SET_SINGLESHOT_TIMER)`) expires. The only VIRQ this hypervisor raises.
+pub const VIRQ_TIMER: u32 = 0;
+
 impl Port {
     /// Checked constructor: the port must be below [`MAX_PORTS_2L`].
     pub const fn new(v: u32) -> Result<Port, EvtchnError> {

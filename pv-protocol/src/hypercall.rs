@@ -44,6 +44,9 @@ pub const ABI_VERSION_MINOR: u16 = 1;
 pub const MAX_CONSOLE_IO: u32 = 4096;
 /// Most ports one `SCHED_POLL` may wait on (Xen's limit).
 pub const MAX_POLL_PORTS: u32 = 128;
+/// Longest one-shot timer `VCPU_OP(SET_SINGLESHOT_TIMER)` accepts, in ns (one day): a longer
+/// one is `EINVAL`, as is anything whose deadline would not fit the host's clock.
+pub const MAX_TIMER_NS: u64 = 86_400 * 1_000_000_000;
 
 /// Hypercall numbers (Xen's `__HYPERVISOR_*`).
 pub mod nr {
@@ -53,6 +56,8 @@ pub mod nr {
     pub const CONSOLE_IO: u64 = 18;
     /// `grant_table_op(cmd, uop, count)`.
     pub const GRANT_TABLE_OP: u64 = 20;
+    /// `vcpu_op(cmd, vcpuid, arg)`.
+    pub const VCPU_OP: u64 = 24;
     /// `sched_op(cmd, arg)`.
     pub const SCHED_OP: u64 = 29;
     /// `event_channel_op(cmd, arg)`.
@@ -108,6 +113,8 @@ pub enum Errno {
     ENOSPC = -28,
     /// Not implemented.
     ENOSYS = -38,
+    /// Timer expired (a one-shot timer asked to be in the future is not).
+    ETIME = -62,
     /// Timed out.
     ETIMEDOUT = -110,
 }
@@ -132,6 +139,7 @@ impl Errno {
             -22 => Self::EINVAL,
             -28 => Self::ENOSPC,
             -38 => Self::ENOSYS,
+            -62 => Self::ETIME,
             -110 => Self::ETIMEDOUT,
             _ => return None,
         })
@@ -162,6 +170,8 @@ bitflags! {
         const SCHED_POLL = 1 << 3;
         /// `CONSOLE_IO`.
         const CONSOLE_IO = 1 << 4;
+        /// `VCPU_OP(SET_SINGLESHOT_TIMER)` and `VIRQ_TIMER`.
+        const SINGLESHOT_TIMER = 1 << 5;
     }
 }
 
@@ -189,6 +199,15 @@ pub enum HypercallError {
     /// Unknown shutdown reason.
     #[error("bad shutdown reason {0}")]
     BadShutdownReason(u32),
+    /// A vCPU id that does not fit 32 bits.
+    #[error("bad vCPU {0}")]
+    BadVcpu(u64),
+    /// Unknown one-shot timer flags.
+    #[error("bad timer flags {0:#x}")]
+    BadTimerFlags(u32),
+    /// A one-shot timer longer than [`MAX_TIMER_NS`].
+    #[error("timer of {0} ns is longer than allowed")]
+    TimerTooLong(u64),
     /// Event-channel sub-op error.
     #[error("evtchn: {0}")]
     Evtchn(#[from] EvtchnError),
@@ -201,7 +220,12 @@ impl HypercallError {
             Self::UnknownHypercall(_)
             | Self::UnknownSubOp { .. }
             | Self::Evtchn(EvtchnError::UnknownOp(_)) => Errno::ENOSYS,
-            Self::BadCount(_) | Self::BadShutdownReason(_) | Self::Evtchn(_) => Errno::EINVAL,
+            Self::BadCount(_)
+            | Self::BadShutdownReason(_)
+            | Self::BadVcpu(_)
+            | Self::BadTimerFlags(_)
+            | Self::TimerTooLong(_)
+            | Self::Evtchn(_) => Errno::EINVAL,
         }
     }
 }
@@ -271,6 +295,24 @@ pub enum SchedCmd {
     },
 }
 
+/// `VCPU_OP` sub-operations (Xen's `VCPUOP_*` numbers; only the timer is offered).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum VcpuOpCmd {
+    /// Arms vCPU `vcpu`'s one-shot timer; [`VcpuSetSingleshotTimer`] at `arg` (cmd 8). When it
+    /// expires the vCPU's `VIRQ_TIMER` port becomes pending. Arming again replaces the timer.
+    SetSingleshotTimer {
+        /// The vCPU (must be the caller).
+        vcpu: u32,
+        /// Argument address.
+        arg: Gpa,
+    },
+    /// Disarms vCPU `vcpu`'s one-shot timer (cmd 9).
+    StopSingleshotTimer {
+        /// The vCPU (must be the caller).
+        vcpu: u32,
+    },
+}
+
 /// A decoded hypercall. Arguments behind addresses are not yet read.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Hypercall {
@@ -282,6 +324,8 @@ pub enum Hypercall {
     GrantTableOp(GnttabCmd),
     /// Scheduler operation.
     SchedOp(SchedCmd),
+    /// vCPU operation.
+    VcpuOp(VcpuOpCmd),
     /// Event-channel operation; copy `op.arg_size()` bytes from `arg`.
     EventChannelOp {
         /// Sub-operation.
@@ -332,6 +376,14 @@ impl Hypercall {
                 3 => SchedCmd::Poll { arg: Gpa(a1) },
                 c => return Err(unknown(c)),
             }),
+            nr::VCPU_OP => {
+                let vcpu = u32::try_from(a1).map_err(|_| HypercallError::BadVcpu(a1))?;
+                Self::VcpuOp(match a0 {
+                    8 => VcpuOpCmd::SetSingleshotTimer { vcpu, arg: Gpa(a2) },
+                    9 => VcpuOpCmd::StopSingleshotTimer { vcpu },
+                    c => return Err(unknown(c)),
+                })
+            }
             nr::EVENT_CHANNEL_OP => Self::EventChannelOp {
                 op: EvtchnOp::from_u64(a0)?,
                 arg: Gpa(a1),
@@ -361,6 +413,12 @@ impl Hypercall {
             Self::SchedOp(SchedCmd::Block) => (nr::SCHED_OP, [1, 0, 0]),
             Self::SchedOp(SchedCmd::Shutdown { arg }) => (nr::SCHED_OP, [2, arg.0, 0]),
             Self::SchedOp(SchedCmd::Poll { arg }) => (nr::SCHED_OP, [3, arg.0, 0]),
+            Self::VcpuOp(VcpuOpCmd::SetSingleshotTimer { vcpu, arg }) => {
+                (nr::VCPU_OP, [8, u64::from(vcpu), arg.0])
+            }
+            Self::VcpuOp(VcpuOpCmd::StopSingleshotTimer { vcpu }) => {
+                (nr::VCPU_OP, [9, u64::from(vcpu), 0])
+            }
             Self::EventChannelOp { op, arg } => (nr::EVENT_CHANNEL_OP, [op as u64, arg.0, 0]),
         };
         HypercallRequest {
@@ -517,6 +575,69 @@ impl Poll {
     }
 }
 
+/// `VCPU_OP(SET_SINGLESHOT_TIMER)` argument (Xen's `vcpu_set_singleshot_timer`, except that the
+/// time is relative, as [`SchedPoll::timeout_ns`] is: the guest's clock is its TSC, which the
+/// host does not share on every kind of KVM).
+#[derive(
+    FromBytes, IntoBytes, KnownLayout, Immutable, Clone, Copy, Debug, Default, PartialEq, Eq,
+)]
+#[repr(C)]
+pub struct VcpuSetSingleshotTimer {
+    /// Nanoseconds from now, at most [`MAX_TIMER_NS`]; 0 fires at once.
+    pub timeout_ns: u64,
+    /// [`TimerFlags`] bits.
+    pub flags: u32,
+    /// Zero.
+    pub _pad: u32,
+}
+
+const _: () = assert!(size_of::<VcpuSetSingleshotTimer>() == 16);
+const _: () = assert!(offset_of!(VcpuSetSingleshotTimer, timeout_ns) == 0);
+const _: () = assert!(offset_of!(VcpuSetSingleshotTimer, flags) == 8);
+const _: () = assert!(offset_of!(VcpuSetSingleshotTimer, _pad) == 12);
+
+bitflags! {
+    /// [`VcpuSetSingleshotTimer::flags`] (Xen's `VCPU_SSHOTTMR_*`).
+    #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+    pub struct TimerFlags: u32 {
+        /// Refuse (`ETIME`) a timer that would expire at once (`timeout_ns` 0).
+        const FUTURE = 1 << 0;
+    }
+}
+
+/// A checked one-shot timer request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SingleshotTimer {
+    /// Nanoseconds from now (`<= MAX_TIMER_NS`).
+    pub timeout_ns: u64,
+    /// Flags.
+    pub flags: TimerFlags,
+}
+
+impl SingleshotTimer {
+    /// Validates the argument struct: known flags, at most [`MAX_TIMER_NS`].
+    pub fn parse(raw: &VcpuSetSingleshotTimer) -> Result<SingleshotTimer, HypercallError> {
+        let flags =
+            TimerFlags::from_bits(raw.flags).ok_or(HypercallError::BadTimerFlags(raw.flags))?;
+        if raw.timeout_ns > MAX_TIMER_NS {
+            return Err(HypercallError::TimerTooLong(raw.timeout_ns));
+        }
+        Ok(SingleshotTimer {
+            timeout_ns: raw.timeout_ns,
+            flags,
+        })
+    }
+
+    /// Serialises the argument struct.
+    pub fn to_raw(&self) -> VcpuSetSingleshotTimer {
+        VcpuSetSingleshotTimer {
+            timeout_ns: self.timeout_ns,
+            flags: self.flags.bits(),
+            _pad: 0,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -547,6 +668,7 @@ mod tests {
             (nr::XEN_VERSION, 1),
             (nr::GRANT_TABLE_OP, 0),
             (nr::EVENT_CHANNEL_OP, 2),
+            (nr::VCPU_OP, 0),
         ] {
             let e = Hypercall::parse(&req(n, [cmd, 0, 1])).unwrap_err();
             assert_eq!(e.errno(), Errno::ENOSYS, "{e:?}");
@@ -602,9 +724,44 @@ mod tests {
     }
 
     #[test]
+    fn singleshot_timer_flags_length_and_vcpu_are_checked() {
+        let t = |timeout_ns, flags| {
+            SingleshotTimer::parse(&VcpuSetSingleshotTimer {
+                timeout_ns,
+                flags,
+                _pad: 0,
+            })
+        };
+        assert_eq!(
+            t(MAX_TIMER_NS + 1, 0),
+            Err(HypercallError::TimerTooLong(MAX_TIMER_NS + 1))
+        );
+        assert_eq!(t(u64::MAX, 1).unwrap_err().errno(), Errno::EINVAL);
+        assert_eq!(t(5, 2), Err(HypercallError::BadTimerFlags(2)));
+        assert_eq!(
+            t(MAX_TIMER_NS, 1),
+            Ok(SingleshotTimer {
+                timeout_ns: MAX_TIMER_NS,
+                flags: TimerFlags::FUTURE
+            })
+        );
+        let e = Hypercall::parse(&req(nr::VCPU_OP, [8, 1 << 32, 0x1000])).unwrap_err();
+        assert_eq!(e, HypercallError::BadVcpu(1 << 32));
+        assert_eq!(e.errno(), Errno::EINVAL);
+        assert_eq!(
+            Hypercall::parse(&req(nr::VCPU_OP, [9, 3, 0])),
+            Ok(Hypercall::VcpuOp(VcpuOpCmd::StopSingleshotTimer {
+                vcpu: 3
+            }))
+        );
+    }
+
+    #[test]
     fn errno_values_match_xen_and_round_trip() {
         assert_eq!(Errno::ENOSYS.as_i64(), -38);
         assert_eq!(Errno::ETIMEDOUT.as_i64(), -110);
+        assert_eq!(Errno::ETIME.as_i64(), -62);
+        assert_eq!(Errno::from_i64(-62), Some(Errno::ETIME));
         for e in [Errno::EPERM, Errno::E2BIG, Errno::EFAULT, Errno::ENOSPC] {
             assert_eq!(Errno::from_i64(e.as_i64()), Some(e));
         }
@@ -635,6 +792,11 @@ mod tests {
                 .prop_map(|arg| Hypercall::SchedOp(SchedCmd::Shutdown { arg })),
             gpa.clone()
                 .prop_map(|arg| Hypercall::SchedOp(SchedCmd::Poll { arg })),
+            (any::<u32>(), gpa.clone()).prop_map(|(vcpu, arg)| Hypercall::VcpuOp(
+                VcpuOpCmd::SetSingleshotTimer { vcpu, arg }
+            )),
+            any::<u32>()
+                .prop_map(|vcpu| Hypercall::VcpuOp(VcpuOpCmd::StopSingleshotTimer { vcpu })),
             (0u64..11, gpa).prop_filter_map("known evtchn op", |(op, arg)| {
                 EvtchnOp::from_u64(op)
                     .ok()
@@ -655,9 +817,12 @@ mod tests {
         }
 
         #[test]
-        fn arbitrary_sched_args_never_panic(a in any::<[u8; 8]>(), b in any::<[u8; 24]>()) {
+        fn arbitrary_sched_args_never_panic(a in any::<[u8; 8]>(), b in any::<[u8; 24]>(), c in any::<[u8; 16]>()) {
             let _ = Shutdown::parse(&SchedShutdown::read_from_bytes(&a[..]).unwrap());
             let _ = Poll::parse(&SchedPoll::read_from_bytes(&b[..]).unwrap());
+            if let Err(e) = SingleshotTimer::parse(&VcpuSetSingleshotTimer::read_from_bytes(&c[..]).unwrap()) {
+                let _ = e.errno();
+            }
         }
 
         #[test]

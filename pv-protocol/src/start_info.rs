@@ -53,6 +53,20 @@ pub const GRANT_TABLE_GPA: u64 = VIF_GPA + (MAX_VCPUS * PAGE_SIZE) as u64;
 /// Lowest address a kernel segment may load at.
 pub const KERNEL_MIN_LOAD: u64 = 0x20_0000;
 
+/// Memory a domain must have free above its kernel's highest loaded address (page-aligned), on
+/// top of [`KERNEL_FREE_PER_VCPU`] per vCPU: as Xen guarantees a PV kernel free space beyond its
+/// boot structures, the hypervisor refuses a domain whose memory cannot leave this much. The
+/// Splitvisor guest kernel lays out its boot stacks there (one [`KERNEL_FREE_PER_VCPU`] each),
+/// then its heap, which holds every device page it grants (a disk takes 1.1 MiB, a network
+/// interface 1.6 MiB): 4 MiB run any one of its jobs, the hotplug job with two vifs included.
+pub const KERNEL_FREE_MIN: u64 = 4 << 20;
+/// Memory a domain must have free above its kernel per vCPU (the guest kernel's boot stack).
+pub const KERNEL_FREE_PER_VCPU: u64 = 64 << 10;
+/// The smallest domain, in MiB, whatever its vCPU count: the Splitvisor guest kernel, its
+/// [`MAX_VCPUS`] stacks and [`KERNEL_FREE_MIN`] fit (the hypervisor's tests check it against the
+/// built image). The toolstack refuses less; the hypervisor also checks each kernel image.
+pub const MIN_MEM_MIB: u64 = 9;
+
 const _: () = assert!(GRANT_TABLE_GPA + (MAX_GRANT_FRAMES * PAGE_SIZE) as u64 <= KERNEL_MIN_LOAD);
 
 /// Guest address of vCPU `vcpu`'s hypercall page.
