@@ -10,7 +10,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use pv_protocol::hypercall::ShutdownReason;
+use pv_protocol::hypercall::{Errno, ShutdownReason};
 
 use crate::console::Console;
 use crate::memory::GuestRam;
@@ -75,6 +75,8 @@ pub(crate) struct VcpuSlot {
     pub(crate) ns_done: u64,
     /// Host CPUs it may run on (`None`: all), applied when the thread starts and on change.
     pub(crate) affinity: Option<Vec<u32>>,
+    /// Its armed one-shot timer, if any ([`crate::timer`]).
+    pub(crate) timer: Option<crate::timer::TimerKey>,
 }
 
 impl Inner {
@@ -158,6 +160,8 @@ pub struct DomainShared {
     pub store: Arc<crate::store::Store>,
     /// Tells the PV-device thread to finish.
     pub(crate) pvdev_stop: Arc<vmm_sys_util::eventfd::EventFd>,
+    /// The one-shot timer service (shared by all domains).
+    pub(crate) timers: crate::timer::Timers,
     /// The hold on `id`, shared with every [`crate::grant::PinnedGrant`] of the domain's pages
     /// (which hold its memory): declared last, so the id is given back only after the VM fd,
     /// every table above and the memory are released, whoever releases them last.
@@ -171,6 +175,7 @@ impl DomainShared {
         registry: Arc<crate::evtchn::Registry>,
         store: Arc<crate::store::Store>,
         pvdev_stop: Arc<vmm_sys_util::eventfd::EventFd>,
+        timers: crate::timer::Timers,
         lease: crate::domid::DomidLease,
         cfg: &crate::DomainConfig,
         ram: GuestRam,
@@ -181,11 +186,12 @@ impl DomainShared {
             lease: Arc::new(lease),
             vm,
             registry,
-            ports: Mutex::new(crate::evtchn::PortTable::new(cfg.max_ports)),
+            ports: Mutex::new(crate::evtchn::PortTable::new(cfg.max_ports, cfg.vcpus)),
             grant_frames: cfg.grant_frames,
             maptrack: Mutex::default(),
             store,
             pvdev_stop,
+            timers,
             name: cfg.name.clone(),
             vcpus: cfg.vcpus,
             ram: Arc::new(ram),
@@ -301,11 +307,12 @@ impl DomainShared {
         f.get(kind).copied().unwrap_or(0)
     }
 
-    /// Moves to a final state (the first one wins) and stops every vCPU.
-    pub(crate) fn stop(&self, state: DomainState) {
+    /// Moves to a final state (the first one wins: returns whether this was it) and stops every
+    /// vCPU.
+    pub(crate) fn stop(&self, state: DomainState) -> bool {
         let mut g = self.lock();
         if g.state.is_final() {
-            return;
+            return false;
         }
         tracing::info!(domid = self.id, name = %self.name, ?state, "domain stopped");
         g.state = state;
@@ -313,6 +320,7 @@ impl DomainShared {
         self.changed.notify_all();
         crate::vcpu::kick_all(&g.vcpu_threads());
         let _ = self.pvdev_stop.write(1);
+        true
     }
 
     /// Called by the PV-device thread when it exits.
@@ -335,7 +343,8 @@ impl DomainShared {
     }
 
     /// Sleeps until `ready()` holds, `deadline` passes, or the vCPU must stop (pause or a final
-    /// state). `ready` is re-evaluated after every event notification.
+    /// state). `ready` is re-evaluated after every event notification. Without a deadline the
+    /// wait has no timeout at all: a vCPU asleep costs the host nothing until an event comes.
     pub(crate) fn wait_until(
         &self,
         vcpu: u32,
@@ -354,23 +363,82 @@ impl DomainShared {
                 break;
             }
             let seq = g.event_seq;
-            let left = match deadline {
+            let still = |i: &mut Inner| i.event_seq == seq && !i.pause_requested;
+            g = match deadline {
                 Some(d) => {
                     let left = d.saturating_duration_since(Instant::now());
                     if left.is_zero() {
                         break;
                     }
-                    left
+                    self.changed
+                        .wait_timeout_while(g, left, still)
+                        .unwrap_or_else(|p| p.into_inner())
+                        .0
                 }
-                None => Duration::from_secs(3600),
+                None => self
+                    .changed
+                    .wait_while(g, still)
+                    .unwrap_or_else(|p| p.into_inner()),
             };
-            g = self
-                .changed
-                .wait_timeout_while(g, left, |i| i.event_seq == seq && !i.pause_requested)
-                .unwrap_or_else(|p| p.into_inner())
-                .0;
         }
         blocked(&mut g, false);
+    }
+
+    /// `VCPU_OP(SET_SINGLESHOT_TIMER)` by vCPU `vcpu` for `ns` nanoseconds from now (0: at
+    /// once): replaces its armed timer; `VIRQ_TIMER` becomes pending at the deadline. Refused
+    /// (`ENOENT`) while the vCPU has no `VIRQ_TIMER` port, `EINVAL` for a deadline the clock
+    /// cannot hold, `ENOMEM` if the timer thread cannot start.
+    pub(crate) fn set_timer(self: &Arc<Self>, vcpu: u32, ns: u64) -> Result<(), Errno> {
+        if crate::evtchn::virq_timer_port(self, vcpu).is_none() {
+            return Err(Errno::ENOENT);
+        }
+        if ns == 0 {
+            self.stop_timer(vcpu);
+            crate::evtchn::raise_virq_timer(self, vcpu);
+            return Ok(());
+        }
+        let deadline = crate::timer::deadline_in(ns).ok_or(Errno::EINVAL)?;
+        let key = self.timers.key(deadline);
+        let old = {
+            let mut g = self.lock();
+            let slot = g.vcpu.get_mut(vcpu as usize).ok_or(Errno::EINVAL)?;
+            slot.timer.replace(key)
+        };
+        if !self.timers.arm(self, vcpu, key, old) {
+            self.stop_timer(vcpu);
+            return Err(Errno::ENOMEM);
+        }
+        Ok(())
+    }
+
+    /// `VCPU_OP(STOP_SINGLESHOT_TIMER)`: disarms vCPU `vcpu`'s timer, if armed.
+    pub(crate) fn stop_timer(&self, vcpu: u32) {
+        let old = self
+            .lock()
+            .vcpu
+            .get_mut(vcpu as usize)
+            .and_then(|s| s.timer.take());
+        if let Some(k) = old {
+            self.timers.cancel(k);
+        }
+    }
+
+    /// The timer thread's call at the deadline of `key`: raises `VIRQ_TIMER` on `vcpu` if that
+    /// timer is still the vCPU's (not re-armed or stopped meanwhile).
+    pub(crate) fn timer_expired(&self, vcpu: u32, key: crate::timer::TimerKey) {
+        let current = {
+            let mut g = self.lock();
+            match g.vcpu.get_mut(vcpu as usize) {
+                Some(s) if s.timer == Some(key) => {
+                    s.timer = None;
+                    true
+                }
+                _ => false,
+            }
+        };
+        if current && !self.state().is_final() {
+            crate::evtchn::raise_virq_timer(self, vcpu);
+        }
     }
 
     /// Called by a vCPU thread between runs: parks while paused. Returns `false` when the vCPU
@@ -525,6 +593,9 @@ impl Domain {
             tracing::error!(domid = self.shared.id, "the PV-device thread panicked");
         }
         self.shared.store.release(self.shared.id);
+        for v in 0..self.shared.vcpus {
+            self.shared.stop_timer(v);
+        }
         crate::evtchn::close_all(&self.shared);
         self.shared.registry.remove(&self.shared);
         // After the removal: from here no port can be bound to this domain, so none is left

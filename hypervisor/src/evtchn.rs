@@ -21,7 +21,7 @@ use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
 
 use kvm_ioctls::IoEventAddress;
-use pv_protocol::evtchn::{MAX_PORTS_2L, PortState, doorbell_of};
+use pv_protocol::evtchn::{MAX_PORTS_2L, PortState, VIRQ_TIMER, doorbell_of};
 use pv_protocol::hypercall::Errno;
 use pv_protocol::start_info::{SHARED_INFO_GPA, SharedInfo, VcpuInfo};
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
@@ -41,9 +41,21 @@ pub const NOBODY: u32 = pv_protocol::grant::DomId::INVALID.0 as u32;
 #[derive(Debug, Clone)]
 pub(crate) enum Binding {
     Free,
-    Unbound { remote: u32 },
-    Interdomain { remote_dom: u32, remote_port: u32 },
-    Host { eventfd: Arc<EventFd> },
+    Unbound {
+        remote: u32,
+    },
+    Interdomain {
+        remote_dom: u32,
+        remote_port: u32,
+    },
+    Host {
+        eventfd: Arc<EventFd>,
+    },
+    /// A virtual IRQ of one vCPU (only `VIRQ_TIMER`).
+    Virq {
+        virq: u32,
+        vcpu: u32,
+    },
 }
 
 /// A domain's port table.
@@ -51,13 +63,16 @@ pub(crate) enum Binding {
 pub(crate) struct PortTable {
     ports: Vec<Binding>,
     max: u32,
+    /// Each vCPU's `VIRQ_TIMER` port (0: none).
+    virq_timer: Vec<u32>,
 }
 
 impl PortTable {
-    pub(crate) fn new(max: u32) -> Self {
+    pub(crate) fn new(max: u32, vcpus: u32) -> Self {
         Self {
             ports: vec![Binding::Free],
             max: max.min(MAX_PORTS_2L),
+            virq_timer: vec![0; vcpus as usize],
         }
     }
 
@@ -256,6 +271,8 @@ pub fn send(d: &DomainShared, port: u32) -> Result<(), Errno> {
         Binding::Free => Err(Errno::EINVAL),
         // Xen: sending on an unbound port is allowed and does nothing.
         Binding::Unbound { .. } => Ok(()),
+        // Only the hypervisor raises a VIRQ (Xen refuses such a send too).
+        Binding::Virq { .. } => Err(Errno::EINVAL),
         Binding::Host { eventfd } => {
             let _ = eventfd.write(1);
             Ok(())
@@ -310,6 +327,9 @@ fn same(a: &Binding, b: &Binding) -> bool {
             },
         ) => a == c && b == e,
         (Binding::Host { eventfd: x }, Binding::Host { eventfd: y }) => Arc::ptr_eq(x, y),
+        (Binding::Virq { virq: a, vcpu: b }, Binding::Virq { virq: c, vcpu: e }) => {
+            a == c && b == e
+        }
         _ => false,
     }
 }
@@ -349,6 +369,16 @@ fn close_binding(d: &DomainShared, port: u32, binding: &Binding) -> bool {
                 t.set(port, Binding::Free);
             }
         }
+        Binding::Virq { vcpu, .. } => {
+            let mut t = table(d);
+            if !t.get(port).is_some_and(|b| same(b, binding)) {
+                return false;
+            }
+            t.set(port, Binding::Free);
+            if let Some(p) = t.virq_timer.get_mut(vcpu as usize) {
+                *p = 0;
+            }
+        }
         _ => {
             let mut t = table(d);
             if !t.get(port).is_some_and(|b| same(b, binding)) {
@@ -371,7 +401,7 @@ pub(crate) fn forget_domain(registry: &Registry, id: u32) {
             let names_it = match b {
                 Binding::Unbound { remote } => *remote == id,
                 Binding::Interdomain { remote_dom, .. } => *remote_dom == id,
-                Binding::Free | Binding::Host { .. } => false,
+                Binding::Free | Binding::Host { .. } | Binding::Virq { .. } => false,
             };
             if names_it {
                 *b = Binding::Unbound { remote: NOBODY };
@@ -409,7 +439,45 @@ pub fn status(d: &DomainShared, port: u32) -> Result<PortState, Errno> {
             dom: pv_protocol::grant::DomId(DOM0 as u16),
             port: pv_protocol::evtchn::Port(port),
         },
+        Binding::Virq { virq, .. } => PortState::Virq(*virq),
     })
+}
+
+/// `EVTCHNOP_bind_virq`: a new port of `d` for virtual IRQ `virq` of `vcpu`. Only `VIRQ_TIMER`
+/// is raised here (another is `EINVAL`); a vCPU that does not exist is `ENOENT` and a second
+/// binding of the same VIRQ on a vCPU `EEXIST`, as in Xen.
+pub fn bind_virq(d: &DomainShared, virq: u32, vcpu: u32) -> Result<u32, Errno> {
+    if virq != VIRQ_TIMER {
+        return Err(Errno::EINVAL);
+    }
+    let mut t = table(d);
+    match t.virq_timer.get(vcpu as usize) {
+        None => return Err(Errno::ENOENT),
+        Some(0) => {}
+        Some(_) => return Err(Errno::EEXIST),
+    }
+    let port = t.alloc()?;
+    t.set(port, Binding::Virq { virq, vcpu });
+    if let Some(p) = t.virq_timer.get_mut(vcpu as usize) {
+        *p = port;
+    }
+    Ok(port)
+}
+
+/// `vcpu`'s `VIRQ_TIMER` port in `d`, if bound.
+pub fn virq_timer_port(d: &DomainShared, vcpu: u32) -> Option<u32> {
+    table(d)
+        .virq_timer
+        .get(vcpu as usize)
+        .copied()
+        .filter(|&p| p != 0)
+}
+
+/// Makes `vcpu`'s `VIRQ_TIMER` port pending (its timer expired), if it is still bound.
+pub(crate) fn raise_virq_timer(d: &DomainShared, vcpu: u32) {
+    if let Some(port) = virq_timer_port(d, vcpu) {
+        deliver(d, port);
+    }
 }
 
 /// `EVTCHNOP_unmask`: clears the mask bit and re-raises the upcall if the port is pending.

@@ -6,16 +6,20 @@
 //! defined negative errno for the guest and a counted, once-logged fault for the host.
 
 use std::mem::offset_of;
+use std::sync::Arc;
 
 use pv_protocol::evtchn::{
-    AllocUnboundArg, BindInterdomainArg, EvtchnCommand, EvtchnOp, MAX_PORTS_2L, StatusArg,
+    AllocUnboundArg, BindInterdomainArg, BindVirqArg, EvtchnCommand, EvtchnOp, MAX_PORTS_2L,
+    StatusArg,
 };
 use pv_protocol::grant::{DomId, GnttabQuerySize, GnttabSetupTable, GrantStatus};
 use pv_protocol::hypercall::{
     ABI_VERSION_MAJOR, ABI_VERSION_MINOR, ConsoleIoCmd, Errno, FeatureInfo, Features, GnttabCmd,
     Hypercall, HypercallRequest, SchedCmd, SchedShutdown, Shutdown, XenVersionCmd, encode_result,
 };
-use pv_protocol::hypercall::{Poll, SchedPoll};
+use pv_protocol::hypercall::{
+    Poll, SchedPoll, SingleshotTimer, TimerFlags, VcpuOpCmd, VcpuSetSingleshotTimer,
+};
 use pv_protocol::start_info::{GRANT_TABLE_GPA, hypercall_page};
 use std::time::Duration;
 use zerocopy::FromBytes;
@@ -31,10 +35,11 @@ pub fn features() -> Features {
         | Features::EVTCHN_2L
         | Features::SCHED_POLL
         | Features::GRANT_TABLE_V1
+        | Features::SINGLESHOT_TIMER
 }
 
 /// Handles the hypercall vCPU `vcpu` just made; returns a final state if the domain stops.
-pub(crate) fn handle(dom: &DomainShared, vcpu: u32) -> Option<DomainState> {
+pub(crate) fn handle(dom: &Arc<DomainShared>, vcpu: u32) -> Option<DomainState> {
     let page = hypercall_page(vcpu);
     let req: HypercallRequest = match dom.ram.read_obj(page) {
         Ok(r) => r,
@@ -74,7 +79,7 @@ fn efault(dom: &DomainShared, vcpu: u32, what: &str, e: crate::memory::MemoryErr
 }
 
 fn dispatch(
-    dom: &DomainShared,
+    dom: &Arc<DomainShared>,
     vcpu: u32,
     call: Hypercall,
     stop: &mut Option<DomainState>,
@@ -155,6 +160,7 @@ fn dispatch(
             evtchn::poll(dom, vcpu, &ports, p.timeout_ns.map(Duration::from_nanos));
             Ok(0)
         }
+        Hypercall::VcpuOp(cmd) => vcpu_op(dom, vcpu, cmd),
         Hypercall::EventChannelOp { op, arg } => event_channel_op(dom, vcpu, op, arg.0),
         Hypercall::GrantTableOp(GnttabCmd::QuerySize { arg }) => {
             let mut q: GnttabQuerySize = dom
@@ -198,6 +204,39 @@ fn dispatch(
             Ok(0)
         }
     }
+}
+
+/// `VCPU_OP`: the one-shot timer of the calling vCPU (naming another is `EINVAL`, as in Xen).
+fn vcpu_op(dom: &Arc<DomainShared>, vcpu: u32, cmd: VcpuOpCmd) -> Result<u64, Errno> {
+    let fault = |e: Errno, what: std::fmt::Arguments<'_>| {
+        dom.guest_fault("bad-timer", format_args!("vCPU {vcpu}: {what}: {e:?}"));
+        e
+    };
+    match cmd {
+        VcpuOpCmd::SetSingleshotTimer { vcpu: v, arg } => {
+            if v != vcpu {
+                return Err(fault(Errno::EINVAL, format_args!("timer of vCPU {v}")));
+            }
+            let raw: VcpuSetSingleshotTimer = dom
+                .ram
+                .read_obj(arg.0)
+                .map_err(|e| efault(dom, vcpu, "timer argument", e))?;
+            let t = SingleshotTimer::parse(&raw)
+                .map_err(|e| fault(e.errno(), format_args!("timer: {e}")))?;
+            if t.timeout_ns == 0 && t.flags.contains(TimerFlags::FUTURE) {
+                return Err(Errno::ETIME);
+            }
+            dom.set_timer(vcpu, t.timeout_ns)
+                .map_err(|e| fault(e, format_args!("timer of {} ns", t.timeout_ns)))?;
+        }
+        VcpuOpCmd::StopSingleshotTimer { vcpu: v } => {
+            if v != vcpu {
+                return Err(fault(Errno::EINVAL, format_args!("stop timer of vCPU {v}")));
+            }
+            dom.stop_timer(vcpu);
+        }
+    }
+    Ok(0)
 }
 
 /// Resolves `DOMID_SELF`; an unprivileged domain may name only itself.
@@ -265,8 +304,11 @@ fn event_channel_op(dom: &DomainShared, vcpu: u32, op: EvtchnOp, arg: u64) -> Re
                 .write_obj(arg, &st)
                 .map_err(|e| efault(dom, vcpu, "event-channel result", e))?;
         }
-        EvtchnCommand::BindVirq { .. }
-        | EvtchnCommand::BindIpi { .. }
+        EvtchnCommand::BindVirq { virq, vcpu: v } => {
+            let port = evtchn::bind_virq(dom, virq, v).map_err(fault)?;
+            write_u32(offset_of!(BindVirqArg, port), port)?;
+        }
+        EvtchnCommand::BindIpi { .. }
         | EvtchnCommand::BindVcpu { .. }
         | EvtchnCommand::Reset(_) => {
             dom.guest_fault("unimplemented", format_args!("vCPU {vcpu}: {cmd:?}"));

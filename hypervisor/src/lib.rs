@@ -18,6 +18,7 @@ pub mod hypercall;
 pub mod memory;
 pub mod pvdev;
 pub mod store;
+mod timer;
 pub mod vcpu;
 
 use std::sync::Arc;
@@ -131,6 +132,7 @@ pub struct Hypervisor {
     domids: Arc<domid::DomidPool>,
     registry: Arc<evtchn::Registry>,
     store: Arc<store::Store>,
+    timers: timer::Timers,
 }
 
 impl Hypervisor {
@@ -153,6 +155,7 @@ impl Hypervisor {
             domids,
             registry: Arc::default(),
             store: Arc::default(),
+            timers: timer::Timers::default(),
         })
     }
 
@@ -276,6 +279,7 @@ impl Hypervisor {
             Arc::clone(&self.registry),
             Arc::clone(&self.store),
             pvdev_stop,
+            self.timers.clone(),
             lease,
             &cfg,
             ram,

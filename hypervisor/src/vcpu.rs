@@ -93,9 +93,7 @@ pub(crate) fn run_loop(dom: Arc<DomainShared>, mut vcpu: VcpuFd, index: u32) {
                 dom.stop(DomainState::Crashed { detail });
             }
         }
-        if let Some(stop) = crash_state(&dom, &vcpu, index) {
-            dom.stop(stop);
-        }
+        crash(&dom, &vcpu, index);
     }
     KVM_RUN.with(|r| r.set(std::ptr::null_mut()));
     let mut ts = libc::timespec {
@@ -113,12 +111,21 @@ pub(crate) fn run_loop(dom: Arc<DomainShared>, mut vcpu: VcpuFd, index: u32) {
 }
 
 thread_local! {
-    static PENDING_CRASH: Cell<Option<&'static str>> = const { Cell::new(None) };
+    /// What crashed the domain in the exit just handled, until [`crash_state`] adds the registers.
+    static PENDING_CRASH: Cell<Option<String>> = const { Cell::new(None) };
+}
+
+/// The crash detail of an access of `len` bytes at `gpa`, which is not in `dom`'s memory.
+fn outside_memory(dom: &DomainShared, what: &str, len: usize, gpa: u64) -> String {
+    format!(
+        "{what} of {len} byte(s) at gpa {gpa:#x}, outside the domain's memory (0..{:#x})",
+        dom.ram.size()
+    )
 }
 
 /// Handles one exit; returns a final state to move to, if any. Exits that need the vCPU's
-/// registers (crashes) are recorded and turned into a state by [`crash_state`].
-fn handle_exit(dom: &DomainShared, index: u32, exit: VcpuExit<'_>) -> Option<DomainState> {
+/// registers (crashes) are recorded and turned into a state by [`crash`].
+fn handle_exit(dom: &Arc<DomainShared>, index: u32, exit: VcpuExit<'_>) -> Option<DomainState> {
     match exit {
         VcpuExit::IoOut(port, _) if port == HYPERCALL_PORT => crate::hypercall::handle(dom, index),
         // A doorbell write the kernel did not match to a host endpoint: a plain send.
@@ -151,19 +158,20 @@ fn handle_exit(dom: &DomainShared, index: u32, exit: VcpuExit<'_>) -> Option<Dom
             data.fill(0xff);
             None
         }
+        // Nothing is mapped outside the domain's memory (no emulated devices): a guest access
+        // there is a fault of the guest, which crashes it. Answering it (with 0xff, say) would
+        // let a guest that runs outside its memory go on forever, one exit per access.
         VcpuExit::MmioRead(addr, data) => {
-            dom.guest_fault(
-                "stray-mmio",
-                format_args!("vCPU {index}: read at {addr:#x}"),
-            );
+            let n = data.len();
             data.fill(0xff);
+            PENDING_CRASH.with(|c| {
+                c.replace(Some(outside_memory(dom, "read", n, addr)));
+            });
             None
         }
-        VcpuExit::MmioWrite(addr, _) => {
-            dom.guest_fault(
-                "stray-mmio",
-                format_args!("vCPU {index}: write at {addr:#x}"),
-            );
+        VcpuExit::MmioWrite(addr, data) => {
+            let detail = outside_memory(dom, "write", data.len(), addr);
+            PENDING_CRASH.with(|c| c.replace(Some(detail)));
             None
         }
         // No interrupt controller: a halted vCPU waits for an event, like sched_op(block). On
@@ -173,11 +181,11 @@ fn handle_exit(dom: &DomainShared, index: u32, exit: VcpuExit<'_>) -> Option<Dom
             None
         }
         VcpuExit::Shutdown => {
-            PENDING_CRASH.with(|c| c.set(Some("triple fault")));
+            PENDING_CRASH.with(|c| c.set(Some("triple fault".into())));
             None
         }
         VcpuExit::InternalError => {
-            PENDING_CRASH.with(|c| c.set(Some("KVM internal error")));
+            PENDING_CRASH.with(|c| c.set(Some("KVM internal error".into())));
             None
         }
         VcpuExit::FailEntry(reason, _) => {
@@ -185,22 +193,29 @@ fn handle_exit(dom: &DomainShared, index: u32, exit: VcpuExit<'_>) -> Option<Dom
                 domid = dom.id,
                 "vCPU {index}: entry failed, reason {reason:#x}"
             );
-            PENDING_CRASH.with(|c| c.set(Some("VM entry failed")));
+            PENDING_CRASH.with(|c| c.set(Some("VM entry failed".into())));
             None
         }
         other => {
             tracing::error!(domid = dom.id, "vCPU {index}: unexpected exit {other:?}");
-            PENDING_CRASH.with(|c| c.set(Some("unexpected exit")));
+            PENDING_CRASH.with(|c| c.set(Some("unexpected exit".into())));
             None
         }
     }
 }
 
-fn crash_state(dom: &DomainShared, vcpu: &VcpuFd, index: u32) -> Option<DomainState> {
-    let what = PENDING_CRASH.with(|c| c.take())?;
+/// The crash the last exit recorded, with the registers; logged (once per domain: only by the
+/// vCPU whose crash stops it).
+fn crash(dom: &DomainShared, vcpu: &VcpuFd, index: u32) {
+    let Some(what) = PENDING_CRASH.with(|c| c.take()) else {
+        return;
+    };
     let detail = format!("vCPU {index}: {what}; {}", registers(vcpu));
-    tracing::error!(domid = dom.id, name = %dom.name, "domain crashed: {detail}");
-    Some(DomainState::Crashed { detail })
+    if dom.stop(DomainState::Crashed {
+        detail: detail.clone(),
+    }) {
+        tracing::error!(domid = dom.id, name = %dom.name, "domain crashed: {detail}");
+    }
 }
 
 fn registers(vcpu: &VcpuFd) -> String {
