@@ -8,6 +8,8 @@ use pv_protocol::ring::FrontRing;
 use pv_protocol::store::MsgType;
 use pv_protocol::{PAGE_SIZE, SharedRegion};
 
+use core::sync::atomic::{AtomicUsize, Ordering};
+
 use crate::evtchn as ev;
 use crate::hcall::Cpu;
 use crate::store::{StoreFail, request};
@@ -26,13 +28,12 @@ pub const DATA_GREF: u32 = 16;
 /// Data pages the front end owns: 1 MiB, one full indirect request.
 pub const DATA_PAGES: usize = 256;
 
-#[repr(C, align(4096))]
-struct Pages<const N: usize>([[u8; PAGE_SIZE]; N]);
-
-static mut RING_PAGE: Pages<{ MAX_RING_PAGES * MAX_QUEUES }> =
-    Pages([[0; PAGE_SIZE]; MAX_RING_PAGES * MAX_QUEUES]);
-static mut INDIRECT_PAGE: Pages<1> = Pages([[0; PAGE_SIZE]; 1]);
-static mut DATA: Pages<DATA_PAGES> = Pages([[0; PAGE_SIZE]; DATA_PAGES]);
+/// The ring pages of every queue (`MAX_RING_PAGES` each), the indirect-segment page and the
+/// data pages: heap pages ([`crate::heap::area`]) allocated by the first connect and kept, as
+/// the back end may keep them mapped (persistent grants).
+static RING_AREA: AtomicUsize = AtomicUsize::new(0);
+static INDIRECT_AREA: AtomicUsize = AtomicUsize::new(0);
+static DATA: AtomicUsize = AtomicUsize::new(0);
 
 /// One queue: a ring and the event channel that signals it.
 #[derive(Debug)]
@@ -68,6 +69,13 @@ fn write(cpu: &Cpu, path: &[u8], value: &[u8]) -> Result<(), StoreFail> {
     .map(|_| ())
 }
 
+/// Waits (up to 5 s, on a store watch) for the back end at `be` to reach XenbusState `want`.
+fn wait_state(cpu: &Cpu, be: &[u8], want: u64) -> bool {
+    let mut k = [0u8; 128];
+    let path = join(&mut k, be, b"state");
+    crate::store::wait_for(cpu, path, 5000, |v| v.and_then(parse_u64) == Some(want))
+}
+
 /// Builds `prefix/suffix` into `buf`.
 fn join<'b>(buf: &'b mut [u8; 128], prefix: &[u8], suffix: &[u8]) -> &'b [u8] {
     let n = (prefix.len() + 1 + suffix.len()).min(128);
@@ -81,13 +89,21 @@ fn join<'b>(buf: &'b mut [u8; 128], prefix: &[u8], suffix: &[u8]) -> &'b [u8] {
     &buf[..n]
 }
 
-/// Host address (= guest address) of data page `i`.
-pub fn data_page(i: usize) -> *mut u8 {
-    // SAFETY: only the address is computed; `i` is kept below DATA_PAGES by callers.
-    unsafe {
-        (&raw mut DATA)
-            .cast::<u8>()
-            .add(i.min(DATA_PAGES - 1) * PAGE_SIZE)
+/// The address of data page `i` (`i` clamped below [`DATA_PAGES`]); `None` before a disk
+/// connected (the pages do not exist yet).
+pub fn data_page(i: usize) -> Option<*mut u8> {
+    // Relaxed: set once by vCPU 0, which alone reads it.
+    match DATA.load(Ordering::Relaxed) {
+        0 => None,
+        base => Some((base + i.min(DATA_PAGES - 1) * PAGE_SIZE) as *mut u8),
+    }
+}
+
+fn indirect_page() -> Option<*mut [u8; PAGE_SIZE]> {
+    // Relaxed: as in `data_page`.
+    match INDIRECT_AREA.load(Ordering::Relaxed) {
+        0 => None,
+        p => Some(p as *mut [u8; PAGE_SIZE]),
     }
 }
 
@@ -101,19 +117,16 @@ impl BlkFront {
         let mut out = [0u8; 256];
         // The toolstack may attach the disk just after the domain started.
         let mut dev = [0u8; 32];
-        let mut devlen = 0;
-        for _ in 0..tries {
+        let devlen = crate::store::wait_until(cpu, b"device/vbd", u64::from(tries) * 10, |cpu| {
             let first = request(cpu, MsgType::Directory, 0, &[b"device/vbd\0"], &mut out)
                 .ok()
                 .and_then(|r| out[..r.len].split(|&b| b == 0).next())
-                .filter(|s| !s.is_empty());
-            if let Some(first) = first {
-                devlen = first.len().min(32);
-                dev[..devlen].copy_from_slice(&first[..devlen]);
-                break;
-            }
-            ev::poll(cpu, &[], 10_000_000);
-        }
+                .filter(|s| !s.is_empty())?;
+            let n = first.len().min(32);
+            dev[..n].copy_from_slice(&first[..n]);
+            Some(n)
+        })
+        .unwrap_or(0);
         if devlen == 0 {
             return Err("no disk in device/vbd");
         }
@@ -128,19 +141,8 @@ impl BlkFront {
         be[..be_len].copy_from_slice(&out[..be_len]);
         let be = &be[..be_len];
         // Wait for the back end's InitWait.
-        let state_of = |cpu: &Cpu, dir: &[u8]| -> Option<u64> {
-            let mut k = [0u8; 128];
-            let mut o = [0u8; 16];
-            let n = read(cpu, join(&mut k, dir, b"state"), &mut o).ok()?;
-            parse_u64(&o[..n])
-        };
-        let mut waited = 0;
-        while state_of(cpu, be) != Some(2) {
-            waited += 1;
-            if waited > 1000 {
-                return Err("back end never reached InitWait");
-            }
-            ev::poll(cpu, &[], 5_000_000);
+        if !wait_state(cpu, be, 2) {
+            return Err("back end never reached InitWait");
         }
         let n = read(cpu, join(&mut key, be, b"sectors"), &mut out).map_err(|_| "no sectors")?;
         let sectors = parse_u64(&out[..n]).ok_or("bad sectors")?;
@@ -152,10 +154,19 @@ impl BlkFront {
         let nq = queues.clamp(1, MAX_QUEUES).min(offered.max(1) as usize);
 
         // Data pages and the indirect page, granted to dom0.
+        let oom = "out of memory for the disk's pages";
+        let data = crate::heap::area(&DATA, DATA_PAGES).ok_or(oom)?;
+        let indirect = crate::heap::area(&INDIRECT_AREA, 1).ok_or(oom)?;
+        let rings = crate::heap::area(&RING_AREA, MAX_RING_PAGES * MAX_QUEUES).ok_or(oom)?;
         for i in 0..DATA_PAGES {
-            crate::grant::grant(DATA_GREF + i as u32, 0, data_page(i) as u64, false);
+            crate::grant::grant(
+                DATA_GREF + i as u32,
+                0,
+                (data + i * PAGE_SIZE) as u64,
+                false,
+            );
         }
-        crate::grant::grant(INDIRECT_GREF, 0, (&raw mut INDIRECT_PAGE) as u64, true);
+        crate::grant::grant(INDIRECT_GREF, 0, indirect as u64, true);
 
         let w = |cpu: &Cpu, k: &[u8], val: &[u8]| {
             let mut kb = [0u8; 128];
@@ -164,7 +175,7 @@ impl BlkFront {
         let mut v = [0u8; 16];
         let mut qs: [Option<Queue>; MAX_QUEUES] = [const { None }; MAX_QUEUES];
         for (q, slot) in qs.iter_mut().enumerate().take(nq) {
-            let ring_addr = (&raw mut RING_PAGE) as u64 + (q * MAX_RING_PAGES * PAGE_SIZE) as u64;
+            let ring_addr = (rings + q * MAX_RING_PAGES * PAGE_SIZE) as u64;
             let gref0 = RING_GREF + 16 * q as u32;
             for i in 0..pages {
                 crate::grant::grant(
@@ -174,9 +185,9 @@ impl BlkFront {
                     false,
                 );
             }
-            // SAFETY: the ring pages are static, identity-mapped pages this kernel shares only
-            // with the back end, which (like us) accesses them only atomically; each queue has
-            // its own.
+            // SAFETY: the ring pages are heap pages kept for good, identity-mapped, which this
+            // kernel shares only with the back end, which (like us) accesses them only
+            // atomically; each queue has its own.
             let region = unsafe { SharedRegion::from_raw(ring_addr as *mut u8, pages * PAGE_SIZE) }
                 .map_err(|_| "ring page")?;
             let ring = FrontRing::new(region, pages).map_err(|_| "ring init")?;
@@ -231,13 +242,8 @@ impl BlkFront {
         // Our data pages are granted for good: let the back end keep them mapped.
         w(cpu, b"feature-persistent", b"1").map_err(|_| "write feature-persistent")?;
         w(cpu, b"state", b"3").map_err(|_| "write state")?;
-        let mut waited = 0;
-        while state_of(cpu, be) != Some(4) {
-            waited += 1;
-            if waited > 1000 {
-                return Err("back end never connected");
-            }
-            ev::poll(cpu, &[], 5_000_000);
+        if !wait_state(cpu, be, 4) {
+            return Err("back end never connected");
         }
         w(cpu, b"state", b"4").map_err(|_| "write state")?;
         Ok(Self {
@@ -415,9 +421,13 @@ impl BlkFront {
                 last_sect: 7,
             };
         }
-        // SAFETY: the indirect page is ours and the back end reads it only during a request;
-        // none is in flight while it is rewritten (requests through it are issued one at a time).
-        let page = unsafe { &mut *(&raw mut INDIRECT_PAGE).cast::<[u8; PAGE_SIZE]>() };
+        let Some(page) = indirect_page() else {
+            return BlkStatus::Error;
+        };
+        // SAFETY: the indirect page (allocated by `connect`, which made this front end) is ours
+        // and the back end reads it only during a request; none is in flight while it is
+        // rewritten (requests through it are issued one at a time).
+        let page = unsafe { &mut *page };
         if pv_protocol::blkif::write_indirect_page(&segs[..pages], page).is_err() {
             return BlkStatus::Error;
         }
@@ -504,8 +514,9 @@ pub const DEV_SLOTS: usize = 4;
 /// its data page as `DEV_GREF + 2k + 1` (clear of the boot-time disk's and the vifs' ranges).
 const DEV_GREF: u32 = 8192;
 
-/// Each slot's ring page and data page.
-static mut DEV_PAGES: Pages<{ 2 * DEV_SLOTS }> = Pages([[0; PAGE_SIZE]; 2 * DEV_SLOTS]);
+/// Each slot's ring page and data page (two heap pages, allocated at the slot's first use and
+/// kept with it).
+static DEV_PAGES: [AtomicUsize; DEV_SLOTS] = [const { AtomicUsize::new(0) }; DEV_SLOTS];
 /// Which slots are taken (a slot whose pages dom0 kept mapped stays taken for good).
 static DEV_CLAIMED: [core::sync::atomic::AtomicBool; DEV_SLOTS] =
     [const { core::sync::atomic::AtomicBool::new(false) }; DEV_SLOTS];
@@ -525,8 +536,10 @@ pub struct DevDisk {
     port: u32,
 }
 
-fn dev_slot_page(slot: usize, i: usize) -> u64 {
-    (&raw mut DEV_PAGES) as u64 + ((2 * slot + i) * PAGE_SIZE) as u64
+/// Page `i` (0: ring, 1: data) of device slot `slot`, allocated at the slot's first use.
+fn dev_slot_page(slot: usize, i: usize) -> Option<u64> {
+    let base = crate::heap::area(DEV_PAGES.get(slot)?, 2)?;
+    Some((base + i * PAGE_SIZE) as u64)
 }
 
 impl BlkFront {
@@ -538,13 +551,8 @@ impl BlkFront {
         let slot = DEV_CLAIMED
             .iter()
             .position(|c| {
-                c.compare_exchange(
-                    false,
-                    true,
-                    core::sync::atomic::Ordering::AcqRel,
-                    core::sync::atomic::Ordering::Acquire,
-                )
-                .is_ok()
+                c.compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire)
+                    .is_ok()
             })
             .ok_or("every device slot is taken")?;
         let mut port = None;
@@ -582,15 +590,7 @@ impl BlkFront {
             let n = read(cpu, join(&mut kb, dir, k), &mut o).ok()?;
             parse_u64(&o[..n])
         };
-        let wait_for = |cpu: &Cpu, want: u64| {
-            (0..1000).any(|_| {
-                num(cpu, be, b"state") == Some(want) || {
-                    ev::poll(cpu, &[], 5_000_000);
-                    false
-                }
-            })
-        };
-        if !wait_for(cpu, 2) {
+        if !wait_state(cpu, be, 2) {
             return Err("back end never reached InitWait");
         }
         let sectors = num(cpu, be, b"sectors").ok_or("no sectors")?;
@@ -599,16 +599,19 @@ impl BlkFront {
             .contains(pv_protocol::blkif::VdiskInfo::READONLY);
 
         let (ring_gref, data_gref) = (DEV_GREF + 2 * slot as u32, DEV_GREF + 2 * slot as u32 + 1);
-        crate::grant::grant(ring_gref, 0, dev_slot_page(slot, 0), false);
+        let oom = "out of memory for the disk's pages";
+        let ring_page = dev_slot_page(slot, 0).ok_or(oom)?;
+        let data_page = dev_slot_page(slot, 1).ok_or(oom)?;
+        crate::grant::grant(ring_gref, 0, ring_page, false);
         // Writable even on a read-only disk: reads land in it.
-        crate::grant::grant(data_gref, 0, dev_slot_page(slot, 1), false);
-        // SAFETY: the slot's two pages are static, identity-mapped memory that only this device
-        // (its slot claimed above) and dom0 use; this kernel reaches them only through these
-        // regions, whose every access is atomic.
+        crate::grant::grant(data_gref, 0, data_page, false);
+        // SAFETY: the slot's two pages are heap pages kept with the slot, identity-mapped, that
+        // only this device (its slot claimed above) and dom0 use; this kernel reaches them only
+        // through these regions, whose every access is atomic.
         let (ring_region, data) = unsafe {
             (
-                SharedRegion::from_raw(dev_slot_page(slot, 0) as *mut u8, PAGE_SIZE),
-                SharedRegion::from_raw(dev_slot_page(slot, 1) as *mut u8, PAGE_SIZE),
+                SharedRegion::from_raw(ring_page as *mut u8, PAGE_SIZE),
+                SharedRegion::from_raw(data_page as *mut u8, PAGE_SIZE),
             )
         };
         let ring =
@@ -627,7 +630,7 @@ impl BlkFront {
         // The data page stays granted while connected: the back end may keep it mapped.
         w(cpu, b"feature-persistent", b"1")?;
         w(cpu, b"state", b"3")?;
-        if !wait_for(cpu, 4) {
+        if !wait_state(cpu, be, 4) {
             return Err("back end never connected");
         }
         w(cpu, b"state", b"4")?;

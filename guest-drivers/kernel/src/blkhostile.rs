@@ -29,6 +29,8 @@ use pv_protocol::blkif::{
 use pv_protocol::grant::GrantRef;
 use pv_protocol::{PAGE_SIZE, SECTOR_SIZE};
 
+use core::sync::atomic::{AtomicUsize, Ordering};
+
 use crate::blkfront::{BlkFront, DATA_GREF, DATA_PAGES, data_page};
 use crate::console::LineInput;
 use crate::control;
@@ -59,23 +61,18 @@ const ANSWER_TIMEOUT_MS: u64 = 10_000;
 const _: () = assert!(CHURN_GREF + CHURN_GRANTS <= UNGRANTED);
 const _: () = assert!(IND_GREF + IND_PAGES as u32 <= CHURN_GREF);
 
-#[repr(C, align(4096))]
-struct Pages<const N: usize>([[u8; PAGE_SIZE]; N]);
-
-static mut IND: Pages<IND_PAGES> = Pages([[0; PAGE_SIZE]; IND_PAGES]);
-static mut CHURN: Pages<CHURN_PAGES> = Pages([[0; PAGE_SIZE]; CHURN_PAGES]);
+/// The indirect pages and the churned pages: heap pages allocated when the job starts.
+static IND: AtomicUsize = AtomicUsize::new(0);
+static CHURN: AtomicUsize = AtomicUsize::new(0);
 
 fn ind_page(i: usize) -> *mut [u8; PAGE_SIZE] {
-    // SAFETY: only the address is computed, inside the array (`i` clamped).
-    unsafe {
-        (&raw mut IND)
-            .cast::<[u8; PAGE_SIZE]>()
-            .add(i.min(IND_PAGES - 1))
-    }
+    // Relaxed: set once by this job (vCPU 0) before any use.
+    (IND.load(Ordering::Relaxed) + i.min(IND_PAGES - 1) * PAGE_SIZE) as *mut [u8; PAGE_SIZE]
 }
 
 fn churn_page(i: usize) -> u64 {
-    (&raw mut CHURN) as u64 + (i % CHURN_PAGES * PAGE_SIZE) as u64
+    // Relaxed: as in `ind_page`.
+    (CHURN.load(Ordering::Relaxed) + i % CHURN_PAGES * PAGE_SIZE) as u64
 }
 
 /// What an answer must be.
@@ -406,7 +403,7 @@ impl Hostile<'_> {
         const N: usize = 8;
         let sector = (pass * 64) % self.disk.sectors.saturating_sub(64).max(1);
         for p in 0..2 * N {
-            let base = data_page(p);
+            let Some(base) = data_page(p) else { return };
             for b in 0..PAGE_SIZE {
                 let v = if p < N {
                     verify_pattern(sector * SECTOR_SIZE + (p * PAGE_SIZE + b) as u64)
@@ -426,7 +423,9 @@ impl Hostile<'_> {
         self.drain();
         let mut same = true;
         for p in 0..N {
-            let (a, b) = (data_page(p), data_page(N + p));
+            let (Some(a), Some(b)) = (data_page(p), data_page(N + p)) else {
+                return;
+            };
             for i in 0..PAGE_SIZE {
                 // SAFETY: inside data pages this kernel owns; the read completed.
                 same &= unsafe { a.add(i).read_volatile() == b.add(i).read_volatile() };
@@ -455,6 +454,12 @@ pub fn blkhostile(cpu: &Cpu, cmdline: &str) -> u32 {
             return 1;
         }
     };
+    if crate::heap::area(&IND, IND_PAGES).is_none()
+        || crate::heap::area(&CHURN, CHURN_PAGES).is_none()
+    {
+        kprintln!(cpu, "FAIL blkhostile: out of memory for its pages");
+        return 1;
+    }
     for p in 0..IND_PAGES {
         crate::grant::grant(IND_GREF + p as u32, 0, ind_page(p) as u64, true);
     }

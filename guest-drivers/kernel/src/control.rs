@@ -1,14 +1,22 @@
-//! Requests from the toolstack (Xen's `control/shutdown` protocol) and the `idle` job.
+//! Requests from the toolstack (Xen's `control/shutdown` protocol), sleeping until something
+//! happens, and the `idle` job.
 //!
-//! dom0 writes `poweroff`, `reboot` or `halt` into the guest's `control/shutdown`. Long-running
-//! jobs call [`poll`] often; it reads the key at most every [`POLL_MS`] ms (one store read), and
-//! on a request acknowledges it by writing the key back to the empty string (as Linux does),
-//! prints `guest: shutdown requested (<value>)` and shuts down with exit code 0: reason
-//! `Poweroff` for `poweroff` and `halt`, `Reboot` for `reboot`. A value it does not know is not
-//! acknowledged (so the toolstack can tell) and is reported once as
-//! `guest: shutdown request ignored (<value>)`.
+//! dom0 writes `poweroff`, `reboot` or `halt` into the guest's `control/shutdown`, which the
+//! kernel watches from boot (a store watch: the host sends an event when the key changes, and
+//! once at registration). The key is read only when the watch fired: busy jobs call [`poll`]
+//! often, which costs memory reads of the store ring and nothing else; sleeping jobs call
+//! [`sleep`], which wakes for the watch as for their own ports. On a request the kernel
+//! acknowledges it by writing the key back to the empty string (as Linux does), prints
+//! `guest: shutdown requested (<value>)` and shuts down with exit code 0: reason `Poweroff` for
+//! `poweroff` and `halt`, `Reboot` for `reboot`. A value it does not know is not acknowledged (so
+//! the toolstack can tell) and is reported once as `guest: shutdown request ignored (<value>)`.
+//!
+//! Nothing here wakes on a timer: a job with nothing to do sleeps in `sched_op(poll)` until a
+//! port it named, console input, a store watch event or (only if it gave one) its deadline.
 
 use core::sync::atomic::{AtomicU64, Ordering};
+
+use crate::store::W_SHUTDOWN;
 
 use pv_protocol::hypercall::ShutdownReason;
 use pv_protocol::start_info::StartInfo;
@@ -21,19 +29,24 @@ use crate::kprintln;
 use crate::store::request;
 use crate::sync::SpinLock;
 
-/// How often [`poll`] reads the key.
-pub const POLL_MS: u64 = 50;
-
 /// TSC ticks per millisecond (from start-info).
 static TSC_KHZ: AtomicU64 = AtomicU64::new(1_000_000);
-/// TSC value before which [`poll`] does not read the store again.
-static NEXT_CHECK: AtomicU64 = AtomicU64::new(0);
 /// The last unknown request reported (so that it is reported once), and its length.
 static IGNORED: SpinLock<([u8; 32], usize)> = SpinLock::new(([0; 32], 0));
 
-/// Takes the time source from start-info.
-pub fn init(si: &StartInfo) {
+/// Takes the time source from start-info, binds the timer event and watches
+/// `control/shutdown` (the watch fires at once, so a request made before boot is seen too).
+pub fn init(cpu: &Cpu, si: &StartInfo) {
     TSC_KHZ.store(si.tsc_khz.max(1), Ordering::Relaxed);
+    crate::timer::init(cpu);
+    if crate::store::watch(cpu, b"control/shutdown", W_SHUTDOWN).is_err() {
+        kprintln!(cpu, "guest: cannot watch control/shutdown");
+    }
+}
+
+/// TSC ticks per millisecond.
+pub fn tsc_khz() -> u64 {
+    TSC_KHZ.load(Ordering::Relaxed)
 }
 
 /// The TSC.
@@ -75,15 +88,14 @@ fn parse(value: &[u8]) -> Option<Request> {
     }
 }
 
-/// Checks `control/shutdown` if [`POLL_MS`] passed since the last check, and acts on a request
-/// (a shutdown does not return). Cheap otherwise: one TSC read.
+/// Acts on a shutdown request if `control/shutdown` changed (a shutdown does not return). Cheap
+/// otherwise: memory reads of the store ring, no exit.
 pub fn poll(cpu: &Cpu) {
-    let now = rdtsc();
-    if now < NEXT_CHECK.load(Ordering::Relaxed) {
-        return;
+    crate::store::pump_events();
+    // Each event means one read; a change while we read fires the watch again.
+    while crate::store::take_fired(W_SHUTDOWN) != 0 {
+        check(cpu);
     }
-    NEXT_CHECK.store(now + ticks(POLL_MS), Ordering::Relaxed);
-    check(cpu);
 }
 
 fn check(cpu: &Cpu) {
@@ -133,29 +145,57 @@ fn check(cpu: &Cpu) {
     }
 }
 
-/// Sleeps up to `ms` milliseconds or until one of `ports` or the console's port is signalled,
-/// then handles what came in: console input (whole lines echoed by `input`) and the toolstack's
-/// requests.
-pub fn wait(cpu: &Cpu, ports: &[u32], ms: u64, input: &mut LineInput) {
-    let mut all = [0u32; 8];
-    let n = ports.len().min(all.len() - 1);
+/// Sleeps until one of `ports` (at most 12) is pending, a kernel watch among `watches` fired
+/// (it is left for the caller to take), the TSC reaches `deadline` (`None`: no deadline), a
+/// shutdown request came (acted on), or, with `input`, console input came (whole lines echoed).
+/// Returns at once if any of these is already the case. The caller looks at what happened and
+/// calls again: this may also return for nothing (a stale event).
+pub fn sleep(
+    cpu: &Cpu,
+    ports: &[u32],
+    deadline: Option<u64>,
+    watches: u32,
+    mut input: Option<&mut LineInput>,
+) {
+    let mut all = [0u32; 14];
+    let n = ports.len().min(all.len() - 2);
     all[..n].copy_from_slice(&ports[..n]);
-    all[n] = crate::console::port();
-    // The console port is cleared before sleeping: input that arrives from here on wakes us.
-    ev::clear_pending(all[n]);
-    input.pump(cpu);
-    ev::poll(cpu, &all[..=n], ms * 1_000_000);
-    ev::clear_pending(all[n]);
-    input.pump(cpu);
+    let store = crate::store::port();
+    let console = crate::console::port();
+    all[n] = store;
+    let mut nports = n + 1;
+    if input.is_some() {
+        all[nports] = console;
+        nports += 1;
+    }
+    // Cleared before looking: what arrives from here on leaves its port pending, and the poll
+    // below returns at once.
+    ev::clear_pending(store);
+    if input.is_some() {
+        ev::clear_pending(console);
+    }
+    if let Some(i) = input.as_deref_mut() {
+        i.pump(cpu);
+    }
+    poll(cpu);
+    let ready = crate::store::fired(watches)
+        || ports.iter().any(|&p| ev::is_pending(p))
+        || deadline.is_some_and(past);
+    if !ready {
+        crate::timer::sleep(cpu, &all[..nports], deadline);
+    }
+    if let Some(i) = input {
+        i.pump(cpu);
+    }
     poll(cpu);
 }
 
 /// `idle`: prints `idle: up`, then sleeps forever, echoing console input lines and obeying the
-/// toolstack's shutdown requests.
+/// toolstack's shutdown requests. It wakes for nothing else: asleep, it costs the host nothing.
 pub fn idle(cpu: &Cpu) -> u32 {
     kprintln!(cpu, "idle: up");
     let mut input = LineInput::new();
     loop {
-        wait(cpu, &[], POLL_MS, &mut input);
+        sleep(cpu, &[], None, 0, Some(&mut input));
     }
 }

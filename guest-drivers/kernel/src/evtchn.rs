@@ -4,8 +4,8 @@ use core::mem::offset_of;
 use core::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 
 use pv_protocol::evtchn::{
-    AllocUnboundArg, BindInterdomainArg, DOORBELL_BASE, EvtchnOp, PortArg, PortState, StatusArg,
-    doorbell_of,
+    AllocUnboundArg, BindInterdomainArg, BindVirqArg, DOORBELL_BASE, EvtchnOp, MAX_PORTS_2L,
+    PortArg, PortState, StatusArg, doorbell_of,
 };
 use pv_protocol::grant::DomId;
 use pv_protocol::hypercall::{SchedPoll, nr};
@@ -14,6 +14,9 @@ use pv_protocol::start_info::{SHARED_INFO_GPA, SharedInfo, VcpuInfo};
 use crate::hcall::Cpu;
 
 fn word(offset: usize, port: u32) -> &'static AtomicU64 {
+    // A port beyond the bitmaps (none is ever handed out) names the last word rather than memory
+    // past the shared-info page.
+    let port = port.min(MAX_PORTS_2L - 1);
     let addr = SHARED_INFO_GPA as usize + offset + (port as usize / 64) * 8;
     // SAFETY: the shared-info page is identity-mapped at a fixed address for the kernel's
     // lifetime; the words are 8-aligned; the host updates them only with atomic operations.
@@ -97,6 +100,19 @@ pub fn bind_interdomain(cpu: &Cpu, remote_dom: u16, remote_port: u32) -> Result<
     };
     match op(cpu, EvtchnOp::BindInterdomain, &mut a) {
         0 => Ok(read(&a).local_port),
+        e => Err(e),
+    }
+}
+
+/// `bind_virq`: a port for virtual IRQ `virq` of vCPU `vcpu`.
+pub fn bind_virq(cpu: &Cpu, virq: u32, vcpu: u32) -> Result<u32, i64> {
+    let mut a = BindVirqArg {
+        virq,
+        vcpu,
+        port: 0,
+    };
+    match op(cpu, EvtchnOp::BindVirq, &mut a) {
+        0 => Ok(read(&a).port),
         e => Err(e),
     }
 }

@@ -5,7 +5,7 @@ use core::ptr::{self, NonNull};
 
 use pv_protocol::hypercall::{
     ConsoleIoCmd, Gpa, HYPERCALL_PORT, Hypercall, HypercallRequest, SchedCmd, SchedShutdown,
-    ShutdownReason, nr,
+    ShutdownReason, TimerFlags, VcpuSetSingleshotTimer, nr,
 };
 use pv_protocol::start_info::hypercall_page;
 
@@ -79,6 +79,25 @@ impl Cpu {
     /// Sleeps until an unmasked event is pending.
     pub fn block(&self) -> i64 {
         self.call(Hypercall::SchedOp(SchedCmd::Block))
+    }
+
+    /// Arms vCPU `vcpu`'s one-shot timer `timeout_ns` from now (`VCPU_OP(SET_SINGLESHOT_TIMER)`):
+    /// its `VIRQ_TIMER` port becomes pending then. Returns 0 or an errno.
+    pub fn set_timer(&self, vcpu: u32, timeout_ns: u64, flags: TimerFlags) -> i64 {
+        let arg = VcpuSetSingleshotTimer {
+            timeout_ns,
+            flags: flags.bits(),
+            _pad: 0,
+        };
+        self.raw(
+            nr::VCPU_OP,
+            [8, u64::from(vcpu), (&raw const arg) as u64, 0, 0, 0],
+        )
+    }
+
+    /// Disarms vCPU `vcpu`'s one-shot timer.
+    pub fn stop_timer(&self, vcpu: u32) -> i64 {
+        self.raw(nr::VCPU_OP, [9, u64::from(vcpu), 0, 0, 0, 0])
     }
 
     /// Asks for a shutdown with `reason` and `exit_code`; returns the error if refused.

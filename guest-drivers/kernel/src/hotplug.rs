@@ -1,8 +1,10 @@
 //! The `hotplug [ip=A.B.C.D]` job: disks and network interfaces that the toolstack attaches and
 //! detaches while the guest runs.
 //!
-//! Every [`POLL_MS`] ms it lists `device/vbd` and `device/vif`. A device whose front-end `state`
-//! is Initialising (1) and whose back end (its `backend` key) waits in InitWait (2) is connected
+//! It watches `device` in the store and each connected device's back-end `state` (Xen's
+//! front-end watches), and lists `device/vbd` and `device/vif` whenever one fires; it wakes for
+//! nothing else but the vifs' traffic and console input. A device whose front-end `state` is
+//! Initialising (1) and whose back end (its `backend` key) waits in InitWait (2) is connected
 //! through the usual handshake:
 //!
 //! - a disk prints `hotplug: vbd <devid> connected <sectors> sectors`, then checks I/O on sectors
@@ -35,12 +37,12 @@ use pv_protocol::store::{MsgType, StoreErrno};
 
 use crate::blkfront::{BlkFront, DevDisk};
 use crate::console::LineInput;
-use crate::control::{self, POLL_MS, rdtsc, ticks};
+use crate::control;
 use crate::hcall::Cpu;
 use crate::kprintln;
 use crate::net::{Ip, ShowMac, Stack, parse_ip};
 use crate::netfront::NetFront;
-use crate::store::Path;
+use crate::store::{Path, W_BACKEND, W_DEVICE};
 use crate::store::{StoreFail, request};
 use crate::text::{fmt_u32, parse_u32, parse_u64};
 
@@ -168,17 +170,21 @@ pub fn hotplug(cpu: &Cpu, cmdline: &str) -> u32 {
             }
         },
     };
+    // Fires at once: the first scan finds devices attached before we got here.
+    if crate::store::watch(cpu, b"device", W_DEVICE).is_err() {
+        kprintln!(cpu, "FAIL hotplug: cannot watch device");
+        return 1;
+    }
     kprintln!(cpu, "hotplug: watching");
     let mut devs: Vec<Dev> = Vec::new();
     let mut input = LineInput::new();
     let mut buf = vec![0u8; RX_BUF];
-    let mut next_scan = 0;
     loop {
-        if rdtsc() >= next_scan {
+        if crate::store::take_fired(W_DEVICE | W_BACKEND) != 0 {
             scan(cpu, &mut devs, ip);
-            next_scan = rdtsc() + ticks(POLL_MS);
         }
-        // Serve the vifs, then sleep on their ports (and the console's) until the next scan.
+        // Serve the vifs, then sleep on their ports (and the console's and the store's) until
+        // something happens.
         let mut ports = [0u32; 7];
         let mut nports = 0;
         let mut busy = false;
@@ -197,8 +203,13 @@ pub fn hotplug(cpu: &Cpu, cmdline: &str) -> u32 {
             control::poll(cpu);
             continue;
         }
-        let left = next_scan.saturating_sub(rdtsc()) / ticks(1).max(1);
-        control::wait(cpu, &ports[..nports], left.clamp(1, POLL_MS), &mut input);
+        control::sleep(
+            cpu,
+            &ports[..nports],
+            None,
+            W_DEVICE | W_BACKEND,
+            Some(&mut input),
+        );
     }
 }
 
@@ -297,13 +308,17 @@ fn connect(cpu: &Cpu, class: Class, devid: u32, ip: Option<Ip>) -> Option<Dev> {
         }),
     };
     match io {
-        Ok(io) => Some(Dev {
-            class,
-            devid,
-            front,
-            back,
-            io,
-        }),
+        Ok(io) => {
+            // Its back end's changes wake us (Closing, a restart, its directory removed).
+            let _ = crate::store::watch(cpu, back.key(b"state").as_bytes(), W_BACKEND);
+            Some(Dev {
+                class,
+                devid,
+                front,
+                back,
+                io,
+            })
+        }
         Err(why) => {
             kprintln!(cpu, "hotplug: {name} {devid} connect FAILED {why}");
             // Not tried again until the toolstack publishes the device anew (state 1).
@@ -372,15 +387,11 @@ fn release(cpu: &Cpu, d: Dev) {
         write(cpu, &front_state, b"5");
     }
     // Wait for the back end to stop serving and unmap: Closed, or its directory gone.
-    let deadline = rdtsc() + ticks(BACKEND_CLOSE_MS);
-    while rdtsc() < deadline {
-        match state(cpu, &back.key(b"state")) {
-            Ok(None) | Ok(Some(6)) => break,
-            _ => {
-                crate::evtchn::poll(cpu, &[], 5_000_000);
-            }
-        }
-    }
+    let back_state = back.key(b"state");
+    let _ = crate::store::unwatch(cpu, back_state.as_bytes(), W_BACKEND);
+    crate::store::wait_for(cpu, back_state.as_bytes(), BACKEND_CLOSE_MS, |v| {
+        v.is_none_or(|v| parse_u64(v) == Some(6))
+    });
     let leaked = match io {
         Io::Disk(disk) => (*disk).release(cpu, END_ACCESS_MS),
         Io::Nic(nf, _) => (*nf).release(cpu, END_ACCESS_MS),

@@ -241,22 +241,163 @@ fn garbage_grants_and_doorbells(next: &mut impl FnMut() -> u64) {
     }
 }
 
-/// Prints `tick N` about every millisecond (by the TSC) until the toolstack asks for a
-/// shutdown; for pause/destroy tests.
+/// Prints `tick N` about every millisecond until the toolstack asks for a shutdown; for
+/// pause/destroy tests. Between ticks it sleeps on the timer event (no spinning on the TSC).
 pub fn ticker(cpu: &Cpu, si: &StartInfo) -> u32 {
     let per_ms = si.tsc_khz.max(1);
     let mut n = 0u64;
     loop {
         kprintln!(cpu, "tick {n}");
-        crate::control::poll(cpu);
         n += 1;
-        // SAFETY: rdtsc has no preconditions.
-        let start = unsafe { core::arch::x86_64::_rdtsc() };
-        // SAFETY: as above.
-        while unsafe { core::arch::x86_64::_rdtsc() }.wrapping_sub(start) < per_ms {
-            core::hint::spin_loop();
+        let next = crate::control::rdtsc() + per_ms;
+        while !crate::control::past(next) {
+            crate::control::sleep(cpu, &[], Some(next), 0, None);
         }
     }
+}
+
+/// `touch-beyond`: writes one byte just past the memory start-info gives (a gpa the domain
+/// does not have). The host must crash the domain, naming the address; if the write returns,
+/// the job says `touch-beyond: still running` and exits 1.
+pub fn touch_beyond(cpu: &Cpu, si: &StartInfo) -> u32 {
+    let gpa = si.mem_bytes + 0x1000;
+    kprintln!(cpu, "touch-beyond: writing at {gpa:#x}");
+    crate::console::flush(cpu);
+    // SAFETY: deliberately outside the domain's memory (identity-mapped by the boot page
+    // tables, backed by nothing): the host stops the domain at this access.
+    unsafe { (gpa as *mut u8).write_volatile(0x5a) };
+    kprintln!(cpu, "touch-beyond: still running");
+    1
+}
+
+/// `timer [ms=N]` (default 200): checks the timer event. Bad requests get their defined errors;
+/// a one-shot timer of N ms wakes a vCPU asleep in `sched_op(poll)` and one in `sched_op(block)`
+/// no sooner than N ms later (by the TSC), is not pending halfway, and a stopped one never
+/// fires. Prints `timer: poll woke after U us (asked N ms)` and the same for `block`, then
+/// `timer: P passed, F failed`; exit code = failures.
+pub fn timer(cpu: &Cpu, si: &StartInfo, cmdline: &str) -> u32 {
+    use crate::control::{past, rdtsc, ticks};
+    use crate::evtchn as ev;
+    use pv_protocol::evtchn::VIRQ_TIMER;
+    use pv_protocol::hypercall::{MAX_TIMER_NS, TimerFlags};
+    let mut c = Checks {
+        cpu,
+        passed: 0,
+        failed: 0,
+    };
+    let ms = crate::text::num(cmdline, "ms", 200)
+        .unwrap_or(200)
+        .clamp(2, 10_000);
+    let port = crate::timer::port();
+    c.check("timer-bound", port != 0, format_args!("no VIRQ_TIMER port"));
+    let none = TimerFlags::empty();
+    let einval = Errno::EINVAL.as_i64();
+    let r = ev::bind_virq(cpu, VIRQ_TIMER, 0);
+    c.check(
+        "timer-bind-twice-eexist",
+        r == Err(Errno::EEXIST.as_i64()),
+        format_args!("{r:?}"),
+    );
+    let r = ev::bind_virq(cpu, VIRQ_TIMER, 99);
+    c.check(
+        "timer-bind-no-vcpu-enoent",
+        r == Err(Errno::ENOENT.as_i64()),
+        format_args!("{r:?}"),
+    );
+    let r = ev::bind_virq(cpu, 5, 0);
+    c.check(
+        "timer-bind-other-virq-einval",
+        r == Err(einval),
+        format_args!("{r:?}"),
+    );
+    let r = cpu.set_timer(cpu.index + 1, 1_000_000, none);
+    c.check("timer-other-vcpu-einval", r == einval, format_args!("{r}"));
+    let r = cpu.set_timer(cpu.index, MAX_TIMER_NS + 1, none);
+    c.check("timer-too-long-einval", r == einval, format_args!("{r}"));
+    let r = cpu.set_timer(cpu.index, u64::MAX, none);
+    c.check("timer-absurd-einval", r == einval, format_args!("{r}"));
+    let r = cpu.raw(
+        pv_protocol::hypercall::nr::VCPU_OP,
+        [8, u64::from(cpu.index), si.mem_bytes, 0, 0, 0],
+    );
+    c.check(
+        "timer-arg-outside-memory-efault",
+        r == Errno::EFAULT.as_i64(),
+        format_args!("{r}"),
+    );
+    let r = cpu.set_timer(cpu.index, 0, TimerFlags::FUTURE);
+    c.check(
+        "timer-past-etime",
+        r == Errno::ETIME.as_i64(),
+        format_args!("{r}"),
+    );
+    let r = cpu.stop_timer(cpu.index + 1);
+    c.check("timer-stop-other-einval", r == einval, format_args!("{r}"));
+    let r = ev::send(cpu, port);
+    c.check("timer-send-einval", r == einval, format_args!("{r}"));
+    // Without its port the timer has nowhere to fire: refused. Bound again afterwards.
+    ev::close(cpu, port);
+    let r = cpu.set_timer(cpu.index, 1_000_000, none);
+    c.check(
+        "timer-unbound-enoent",
+        r == Errno::ENOENT.as_i64(),
+        format_args!("{r}"),
+    );
+    crate::timer::init(cpu);
+    let port = crate::timer::port();
+
+    // Asleep in poll: not pending halfway, woken after the whole delay.
+    let t0 = rdtsc();
+    ev::clear_pending(port);
+    let r = cpu.set_timer(cpu.index, ms * 1_000_000, none);
+    ev::poll(cpu, &[], ms * 500_000);
+    let early = ev::is_pending(port);
+    ev::poll(cpu, &[port], 0);
+    let us = (rdtsc() - t0) * 1000 / ticks(1).max(1);
+    kprintln!(cpu, "timer: poll woke after {us} us (asked {ms} ms)");
+    c.check(
+        "timer-wakes-poll",
+        r == 0 && !early && ev::clear_pending(port) && us >= ms * 1000,
+        format_args!("result {r}, pending halfway {early}, {us} us"),
+    );
+
+    // Asleep in block, the port unmasked: woken after the whole delay.
+    let t0 = rdtsc();
+    ev::clear_pending(port);
+    ev::take_upcall();
+    let r = cpu.set_timer(cpu.index, ms * 1_000_000, none);
+    ev::unmask(cpu, port);
+    while !ev::is_pending(port) && !past(t0 + ticks(ms * 10)) {
+        cpu.block();
+    }
+    ev::mask(port);
+    let us = (rdtsc() - t0) * 1000 / ticks(1).max(1);
+    kprintln!(cpu, "timer: block woke after {us} us (asked {ms} ms)");
+    c.check(
+        "timer-wakes-block",
+        r == 0 && ev::clear_pending(port) && us >= ms * 1000,
+        format_args!("result {r}, {us} us"),
+    );
+
+    // Stopped, or replaced by a later one: the first deadline passes without an event.
+    let r1 = cpu.set_timer(cpu.index, 20_000_000, none);
+    let r2 = cpu.stop_timer(cpu.index);
+    ev::poll(cpu, &[port], 60_000_000);
+    let fired_stopped = ev::clear_pending(port);
+    let r3 = cpu.set_timer(cpu.index, 20_000_000, none);
+    let r4 = cpu.set_timer(cpu.index, 200_000_000, none);
+    ev::poll(cpu, &[port], 60_000_000);
+    let fired_replaced = ev::clear_pending(port);
+    cpu.stop_timer(cpu.index);
+    c.check(
+        "timer-stop-and-replace",
+        [r1, r2, r3, r4] == [0; 4] && !fired_stopped && !fired_replaced,
+        format_args!(
+            "{r1} {r2} {r3} {r4}, stopped fired {fired_stopped}, replaced fired {fired_replaced}"
+        ),
+    );
+    kprintln!(cpu, "timer: {} passed, {} failed", c.passed, c.failed);
+    c.failed
 }
 
 /// Executes an undefined instruction with no IDT: a triple fault, which the host reports as a
@@ -930,7 +1071,9 @@ fn fill_region(sector: u64, segs: &[Seg], pattern: bool) {
 fn fill_salted(sector: u64, segs: &[Seg], pattern: bool, salt: u8) {
     let mut off = sector * 512;
     for &(page, first, last) in segs {
-        let base = crate::blkfront::data_page(page);
+        let Some(base) = crate::blkfront::data_page(page) else {
+            return;
+        };
         for b in usize::from(first) * 512..(usize::from(last) + 1) * 512 {
             let v = if pattern {
                 pv_protocol::blkif::verify_pattern(off) ^ salt
@@ -954,7 +1097,9 @@ fn check_salted(sector: u64, segs: &[Seg], zeros: bool, salt: u8) -> bool {
     let mut off = sector * 512;
     let mut ok = true;
     for &(page, first, last) in segs {
-        let base = crate::blkfront::data_page(page);
+        let Some(base) = crate::blkfront::data_page(page) else {
+            return false;
+        };
         for b in usize::from(first) * 512..(usize::from(last) + 1) * 512 {
             let want = if zeros {
                 0

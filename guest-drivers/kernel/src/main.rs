@@ -7,6 +7,12 @@
 //! line: `selftest` checks the hypervisor's services and shuts down with the number of failures
 //! as its exit code; `hostile` throws garbage at the hypervisor to prove it survives; `idle` and
 //! `hotplug` wait for the toolstack (shutdown requests, console input, devices coming and going).
+//!
+//! Memory: the image is small; the boot stacks and then the heap (which holds every page a
+//! device grants) lie above it, inside the memory start-info gives. Sleeping: every job that
+//! waits sleeps in `sched_op(poll)` on exactly what can wake it (its ports, the store's watch
+//! events, console input, and the timer event only where it has a deadline): an idle guest
+//! costs the host nothing.
 // `cargo clippy --all-targets` checks this binary in test mode too (with std and its panic
 // handler); the freestanding attributes apply to the real build only.
 #![cfg_attr(not(test), no_std)]
@@ -34,43 +40,56 @@ mod netjobs;
 mod store;
 mod sync;
 mod text;
+mod timer;
 
 use core::sync::atomic::{AtomicU32, Ordering};
 
 use pv_protocol::hypercall::ShutdownReason;
-use pv_protocol::start_info::{MAX_VCPUS, START_INFO_GPA, StartInfo};
+use pv_protocol::start_info::{KERNEL_FREE_PER_VCPU, MAX_VCPUS, START_INFO_GPA, StartInfo};
 
 use crate::hcall::Cpu;
 
-/// Bytes of boot stack per vCPU.
-const STACK_SIZE: usize = 64 * 1024;
+/// Bytes of boot stack per vCPU: what the hypervisor leaves free per vCPU above the image.
+const STACK_SIZE: usize = KERNEL_FREE_PER_VCPU as usize;
 
-#[repr(C, align(4096))]
-struct Stacks([u8; STACK_SIZE * MAX_VCPUS]);
+unsafe extern "C" {
+    /// The end of the loaded image (page-aligned; link.ld). The boot stacks follow it, one per
+    /// vCPU, then the heap, up to the end of the memory start-info gives: nothing the kernel
+    /// uses lies outside the domain's memory, however small (the hypervisor refuses a domain
+    /// without room for the image, the stacks and `KERNEL_FREE_MIN`).
+    static __kernel_end: u8;
+}
 
-/// Boot stacks, one per vCPU; the entry code picks `(index + 1) * STACK_SIZE` as the top.
-#[unsafe(no_mangle)]
-static mut BOOT_STACKS: Stacks = Stacks([0; STACK_SIZE * MAX_VCPUS]);
+/// Where the boot stacks start: vCPU `i`'s is `[i * STACK_SIZE, (i + 1) * STACK_SIZE)` above.
+fn stacks_base() -> usize {
+    (&raw const __kernel_end) as usize
+}
 
-// Entry: rdi = start-info, rsi = vCPU index. Each vCPU takes its own stack, clears the frame
-// pointer and calls `kmain`, which never returns.
+// Entry: rdi = start-info, rsi = vCPU index. Each vCPU below start-info's vCPU count (and
+// MAX_VCPUS) takes its own stack above the image, clears the frame pointer and calls `kmain`,
+// which never returns; any other halts.
 core::arch::global_asm!(
     ".section .text.entry, \"ax\"",
     ".globl _start",
     "_start:",
     "    cmp rsi, {max}",
     "    jae 2f",
+    "    mov eax, dword ptr [{si} + {nr_vcpus}]",
+    "    cmp rsi, rax",
+    "    jae 2f",
     "    lea rax, [rsi + 1]",
     "    imul rax, rax, {stack}",
-    "    lea rsp, [rip + {stacks}]",
+    "    lea rsp, [rip + {end}]",
     "    add rsp, rax",
     "    xor ebp, ebp",
     "    call {kmain}",
     "2:  hlt",
     "    jmp 2b",
     max = const MAX_VCPUS,
+    si = const START_INFO_GPA,
+    nr_vcpus = const core::mem::offset_of!(StartInfo, nr_vcpus),
     stack = const STACK_SIZE,
-    stacks = sym BOOT_STACKS,
+    end = sym __kernel_end,
     kmain = sym kmain,
 );
 
@@ -102,18 +121,23 @@ extern "C" fn kmain(start_info: u64, index: u64) -> ! {
             }
         }
     }
+    // The heap: what the stacks leave of the memory start-info gives.
+    let heap_base = stacks_base() + si.nr_vcpus as usize * STACK_SIZE;
+    let heap_end = si.mem_bytes.min(si.mapped_bytes) as usize;
+    heap::init(heap_base, heap_end);
     evtchn::mask_all();
     console::init(si);
     store::init(si);
-    control::init(si);
+    control::init(&cpu, si);
     let cmdline = si.cmdline();
     let job = cmdline.split_whitespace().next().unwrap_or("selftest");
     kprintln!(
         &cpu,
-        "splitvisor guest: domain {} with {} vCPU(s), {} MiB, cmdline {:?}",
+        "splitvisor guest: domain {} with {} vCPU(s), {} MiB ({} KiB heap), cmdline {:?}",
         si.domid,
         si.nr_vcpus,
         si.mem_bytes >> 20,
+        heap::untouched() >> 10,
         cmdline
     );
     let code = match job {
@@ -141,6 +165,8 @@ extern "C" fn kmain(start_info: u64, index: u64) -> ! {
         "udpbench" => netjobs::udpbench(&cpu, si, cmdline),
         "nethostile" => netjobs::nethostile(&cpu, si, cmdline),
         "idle" => control::idle(&cpu),
+        "timer" => jobs::timer(&cpu, si, cmdline),
+        "touch-beyond" => jobs::touch_beyond(&cpu, si),
         "hotplug" => hotplug::hotplug(&cpu, cmdline),
         other => {
             kprintln!(&cpu, "unknown job {other:?}");
@@ -152,8 +178,7 @@ extern "C" fn kmain(start_info: u64, index: u64) -> ! {
 
 /// The vCPU whose boot stack holds `sp`.
 pub fn cpu_of_stack(sp: usize) -> u32 {
-    let base = (&raw const BOOT_STACKS) as usize;
-    (sp.wrapping_sub(base) / STACK_SIZE).min(MAX_VCPUS - 1) as u32
+    (sp.wrapping_sub(stacks_base()) / STACK_SIZE).min(MAX_VCPUS - 1) as u32
 }
 
 /// How many secondary vCPUs have started.

@@ -2,7 +2,8 @@
 //! with netback, and moves Ethernet frames over a TX and an RX ring (one page each, one event
 //! channel for both) with data in granted buffer pages.
 //!
-//! Each connected vif takes one of [`MAX_VIFS`] static slots: a TX and an RX ring page,
+//! Each connected vif takes one of [`MAX_VIFS`] slots, whose pages come from the heap at the
+//! slot's first use and stay with it: a TX and an RX ring page,
 //! [`TX_PAGES`] TX pages (granted read-only) and [`RX_PAGES`] RX pages (granted writable), all
 //! granted once at connect and never revoked while connected (`feature-persistent`). Slot `k` uses
 //! grant references `2048 + 1024 k ..`: TX ring, RX ring, TX pages, RX pages.
@@ -14,7 +15,7 @@
 //! writes in a response is validated by pv-protocol's parsers; a response naming a page we did
 //! not hand out is counted and ignored.
 
-use core::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 
 use pv_protocol::grant::GrantRef;
 use pv_protocol::netif::{
@@ -56,12 +57,19 @@ const _: () = assert!(NET_GREF + MAX_VIFS as u32 * VIF_GREFS <= 16384);
 /// Reposted RX requests are published once this many are waiting.
 const RX_PUBLISH_BATCH: u32 = 32;
 
-#[repr(C, align(4096))]
-struct Pages<const N: usize>([[u8; PAGE_SIZE]; N]);
+/// Each slot's pages: its two ring pages, its TX pages and its RX pages, heap pages
+/// ([`crate::heap::area`]) allocated at the slot's first use and kept with it.
+static RINGS: [AtomicUsize; MAX_VIFS] = [const { AtomicUsize::new(0) }; MAX_VIFS];
+static TX_BUFS: [AtomicUsize; MAX_VIFS] = [const { AtomicUsize::new(0) }; MAX_VIFS];
+static RX_BUFS: [AtomicUsize; MAX_VIFS] = [const { AtomicUsize::new(0) }; MAX_VIFS];
 
-static mut RINGS: Pages<{ 2 * MAX_VIFS }> = Pages([[0; PAGE_SIZE]; 2 * MAX_VIFS]);
-static mut TX_BUFS: Pages<{ TX_PAGES * MAX_VIFS }> = Pages([[0; PAGE_SIZE]; TX_PAGES * MAX_VIFS]);
-static mut RX_BUFS: Pages<{ RX_PAGES * MAX_VIFS }> = Pages([[0; PAGE_SIZE]; RX_PAGES * MAX_VIFS]);
+/// Slot `slot`'s (ring pages, TX pages, RX pages), allocated at its first use.
+fn slot_pages(slot: usize) -> Option<(u64, u64, u64)> {
+    let rings = crate::heap::area(RINGS.get(slot)?, 2)?;
+    let tx = crate::heap::area(TX_BUFS.get(slot)?, TX_PAGES)?;
+    let rx = crate::heap::area(RX_BUFS.get(slot)?, RX_PAGES)?;
+    Some((rings as u64, tx as u64, rx as u64))
+}
 /// Which slots are taken (until [`NetFront::release`] gives one back).
 static CLAIMED: [AtomicBool; MAX_VIFS] = [const { AtomicBool::new(false) }; MAX_VIFS];
 
@@ -184,16 +192,12 @@ fn list_vifs(cpu: &Cpu, ids: &mut [u32; 16]) -> usize {
     n
 }
 
-/// Waits (about 5 s at most) for the back end's `state` to read `want`.
+/// Waits (5 s at most, on a store watch) for the back end's `state` to read `want`.
 fn wait_state(cpu: &Cpu, be: &[u8], want: u64) -> bool {
     let path = Path::new(&[be, b"state"]);
-    for _ in 0..1000 {
-        if store_read_u64(cpu, &path) == Some(want) {
-            return true;
-        }
-        ev::poll(cpu, &[], 5_000_000);
-    }
-    false
+    crate::store::wait_for(cpu, path.as_bytes(), 5000, |v| {
+        v.and_then(parse_u64) == Some(want)
+    })
 }
 
 /// Ends access to every grant reference of vif slot `slot` (waiting up to `timeout_ms` while
@@ -224,13 +228,10 @@ impl NetFront {
     pub fn connect(cpu: &Cpu, index: usize, tries: u32) -> Result<Self, &'static str> {
         let mut ids = [0u32; 16];
         let mut n = 0;
-        for _ in 0..tries.max(1) {
+        crate::store::wait_until(cpu, b"device/vif", u64::from(tries.max(1)) * 10, |cpu| {
             n = list_vifs(cpu, &mut ids);
-            if n > index {
-                break;
-            }
-            ev::poll(cpu, &[], 10_000_000);
-        }
+            (n > index).then_some(())
+        });
         if n == 0 {
             return Err("no vif in device/vif");
         }
@@ -287,9 +288,8 @@ impl NetFront {
         port_out: &mut Option<u32>,
     ) -> Result<Self, &'static str> {
         let gref_base = NET_GREF + slot as u32 * VIF_GREFS;
-        let rings = (&raw mut RINGS) as u64 + (2 * slot * PAGE_SIZE) as u64;
-        let tx_bufs = (&raw mut TX_BUFS) as u64 + (slot * TX_PAGES * PAGE_SIZE) as u64;
-        let rx_bufs = (&raw mut RX_BUFS) as u64 + (slot * RX_PAGES * PAGE_SIZE) as u64;
+        let (rings, tx_bufs, rx_bufs) =
+            slot_pages(slot).ok_or("out of memory for the vif's pages")?;
         crate::grant::grant(gref_base + TX_RING_GREF, 0, rings, false);
         crate::grant::grant(gref_base + RX_RING_GREF, 0, rings + PAGE_SIZE as u64, false);
         for i in 0..TX_PAGES {
@@ -300,9 +300,9 @@ impl NetFront {
             let gpa = rx_bufs + (i * PAGE_SIZE) as u64;
             crate::grant::grant(gref_base + RX_BUF_GREF + i as u32, 0, gpa, false);
         }
-        // SAFETY: the slot's ring and buffer pages are static, identity-mapped memory that only
-        // this vif (its slot claimed until released) and dom0 use; this kernel reaches them only through
-        // these regions, whose every access is atomic.
+        // SAFETY: the slot's ring and buffer pages are heap pages kept with the slot,
+        // identity-mapped, that only this vif (its slot claimed until released) and dom0 use;
+        // this kernel reaches them only through these regions, whose every access is atomic.
         let (tx_region, rx_region, tx_pool, rx_pool) = unsafe {
             (
                 SharedRegion::from_raw(rings as *mut u8, PAGE_SIZE),
@@ -720,10 +720,12 @@ impl NetFront {
     /// the doorbell: a producer index no honest front end writes. Our ring endpoint keeps its
     /// own copy, so only the back end sees it.
     pub fn scribble_tx_req_prod(&self, delta: u32) {
-        let addr = (&raw mut RINGS) as usize + 2 * self.slot * PAGE_SIZE;
-        // SAFETY: `req_prod` is the first u32 of this vif's TX ring page, static, 4-aligned and
-        // accessed (by us and dom0) only atomically.
-        let req_prod = unsafe { AtomicU32::from_ptr(addr as *mut u32) };
+        let Some((addr, _, _)) = slot_pages(self.slot) else {
+            return;
+        };
+        // SAFETY: `req_prod` is the first u32 of this vif's TX ring page (its slot's, allocated
+        // at connect and kept), 4-aligned and accessed (by us and dom0) only atomically.
+        let req_prod = unsafe { AtomicU32::from_ptr(addr as usize as *mut u32) };
         let now = req_prod.load(Ordering::Relaxed);
         // Release, as a real publication would be.
         req_prod.store(now.wrapping_add(delta), Ordering::Release);

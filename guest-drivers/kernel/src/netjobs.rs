@@ -147,7 +147,9 @@ impl<'c> Net<'c> {
     }
 
     /// Handles traffic until `f` returns `Some` or the TSC passes `deadline` (`None`: no
-    /// deadline); polls briefly, then sleeps on the event channel. `None` also if a ring broke.
+    /// deadline); polls briefly, then sleeps on the event channel (and the timer, for a
+    /// deadline; and the store, for the toolstack's shutdown requests, obeyed meanwhile). `None`
+    /// also if a ring broke.
     fn run_until<T>(
         &mut self,
         deadline: Option<u64>,
@@ -155,6 +157,7 @@ impl<'c> Net<'c> {
     ) -> Option<T> {
         let spin = SPIN_US * self.khz / 1000;
         loop {
+            crate::control::poll(self.cpu);
             let (n, out) = self.drain(&mut f);
             if out.is_some() {
                 return out;
@@ -174,11 +177,8 @@ impl<'c> Net<'c> {
                 }
                 core::hint::spin_loop();
             }
-            if !woke {
-                let left = deadline.map_or(1_000_000_000, |d| {
-                    d.saturating_sub(rdtsc()) * 1_000_000 / self.khz
-                });
-                self.nf.sleep(self.cpu, left.min(1_000_000_000), 0);
+            if !woke && self.nf.prepare_sleep() {
+                crate::control::sleep(self.cpu, &[self.nf.port()], deadline, 0, None);
             }
         }
     }
@@ -234,19 +234,17 @@ pub fn udp_echo(st: &mut Stack, nf: &mut NetFront, ev: Event<'_>) {
 }
 
 /// `netecho ip=A.B.C.D`: answers ARP, pings and UDP echo (port 7) until the toolstack asks for a
-/// shutdown (checked every [`control::POLL_MS`](crate::control::POLL_MS), busy or idle).
+/// shutdown (a store watch, seen busy or idle). Idle, it sleeps until a frame or the watch.
 pub fn netecho(cpu: &Cpu, si: &StartInfo, cmdline: &str) -> u32 {
     let Some(mut net) = Net::connect(cpu, si, cmdline) else {
         return 1;
     };
     // Returns only when a ring broke.
     while !net.broken() {
-        let until = rdtsc() + net.ms(crate::control::POLL_MS);
-        let _ = net.run_until::<()>(Some(until), |st, nf, ev| {
+        let _ = net.run_until::<()>(None, |st, nf, ev| {
             udp_echo(st, nf, ev);
             None
         });
-        crate::control::poll(cpu);
     }
     1
 }
@@ -407,15 +405,18 @@ pub fn udpsink(cpu: &Cpu, si: &StartInfo, cmdline: &str) -> u32 {
     let (mut first, mut last) = (None::<u64>, 0u64);
     let (mut packets, mut bytes) = (0u64, 0u64);
     loop {
-        let now = rdtsc();
-        let done = match first {
-            Some(t) => now - t >= net.ms(secs * 1000) || now - last >= net.ms(1000),
-            None => now - ready >= net.ms(60_000),
+        // Done S seconds after the first datagram or 1 s after the last; 60 s without any.
+        let done_at = match first {
+            Some(t) => (t + net.ms(secs * 1000)).min(last + net.ms(1000)),
+            None => ready + net.ms(60_000),
         };
-        if done || net.broken() {
+        if rdtsc() >= done_at || net.broken() {
             break;
         }
-        let _ = net.run_until::<()>(Some(now + net.ms(100)), |_, _, ev| {
+        let was_first = first.is_none();
+        // Back here at the first datagram (the deadline changes), else at the deadline: the
+        // loop then looks again, `last` having moved on meanwhile.
+        let _ = net.run_until::<()>(Some(done_at), |_, _, ev| {
             if let Event::Udp(u) = ev
                 && u.dport == port
             {
@@ -424,6 +425,9 @@ pub fn udpsink(cpu: &Cpu, si: &StartInfo, cmdline: &str) -> u32 {
                 last = t;
                 packets += 1;
                 bytes += u.payload.len() as u64;
+                if was_first {
+                    return Some(());
+                }
             }
             None
         });

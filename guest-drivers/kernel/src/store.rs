@@ -1,4 +1,9 @@
 //! Config-store client: requests over the store ring, replies and watch events back.
+//!
+//! Watches the kernel holds for itself ([`watch`]) have tokens `k<bit>`: an event for one sets
+//! that bit in a word of fired watches ([`take_fired`]) instead of joining the event queue, so
+//! however many events arrive, and whenever (during any request's wait for its reply too), none
+//! is lost and nothing waits on them. Other watches' events are queued for [`next_event`].
 
 use pv_protocol::SharedRegion;
 use pv_protocol::byte_ring::{ByteRingConsumer, ByteRingProducer};
@@ -8,9 +13,33 @@ use pv_protocol::store::{
 };
 use zerocopy::FromBytes;
 
+use core::sync::atomic::{AtomicU32, Ordering};
+
 use crate::evtchn;
 use crate::hcall::Cpu;
 use crate::sync::SpinLock;
+
+/// The kernel's watch on `control/shutdown` ([`crate::control`]).
+pub const W_SHUTDOWN: u32 = 1 << 0;
+/// The hotplug job's watch on `device` (devices coming and going).
+pub const W_DEVICE: u32 = 1 << 1;
+/// The hotplug job's watches on its devices' back-end `state`s.
+pub const W_BACKEND: u32 = 1 << 2;
+/// The watch of [`wait_for`] (one at a time).
+pub const W_WAIT: u32 = 1 << 3;
+/// Kernel watches: `k0` .. `k7`.
+const KERNEL_WATCHES: u32 = 8;
+
+/// Kernel watches that fired and were not yet taken.
+static FIRED: AtomicU32 = AtomicU32::new(0);
+
+/// The kernel-watch bit a token names (`k<digit>`), if it is one.
+fn kernel_token(token: &[u8]) -> Option<u32> {
+    match token {
+        [b'k', d] if (b'0'..b'0' + KERNEL_WATCHES as u8).contains(d) => Some(1 << (d - b'0')),
+        _ => None,
+    }
+}
 
 /// A reply: its type and payload length in the caller's buffer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -115,7 +144,13 @@ impl Client {
                 break;
             }
             let body = &self.inbuf[16..16 + len];
-            if h.msg_type == MsgType::WatchEvent as u32 {
+            let token = body.split(|&b| b == 0).nth(1).unwrap_or(&[]);
+            if h.msg_type == MsgType::WatchEvent as u32
+                && let Some(bit) = kernel_token(token)
+            {
+                // SeqCst: a plain flag word, set here and taken by the waiting job (vCPU 0).
+                FIRED.fetch_or(bit, Ordering::SeqCst);
+            } else if h.msg_type == MsgType::WatchEvent as u32 {
                 if self.nevents < EVENTS {
                     let n = len.min(256);
                     self.events[self.nevents].0[..n].copy_from_slice(&body[..n]);
@@ -205,6 +240,139 @@ pub fn next_event(cpu: &Cpu, out: &mut [u8]) -> Option<usize> {
         evtchn::clear_pending(port);
     }
     None
+}
+
+/// The store's event port (dom0 signals it with replies and watch events).
+pub fn port() -> u32 {
+    CLIENT.with(|c| c.as_ref().map_or(0, |c| c.port))
+}
+
+/// Takes what the host wrote on the response ring (watch events fire their bits) without
+/// waiting: memory reads, and a doorbell only if something came.
+pub fn pump_events() {
+    CLIENT.with(|c| {
+        if let Some(c) = c.as_mut() {
+            let _ = c.pump();
+        }
+    });
+}
+
+/// Takes the fired kernel watches among `mask` (their bits clear).
+pub fn take_fired(mask: u32) -> u32 {
+    // SeqCst: see `Client::pump`.
+    FIRED.fetch_and(!mask, Ordering::SeqCst) & mask
+}
+
+/// Whether a kernel watch among `mask` fired (without taking it).
+pub fn fired(mask: u32) -> bool {
+    // SeqCst: see `Client::pump`.
+    FIRED.load(Ordering::SeqCst) & mask != 0
+}
+
+fn token_of(bit: u32) -> [u8; 3] {
+    [
+        b'k',
+        b'0' + bit.trailing_zeros().min(KERNEL_WATCHES - 1) as u8,
+        0,
+    ]
+}
+
+/// Watches `path` as kernel watch `bit` (one of the `W_*` bits). Like Xen's, the watch fires
+/// once at once.
+pub fn watch(cpu: &Cpu, path: &[u8], bit: u32) -> Result<(), StoreFail> {
+    let token = token_of(bit);
+    request(
+        cpu,
+        MsgType::Watch,
+        0,
+        &[path, b"\0", &token],
+        &mut [0u8; 16],
+    )
+    .map(|_| ())
+}
+
+/// Removes kernel watch `bit` from `path`.
+pub fn unwatch(cpu: &Cpu, path: &[u8], bit: u32) -> Result<(), StoreFail> {
+    let token = token_of(bit);
+    request(
+        cpu,
+        MsgType::Unwatch,
+        0,
+        &[path, b"\0", &token],
+        &mut [0u8; 16],
+    )
+    .map(|_| ())
+}
+
+/// Reads `path` into `out`: its length up to a NUL, `Ok(None)` if it does not exist.
+fn read_value(cpu: &Cpu, path: &[u8], out: &mut [u8]) -> Result<Option<usize>, StoreFail> {
+    match request(cpu, MsgType::Read, 0, &[path, b"\0"], out) {
+        Ok(r) => Ok(Some(
+            out[..r.len].iter().position(|&b| b == 0).unwrap_or(r.len),
+        )),
+        Err(StoreFail::Errno(StoreErrno::ENOENT)) => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// Waits up to `timeout_ms` for the value at `path` (`None`: absent) to satisfy `ok`; reads it
+/// at once and again after every change, sleeping on a watch of `path` in between (no polling).
+/// Returns whether it did. A store that does not answer counts as not yet.
+pub fn wait_for(
+    cpu: &Cpu,
+    path: &[u8],
+    timeout_ms: u64,
+    ok: impl Fn(Option<&[u8]>) -> bool,
+) -> bool {
+    let mut out = [0u8; 256];
+    wait_until(cpu, path, timeout_ms, |cpu| {
+        match read_value(cpu, path, &mut out) {
+            Ok(v) if ok(v.map(|n| &out[..n])) => Some(()),
+            _ => None,
+        }
+    })
+    .is_some()
+}
+
+/// Waits up to `timeout_ms` for `look` to find what it looks for: calls it at once and again
+/// whenever something at or below `path` changes (a watch), sleeping in between; the timer wakes
+/// it at the deadline. Without the watch (the store refused it) it looks every 5 ms.
+pub fn wait_until<T>(
+    cpu: &Cpu,
+    path: &[u8],
+    timeout_ms: u64,
+    mut look: impl FnMut(&Cpu) -> Option<T>,
+) -> Option<T> {
+    let deadline = crate::control::rdtsc() + crate::control::ticks(timeout_ms);
+    let watched = watch(cpu, path, W_WAIT).is_ok();
+    let found = loop {
+        take_fired(W_WAIT);
+        if let Some(v) = look(cpu) {
+            break Some(v);
+        }
+        if crate::control::past(deadline) {
+            break None;
+        }
+        let until = if watched {
+            deadline
+        } else {
+            deadline.min(crate::control::rdtsc() + crate::control::ticks(5))
+        };
+        while !crate::control::past(until) {
+            // Cleared before looking: an event from here on leaves the port pending.
+            evtchn::clear_pending(port());
+            pump_events();
+            if fired(W_WAIT) {
+                break;
+            }
+            crate::timer::sleep(cpu, &[port()], Some(until));
+        }
+    };
+    if watched {
+        let _ = unwatch(cpu, path, W_WAIT);
+    }
+    take_fired(W_WAIT);
+    found
 }
 
 /// A store path built from parts joined with `/` (at most 128 bytes; longer input is cut, and
