@@ -12,7 +12,8 @@ use linux_loader::loader::KernelLoader;
 use linux_loader::loader::elf::Elf;
 use pv_protocol::hypercall::{ABI_VERSION_MAJOR, ABI_VERSION_MINOR, Features};
 use pv_protocol::start_info::{
-    CMDLINE_MAX, KERNEL_MIN_LOAD, START_INFO_GPA, START_INFO_MAGIC, StartFlags, StartInfo,
+    CMDLINE_MAX, KERNEL_FREE_MIN, KERNEL_FREE_PER_VCPU, KERNEL_MIN_LOAD, MIN_MEM_MIB,
+    START_INFO_GPA, START_INFO_MAGIC, StartFlags, StartInfo,
 };
 use vm_memory::GuestAddress;
 
@@ -42,10 +43,84 @@ pub enum BootError {
     /// Writing boot structures into guest memory failed.
     #[error("writing boot structures")]
     Memory(#[from] crate::memory::MemoryError),
+    /// The kernel image's headers do not describe a 64-bit ELF whose segments fit the layout.
+    #[error("kernel image: {0}")]
+    BadImage(&'static str),
 }
 
 /// Result alias for this module.
 pub type Result<T> = std::result::Result<T, BootError>;
+
+/// The end of `kernel`'s highest loadable segment (`p_paddr + p_memsz` of its `PT_LOAD`
+/// headers, zero-filled parts included), page-aligned: the memory the image takes from address 0.
+/// Read from the ELF64 headers with checked reads and arithmetic (the image comes from a
+/// client); a kernel without loadable segments, or with one ending past 64 GiB, is refused.
+pub fn image_end(kernel: &[u8]) -> Result<u64> {
+    let u16_at = |at: usize| -> Option<u64> {
+        let b = kernel.get(at..at.checked_add(2)?)?;
+        Some(u64::from(u16::from_le_bytes([b[0], b[1]])))
+    };
+    let u32_at = |at: usize| -> Option<u32> {
+        let b = kernel.get(at..at.checked_add(4)?)?;
+        Some(u32::from_le_bytes(b.try_into().ok()?))
+    };
+    let u64_at = |at: usize| -> Option<u64> {
+        let b = kernel.get(at..at.checked_add(8)?)?;
+        Some(u64::from_le_bytes(b.try_into().ok()?))
+    };
+    // e_ident: "\x7fELF", class 2 (64-bit), data 1 (little-endian).
+    if kernel.get(..6) != Some(b"\x7fELF\x02\x01".as_slice()) {
+        return Err(BootError::BadImage("not a little-endian ELF64 file"));
+    }
+    let headers = (|| {
+        let phoff = usize::try_from(u64_at(0x20)?).ok()?;
+        let phentsize = usize::try_from(u16_at(0x36)?).ok()?;
+        let phnum = usize::try_from(u16_at(0x38)?).ok()?;
+        Some((phoff, phentsize, phnum))
+    })();
+    let Some((phoff, phentsize, phnum)) = headers.filter(|h| h.1 >= 0x38) else {
+        return Err(BootError::BadImage("no program headers"));
+    };
+    const PT_LOAD: u32 = 1;
+    let mut end = 0u64;
+    for i in 0..phnum {
+        let ph = i
+            .checked_mul(phentsize)
+            .and_then(|o| o.checked_add(phoff))
+            .ok_or(BootError::BadImage("program header offset overflows"))?;
+        let field = |off: usize| ph.checked_add(off);
+        let (Some(ty), Some(paddr), Some(memsz)) = (
+            field(0).and_then(u32_at),
+            field(0x18).and_then(u64_at),
+            field(0x28).and_then(u64_at),
+        ) else {
+            return Err(BootError::BadImage(
+                "program header past the end of the file",
+            ));
+        };
+        if ty != PT_LOAD || memsz == 0 {
+            continue;
+        }
+        let seg_end = paddr
+            .checked_add(memsz)
+            .filter(|&e| e <= MAX_MAPPED)
+            .ok_or(BootError::BadImage("a segment ends past 64 GiB"))?;
+        end = end.max(seg_end);
+    }
+    if end == 0 {
+        return Err(BootError::BadImage("no loadable segment"));
+    }
+    Ok(end.next_multiple_of(4096))
+}
+
+/// The least memory, in bytes, a domain with `vcpus` vCPUs needs to run `kernel`: its image
+/// ([`image_end`]) and what the boot ABI promises a kernel above it
+/// ([`KERNEL_FREE_MIN`] and [`KERNEL_FREE_PER_VCPU`] per vCPU), rounded up to a MiB, and never
+/// less than [`MIN_MEM_MIB`].
+pub fn min_mem_bytes(kernel: &[u8], vcpus: u32) -> Result<u64> {
+    let need = image_end(kernel)? + KERNEL_FREE_MIN + u64::from(vcpus) * KERNEL_FREE_PER_VCPU;
+    Ok(need.next_multiple_of(1 << 20).max(MIN_MEM_MIB << 20))
+}
 
 /// Loads `kernel` and returns its entry point.
 pub fn load_kernel(ram: &GuestRam, kernel: &[u8]) -> Result<u64> {
@@ -208,4 +283,89 @@ pub fn write_start_info(ram: &GuestRam, p: &StartParams<'_>) -> Result<()> {
     si.cmdline[..bytes.len()].copy_from_slice(bytes);
     ram.write_obj(START_INFO_GPA, &si)?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use pv_protocol::start_info::MAX_VCPUS;
+
+    /// An ELF64 header with `phnum` program headers of 56 bytes right after it.
+    fn elf(segments: &[(u32, u64, u64)]) -> Vec<u8> {
+        let mut f = vec![0u8; 64 + 56 * segments.len()];
+        f[..6].copy_from_slice(b"\x7fELF\x02\x01");
+        f[0x20..0x28].copy_from_slice(&64u64.to_le_bytes());
+        f[0x36..0x38].copy_from_slice(&56u16.to_le_bytes());
+        f[0x38..0x3a].copy_from_slice(&(segments.len() as u16).to_le_bytes());
+        for (i, &(ty, paddr, memsz)) in segments.iter().enumerate() {
+            let ph = 64 + 56 * i;
+            f[ph..ph + 4].copy_from_slice(&ty.to_le_bytes());
+            f[ph + 0x18..ph + 0x20].copy_from_slice(&paddr.to_le_bytes());
+            f[ph + 0x28..ph + 0x30].copy_from_slice(&memsz.to_le_bytes());
+        }
+        f
+    }
+
+    #[test]
+    fn the_guest_kernel_with_every_vcpu_fits_the_smallest_domain() {
+        let end = image_end(guest_drivers::GUEST_KERNEL).unwrap();
+        assert!(end > KERNEL_MIN_LOAD, "{end:#x}");
+        assert_eq!(
+            min_mem_bytes(guest_drivers::GUEST_KERNEL, MAX_VCPUS as u32).unwrap(),
+            MIN_MEM_MIB << 20,
+            "MIN_MEM_MIB is not the guest kernel's real minimum (image ends at {end:#x})"
+        );
+    }
+
+    #[test]
+    fn the_image_end_counts_zero_filled_segments_and_skips_others() {
+        // A BSS-only segment (no file bytes) is where an image's end hides.
+        let f = elf(&[
+            (1, 0x20_0000, 0x1000),
+            (6, 0x900_0000, 1),
+            (1, 0x30_0000, 0x10_0001),
+        ]);
+        assert_eq!(image_end(&f).unwrap(), 0x40_1000);
+        // 64 MiB of BSS needs 64 MiB more memory.
+        let big = elf(&[(1, 0x20_0000, 64 << 20)]);
+        assert_eq!(
+            min_mem_bytes(&big, 1).unwrap(),
+            (0x20_0000 + (64 << 20) + KERNEL_FREE_MIN + KERNEL_FREE_PER_VCPU)
+                .next_multiple_of(1 << 20)
+        );
+    }
+
+    #[test]
+    fn broken_images_are_refused() {
+        for f in [
+            b"not elf".to_vec(),
+            elf(&[]),
+            elf(&[(1, u64::MAX - 4, 16)]),
+            elf(&[(1, MAX_MAPPED, 1)]),
+            elf(&[(1, 0x20_0000, 0x1000)])[..100].to_vec(),
+        ] {
+            assert!(
+                matches!(image_end(&f), Err(BootError::BadImage(_))),
+                "{:?}",
+                image_end(&f)
+            );
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn arbitrary_images_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..400), phnum in 0u16..8, phoff in 0u64..300) {
+            let mut f = bytes;
+            if f.len() >= 0x3a {
+                f[..6].copy_from_slice(b"\x7fELF\x02\x01");
+                f[0x20..0x28].copy_from_slice(&phoff.to_le_bytes());
+                f[0x38..0x3a].copy_from_slice(&phnum.to_le_bytes());
+            }
+            if let Ok(end) = image_end(&f) {
+                prop_assert!(end <= MAX_MAPPED && end % 4096 == 0);
+            }
+            let _ = min_mem_bytes(&f, u32::MAX);
+        }
+    }
 }

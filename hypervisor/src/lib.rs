@@ -65,6 +65,14 @@ pub enum Error {
     /// No domain id to give.
     #[error("domain id")]
     Domid(#[from] domid::DomidError),
+    /// Less memory than the kernel needs ([`boot::min_mem_bytes`]).
+    #[error("{mem_mib} MiB of memory is too little: the kernel needs at least {need_mib} MiB")]
+    MemoryTooSmall {
+        /// What was asked for.
+        mem_mib: u64,
+        /// The least that runs the kernel with this many vCPUs.
+        need_mib: u64,
+    },
 }
 
 /// Result alias for this crate.
@@ -209,12 +217,21 @@ impl Hypervisor {
                 cfg.mem_mib
             )));
         }
+        let kernel = cfg.kernel.as_deref().unwrap_or(guest_drivers::GUEST_KERNEL);
+        // A kernel must fit with the room the boot ABI promises it: a guest running outside its
+        // memory would only crash (see `vcpu`), so it is refused before anything is built.
+        let need = boot::min_mem_bytes(kernel, cfg.vcpus)?;
+        if cfg.mem_mib << 20 < need {
+            return Err(Error::MemoryTooSmall {
+                mem_mib: cfg.mem_mib,
+                need_mib: need >> 20,
+            });
+        }
         // Held by the DomainShared (its last field): the id is free again only once everything
         // of this domain is gone, and is then reused only after the pool's delay.
         let lease = self.domids.allocate()?;
         let id = lease.id();
         let ram = memory::GuestRam::new(cfg.mem_mib << 20)?;
-        let kernel = cfg.kernel.as_deref().unwrap_or(guest_drivers::GUEST_KERNEL);
         let entry = boot::load_kernel(&ram, kernel)?;
         let mapped = boot::write_tables(&ram)?;
 
