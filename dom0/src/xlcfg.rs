@@ -837,8 +837,10 @@ pub struct DomainSpec {
 
 /// Most vifs per domain.
 pub const MAX_VIFS: usize = 8;
-/// Memory a domain may have, MiB.
-pub const MEMORY_MIB: std::ops::RangeInclusive<u64> = 16..=16384;
+/// Memory a domain may have, MiB: from the guest kernel's real minimum (its image, boot stacks
+/// for every vCPU and the free memory the boot ABI promises it; the hypervisor refuses less too,
+/// and checks each kernel image) up.
+pub const MEMORY_MIB: std::ops::RangeInclusive<u64> = pv_protocol::start_info::MIN_MEM_MIB..=16384;
 /// vCPUs a domain may have.
 pub const VCPUS: std::ops::RangeInclusive<u64> = 1..=32;
 /// Host CPU numbers a CPU list may name (0 to this, exclusive).
@@ -867,8 +869,19 @@ fn check_range(what: &str, v: u64, r: &std::ops::RangeInclusive<u64>) -> Result<
     }
 }
 
+/// `memory`'s check: in [`MEMORY_MIB`], saying why when below.
+fn check_memory(m: u64) -> Result<(), String> {
+    if m < *MEMORY_MIB.start() {
+        return Err(format!(
+            "`memory` = {m} is below {} MiB, the least the guest kernel runs in",
+            MEMORY_MIB.start()
+        ));
+    }
+    check_range("memory", m, &MEMORY_MIB)
+}
+
 fn de_memory<'de, D: serde::Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
-    checked(d, |&m: &u64| check_range("memory", m, &MEMORY_MIB))
+    checked(d, |&m: &u64| check_memory(m))
 }
 
 fn de_vcpus<'de, D: serde::Deserializer<'de>>(d: D) -> Result<u32, D::Error> {
@@ -1000,7 +1013,11 @@ impl DomainSpec {
                     spec.name = want_str()?.try_into().map_err(err)?;
                     name_line = Some(s.line);
                 }
-                "memory" => spec.memory = want_int(&MEMORY_MIB)?,
+                "memory" => {
+                    let m = want_int(&(0..=u64::MAX))?;
+                    check_memory(m).map_err(err)?;
+                    spec.memory = m;
+                }
                 "vcpus" => spec.vcpus = want_int(&VCPUS)? as u32,
                 "cpus" => {
                     spec.cpus = match want_str()?.as_str() {
@@ -1131,7 +1148,12 @@ vif = [ 'mac=02:53:00:00:00:01,bridge=br0,ip=10.0.0.2', 'bridge=lan,uplink=tap' 
         let cases = [
             ("name = \"x\"\nbogus = 1\n", 2, "unknown setting `bogus`"),
             ("name = \"x\"\nmemory = \"lots\"\n", 2, "must be a number"),
-            ("name = \"x\"\n\nmemory = 1\n", 3, "from 16 to 16384"),
+            (
+                "name = \"x\"\n\nmemory = 8\n",
+                3,
+                "`memory` = 8 is below 9 MiB, the least the guest kernel runs in",
+            ),
+            ("name = \"x\"\nmemory = 16385\n", 2, "from 9 to 16384"),
             (
                 "name = \"x\"\ndisk = [ 'a.img,qcow2' ]\n",
                 2,
@@ -1162,6 +1184,29 @@ vif = [ 'mac=02:53:00:00:00:01,bridge=br0,ip=10.0.0.2', 'bridge=lan,uplink=tap' 
             assert!(e.reason.contains(why), "{text:?}: {e}");
             assert!(e.to_string().starts_with(&format!("t.cfg:{line}: ")), "{e}");
         }
+    }
+
+    #[test]
+    fn memory_goes_down_to_the_guest_kernels_real_minimum_and_no_further() {
+        let min = pv_protocol::start_info::MIN_MEM_MIB;
+        let s = spec(&format!("name = 'x'\nmemory = {min}\n")).unwrap();
+        assert_eq!(s.memory, min);
+        let e = spec(&format!("name = 'x'\nmemory = {}\n", min - 1)).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            format!(
+                "t.cfg:2: `memory` = {} is below {min} MiB, the least the guest kernel runs in",
+                min - 1
+            )
+        );
+        // The daemon checks a spec that did not come from a file the same way.
+        let mut json = serde_json::to_value(&s).unwrap();
+        json["memory"] = (min - 1).into();
+        let e = serde_json::from_value::<DomainSpec>(json).unwrap_err();
+        assert!(
+            e.to_string().contains("the least the guest kernel runs in"),
+            "{e}"
+        );
     }
 
     #[test]
