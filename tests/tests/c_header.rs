@@ -18,7 +18,7 @@ use pv_protocol::evtchn::{self, EvtchnOp, EvtchnStatusKind};
 use pv_protocol::grant::{self, DomId, GrantFlags, GrantStatus};
 use pv_protocol::hypercall::{
     self, ConsoleIoCmd, Errno, Features, GnttabCmd, Gpa, Hypercall, SchedCmd, ShutdownReason,
-    XenVersionCmd,
+    TimerFlags, VcpuOpCmd, XenVersionCmd,
 };
 use pv_protocol::netif::{self, NetExtraFlags, NetRxFlags, NetTxFlags, NetifStatus};
 use pv_protocol::platform::{self, PlatformFeatures};
@@ -134,9 +134,11 @@ fn hypercalls(g: &mut Gen) {
     g.eq("SV_ABI_VERSION_MINOR", hypercall::ABI_VERSION_MINOR);
     g.eq("SV_MAX_CONSOLE_IO", hypercall::MAX_CONSOLE_IO);
     g.eq("SV_MAX_POLL_PORTS", hypercall::MAX_POLL_PORTS);
+    g.eq("SV_MAX_TIMER_NS", hypercall::MAX_TIMER_NS);
     g.eq("SV_HYPERVISOR_xen_version", nr::XEN_VERSION);
     g.eq("SV_HYPERVISOR_console_io", nr::CONSOLE_IO);
     g.eq("SV_HYPERVISOR_grant_table_op", nr::GRANT_TABLE_OP);
+    g.eq("SV_HYPERVISOR_vcpu_op", nr::VCPU_OP);
     g.eq("SV_HYPERVISOR_sched_op", nr::SCHED_OP);
     g.eq("SV_HYPERVISOR_event_channel_op", nr::EVENT_CHANNEL_OP);
     let a = Gpa(0x1000);
@@ -174,6 +176,15 @@ fn hypercalls(g: &mut Gen) {
         "SV_SCHEDOP_poll",
         Hypercall::SchedOp(SchedCmd::Poll { arg: a }),
     );
+    g.sub_op(
+        "SV_VCPUOP_set_singleshot_timer",
+        Hypercall::VcpuOp(VcpuOpCmd::SetSingleshotTimer { vcpu: 0, arg: a }),
+    );
+    g.sub_op(
+        "SV_VCPUOP_stop_singleshot_timer",
+        Hypercall::VcpuOp(VcpuOpCmd::StopSingleshotTimer { vcpu: 0 }),
+    );
+    g.eq("SV_VCPU_SSHOTTMR_future", TimerFlags::FUTURE.bits());
     for (c, r) in [
         ("SV_SHUTDOWN_poweroff", ShutdownReason::Poweroff),
         ("SV_SHUTDOWN_reboot", ShutdownReason::Reboot),
@@ -195,6 +206,7 @@ fn hypercalls(g: &mut Gen) {
         ("SV_EINVAL", Errno::EINVAL),
         ("SV_ENOSPC", Errno::ENOSPC),
         ("SV_ENOSYS", Errno::ENOSYS),
+        ("SV_ETIME", Errno::ETIME),
         ("SV_ETIMEDOUT", Errno::ETIMEDOUT),
     ] {
         g.eq(&format!("-{c}"), e.as_i64());
@@ -205,6 +217,7 @@ fn hypercalls(g: &mut Gen) {
         ("SV_FEATURE_GRANT_TABLE_V1", Features::GRANT_TABLE_V1),
         ("SV_FEATURE_SCHED_POLL", Features::SCHED_POLL),
         ("SV_FEATURE_CONSOLE_IO", Features::CONSOLE_IO),
+        ("SV_FEATURE_SINGLESHOT_TIMER", Features::SINGLESHOT_TIMER),
     ] {
         g.eq(c, f.bits());
     }
@@ -232,6 +245,12 @@ fn hypercalls(g: &mut Gen) {
         hypercall::SchedPoll,
         [ports, nr_ports, _pad, timeout_ns]
     );
+    layout!(
+        g,
+        "sv_vcpu_set_singleshot_timer",
+        hypercall::VcpuSetSingleshotTimer,
+        [timeout_ns, flags, _pad]
+    );
 }
 
 fn start_info(g: &mut Gen) {
@@ -251,6 +270,9 @@ fn start_info(g: &mut Gen) {
     g.eq("SV_STORE_GPA", STORE_GPA);
     g.eq("SV_HYPERCALL_GPA", HYPERCALL_GPA);
     g.eq("SV_KERNEL_MIN_LOAD", KERNEL_MIN_LOAD);
+    g.eq("SV_KERNEL_FREE_MIN", KERNEL_FREE_MIN);
+    g.eq("SV_KERNEL_FREE_PER_VCPU", KERNEL_FREE_PER_VCPU);
+    g.eq("SV_MIN_MEM_MIB", MIN_MEM_MIB);
     g.eq("SV_START_F_PVM_HOST", StartFlags::PVM_HOST.bits());
     g.eq("SV_START_F_PRIVILEGED", StartFlags::PRIVILEGED.bits());
     layout!(
@@ -361,6 +383,7 @@ fn event_channels(g: &mut Gen) {
     g.eq("SV_EVTCHN_BITS_PER_WORD", evtchn::BITS_PER_WORD);
     g.eq("SV_EVTCHN_MAX_PORTS_2L", evtchn::MAX_PORTS_2L);
     g.eq("SV_NR_VIRQS", evtchn::NR_VIRQS);
+    g.eq("SV_VIRQ_TIMER", evtchn::VIRQ_TIMER);
     // The doorbell rule, at the edges of the port range.
     for p in [0u32, 255, 256, 4095] {
         let (io, data) = evtchn::doorbell_of(p);

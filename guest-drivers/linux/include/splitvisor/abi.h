@@ -76,10 +76,12 @@ struct sv_hvm_param {
 #define SV_ABI_VERSION_MINOR		1
 #define SV_MAX_CONSOLE_IO		4096
 #define SV_MAX_POLL_PORTS		128
+#define SV_MAX_TIMER_NS			86400000000000ull	/* one day */
 
 #define SV_HYPERVISOR_xen_version	17
 #define SV_HYPERVISOR_console_io	18
 #define SV_HYPERVISOR_grant_table_op	20
+#define SV_HYPERVISOR_vcpu_op		24
 #define SV_HYPERVISOR_sched_op		29
 #define SV_HYPERVISOR_event_channel_op	32
 
@@ -93,6 +95,10 @@ struct sv_hvm_param {
 #define SV_SCHEDOP_block		1
 #define SV_SCHEDOP_shutdown		2
 #define SV_SCHEDOP_poll			3
+/* vcpu_op(cmd, vcpuid, arg): the caller's own one-shot timer only */
+#define SV_VCPUOP_set_singleshot_timer	8
+#define SV_VCPUOP_stop_singleshot_timer	9
+#define SV_VCPU_SSHOTTMR_future		(1u << 0)
 
 #define SV_SHUTDOWN_poweroff		0
 #define SV_SHUTDOWN_reboot		1
@@ -112,6 +118,7 @@ struct sv_hvm_param {
 #define SV_EINVAL	22
 #define SV_ENOSPC	28
 #define SV_ENOSYS	38
+#define SV_ETIME	62
 #define SV_ETIMEDOUT	110
 
 /* XEN_VERSION(get_features) submap 0 */
@@ -120,6 +127,7 @@ struct sv_hvm_param {
 #define SV_FEATURE_GRANT_TABLE_V1	(1u << 2)
 #define SV_FEATURE_SCHED_POLL		(1u << 3)
 #define SV_FEATURE_CONSOLE_IO		(1u << 4)
+#define SV_FEATURE_SINGLESHOT_TIMER	(1u << 5)
 
 struct sv_hypercall_request {
 	__u64 nr;
@@ -145,6 +153,14 @@ struct sv_sched_poll {
 	__u64 timeout_ns;
 };
 
+/* Xen's vcpu_set_singleshot_timer, except that the time is relative (ns from now), as
+ * sv_sched_poll's is; at expiry the vCPU's VIRQ_TIMER port becomes pending. */
+struct sv_vcpu_set_singleshot_timer {
+	__u64 timeout_ns;
+	__u32 flags;
+	__u32 _pad;
+};
+
 /* ------------------------------------------------------------------ */
 /* start_info: what the domain learns at boot                         */
 /* ------------------------------------------------------------------ */
@@ -161,6 +177,11 @@ struct sv_sched_poll {
 #define SV_STORE_GPA		0x103000ull
 #define SV_HYPERCALL_GPA	0x104000ull
 #define SV_KERNEL_MIN_LOAD	0x200000ull
+/* Free memory a domain leaves its kernel above its highest loaded address, plus per vCPU;
+ * and the smallest domain (MiB) the Splitvisor guest kernel runs in. */
+#define SV_KERNEL_FREE_MIN	0x400000ull
+#define SV_KERNEL_FREE_PER_VCPU	0x10000ull
+#define SV_MIN_MEM_MIB		9
 
 #define SV_START_F_PVM_HOST	(1ull << 0)
 #define SV_START_F_PRIVILEGED	(1ull << 1)
@@ -274,6 +295,7 @@ struct sv_gnttab_setup_table {
 #define SV_EVTCHN_BITS_PER_WORD	64
 #define SV_EVTCHN_MAX_PORTS_2L	4096
 #define SV_NR_VIRQS		24
+#define SV_VIRQ_TIMER		0
 
 #define SV_EVTCHNOP_bind_interdomain	0
 #define SV_EVTCHNOP_bind_virq		1
