@@ -12,6 +12,35 @@ use splitvisor_tests::hypervisor;
 const T: Duration = Duration::from_secs(60);
 
 #[test]
+fn the_demo_with_a_disk_and_a_vif_runs_in_a_domain_of_the_smallest_size() {
+    use pv_protocol::start_info::MIN_MEM_MIB;
+    let dir = std::env::temp_dir().join(format!("sv-small-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let img = dir.join("xvda.img");
+    Disk::create_sparse(&img, 16 << 20).unwrap();
+    let hv = hypervisor();
+    let sw = std::sync::Arc::new(dom0::switch::Switch::new("br-demo").unwrap());
+    let dom = hv
+        .create_domain(DomainConfig {
+            name: "demo".into(),
+            mem_mib: MIN_MEM_MIB,
+            cmdline: "demo".into(),
+            ..Default::default()
+        })
+        .unwrap();
+    let _vbd = Vbd::attach(hv.store(), dom.shared(), 51712, &img, false).unwrap();
+    let _vif = dom0::vif::Vif::attach(hv.store(), dom.shared(), 0, None, &sw).unwrap();
+    let state = dom.wait(T);
+    let text = dom.console().text();
+    assert!(
+        matches!(state, DomainState::Shutdown { code: 0, .. }),
+        "{state:?}\n{text}"
+    );
+    assert!(text.contains("demo: all checks passed"), "{text}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
 fn blkverify_passes_and_the_image_holds_exactly_what_the_guest_wrote() {
     let dir = std::env::temp_dir().join(format!("sv-blkverify-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();

@@ -246,3 +246,67 @@ fn out_of_range_configurations_are_refused_before_anything_is_built() {
         );
     }
 }
+
+#[test]
+fn a_guest_touching_memory_beyond_its_ram_crashes_naming_the_gpa_and_its_neighbour_runs_on() {
+    let hv = hypervisor();
+    let neighbour = hv.create_domain(cfg("neighbour", 1, "idle")).unwrap();
+    assert!(neighbour.console().wait_for("idle: up", T));
+    let dom = hv
+        .create_domain(DomainConfig {
+            mem_mib: 16,
+            ..cfg("toucher", 1, "touch-beyond")
+        })
+        .unwrap();
+    let state = dom.wait(T);
+    let text = dom.console().text();
+    // 16 MiB end at 0x1000000; the job writes a page past it.
+    let DomainState::Crashed { detail } = &state else {
+        panic!("{state:?}\n{text}");
+    };
+    assert!(
+        detail.contains("write of 1 byte(s) at gpa 0x1001000, outside the domain's memory"),
+        "{detail}"
+    );
+    assert!(detail.contains("rip="), "with the registers: {detail}");
+    assert!(!text.contains("still running"), "{text}");
+    // The neighbour is untouched: still running, still answering.
+    assert_eq!(neighbour.state(), DomainState::Running);
+    neighbour.console().send_input(b"ok?\n");
+    assert!(neighbour.console().wait_for("console: ok?", T));
+    assert_eq!(neighbour.destroy(), DomainState::Destroyed);
+}
+
+#[test]
+fn memory_below_the_kernels_minimum_is_refused_with_a_defined_error() {
+    use pv_protocol::start_info::MIN_MEM_MIB;
+    let hv = hypervisor();
+    for (mem_mib, vcpus) in [(4, 1), (MIN_MEM_MIB - 1, 1), (MIN_MEM_MIB - 1, 32)] {
+        let e = hv
+            .create_domain(DomainConfig {
+                mem_mib,
+                ..cfg("small", vcpus, "idle")
+            })
+            .map(|d| d.id())
+            .expect_err("created");
+        assert!(
+            matches!(e, hypervisor::Error::MemoryTooSmall { mem_mib: m, need_mib } if m == mem_mib && need_mib == MIN_MEM_MIB),
+            "{mem_mib} MiB: {e}"
+        );
+        assert_eq!(
+            e.to_string(),
+            format!(
+                "{mem_mib} MiB of memory is too little: the kernel needs at least {MIN_MEM_MIB} MiB"
+            )
+        );
+    }
+    // The real minimum runs, with every vCPU the guest can have.
+    let dom = hv
+        .create_domain(DomainConfig {
+            mem_mib: MIN_MEM_MIB,
+            ..cfg("smallest", 32, "selftest")
+        })
+        .unwrap();
+    let state = dom.wait(T);
+    assert_selftest_passed(&dom.console().text(), &state);
+}

@@ -9,7 +9,7 @@ use dom0::disk::Disk;
 use dom0::switch::Switch;
 use dom0::vbd::{Vbd, state};
 use dom0::vif::Vif;
-use hypervisor::{Domain, DomainState, Hypervisor};
+use hypervisor::{Domain, DomainConfig, DomainState, Hypervisor};
 use pv_protocol::blkif::verify_pattern;
 use pv_protocol::grant::GrantRef;
 use pv_protocol::hypercall::ShutdownReason;
@@ -112,6 +112,102 @@ fn idle_guest_powers_off_on_request_and_echoes_console_input() {
     assert!(!dom.state().is_final());
 
     shuts_down_on_request(&hv, &dom, "poweroff", ShutdownReason::Poweroff);
+}
+
+#[test]
+fn an_idle_domain_in_16_mib_stays_up_and_powers_off_on_request() {
+    let hv = hypervisor();
+    let dom = hv
+        .create_domain(DomainConfig {
+            name: "small".into(),
+            mem_mib: 16,
+            cmdline: "idle".into(),
+            ..Default::default()
+        })
+        .unwrap();
+    wait_for(&dom, "idle: up");
+    // It keeps running inside its memory (an access outside would crash it) and answers.
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(
+        dom.state(),
+        DomainState::Running,
+        "{}",
+        dom.console().text()
+    );
+    dom.console().send_input(b"still here\n");
+    wait_for(&dom, "console: still here\n");
+    shuts_down_on_request(&hv, &dom, "poweroff", ShutdownReason::Poweroff);
+}
+
+/// CPU time of `dom`'s vCPU threads over `window`, per second.
+fn cpu_per_second(dom: &Domain, window: Duration) -> Duration {
+    let before = dom.shared().cpu_time();
+    std::thread::sleep(window);
+    (dom.shared().cpu_time() - before).div_f64(window.as_secs_f64())
+}
+
+#[test]
+fn an_idle_domain_costs_its_host_almost_no_cpu() {
+    let hv = hypervisor();
+    let dom = domain(&hv, "idle", "idle");
+    wait_for(&dom, "idle: up");
+    // Settled: what boot left (console output, the first watch event) is done.
+    std::thread::sleep(Duration::from_millis(200));
+    let used = cpu_per_second(&dom, Duration::from_secs(3));
+    println!("idle vCPU: {used:?} of CPU per second");
+    // Asleep in the hypervisor with nothing to wake it: no periodic store reads, no timer.
+    // (Before, it woke every 50 ms for a store read: ~10 ms per second here.)
+    assert!(
+        used < Duration::from_millis(1),
+        "an idle vCPU used {used:?} of CPU per second"
+    );
+    assert!(dom.shared().is_blocked(), "the idle vCPU is not asleep");
+    // And it still wakes for what matters.
+    dom.console().send_input(b"wake\n");
+    wait_for(&dom, "console: wake\n");
+    shuts_down_on_request(&hv, &dom, "poweroff", ShutdownReason::Poweroff);
+}
+
+#[test]
+fn a_guest_timer_fires_after_the_asked_delay_and_not_before() {
+    let hv = hypervisor();
+    let dom = domain(&hv, "timer", "timer ms=150");
+    let st = dom.wait(T);
+    let text = dom.console().text();
+    assert_eq!(
+        st,
+        DomainState::Shutdown {
+            reason: ShutdownReason::Poweroff,
+            code: 0
+        },
+        "{text}"
+    );
+    // Each wake-up, by the guest's TSC: at least the delay asked, and not far beyond it.
+    for how in ["poll", "block"] {
+        let us: u64 = text
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("timer: {how} woke after ")))
+            .and_then(|r| r.split(' ').next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("no {how} line:\n{text}"));
+        assert!((150_000..400_000).contains(&us), "{how}: {us} us\n{text}");
+    }
+    for check in [
+        "timer-bind-twice-eexist",
+        "timer-bind-no-vcpu-enoent",
+        "timer-other-vcpu-einval",
+        "timer-absurd-einval",
+        "timer-past-etime",
+        "timer-unbound-enoent",
+        "timer-stop-and-replace",
+    ] {
+        assert!(
+            text.contains(&format!("PASS {check}\n")),
+            "{check}:\n{text}"
+        );
+    }
+    // A misbehaving timer request is the guest's fault, counted (and logged once).
+    assert!(dom.shared().fault_count("bad-timer") >= 4);
 }
 
 #[test]

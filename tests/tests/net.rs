@@ -72,6 +72,35 @@ fn two_domains_on_one_switch_ping_and_exchange_udp() {
 }
 
 #[test]
+fn ping_udp_echo_and_checks_run_in_domains_of_the_smallest_size() {
+    use hypervisor::DomainConfig;
+    use pv_protocol::start_info::MIN_MEM_MIB;
+    let hv = hypervisor();
+    let small = |name: &str, cmdline: &str| {
+        hv.create_domain(DomainConfig {
+            name: name.into(),
+            mem_mib: MIN_MEM_MIB,
+            cmdline: cmdline.into(),
+            ..Default::default()
+        })
+        .unwrap()
+    };
+    let sw = Arc::new(Switch::new("br-small").unwrap());
+    let a = small("a", "netecho ip=10.0.5.1");
+    let _va = plug(&hv, &a, &sw);
+    connected(&a);
+    let b = small("b", "ping 10.0.5.1 ip=10.0.5.2 count=3");
+    let _vb = plug(&hv, &b, &sw);
+    let text = finished(&b, 0);
+    assert!(text.contains("ping: 3 sent, 3 received"), "{text}");
+    let c = small("c", "udpcheck 10.0.5.1 ip=10.0.5.3 count=32");
+    let _vc = plug(&hv, &c, &sw);
+    let text = finished(&c, 0);
+    assert!(text.contains("udpcheck: 32 ok, 0 bad, 0 lost"), "{text}");
+    assert_eq!(a.state(), DomainState::Running);
+}
+
+#[test]
 fn domains_on_different_switches_cannot_reach_each_other() {
     let hv = hypervisor();
     let (s1, s2) = (

@@ -88,6 +88,20 @@ fn bad_domain_files_are_refused_with_file_line_and_reason() {
     );
     let err = env.fails(&["create", &cfg, "memory=lots"]);
     assert!(err.contains("<command line>:1"), "{err}");
+    // Less memory than the guest kernel runs in.
+    let min = pv_protocol::start_info::MIN_MEM_MIB;
+    let cfg = env.cfg(
+        "small.cfg",
+        &format!("name = \"x\"\nmemory = {}\n", min - 1),
+    );
+    let err = env.fails(&["create", &cfg]);
+    assert!(
+        err.contains(&format!(
+            "small.cfg:2: `memory` = {} is below {min} MiB, the least the guest kernel runs in",
+            min - 1
+        )),
+        "{err}"
+    );
     // Nothing was started for a file that does not parse.
     assert!(!env.dir.join("run").join(dom0::control::SOCKET).exists());
 }
@@ -134,6 +148,34 @@ fn on_crash_restart_rebuilds_the_domain_and_preserve_keeps_it() {
     assert!(err.trim_end().ends_with("exited with code 2"), "{err}");
     env.ok(&["destroy", "kept"]);
     assert!(env.list().is_empty());
+}
+
+#[test]
+fn a_guest_touching_memory_it_lacks_crashes_and_on_crash_applies() {
+    let env = Env::new("beyond");
+    let cfg = env.cfg(
+        "b.cfg",
+        "name = \"beyond\"\nmemory = 16\nextra = \"touch-beyond\"\non_crash = \"preserve\"\n",
+    );
+    env.ok(&["create", &cfg]);
+    env.wait_until("crashed and kept", || {
+        env.list().first().is_some_and(|d| d.state == "c")
+    });
+    let d = &env.list()[0];
+    assert!(
+        d.detail
+            .contains("at gpa 0x1001000, outside the domain's memory"),
+        "{d:?}"
+    );
+    env.ok(&["destroy", "beyond"]);
+    let cfg = env.cfg(
+        "d.cfg",
+        "name = \"gone\"\nmemory = 16\nextra = \"touch-beyond\"\non_crash = \"destroy\"\n",
+    );
+    env.ok(&["create", &cfg]);
+    env.wait_until("crashed and destroyed", || env.list().is_empty());
+    let log = env.ok(&["dmesg", "-n", "200"]);
+    assert!(log.contains("gpa 0x1001000"), "{log}");
 }
 
 /// A domain that crashes at once is restarted at once the first time, then after a back-off that
