@@ -389,6 +389,7 @@ pub fn timer(cpu: &Cpu, si: &StartInfo, cmdline: &str) -> u32 {
     ev::poll(cpu, &[port], 60_000_000);
     let fired_replaced = ev::clear_pending(port);
     cpu.stop_timer(cpu.index);
+    crate::timer::forget_armed();
     c.check(
         "timer-stop-and-replace",
         [r1, r2, r3, r4] == [0; 4] && !fired_stopped && !fired_replaced,

@@ -11,7 +11,7 @@
 //! Without the hypervisor's timer (an older host) the sleep falls back to `sched_op(poll)`'s own
 //! timeout, which wakes the same way.
 
-use core::sync::atomic::{AtomicU32, Ordering};
+use core::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
 use pv_protocol::evtchn::VIRQ_TIMER;
 use pv_protocol::hypercall::{MAX_TIMER_NS, TimerFlags};
@@ -22,13 +22,23 @@ use crate::hcall::Cpu;
 
 /// vCPU 0's `VIRQ_TIMER` port (0: none, sleeps use poll's timeout).
 static PORT: AtomicU32 = AtomicU32::new(0);
+/// The deadline the timer is armed for (0: none known): sleeping again until the same deadline
+/// (a job waiting for a reply, woken by other traffic) needs no new hypercall.
+static ARMED: AtomicU64 = AtomicU64::new(0);
 
-/// Binds vCPU 0's timer event (once, at boot).
+/// Binds vCPU 0's timer event (at boot; again after its port was closed).
 pub fn init(cpu: &Cpu) {
+    // Relaxed (both): only vCPU 0 arms and sleeps on the timer.
+    ARMED.store(0, Ordering::Relaxed);
     if let Ok(p) = ev::bind_virq(cpu, VIRQ_TIMER, cpu.index) {
-        // Relaxed: set once by vCPU 0 before any sleep, and only vCPU 0 sleeps on it.
         PORT.store(p, Ordering::Relaxed);
     }
+}
+
+/// Forgets which deadline the timer is armed for (after arming or stopping it directly).
+pub fn forget_armed() {
+    // Relaxed: see `init`.
+    ARMED.store(0, Ordering::Relaxed);
 }
 
 /// The timer's port (0: none).
@@ -46,14 +56,21 @@ pub fn ns_until(deadline: u64) -> u64 {
 }
 
 /// Arms the timer for TSC value `deadline` after clearing its port (an earlier expiry does not
-/// count); `false` if there is no timer or the host refused.
+/// count), unless it is armed for that deadline already and has not fired; `false` if there is
+/// no timer or the host refused.
 pub fn arm(cpu: &Cpu, deadline: u64) -> bool {
     let port = port();
     if port == 0 {
         return false;
     }
+    // Relaxed: see `init`.
+    if ARMED.load(Ordering::Relaxed) == deadline && !ev::is_pending(port) {
+        return true;
+    }
     ev::clear_pending(port);
-    cpu.set_timer(cpu.index, ns_until(deadline), TimerFlags::empty()) == 0
+    let ok = cpu.set_timer(cpu.index, ns_until(deadline), TimerFlags::empty()) == 0;
+    ARMED.store(if ok { deadline } else { 0 }, Ordering::Relaxed);
+    ok
 }
 
 /// Sleeps until one of `ports` (at most 15) is pending or the TSC reaches `deadline` (`None`:
