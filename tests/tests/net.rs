@@ -98,6 +98,15 @@ fn ping_udp_echo_and_checks_run_in_domains_of_the_smallest_size() {
     let text = finished(&c, 0);
     assert!(text.contains("udpcheck: 32 ok, 0 bad, 0 lost"), "{text}");
     assert_eq!(a.state(), DomainState::Running);
+    // With no traffic the echo server sleeps until a frame or the toolstack wakes it.
+    std::thread::sleep(Duration::from_millis(200));
+    let before = a.shared().cpu_time();
+    std::thread::sleep(Duration::from_secs(1));
+    let used = a.shared().cpu_time() - before;
+    assert!(
+        used < Duration::from_millis(1),
+        "idle netecho used {used:?} in 1 s"
+    );
 }
 
 #[test]
