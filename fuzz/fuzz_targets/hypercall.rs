@@ -9,8 +9,9 @@
 use libfuzzer_sys::fuzz_target;
 use pv_protocol::evtchn::EvtchnCommand;
 use pv_protocol::hypercall::{
-    ConsoleIoCmd, Errno, Hypercall, HypercallRequest, MAX_CONSOLE_IO, MAX_POLL_PORTS, Poll,
-    SchedCmd, SchedPoll, SchedShutdown, Shutdown, encode_result,
+    ConsoleIoCmd, Errno, Hypercall, HypercallRequest, MAX_CONSOLE_IO, MAX_POLL_PORTS,
+    MAX_TIMER_NS, Poll, SchedCmd, SchedPoll, SchedShutdown, Shutdown, SingleshotTimer,
+    VcpuOpCmd, VcpuSetSingleshotTimer, encode_result,
 };
 use zerocopy::FromBytes;
 
@@ -46,6 +47,18 @@ fuzz_target!(|data: &[u8]| {
                             assert!(p.nr_ports <= MAX_POLL_PORTS);
                             assert_eq!(Poll::parse(&p.to_raw()), Ok(p));
                             assert_eq!(p.timeout_ns.is_none(), raw.timeout_ns == 0);
+                        }
+                    }
+                }
+                Hypercall::VcpuOp(VcpuOpCmd::SetSingleshotTimer { .. }) => {
+                    if let Ok((raw, _)) = VcpuSetSingleshotTimer::read_from_prefix(arg) {
+                        match SingleshotTimer::parse(&raw) {
+                            Ok(t) => {
+                                // The dispatcher adds the timeout to the clock: it is bounded.
+                                assert!(t.timeout_ns <= MAX_TIMER_NS);
+                                assert_eq!(SingleshotTimer::parse(&t.to_raw()), Ok(t));
+                            }
+                            Err(e) => assert_eq!(e.errno(), Errno::EINVAL),
                         }
                     }
                 }

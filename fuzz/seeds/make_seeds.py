@@ -40,8 +40,24 @@ out("hypercall", [
     hreq(20, 6, 0x4000, 1) + struct.pack("<HHIIhH", 0x7ff0, 0, 0, 0, 0, 0),
     hreq(29, 0), hreq(29, 1), hreq(29, 2, 0x6000) + struct.pack("<II", 0, 3),
     hreq(29, 3, 0x6000) + struct.pack("<QIIQ", 0x7000, 2, 0, 1000000) + struct.pack("<II", 3, 4),
-] + [hreq(32, op, 0x8000) + evtchn_arg(op) for op in EVTCHN_OPS])
+] + [hreq(32, op, 0x8000) + evtchn_arg(op) for op in EVTCHN_OPS] + [
+    # vcpu_op: set_singleshot_timer (timeout_ns, flags, pad), stop_singleshot_timer.
+    hreq(24, 8, 0, 0x9000) + struct.pack("<QII", 200000000, 1, 0),
+    hreq(24, 9, 0),
+])
 out("evtchn", [struct.pack("<Q", op) + evtchn_arg(op) for op in EVTCHN_OPS])
+
+# Kernel images: an ELF64 header and program headers (type, paddr, memsz), no contents.
+def elf(segs):
+    h = b"\x7fELF\x02\x01\x01" + b"\0" * 9 + struct.pack("<HHIQQQIHHHHHH", 2, 62, 1, 0x200000, 64, 0, 0, 64, 56, len(segs), 0, 0, 0)
+    for (ty, paddr, filesz, memsz) in segs:
+        h += struct.pack("<IIQQQQQQ", ty, 6, 0, paddr, paddr, filesz, memsz, 0x1000)
+    return h
+out("kernel_image", [
+    elf([(1, 0x200000, 0x34000, 0x34000), (1, 0x234000, 0x5000, 0x5000), (1, 0x23a000, 0x3920, 0x9178)]),
+    elf([(1, 0x200000, 0x1000, 0xeb2004), (6, 0, 0, 0)]),
+    elf([]),
+])
 
 # Grant entries: flags, domid, frame; requester; access; then op args.
 out("grant", [
