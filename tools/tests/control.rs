@@ -115,7 +115,10 @@ fn malformed_requests_get_errors_and_the_daemon_and_a_bystander_live_on() {
         (spec("name", json!("42")), "name"),
         (spec("name", json!("bystander")), "already exists"),
         (spec("memory", json!(0)), "memory"),
-        (spec("memory", json!(15)), "memory"),
+        (
+            spec("memory", json!(pv_protocol::start_info::MIN_MEM_MIB - 1)),
+            "the least the guest kernel runs in",
+        ),
         (spec("memory", json!(16385)), "memory"),
         (spec("memory", json!(u64::MAX)), "memory"),
         (spec("memory", json!(-1)), "invalid value"),
