@@ -154,6 +154,8 @@ pub struct DomainShared {
     pub grant_frames: u32,
     /// Live host mappings of this domain's grants.
     pub(crate) maptrack: Mutex<crate::grant::MapTrack>,
+    /// Which frames of its memory hold memory, and how many may ([`crate::reservation`]).
+    pub reservation: crate::reservation::Reservation,
     /// The config store (shared by all domains).
     pub store: Arc<crate::store::Store>,
     /// Tells the PV-device thread to finish.
@@ -184,6 +186,10 @@ impl DomainShared {
             ports: Mutex::new(crate::evtchn::PortTable::new(cfg.max_ports)),
             grant_frames: cfg.grant_frames,
             maptrack: Mutex::default(),
+            reservation: crate::reservation::Reservation::new(
+                cfg.mem_mib << 8,
+                ram.size() / pv_protocol::PAGE_SIZE as u64,
+            ),
             store,
             pvdev_stop,
             name: cfg.name.clone(),

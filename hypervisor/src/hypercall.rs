@@ -156,6 +156,7 @@ fn dispatch(
             Ok(0)
         }
         Hypercall::EventChannelOp { op, arg } => event_channel_op(dom, vcpu, op, arg.0),
+        Hypercall::MemoryOp(cmd) => crate::reservation::memory_op(dom, vcpu, cmd),
         Hypercall::GrantTableOp(GnttabCmd::QuerySize { arg }) => {
             let mut q: GnttabQuerySize = dom
                 .ram

@@ -20,7 +20,7 @@
 //! request out of the page once and calls [`Hypercall::parse`]; argument
 //! structs referenced by guest-physical address are copied and parsed
 //! by the handler (see [`crate::evtchn::EvtchnCommand::parse`],
-//! [`SchedShutdown`], [`SchedPoll`]).
+//! [`SchedShutdown`], [`SchedPoll`], [`crate::memory::Reservation::parse`]).
 
 use core::mem::{offset_of, size_of};
 
@@ -28,6 +28,7 @@ use bitflags::bitflags;
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
 
 use crate::evtchn::{EvtchnError, EvtchnOp};
+use crate::memory::MemoryCmd;
 
 /// I/O port whose write (`out 0xe8, al`) triggers a hypercall.
 pub const HYPERCALL_PORT: u16 = 0xe8;
@@ -36,8 +37,8 @@ pub const HYPERCALL_REQUEST_OFFSET: usize = 0;
 
 /// Major version of this ABI; `XEN_VERSION(VERSION)` returns `major << 16 | minor`.
 pub const ABI_VERSION_MAJOR: u16 = 0;
-/// Minor version of this ABI.
-pub const ABI_VERSION_MINOR: u16 = 1;
+/// Minor version of this ABI (2: `memory_op` and start-info's `max_mem_bytes`).
+pub const ABI_VERSION_MINOR: u16 = 2;
 
 /// Largest `count` accepted by `CONSOLE_IO` (one page per call; a guest
 /// writes longer output in several calls).
@@ -47,6 +48,8 @@ pub const MAX_POLL_PORTS: u32 = 128;
 
 /// Hypercall numbers (Xen's `__HYPERVISOR_*`).
 pub mod nr {
+    /// `memory_op(cmd, arg)` ([`crate::memory`]).
+    pub const MEMORY_OP: u64 = 12;
     /// `xen_version(cmd, arg)`.
     pub const XEN_VERSION: u64 = 17;
     /// `console_io(cmd, count, buffer)`.
@@ -289,6 +292,8 @@ pub enum Hypercall {
         /// Argument address.
         arg: Gpa,
     },
+    /// Memory reservation (balloon) operation.
+    MemoryOp(MemoryCmd),
 }
 
 impl Hypercall {
@@ -336,6 +341,7 @@ impl Hypercall {
                 op: EvtchnOp::from_u64(a0)?,
                 arg: Gpa(a1),
             },
+            nr::MEMORY_OP => Self::MemoryOp(MemoryCmd::from_args(a0, a1).ok_or(unknown(a0))?),
             n => return Err(HypercallError::UnknownHypercall(n)),
         })
     }
@@ -362,6 +368,10 @@ impl Hypercall {
             Self::SchedOp(SchedCmd::Shutdown { arg }) => (nr::SCHED_OP, [2, arg.0, 0]),
             Self::SchedOp(SchedCmd::Poll { arg }) => (nr::SCHED_OP, [3, arg.0, 0]),
             Self::EventChannelOp { op, arg } => (nr::EVENT_CHANNEL_OP, [op as u64, arg.0, 0]),
+            Self::MemoryOp(m) => {
+                let (cmd, arg) = m.to_args();
+                (nr::MEMORY_OP, [cmd, arg, 0])
+            }
         };
         HypercallRequest {
             nr,
@@ -547,6 +557,8 @@ mod tests {
             (nr::XEN_VERSION, 1),
             (nr::GRANT_TABLE_OP, 0),
             (nr::EVENT_CHANNEL_OP, 2),
+            (nr::MEMORY_OP, 0),
+            (nr::MEMORY_OP, 2),
         ] {
             let e = Hypercall::parse(&req(n, [cmd, 0, 1])).unwrap_err();
             assert_eq!(e.errno(), Errno::ENOSYS, "{e:?}");
@@ -635,6 +647,9 @@ mod tests {
                 .prop_map(|arg| Hypercall::SchedOp(SchedCmd::Shutdown { arg })),
             gpa.clone()
                 .prop_map(|arg| Hypercall::SchedOp(SchedCmd::Poll { arg })),
+            (0u64..8, gpa.clone()).prop_filter_map("known memory op", |(c, arg)| {
+                MemoryCmd::from_args(c, arg.0).map(Hypercall::MemoryOp)
+            }),
             (0u64..11, gpa).prop_filter_map("known evtchn op", |(op, arg)| {
                 EvtchnOp::from_u64(op)
                     .ok()
