@@ -57,7 +57,7 @@ pub type Result<T> = std::result::Result<T, BootError>;
 
 /// Loads `kernel` and returns its entry point.
 pub fn load_kernel(ram: &GuestRam, kernel: &[u8]) -> Result<u64> {
-    load_kernel_below(ram, kernel, ram.size()).map(|(entry, _)| entry)
+    load_kernel_below(ram, kernel, u64::MAX).map(|(entry, _)| entry)
 }
 
 /// Loads `kernel`, which must end at or below `limit` (the memory the domain holds at boot:

@@ -224,8 +224,16 @@ impl Hypervisor {
         let id = lease.id();
         let ram = memory::GuestRam::new(max_mem_mib << 20)?;
         let kernel = cfg.kernel.as_deref().unwrap_or(guest_drivers::GUEST_KERNEL);
-        // Frames above `mem_mib` are absent: nothing of the host's may be written there.
-        let (entry, _) = boot::load_kernel_below(&ram, kernel, cfg.mem_mib << 20)?;
+        // With maxmem, frames above `mem_mib` are absent: the kernel (and its BSS, which the
+        // guest writes) must lie below them, or the guest would be using frames it does not hold.
+        // TODO: refuse a kernel that does not fit `mem_mib` without maxmem too (issue 13's 16 MiB
+        // domains run their BSS outside their memory).
+        let limit = if max_mem_mib > cfg.mem_mib {
+            cfg.mem_mib << 20
+        } else {
+            u64::MAX
+        };
+        let (entry, _) = boot::load_kernel_below(&ram, kernel, limit)?;
         let mapped = boot::write_tables(&ram)?;
 
         let vm = self

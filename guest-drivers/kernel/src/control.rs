@@ -151,11 +151,12 @@ pub fn wait(cpu: &Cpu, ports: &[u32], ms: u64, input: &mut LineInput) {
 }
 
 /// `idle`: prints `idle: up`, then sleeps forever, echoing console input lines and obeying the
-/// toolstack's shutdown requests.
+/// toolstack's shutdown requests and memory target (when the balloon was started).
 pub fn idle(cpu: &Cpu) -> u32 {
     kprintln!(cpu, "idle: up");
     let mut input = LineInput::new();
     loop {
         wait(cpu, &[], POLL_MS, &mut input);
+        let _ = crate::balloon::poll(cpu);
     }
 }

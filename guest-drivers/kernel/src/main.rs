@@ -6,7 +6,8 @@
 //! hypercall page) and shared pages described by pv-protocol. The job comes from the command
 //! line: `selftest` checks the hypervisor's services and shuts down with the number of failures
 //! as its exit code; `hostile` throws garbage at the hypervisor to prove it survives; `idle` and
-//! `hotplug` wait for the toolstack (shutdown requests, console input, devices coming and going).
+//! `hotplug` wait for the toolstack (shutdown requests, console input, devices coming and going);
+//! `idle` and `balloon` follow the toolstack's memory target (`balloon`).
 // `cargo clippy --all-targets` checks this binary in test mode too (with std and its panic
 // handler); the freestanding attributes apply to the real build only.
 #![cfg_attr(not(test), no_std)]
@@ -15,6 +16,8 @@
 
 extern crate alloc;
 
+mod balloon;
+mod balloonhostile;
 mod blkfront;
 mod blkhostile;
 mod console;
@@ -140,7 +143,13 @@ extern "C" fn kmain(start_info: u64, index: u64) -> ! {
         "udpsink" => netjobs::udpsink(&cpu, si, cmdline),
         "udpbench" => netjobs::udpbench(&cpu, si, cmdline),
         "nethostile" => netjobs::nethostile(&cpu, si, cmdline),
-        "idle" => control::idle(&cpu),
+        "idle" => {
+            // An idle domain follows `xl mem-set` (the target is read once a second).
+            let _ = balloon::init(&cpu, si, false, 1000);
+            control::idle(&cpu)
+        }
+        "balloon" => balloon::job(&cpu, si, cmdline),
+        "balloonhostile" => balloonhostile::balloonhostile(&cpu, si),
         "hotplug" => hotplug::hotplug(&cpu, cmdline),
         other => {
             kprintln!(&cpu, "unknown job {other:?}");

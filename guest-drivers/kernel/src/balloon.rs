@@ -1,0 +1,385 @@
+//! The balloon front end, after Linux's xen-balloon: follows the toolstack's `memory/target`
+//! (KiB, in the store) by giving free pages back to the host (`memory_op`
+//! decrease_reservation) or taking them back (populate_physmap, up to what the host allows),
+//! and reports what the domain holds in `memory/current` (KiB), where Linux shows it in sysfs.
+//!
+//! The pages it manages are the kernel's free RAM: every frame from the end of the kernel image
+//! (`__kernel_end`, after the BSS with the heap arena and the device pages) to the end of the
+//! physical map (start-info's `max_mem_bytes`). The kernel never uses them, so the balloon gives
+//! them back from the top and takes them back from the bottom, 512 per hypercall. Below them
+//! (the kernel, and the host's pages under 2 MiB) nothing is ever given back: a target below
+//! that is met as far as it can be. If the heap ever grows into free RAM, the balloon must take
+//! its pages from the heap's page allocator instead, as Linux's does.
+//!
+//! Until the kernel waits on store watches, jobs call [`poll`], which reads the target at most
+//! once per its interval. With `check` (the `balloon` job), every page held is stamped and the
+//! stamps are verified after each change, and every page taken back must arrive zeroed.
+
+use alloc::vec;
+use alloc::vec::Vec;
+
+use pv_protocol::PAGE_SIZE;
+use pv_protocol::grant::DomId;
+use pv_protocol::hypercall::{Gpa, Hypercall};
+use pv_protocol::memory::{CURRENT_KEY, MAX_EXTENTS, MemoryCmd, Reservation, TARGET_KEY};
+use pv_protocol::start_info::StartInfo;
+use pv_protocol::store::MsgType;
+
+use crate::control::{rdtsc, ticks};
+use crate::hcall::Cpu;
+use crate::kprintln;
+use crate::store::request;
+use crate::sync::SpinLock;
+
+/// Most frames the balloon manages (its bitmap is one heap block of at most 1 MiB: 32 GiB).
+const MAX_FRAMES: u64 = 8 << 20;
+const PAGE: u64 = PAGE_SIZE as u64;
+
+#[cfg(not(test))]
+unsafe extern "C" {
+    /// The end of the kernel image (link.ld).
+    static __kernel_end: u8;
+}
+
+/// The first page after the kernel image.
+fn kernel_end() -> u64 {
+    #[cfg(not(test))]
+    let end = (&raw const __kernel_end) as u64;
+    #[cfg(test)]
+    let end = 16 << 20;
+    end.next_multiple_of(PAGE)
+}
+
+/// `memory_op(cmd)`: the raw result.
+pub fn memory_op(cpu: &Cpu, cmd: MemoryCmd) -> i64 {
+    cpu.call(Hypercall::MemoryOp(cmd))
+}
+
+/// Gives `frames` back (`give_back`) or populates them: how many were done, or the errno of
+/// the first refused.
+pub fn reservation(cpu: &Cpu, give_back: bool, frames: &[u64], domid: DomId) -> i64 {
+    let arg = Reservation {
+        frames: Gpa(frames.as_ptr() as u64),
+        count: frames.len() as u32,
+        domid,
+    }
+    .to_raw();
+    let arg = Gpa((&raw const arg) as u64);
+    memory_op(
+        cpu,
+        if give_back {
+            MemoryCmd::DecreaseReservation { arg }
+        } else {
+            MemoryCmd::PopulatePhysmap { arg }
+        },
+    )
+}
+
+/// Pages this domain holds (`current_reservation`), or the errno.
+pub fn current(cpu: &Cpu) -> i64 {
+    let d = DomId::SELF.0;
+    memory_op(
+        cpu,
+        MemoryCmd::CurrentReservation {
+            arg: Gpa((&raw const d) as u64),
+        },
+    )
+}
+
+/// Pages this domain may hold at most, or the errno.
+pub fn maximum(cpu: &Cpu) -> i64 {
+    let d = DomId::SELF.0;
+    memory_op(
+        cpu,
+        MemoryCmd::MaximumReservation {
+            arg: Gpa((&raw const d) as u64),
+        },
+    )
+}
+
+/// The stamp of a held page (at its first and last 8 bytes).
+fn stamp(frame: u64) -> u64 {
+    frame.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ 0x5a5a_5a5a
+}
+
+fn words(frame: u64) -> [*mut u64; 2] {
+    let base = frame * PAGE;
+    [base as *mut u64, (base + PAGE - 8) as *mut u64]
+}
+
+fn write_stamp(frame: u64) {
+    for w in words(frame) {
+        // SAFETY: a free-RAM frame this balloon holds: identity-mapped, used by nothing else.
+        unsafe { w.write_volatile(stamp(frame)) };
+    }
+}
+
+fn read_words(frame: u64) -> [u64; 2] {
+    // SAFETY: as in `write_stamp`.
+    words(frame).map(|w| unsafe { w.read_volatile() })
+}
+
+/// The balloon's view of free RAM.
+#[derive(Debug)]
+struct Balloon {
+    /// Frames managed: `first..end`.
+    first: u64,
+    end: u64,
+    /// Bit `i` set: frame `first + i` is given back (absent).
+    absent: Vec<u64>,
+    /// Pages the domain holds (all of them, not only free RAM).
+    held: u64,
+    /// The target last acted on (KiB): acted on once per new value, as far as the host allows.
+    target_kib: Option<u64>,
+    /// When to read the target next (TSC), and how often (ms).
+    next_check: u64,
+    interval_ms: u64,
+    /// Stamp and verify pages.
+    check: bool,
+    /// Stamps found wrong, pages that came back not zeroed.
+    bad: u64,
+}
+
+static BALLOON: SpinLock<Option<Balloon>> = SpinLock::new(None);
+
+impl Balloon {
+    fn is_absent(&self, f: u64) -> bool {
+        let i = f - self.first;
+        self.absent[(i / 64) as usize] & (1 << (i % 64)) != 0
+    }
+
+    fn mark(&mut self, f: u64, absent: bool) {
+        let i = f - self.first;
+        let (w, b) = (&mut self.absent[(i / 64) as usize], 1u64 << (i % 64));
+        if absent { *w |= b } else { *w &= !b }
+    }
+
+    /// Up to `n` held frames, highest first.
+    fn held_frames(&self, n: usize, out: &mut Vec<u64>) {
+        out.clear();
+        let mut f = self.end;
+        while f > self.first && out.len() < n {
+            f -= 1;
+            if !self.is_absent(f) {
+                out.push(f);
+            }
+        }
+    }
+
+    /// Up to `n` absent frames, lowest first.
+    fn absent_frames(&self, n: usize, out: &mut Vec<u64>) {
+        out.clear();
+        let mut f = self.first;
+        while f < self.end && out.len() < n {
+            if self.is_absent(f) {
+                out.push(f);
+            }
+            f += 1;
+        }
+    }
+
+    /// Gives back or takes back pages until the domain holds `target` pages, the free RAM runs
+    /// out, or the host refuses; returns the errno that stopped it, if any.
+    fn adjust(&mut self, cpu: &Cpu, target: u64) -> Option<i64> {
+        let mut frames = Vec::with_capacity(MAX_EXTENTS as usize);
+        while self.held != target {
+            let give_back = self.held > target;
+            let want = self.held.abs_diff(target).min(u64::from(MAX_EXTENTS)) as usize;
+            if give_back {
+                self.held_frames(want, &mut frames);
+            } else {
+                self.absent_frames(want, &mut frames);
+            }
+            if frames.is_empty() {
+                return None;
+            }
+            let r = reservation(cpu, give_back, &frames, DomId::SELF);
+            if r < 0 {
+                return Some(r);
+            }
+            let done = (r as usize).min(frames.len());
+            for &f in &frames[..done] {
+                self.mark(f, give_back);
+                if !give_back && self.check {
+                    if read_words(f) != [0, 0] {
+                        self.bad += 1;
+                    }
+                    write_stamp(f);
+                }
+            }
+            if give_back {
+                self.held -= done as u64;
+            } else {
+                self.held += done as u64;
+            }
+            if done < frames.len() {
+                return None;
+            }
+        }
+        None
+    }
+
+    /// Stamps found wrong among the pages held.
+    fn verify(&self) -> u64 {
+        (self.first..self.end)
+            .filter(|&f| !self.is_absent(f))
+            .filter(|&f| read_words(f) != [stamp(f); 2])
+            .count() as u64
+    }
+}
+
+fn write_current(cpu: &Cpu, held: u64) {
+    let kib = u32::try_from(held * (PAGE / 1024)).unwrap_or(u32::MAX);
+    let mut digits = [0u8; 16];
+    let v = crate::text::fmt_u32(&mut digits, kib);
+    let mut path = [0u8; 32];
+    path[..CURRENT_KEY.len()].copy_from_slice(CURRENT_KEY.as_bytes());
+    let _ = request(
+        cpu,
+        MsgType::Write,
+        0,
+        &[&path[..=CURRENT_KEY.len()], v],
+        &mut [0u8; 16],
+    );
+}
+
+fn read_target(cpu: &Cpu) -> Option<u64> {
+    let mut path = [0u8; 32];
+    path[..TARGET_KEY.len()].copy_from_slice(TARGET_KEY.as_bytes());
+    let mut out = [0u8; 32];
+    let r = request(
+        cpu,
+        MsgType::Read,
+        0,
+        &[&path[..=TARGET_KEY.len()]],
+        &mut out,
+    )
+    .ok()?;
+    crate::text::parse_u64(&out[..r.len.min(out.len())])
+}
+
+/// Starts the balloon: `check` stamps every free page (so the host really backs them) and
+/// verifies the stamps after every change; the target is read every `interval_ms`. Returns the
+/// pages held, or `None` when the hypervisor offers no `memory_op`.
+pub fn init(cpu: &Cpu, si: &StartInfo, check: bool, interval_ms: u64) -> Option<u64> {
+    let held = u64::try_from(current(cpu)).ok()?;
+    let first = kernel_end() / PAGE;
+    let end = (si.physmap_bytes() / PAGE).min(first + MAX_FRAMES);
+    if end <= first {
+        return None;
+    }
+    let mut b = Balloon {
+        first,
+        end,
+        absent: vec![0; (end - first).div_ceil(64) as usize],
+        held,
+        target_kib: None,
+        next_check: 0,
+        interval_ms,
+        check,
+        bad: 0,
+    };
+    for f in (si.mem_bytes / PAGE).max(first)..end {
+        b.mark(f, true);
+    }
+    if check {
+        for f in first..end {
+            if !b.is_absent(f) {
+                write_stamp(f);
+            }
+        }
+    }
+    write_current(cpu, held);
+    BALLOON.with(|s| *s = Some(b));
+    Some(held)
+}
+
+/// What the balloon holds, for a job's report.
+#[derive(Debug, Clone, Copy)]
+pub struct Status {
+    /// Pages the domain holds.
+    pub held: u64,
+    /// The target (KiB) last acted on.
+    pub target_kib: Option<u64>,
+    /// Free pages given back now.
+    pub given_back: u64,
+    /// Stamps wrong and pages not zeroed, so far (with `check`).
+    pub bad: u64,
+}
+
+/// Reads `memory/target` if the interval passed, and follows it; returns the new status when
+/// it acted.
+pub fn poll(cpu: &Cpu) -> Option<Status> {
+    let now = rdtsc();
+    let due = BALLOON.with(|s| {
+        let b = s.as_mut()?;
+        if now < b.next_check {
+            return None;
+        }
+        b.next_check = now + ticks(b.interval_ms);
+        Some(())
+    });
+    due?;
+    let target = read_target(cpu)?;
+    BALLOON.with(|s| {
+        let b = s.as_mut()?;
+        if b.target_kib == Some(target) {
+            return None;
+        }
+        // Stopped short (the host's maximum, the end of free RAM): tried again for a new target.
+        let stopped = b.adjust(cpu, target / (PAGE / 1024));
+        b.target_kib = Some(target);
+        if let Some(e) = stopped {
+            kprintln!(cpu, "balloon: host refused at {} pages: {e}", b.held);
+        }
+        if b.check {
+            b.bad += b.verify();
+        }
+        write_current(cpu, b.held);
+        let given_back = (b.first..b.end).filter(|&f| b.is_absent(f)).count() as u64;
+        Some(Status {
+            held: b.held,
+            target_kib: b.target_kib,
+            given_back,
+            bad: b.bad,
+        })
+    })
+}
+
+/// `balloon [secs=S]`: the `idle` job with a checking balloon that reads its target every
+/// 100 ms and prints `balloon: target T KiB, holding H KiB, N given back, check ok` (or
+/// `check FAILED (n)`) after every change. Without `secs`, runs until shut down; with it,
+/// exits with the number of bad pages.
+pub fn job(cpu: &Cpu, si: &StartInfo, cmdline: &str) -> u32 {
+    let Some(held) = init(cpu, si, true, 100) else {
+        kprintln!(cpu, "balloon: no memory_op");
+        return 1;
+    };
+    let max = maximum(cpu);
+    kprintln!(
+        cpu,
+        "balloon: up, holding {} KiB, at most {max} pages, free RAM from {:#x}",
+        held * 4,
+        kernel_end()
+    );
+    let deadline = crate::control::secs_deadline(cmdline);
+    let mut input = crate::console::LineInput::new();
+    let mut bad = 0;
+    loop {
+        crate::control::wait(cpu, &[], 100, &mut input);
+        if let Some(s) = poll(cpu) {
+            bad = s.bad;
+            kprintln!(
+                cpu,
+                "balloon: target {} KiB, holding {} KiB, {} given back, check {}",
+                s.target_kib.unwrap_or(0),
+                s.held * 4,
+                s.given_back,
+                if s.bad == 0 { "ok" } else { "FAILED" }
+            );
+        }
+        if deadline.is_some_and(crate::control::past) {
+            return bad as u32;
+        }
+    }
+}
