@@ -518,7 +518,7 @@ impl<'a, G: GrantMapper> BlkBack<'a, G> {
             .register_files(&[disk.file().as_raw_fd()])
             .map_err(BlkBackError::Uring)?;
         // Register the guest's memory once, so the kernel does not pin pages per I/O.
-        let fixed = grants.io_region().is_some_and(|(base, len)| {
+        let fixed = grants.with_io_region(&mut |base, len| {
             let iov = libc::iovec {
                 iov_base: base.as_ptr().cast(),
                 iov_len: len,
@@ -707,7 +707,28 @@ impl<'a, G: GrantMapper> BlkBack<'a, G> {
         r
     }
 
+    /// Drops the registration of the guest's memory once the guest gave some of it back (see
+    /// [`GrantMapper::io_region_valid`]): before any further I/O is submitted, so none goes to a
+    /// page the guest no longer sees. Requests in flight keep their own references to it.
+    fn check_fixed(&mut self) {
+        if !self.fixed || self.grants.io_region_valid() {
+            return;
+        }
+        self.fixed = false;
+        if let Err(e) = self.uring.submitter().unregister_buffers() {
+            tracing::warn!(
+                domid = self.domid,
+                "cannot unregister the guest's memory: {e}"
+            );
+        }
+        tracing::info!(
+            domid = self.domid,
+            "guest gave memory back: I/O pins pages per request from now on"
+        );
+    }
+
     fn pass_into(&mut self, answers: &mut Vec<BlkResponse>) -> Result<(bool, bool), BlkBackError> {
+        self.check_fixed();
         let mut busy = false;
         let mut notify = false;
         let mut taken = 0;
@@ -738,6 +759,8 @@ impl<'a, G: GrantMapper> BlkBack<'a, G> {
             let Some(raw) = self.ring.take_request()? else {
                 break;
             };
+            // After the request is taken: a give-back the guest made before it is seen.
+            self.check_fixed();
             taken += 1;
             busy = true;
             match self.prepare(&raw) {

@@ -99,6 +99,9 @@ pub enum DaemonError {
     /// vCPU placement failed.
     #[error("vCPU placement")]
     Vcpu(#[from] VcpuError),
+    /// A memory target could not be set.
+    #[error("memory target")]
+    Balloon(#[from] crate::balloon::BalloonError),
 }
 
 /// Largest kernel image the daemon reads.
@@ -136,6 +139,8 @@ struct Managed {
     restarts: Restarts,
     /// Stopped and kept for inspection (`on_*=preserve`).
     preserved: bool,
+    /// Its balloon's target, MiB (`memory` until `mem-set`; a restart starts from `memory`).
+    target_mib: u64,
 }
 
 impl Managed {
@@ -625,6 +630,22 @@ impl Daemon {
                 })
             }
             Request::Top => Ok(self.top()),
+            Request::MemSet { dom, mib } => {
+                let id = self.find(&dom)?;
+                let (shared, max) =
+                    self.with(id, |m| (Arc::clone(m.domain.shared()), m.spec.max_memory()))?;
+                if mib > max {
+                    return Err(crate::balloon::BalloonError::AboveMax {
+                        domid: id,
+                        target: mib,
+                        max,
+                    }
+                    .into());
+                }
+                crate::balloon::set_target(self.hv.store(), &shared, mib)?;
+                self.with(id, |m| m.target_mib = mib)?;
+                Ok(json!({ "id": id, "target": mib }))
+            }
             Request::VcpuList { dom } => {
                 let only = dom.map(|d| self.find(&d)).transpose()?;
                 let st = self.lock();
@@ -721,10 +742,13 @@ impl Daemon {
             .iter()
             .map(|(id, m)| {
                 let (letter, detail) = state_letter(m.domain.shared());
+                let held = hypervisor::reservation::stats(m.domain.shared()).held_pages;
                 DomainInfo {
                     name: m.spec.name.clone(),
                     id: *id,
-                    mem: m.spec.memory,
+                    mem: held * pv_protocol::PAGE_SIZE as u64 >> 20,
+                    target: m.target_mib,
+                    maxmem: m.spec.max_memory(),
                     vcpus: m.spec.vcpus,
                     state: letter.into(),
                     time: m.domain.shared().cpu_time().as_secs_f64(),
@@ -768,8 +792,12 @@ impl Daemon {
                         blk.written_bytes += s.written_bytes;
                         blk.errors += s.errors + s.unsupported;
                     }
+                    let mem = hypervisor::reservation::stats(m.domain.shared());
+                    let kib = |pages: u64| pages * (pv_protocol::PAGE_SIZE as u64 / 1024);
                     json!({
                         "name": m.spec.name, "id": id, "vcpus": m.spec.vcpus,
+                        "mem_kib": kib(mem.held_pages), "maxmem_kib": kib(mem.max_pages),
+                        "target_kib": m.target_mib * 1024, "host_kib": mem.host_bytes / 1024,
                         "state": state_letter(m.domain.shared()).0,
                         "cpu_s": m.domain.shared().cpu_time().as_secs_f64(),
                         "net_rx_packets": rx, "net_tx_packets": tx,
@@ -823,6 +851,7 @@ impl Daemon {
             .create_domain(DomainConfig {
                 name: spec.name.to_string(),
                 mem_mib: spec.memory,
+                max_mem_mib: spec.maxmem,
                 vcpus: spec.vcpus,
                 kernel,
                 cmdline,
@@ -840,7 +869,19 @@ impl Daemon {
             vifs: Vec::new(),
             restarts,
             preserved: false,
+            target_mib: spec.memory,
         };
+        // The balloon's keys, before the guest can look for them (it boots meanwhile, but reads
+        // its target only once started; a missing one it takes as no request).
+        if let Err(e) = crate::balloon::publish(
+            self.hv.store(),
+            m.domain.shared(),
+            spec.memory,
+            spec.max_memory(),
+        ) {
+            m.domain.destroy();
+            return Err(e.into());
+        }
         let devices = (|| {
             for d in &spec.disks {
                 m.disks

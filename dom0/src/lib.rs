@@ -5,6 +5,7 @@
 //! later run in its own process.
 #![deny(missing_docs)]
 
+pub mod balloon;
 pub mod blkback;
 pub mod control;
 pub mod daemon;

@@ -209,3 +209,81 @@ fn a_hostile_balloon_gets_defined_errors_and_harms_nobody() {
     dom.destroy();
     neighbour.destroy();
 }
+
+/// Buffers registered with io_uring by this process (every ring's `UserBufs` in fdinfo).
+fn registered_buffers() -> u64 {
+    let mut n = 0;
+    for e in std::fs::read_dir("/proc/self/fdinfo").unwrap().flatten() {
+        let Ok(text) = std::fs::read_to_string(e.path()) else {
+            continue;
+        };
+        n += text
+            .lines()
+            .filter_map(|l| l.strip_prefix("UserBufs:"))
+            .filter_map(|v| v.trim().parse::<u64>().ok())
+            .sum::<u64>();
+    }
+    n
+}
+
+#[test]
+fn a_disk_keeps_working_while_its_domain_gives_memory_back_and_takes_it_again() {
+    let dir = std::env::temp_dir().join(format!("sv-balloon-blk-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let img = dir.join("xvda.img");
+    dom0::disk::Disk::create_sparse(&img, 16 << 20).unwrap();
+    let hv = hypervisor();
+    let dom = hv
+        .create_domain(DomainConfig {
+            name: "balloonblk".into(),
+            cmdline: "blksoak secs=6 balloon=1".into(),
+            ..Default::default()
+        })
+        .unwrap();
+    let d = dom.shared().clone();
+    let vbd = dom0::vbd::Vbd::attach(hv.store(), &d, 51712, &img, false).unwrap();
+    assert!(
+        dom.console().wait_for("blksoak: disk of", T),
+        "{}",
+        dom.console().text()
+    );
+    // Block I/O goes through the whole memory, registered with io_uring (which pins it all).
+    assert!(registered_buffers() >= 1);
+    assert!(reservation::stats(&d).host_bytes > 48 << 20);
+
+    mem_set(&hv, &d, 4);
+    assert!(
+        dom.console().wait_for("balloon: target 4096 KiB", T),
+        "{}",
+        dom.console().text()
+    );
+    // The pins would keep the pages given back alive (and stale): the back end drops them.
+    let end = Instant::now() + T;
+    while registered_buffers() > 0 {
+        assert!(Instant::now() < end, "the registration stayed");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // What is left is what it holds (the registration faulted in all of its kernel's BSS).
+    let low = reservation::stats(&d);
+    assert!(low.host_bytes / 4096 <= low.held_pages, "{low:?}");
+    assert!(low.held_pages < 20 * MIB_PAGES, "{low:?}");
+    mem_set(&hv, &d, 64);
+    assert!(
+        dom.console()
+            .wait_for("balloon: target 65536 KiB, holding 65536 KiB", T),
+        "{}",
+        dom.console().text()
+    );
+    let state = dom.wait(T);
+    let text = dom.console().text();
+    assert!(
+        matches!(state, DomainState::Shutdown { code: 0, .. }),
+        "{state:?}\n{text}"
+    );
+    assert!(text.contains(" 0 errors"), "{text}");
+    assert!(!text.contains("check FAILED"), "{text}");
+    assert!(vbd.stats().reads > 0);
+    drop(vbd);
+    dom.destroy();
+    let _ = std::fs::remove_dir_all(&dir);
+}

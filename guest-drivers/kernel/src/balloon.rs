@@ -294,6 +294,31 @@ pub fn init(cpu: &Cpu, si: &StartInfo, check: bool, interval_ms: u64) -> Option<
     Some(held)
 }
 
+/// [`init`] from the start-info page (for jobs that are not given it).
+pub fn start(cpu: &Cpu, check: bool, interval_ms: u64) -> Option<u64> {
+    // SAFETY: the hypervisor maps the start-info page at this address before entering the
+    // kernel and never changes it afterwards (as `kmain` relies on too).
+    let si = unsafe { &*(pv_protocol::start_info::START_INFO_GPA as *const StartInfo) };
+    init(cpu, si, check, interval_ms)
+}
+
+/// Bad pages found so far (with `check`).
+pub fn bad_pages() -> u64 {
+    BALLOON.with(|s| s.as_ref().map_or(0, |b| b.bad))
+}
+
+/// Prints `balloon: target T KiB, holding H KiB, N given back, check ok` (or `check FAILED`).
+pub fn report(cpu: &Cpu, s: &Status) {
+    kprintln!(
+        cpu,
+        "balloon: target {} KiB, holding {} KiB, {} given back, check {}",
+        s.target_kib.unwrap_or(0),
+        s.held * 4,
+        s.given_back,
+        if s.bad == 0 { "ok" } else { "FAILED" }
+    );
+}
+
 /// What the balloon holds, for a job's report.
 #[derive(Debug, Clone, Copy)]
 pub struct Status {
@@ -369,14 +394,7 @@ pub fn job(cpu: &Cpu, si: &StartInfo, cmdline: &str) -> u32 {
         crate::control::wait(cpu, &[], 100, &mut input);
         if let Some(s) = poll(cpu) {
             bad = s.bad;
-            kprintln!(
-                cpu,
-                "balloon: target {} KiB, holding {} KiB, {} given back, check {}",
-                s.target_kib.unwrap_or(0),
-                s.held * 4,
-                s.given_back,
-                if s.bad == 0 { "ok" } else { "FAILED" }
-            );
+            report(cpu, &s);
         }
         if deadline.is_some_and(crate::control::past) {
             return bad as u32;
