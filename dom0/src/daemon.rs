@@ -746,7 +746,7 @@ impl Daemon {
                 DomainInfo {
                     name: m.spec.name.clone(),
                     id: *id,
-                    mem: held * pv_protocol::PAGE_SIZE as u64 >> 20,
+                    mem: (held * pv_protocol::PAGE_SIZE as u64) >> 20,
                     target: m.target_mib,
                     maxmem: m.spec.max_memory(),
                     vcpus: m.spec.vcpus,

@@ -804,7 +804,7 @@ pub fn parse_cpu_list(text: &str) -> Result<Vec<u32>, String> {
     Ok(cpus)
 }
 
-/// A domain as a configuration file describes it. Deserialized through [`SpecFields`], which
+/// A domain as a configuration file describes it. Deserialized through `SpecFields`, which
 /// checks each field, and then how they fit together (`maxmem` at least `memory`).
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(try_from = "SpecFields")]

@@ -176,7 +176,9 @@ impl GuestRam {
             gpa,
             len: len as usize,
         };
-        if gpa % page != 0 || len % page != 0 || gpa.checked_add(len).is_none_or(|e| e > self.size)
+        if !gpa.is_multiple_of(page)
+            || !len.is_multiple_of(page)
+            || gpa.checked_add(len).is_none_or(|e| e > self.size)
         {
             return Err(bad());
         }

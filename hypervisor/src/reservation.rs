@@ -95,13 +95,16 @@ impl Reservation {
     /// hold up to `frames`.
     pub(crate) fn new(held: u64, frames: u64) -> Self {
         let held = held.min(frames);
+        // Word `w` covers frames 64w..64w+64: the bits of frames from `held` up to `frames`.
+        let mask = |n: u64| if n >= 64 { u64::MAX } else { (1u64 << n) - 1 };
         let absent: Box<[AtomicU64]> = (0..frames.div_ceil(64))
-            .map(|_| AtomicU64::new(0))
+            .map(|w| {
+                let base = w * 64;
+                let lo = held.saturating_sub(base);
+                let hi = frames - base;
+                AtomicU64::new(mask(hi) & !mask(lo))
+            })
             .collect();
-        for f in held..frames {
-            // Relaxed: nobody else sees the map yet.
-            absent[(f / 64) as usize].fetch_or(1 << (f % 64), Ordering::Relaxed);
-        }
         Self {
             absent,
             frames,
@@ -499,6 +502,14 @@ mod tests {
         r.set_absent(6, true);
         r.set_absent(1000, false);
         assert_eq!(r.absent_runs(), [(5, 2), (1001, 99)]);
+        for (held, frames) in [(0, 64), (64, 64), (63, 129), (128, 130), (1, 1), (0, 0)] {
+            let r = Reservation::new(held, frames);
+            let want: Vec<(u64, u64)> = (held < frames)
+                .then_some((held, frames - held))
+                .into_iter()
+                .collect();
+            assert_eq!(r.absent_runs(), want, "{held} of {frames}");
+        }
     }
 
     #[test]
