@@ -31,7 +31,7 @@ use std::time::{Duration, Instant};
 
 use pv_protocol::PAGE_SIZE;
 use pv_protocol::grant::DomId;
-use pv_protocol::hypercall::{Errno, Gpa};
+use pv_protocol::hypercall::Errno;
 use pv_protocol::memory::{MemoryCmd, MemoryReservation, Reservation as ReservationArg};
 use pv_protocol::start_info::KERNEL_MIN_LOAD;
 
@@ -476,11 +476,6 @@ pub(crate) fn memory_op(dom: &DomainShared, vcpu: u32, cmd: MemoryCmd) -> Result
             if done == 0 { Err(r.errno) } else { Ok(done) }
         }
     }
-}
-
-/// The frame of guest address `gpa`.
-pub const fn frame_of(gpa: Gpa) -> u64 {
-    gpa.0 / PAGE_SIZE as u64
 }
 
 #[cfg(test)]
