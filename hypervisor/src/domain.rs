@@ -126,6 +126,40 @@ pub enum VcpuError {
     Pin(u32, #[source] std::io::Error),
 }
 
+/// Called when a domain reaches a final state ([`DomainShared::watch_stop`]).
+pub type OnStop = Box<dyn Fn() + Send + Sync>;
+
+/// Whoever wants to hear of the domain's stop.
+#[derive(Default)]
+pub(crate) struct StopWatchers {
+    next: u64,
+    list: Vec<(u64, OnStop)>,
+}
+
+impl std::fmt::Debug for StopWatchers {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StopWatchers")
+            .field("watchers", &self.list.len())
+            .finish()
+    }
+}
+
+/// A callback registered with [`DomainShared::watch_stop`]; dropping it removes it (once the drop
+/// returns, it is not running and is never called again).
+#[derive(Debug)]
+pub struct StopWatch {
+    dom: std::sync::Weak<DomainShared>,
+    id: u64,
+}
+
+impl Drop for StopWatch {
+    fn drop(&mut self) {
+        if let Some(d) = self.dom.upgrade() {
+            d.stop_watchers().list.retain(|(id, _)| *id != self.id);
+        }
+    }
+}
+
 /// What every vCPU thread of a domain shares.
 #[derive(Debug)]
 pub struct DomainShared {
@@ -145,6 +179,8 @@ pub struct DomainShared {
     pub console: Console,
     pub(crate) inner: Mutex<Inner>,
     pub(crate) changed: Condvar,
+    /// Told when the domain reaches a final state (never under `inner`).
+    stop_watchers: Mutex<StopWatchers>,
     faults: Mutex<HashMap<&'static str, u64>>,
     /// Event-channel ports.
     pub(crate) ports: Mutex<crate::evtchn::PortTable>,
@@ -211,12 +247,45 @@ impl DomainShared {
                 ],
             }),
             changed: Condvar::new(),
+            stop_watchers: Mutex::default(),
             faults: Mutex::new(HashMap::new()),
         }
     }
 
     pub(crate) fn lock(&self) -> MutexGuard<'_, Inner> {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn stop_watchers(&self) -> MutexGuard<'_, StopWatchers> {
+        self.stop_watchers.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Calls `f` once the domain reaches a final state (shut down, crashed or destroyed), or at
+    /// once if it has already: a thread that must act on the domain's end sleeps on what `f`
+    /// signals instead of looking at the state on a timer. `f` runs on the thread that stopped
+    /// the domain (a vCPU's, or the destroyer's), with the watcher list locked and no other lock
+    /// of the domain held: it must not block, nor register or drop a watch of this domain; it
+    /// should only signal (write an eventfd, send on a channel). It may be called more than once.
+    pub fn watch_stop(self: &Arc<Self>, f: OnStop) -> StopWatch {
+        let id = {
+            let mut w = self.stop_watchers();
+            w.next += 1;
+            let id = w.next;
+            w.list.push((id, f));
+            id
+        };
+        // After the push: a stop that this read misses comes after it (the state lock orders the
+        // two), so that stop's call of the watchers finds `f` in the list.
+        if self.state().is_final() {
+            let w = self.stop_watchers();
+            if let Some((_, f)) = w.list.iter().find(|(i, _)| *i == id) {
+                f();
+            }
+        }
+        StopWatch {
+            dom: Arc::downgrade(self),
+            id,
+        }
     }
 
     /// CPU time the domain's vCPUs have used (in the guest and in exits), as `xl list` shows.
@@ -319,6 +388,11 @@ impl DomainShared {
         self.changed.notify_all();
         crate::vcpu::kick_all(&g.vcpu_threads());
         let _ = self.pvdev_stop.write(1);
+        drop(g);
+        // After the state is final and without the state lock (watchers may read the state).
+        for (_, f) in &self.stop_watchers().list {
+            f();
+        }
     }
 
     /// Called by the PV-device thread when it exits.
