@@ -19,3 +19,17 @@ pub mod vbd;
 pub mod vif;
 pub mod xenbus;
 pub mod xlcfg;
+
+#[cfg(test)]
+pub(crate) mod test_util {
+    /// How many times thread `tid` of this process went to sleep (its voluntary context
+    /// switches): each sleep is one, so the count grows by one per wake-up.
+    pub(crate) fn context_switches(tid: libc::pid_t) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/self/task/{tid}/status")).unwrap();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("voluntary_ctxt_switches:"))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap()
+    }
+}
