@@ -15,6 +15,8 @@ pub type Echo = Box<dyn Fn(&[u8]) + Send + Sync>;
 struct History {
     bytes: VecDeque<u8>,
     total: u64,
+    /// The domain has stopped and its output is all in: nothing more will come.
+    finished: bool,
 }
 
 /// Keystrokes queued for the guest, beyond which input is refused (a guest that does not read
@@ -104,15 +106,43 @@ impl Console {
         h.bytes.iter().copied().collect()
     }
 
-    /// Streams output: waits up to `timeout` for bytes past stream position `from` and returns
-    /// them with the new position. Bytes already dropped from the bounded history are skipped
-    /// (the returned data then starts at the oldest byte kept).
-    pub fn read_from(&self, from: u64, timeout: Duration) -> (Vec<u8>, u64) {
+    /// Marks the output complete (the domain stopped and its last output was collected) and
+    /// wakes every reader.
+    pub(crate) fn finish(&self) {
+        self.history
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .finished = true;
+        self.grew.notify_all();
+    }
+
+    /// Whether the output is complete: the domain has stopped and nothing more will come.
+    pub fn is_finished(&self) -> bool {
+        self.history
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .finished
+    }
+
+    /// Streams output: waits for bytes past stream position `from`, up to `timeout` (`None`:
+    /// until some come or the output is [finished](Self::is_finished)), and returns them with
+    /// the new position. Bytes already dropped from the bounded history are skipped (the
+    /// returned data then starts at the oldest byte kept).
+    pub fn read_from(&self, from: u64, timeout: Option<Duration>) -> (Vec<u8>, u64) {
         let h = self.history.lock().unwrap_or_else(|p| p.into_inner());
-        let (h, _) = self
-            .grew
-            .wait_timeout_while(h, timeout, |h| h.total <= from)
-            .unwrap_or_else(|p| p.into_inner());
+        let waiting = |h: &mut History| h.total <= from && !h.finished;
+        let h = match timeout {
+            Some(t) => {
+                self.grew
+                    .wait_timeout_while(h, t, waiting)
+                    .unwrap_or_else(|p| p.into_inner())
+                    .0
+            }
+            None => self
+                .grew
+                .wait_while(h, waiting)
+                .unwrap_or_else(|p| p.into_inner()),
+        };
         let oldest = h.total - h.bytes.len() as u64;
         let skip = from.saturating_sub(oldest) as usize;
         (h.bytes.iter().skip(skip).copied().collect(), h.total)
@@ -165,13 +195,21 @@ mod tests {
     fn a_reader_streams_from_its_position_and_skips_what_was_dropped() {
         let c = Console::new(None);
         c.write(b"one\n");
-        let (got, pos) = c.read_from(0, Duration::ZERO);
+        let (got, pos) = c.read_from(0, Some(Duration::ZERO));
         assert_eq!((got.as_slice(), pos), (b"one\n".as_slice(), 4));
         c.write(b"two\n");
-        assert_eq!(c.read_from(pos, Duration::ZERO).0, b"two\n");
-        assert!(c.read_from(8, Duration::from_millis(10)).0.is_empty());
+        assert_eq!(c.read_from(pos, None).0, b"two\n");
+        assert!(c.read_from(8, Some(Duration::from_millis(10))).0.is_empty());
         c.write(&vec![b'y'; HISTORY_BYTES]);
-        let (got, _) = c.read_from(pos, Duration::ZERO);
+        let (got, total) = c.read_from(pos, Some(Duration::ZERO));
         assert_eq!(got.len(), HISTORY_BYTES, "only what is still kept");
+        // A reader waiting with no timeout is woken by the end of the output.
+        std::thread::scope(|s| {
+            let reader = s.spawn(|| c.read_from(total, None));
+            std::thread::sleep(Duration::from_millis(20));
+            c.finish();
+            assert_eq!(reader.join().unwrap(), (Vec::new(), total));
+        });
+        assert!(c.is_finished());
     }
 }

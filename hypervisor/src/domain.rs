@@ -388,6 +388,10 @@ impl DomainShared {
         self.changed.notify_all();
         crate::vcpu::kick_all(&g.vcpu_threads());
         let _ = self.pvdev_stop.write(1);
+        if g.pvdev_done {
+            // The PV-device thread is gone already: no more output comes from the ring.
+            self.console.finish();
+        }
         drop(g);
         // After the state is final and without the state lock (watchers may read the state).
         for (_, f) in &self.stop_watchers().list {
@@ -397,7 +401,12 @@ impl DomainShared {
 
     /// Called by the PV-device thread when it exits.
     pub(crate) fn pvdev_finished(&self) {
-        self.lock().pvdev_done = true;
+        let mut g = self.lock();
+        g.pvdev_done = true;
+        if g.state.is_final() {
+            // The last pass after the stop collected the output written before it.
+            self.console.finish();
+        }
         self.changed.notify_all();
     }
 

@@ -178,8 +178,8 @@ fn crash_loops_back_off_exponentially_before_each_restart() {
     assert!(env.list().is_empty());
 }
 
-/// A preserved domain's devices are released without the daemon's lock held: the stopped guest
-/// never answers the polite detach, which waits for it, and meanwhile every request is served.
+/// A preserved domain's devices are released without the daemon's lock held (a detach may wait
+/// for a guest, though not for a stopped one), and meanwhile every request is served.
 #[test]
 fn preserving_a_domain_does_not_stall_the_daemon() {
     let env = Env::new("preserve");
@@ -202,8 +202,8 @@ fn preserving_a_domain_does_not_stall_the_daemon() {
         let asked = Instant::now();
         raw.send(br#"{"v":1,"op":"hello"}"#);
         let doms = env.list();
-        // Preserved: its disk goes (blkverify never released it, so the detach waits
-        // CLOSE_TIMEOUT for the stopped guest).
+        // Preserved: its disk goes (blkverify never released it; the stopped guest is not
+        // waited for).
         let done = doms[0].state == "s" && env.ok(&["block-list", "p"]).lines().count() == 1;
         worst = worst.max(asked.elapsed());
         if done {
