@@ -32,4 +32,15 @@ pub(crate) mod test_util {
             .and_then(|v| v.trim().parse().ok())
             .unwrap()
     }
+
+    /// The id of this process's thread called `name` (the first one, if several).
+    pub(crate) fn thread_named(name: &str) -> Option<libc::pid_t> {
+        std::fs::read_dir("/proc/self/task").ok()?.find_map(|e| {
+            let e = e.ok()?;
+            let comm = std::fs::read_to_string(e.path().join("comm")).ok()?;
+            (comm.trim_end() == name)
+                .then(|| e.file_name().to_str()?.parse().ok())
+                .flatten()
+        })
+    }
 }
