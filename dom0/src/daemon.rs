@@ -19,7 +19,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -504,24 +504,31 @@ impl Daemon {
             return;
         };
         let keys = Arc::clone(&shared);
+        let hung_up = Arc::new(AtomicBool::new(false));
+        let hang_up = Arc::clone(&hung_up);
         let _ = std::thread::Builder::new()
             .name("console-in".into())
             .spawn(move || {
                 let mut buf = [0u8; 256];
                 loop {
                     match input.read(&mut buf) {
-                        Ok(0) | Err(_) => return,
+                        Ok(0) | Err(_) => break,
                         Ok(n) => {
                             keys.console.send_input(&buf[..n]);
                         }
                     }
                 }
+                // The client went away: end the output stream too, however quiet the guest.
+                // Release: pairs with the Acquire in `stream_from`, which this wakes.
+                hang_up.store(true, Ordering::Release);
+                keys.console.wake_readers();
             });
         let mut pos = 0;
         loop {
-            // Sleeps until there is output or there will be none: the domain stopped (destroyed,
-            // restarted as another id, or preserved) and its output is all in.
-            let (bytes, next) = shared.console.read_from(pos, None);
+            // Sleeps until there is output, the client hung up, or there will be no output: the
+            // domain stopped (destroyed, restarted as another id, or preserved) and its output
+            // is all in.
+            let (bytes, next) = shared.console.stream_from(pos, &hung_up);
             pos = next;
             if bytes.is_empty() || out.write_all(&bytes).is_err() {
                 break;
