@@ -20,6 +20,7 @@ mod balloon;
 mod balloonhostile;
 mod blkfront;
 mod blkhostile;
+mod blockforever;
 mod console;
 mod control;
 mod demo;
@@ -151,6 +152,7 @@ extern "C" fn kmain(start_info: u64, index: u64) -> ! {
         "balloon" => balloon::job(&cpu, si, cmdline),
         "balloonhostile" => balloonhostile::balloonhostile(&cpu, si),
         "hotplug" => hotplug::hotplug(&cpu, cmdline),
+        "block-forever" => blockforever::block_forever(&cpu),
         other => {
             kprintln!(&cpu, "unknown job {other:?}");
             2
