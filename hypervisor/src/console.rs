@@ -142,7 +142,8 @@ impl Console {
     }
 
     /// Streams output: waits up to `timeout` for bytes past stream position `from` and returns
-    /// them with the new position (see [`since`](Self::since) for bytes no longer kept).
+    /// them with the new position. Bytes already dropped from the bounded history are skipped
+    /// (the returned data then starts at the oldest byte kept).
     pub fn read_from(&self, from: u64, timeout: Duration) -> (Vec<u8>, u64) {
         let h = self.history.lock().unwrap_or_else(|p| p.into_inner());
         let (h, _) = self
