@@ -327,6 +327,9 @@ impl std::fmt::Debug for Daemon {
 const MAX_RESTARTS: usize = 5;
 const RESTART_WINDOW: Duration = Duration::from_secs(10);
 
+/// Longest a console stream of a stopped domain waits for the daemon to act on the stop.
+const STOP_HANDLED_WAIT: Duration = Duration::from_secs(5);
+
 /// Connections served at once; more are told to try later and closed.
 pub const MAX_CLIENTS: usize = 128;
 
@@ -524,15 +527,30 @@ impl Daemon {
                 keys.console.wake_readers();
             });
         let mut pos = 0;
-        loop {
+        let ended = loop {
             // Sleeps until there is output, the client hung up, or there will be no output: the
-            // domain stopped (destroyed, restarted as another id, or preserved) and its output
-            // is all in.
+            // domain stopped and its output is all in.
             let (bytes, next) = shared.console.stream_from(pos, &hung_up);
             pos = next;
-            if bytes.is_empty() || out.write_all(&bytes).is_err() {
-                break;
+            if bytes.is_empty() {
+                break !hung_up.load(Ordering::Acquire);
             }
+            if out.write_all(&bytes).is_err() {
+                break false;
+            }
+        };
+        if ended {
+            // The stream ends once the daemon has acted on the stop (destroyed, restarted,
+            // preserved, or a restart put off), so a client that looks next sees the outcome.
+            // Bounded in case the action itself stalls; it wakes with the action.
+            let st = self.lock();
+            let _ = self
+                .changed
+                .wait_timeout_while(st, STOP_HANDLED_WAIT, |st| {
+                    st.domains
+                        .get(&id)
+                        .is_some_and(|m| !m.preserved && m.restarts.due.is_none())
+                });
         }
         // Ends the connection for both threads: the client sees the end of the stream even
         // though the input thread still holds a handle on the socket.
@@ -1210,7 +1228,11 @@ impl Daemon {
                 self.changed.notify_all();
             }
             Action::Restart => match self.restart_due(id) {
-                Some(at) => return Some(at),
+                Some(at) => {
+                    // Put off: console streams waiting for the outcome may end.
+                    self.changed.notify_all();
+                    return Some(at);
+                }
                 None => self.restart(id),
             },
         }
