@@ -40,6 +40,7 @@ use pv_protocol::blkif::{
 use pv_protocol::grant::GrantRef;
 use pv_protocol::ring::{BackRing, RingError};
 use pv_protocol::{PAGE_SIZE, SECTOR_SIZE, SharedRegion};
+use vmm_sys_util::eventfd::EventFd;
 
 use crate::disk::Disk;
 use crate::grants::{GrantMapper, MappedPage};
@@ -53,9 +54,9 @@ const URING_DEPTH: u32 = 1024;
 /// (entries submitted and not yet reaped) than this, less the two it keeps for the doorbell
 /// and teardown.
 pub const COMPLETION_QUEUE: u32 = 2 * URING_DEPTH;
-/// Completion-queue entries kept for entries that are not requests: the doorbell's poll and
-/// teardown's cancel.
-const CQ_RESERVED: usize = 2;
+/// Completion-queue entries kept for entries that are not requests: the doorbell's poll, the
+/// owner's wake-up poll and teardown's cancel.
+const CQ_RESERVED: usize = 3;
 /// Most entries one request can need with fixed buffers: an indirect request of
 /// [`MAX_INDIRECT_SEGMENTS`] segments none of which continues the previous one (a flush carries
 /// at most 11 direct segments and its fsync; a discard is one fallocate).
@@ -74,6 +75,8 @@ const DISK: types::Fixed = types::Fixed(0);
 const UD_DOORBELL: u64 = u64::MAX;
 /// User data of teardown's cancel.
 const UD_CANCEL: u64 = u64::MAX - 1;
+/// User data of the poll of the owner's wake-up eventfd (see [`BlkBack::serve`]).
+const UD_WAKE: u64 = u64::MAX - 2;
 /// How long [`BlkBack::serve`] keeps polling the ring after it woke the front end: about the time
 /// a woken guest takes to run and answer its responses with new requests (tens of microseconds
 /// here), so those are taken at once instead of after a doorbell and a wake-up of this thread.
@@ -87,9 +90,7 @@ pub const SPIN_ANSWERED: Duration = Duration::from_micros(50);
 const PREEMPTED: Duration = Duration::from_micros(50);
 /// How long [`BlkBack::serve`] does not poll after it saw that.
 const NO_SPIN_AFTER_PREEMPTION: Duration = Duration::from_millis(50);
-/// Longest sleep before [`BlkBack::serve`] asks again whether to stop.
-const SLEEP_MAX: Duration = Duration::from_millis(100);
-/// How often a busy [`BlkBack::serve`] asks whether to stop.
+/// How often a busy [`BlkBack::serve`] asks whether to stop (an idle one asks when woken).
 const STOP_CHECK: Duration = Duration::from_millis(10);
 
 /// Refused requests and failed I/O logged at warn per ring; later ones are counted (the
@@ -310,6 +311,10 @@ pub struct BlkBack<'a, G: GrantMapper> {
     doorbell_armed: bool,
     /// That poll completed: the doorbell must be cleared before it is polled again.
     doorbell_rang: bool,
+    /// A poll of the owner's wake-up eventfd is queued.
+    wake_armed: bool,
+    /// That poll completed: the owner may want the back end to stop.
+    woken: bool,
     /// Responses were published since [`serve`](Self::serve) last looked.
     answered: bool,
     /// Guest-caused warnings logged so far (the first [`WARN_LIMIT`] at warn, then debug).
@@ -403,9 +408,8 @@ struct Drain {
     table: InflightTable,
 }
 
-/// How long one wait of [`Drain::wait`] lasts before it looks again (and, after an error of the
-/// wait itself, how long it pauses).
-const DRAIN_POLL: Duration = Duration::from_millis(100);
+/// After an error of [`Drain::wait`]'s wait itself, how long it pauses before it tries again.
+const DRAIN_RETRY: Duration = Duration::from_millis(100);
 
 impl Drain {
     /// Asks the kernel to cancel every request in flight on the ring (Linux 5.19; before, the
@@ -421,7 +425,8 @@ impl Drain {
     }
 
     /// Reaps completions until no request is in flight, or `bound` has passed. Each request's
-    /// pages are released as soon as its last completion is seen.
+    /// pages are released as soon as its last completion is seen. Sleeps until a completion
+    /// arrives (with no timeout but the bound).
     fn wait(&mut self, bound: Option<Duration>) {
         let deadline = bound.map(|b| Instant::now() + b);
         let mut logged = false;
@@ -430,16 +435,19 @@ impl Drain {
             if self.table.requests == 0 {
                 return;
             }
-            let timeout = match deadline {
-                Some(d) => match d.checked_duration_since(Instant::now()) {
-                    Some(left) if !left.is_zero() => left.min(DRAIN_POLL),
-                    _ => return,
-                },
-                None => DRAIN_POLL,
+            let waited = match deadline {
+                Some(d) => {
+                    let left = d.saturating_duration_since(Instant::now());
+                    if left.is_zero() {
+                        return;
+                    }
+                    let ts = types::Timespec::from(left);
+                    let args = types::SubmitArgs::new().timespec(&ts);
+                    self.uring.submitter().submit_with_args(1, &args)
+                }
+                None => self.uring.submit_and_wait(1),
             };
-            let ts = types::Timespec::from(timeout);
-            let args = types::SubmitArgs::new().timespec(&ts);
-            match self.uring.submitter().submit_with_args(1, &args) {
+            match waited {
                 Ok(_) => {}
                 Err(e) if matches!(e.raw_os_error(), Some(libc::ETIME | libc::EINTR)) => {}
                 Err(e) => {
@@ -449,7 +457,7 @@ impl Drain {
                         logged = true;
                         tracing::error!(domid = self.domid, "waiting for in-flight I/O: {e}");
                     }
-                    std::thread::sleep(timeout);
+                    std::thread::sleep(DRAIN_RETRY);
                 }
             }
         }
@@ -463,7 +471,7 @@ impl Drain {
             .map(|c| (c.user_data(), c.result()))
             .collect();
         for (ud, res) in done {
-            if ud == UD_DOORBELL || ud == UD_CANCEL {
+            if ud == UD_DOORBELL || ud == UD_CANCEL || ud == UD_WAKE {
                 continue;
             }
             drop(self.table.complete(ud, res).done);
@@ -518,7 +526,7 @@ impl<'a, G: GrantMapper> BlkBack<'a, G> {
             .register_files(&[disk.file().as_raw_fd()])
             .map_err(BlkBackError::Uring)?;
         // Register the guest's memory once, so the kernel does not pin pages per I/O.
-        let fixed = grants.io_region().is_some_and(|(base, len)| {
+        let fixed = grants.with_io_region(&mut |base, len| {
             let iov = libc::iovec {
                 iov_base: base.as_ptr().cast(),
                 iov_len: len,
@@ -549,6 +557,8 @@ impl<'a, G: GrantMapper> BlkBack<'a, G> {
             spare: Vec::new(),
             doorbell_armed: false,
             doorbell_rang: false,
+            wake_armed: false,
+            woken: false,
             answered: false,
             warned: 0,
         })
@@ -589,23 +599,30 @@ impl<'a, G: GrantMapper> BlkBack<'a, G> {
         }
     }
 
-    /// Serves the ring until `stop` says so (asked every few milliseconds), the way
-    /// [`process`](Self::process) does, and sleeps in one wait for either a disk completion or
-    /// the front end's doorbell (`chan`, armed through the event index; at most `SLEEP_MAX`,
-    /// 100 ms) when there is nothing to do. Responses are signalled through `chan` when the front
-    /// end's event index asks, and for [`SPIN`] after that this thread polls the ring instead
-    /// of sleeping, for the woken front end's next requests ([`SPIN_ANSWERED`] after responses
-    /// published without a signal, for a front end that polls); not while it has to share its core
-    /// (then polling would take the time of the threads that make its work: the guest's vCPU,
-    /// the kernel's completions). It never yields the core in a loop: the scheduler (EEVDF)
-    /// pushes a yielding thread's deadline back a slice per yield, and a thread that yielded a
-    /// few thousand times is then starved by any other runnable thread.
+    /// Serves the ring until `stop` says so, the way [`process`](Self::process) does, and when
+    /// there is nothing to do sleeps, with no timeout, in one wait for a disk completion, the
+    /// front end's doorbell (`chan`, armed through the event index) or the owner's `wake`
+    /// eventfd, which the owner signals whenever `stop` may have turned true (this reads it
+    /// back to zero). `stop` is asked when `wake` fired, and every few milliseconds while the
+    /// ring is busy; an idle ring costs no wake-up at all. Responses are signalled through
+    /// `chan` when the front end's event index asks, and for [`SPIN`] after that this thread
+    /// polls the ring instead of sleeping, for the woken front end's next requests
+    /// ([`SPIN_ANSWERED`] after responses published without a signal, for a front end that
+    /// polls); not while it has to share its core (then polling would take the time of the
+    /// threads that make its work: the guest's vCPU, the kernel's completions). It never yields
+    /// the core in a loop: the scheduler (EEVDF) pushes a yielding thread's deadline back a
+    /// slice per yield, and a thread that yielded a few thousand times is then starved by any
+    /// other runnable thread.
     pub fn serve(
         &mut self,
         chan: &impl Notify,
+        wake: &EventFd,
         stop: &mut dyn FnMut() -> bool,
     ) -> Result<(), BlkBackError> {
         let start = Instant::now();
+        if stop() {
+            return Ok(());
+        }
         let mut last_stop_check = start;
         // Poll until then (after a notification), not before that (after a preemption).
         let mut spin_until = start;
@@ -626,8 +643,12 @@ impl<'a, G: GrantMapper> BlkBack<'a, G> {
                 chan.clear();
                 self.doorbell_rang = false;
             }
-            // The stop condition may read the store: not on every pass.
-            if now.duration_since(last_stop_check) >= STOP_CHECK {
+            // Woken by the owner, or busy for a while: the stop condition may read the store,
+            // so not on every pass.
+            if std::mem::take(&mut self.woken) || now.duration_since(last_stop_check) >= STOP_CHECK
+            {
+                // Reset before asking: a signal after the question wakes the next sleep.
+                let _ = wake.read();
                 if stop() {
                     return Ok(());
                 }
@@ -646,53 +667,46 @@ impl<'a, G: GrantMapper> BlkBack<'a, G> {
                 continue;
             }
             last_round = None;
-            if self.waiting_for_room {
-                // Requests wait on the ring for room in the queues, which only a completion
-                // frees: sleep until one arrives (the doorbell would only say what we know).
-                let ts = types::Timespec::from(SLEEP_MAX);
-                let args = types::SubmitArgs::new().timespec(&ts);
-                match self.uring.submitter().submit_with_args(1, &args) {
-                    Ok(_) => {}
-                    Err(e) if matches!(e.raw_os_error(), Some(libc::ETIME | libc::EINTR)) => {}
-                    Err(e) => return Err(BlkBackError::Uring(e)),
+            self.arm_poll(wake.as_raw_fd(), UD_WAKE)?;
+            if !self.waiting_for_room {
+                // Sleep: ask for the doorbell, then look once more (the front end may have
+                // published just before it saw the event index).
+                if self.final_check()? {
+                    continue;
                 }
-                continue;
+                self.arm_poll(chan.wait_fd(), UD_DOORBELL)?;
             }
-            // Sleep: ask for the doorbell, then look once more (the front end may have
-            // published just before it saw the event index).
-            if self.final_check()? {
-                continue;
-            }
-            self.arm_doorbell(chan.wait_fd())?;
-            let ts = types::Timespec::from(SLEEP_MAX);
-            let args = types::SubmitArgs::new().timespec(&ts);
-            match self.uring.submitter().submit_with_args(1, &args) {
+            // Else requests wait on the ring for room in the queues, which only a completion
+            // frees: sleep until one arrives (the doorbell would only say what we know).
+            match self.uring.submit_and_wait(1) {
                 Ok(_) => {}
-                Err(e) if matches!(e.raw_os_error(), Some(libc::ETIME | libc::EINTR)) => {}
+                Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
                 Err(e) => return Err(BlkBackError::Uring(e)),
             }
-            if stop() {
-                return Ok(());
-            }
-            last_stop_check = Instant::now();
         }
     }
 
-    /// Queues a poll of the doorbell (once: it stays queued until it fires).
-    fn arm_doorbell(&mut self, fd: std::os::fd::RawFd) -> Result<(), BlkBackError> {
-        if self.doorbell_armed {
+    /// Queues a poll of `fd` with user data `ud` (the doorbell's or the wake-up's; once: it
+    /// stays queued until it fires).
+    fn arm_poll(&mut self, fd: std::os::fd::RawFd, ud: u64) -> Result<(), BlkBackError> {
+        let armed = if ud == UD_DOORBELL {
+            &mut self.doorbell_armed
+        } else {
+            &mut self.wake_armed
+        };
+        if *armed {
             return Ok(());
         }
         let e = opcode::PollAdd::new(types::Fd(fd), libc::POLLIN as u32)
             .build()
-            .user_data(UD_DOORBELL);
+            .user_data(ud);
         // SAFETY: a poll entry points at no memory of ours.
         if unsafe { self.uring.submission().push(&e) }.is_err() {
             return Err(BlkBackError::Uring(std::io::Error::other(
                 "submission queue full",
             )));
         }
-        self.doorbell_armed = true;
+        *armed = true;
         Ok(())
     }
 
@@ -707,7 +721,28 @@ impl<'a, G: GrantMapper> BlkBack<'a, G> {
         r
     }
 
+    /// Drops the registration of the guest's memory once the guest gave some of it back (see
+    /// [`GrantMapper::io_region_valid`]): before any further I/O is submitted, so none goes to a
+    /// page the guest no longer sees. Requests in flight keep their own references to it.
+    fn check_fixed(&mut self) {
+        if !self.fixed || self.grants.io_region_valid() {
+            return;
+        }
+        self.fixed = false;
+        if let Err(e) = self.uring.submitter().unregister_buffers() {
+            tracing::warn!(
+                domid = self.domid,
+                "cannot unregister the guest's memory: {e}"
+            );
+        }
+        tracing::info!(
+            domid = self.domid,
+            "guest gave memory back: I/O pins pages per request from now on"
+        );
+    }
+
     fn pass_into(&mut self, answers: &mut Vec<BlkResponse>) -> Result<(bool, bool), BlkBackError> {
+        self.check_fixed();
         let mut busy = false;
         let mut notify = false;
         let mut taken = 0;
@@ -738,6 +773,8 @@ impl<'a, G: GrantMapper> BlkBack<'a, G> {
             let Some(raw) = self.ring.take_request()? else {
                 break;
             };
+            // After the request is taken: a give-back the guest made before it is seen.
+            self.check_fixed();
             taken += 1;
             busy = true;
             match self.prepare(&raw) {
@@ -856,6 +893,11 @@ impl<'a, G: GrantMapper> BlkBack<'a, G> {
             if ud == UD_DOORBELL {
                 self.doorbell_armed = false;
                 self.doorbell_rang = true;
+                continue;
+            }
+            if ud == UD_WAKE {
+                self.wake_armed = false;
+                self.woken = true;
                 continue;
             }
             let Completed { failed, done } = self.table.complete(ud, res);
@@ -1305,23 +1347,43 @@ mod tests {
             notified: AtomicU32::new(0),
         };
         let stop = AtomicBool::new(false);
+        let wake = EventFd::new(EFD_NONBLOCK).unwrap();
+        let tid = std::sync::atomic::AtomicI32::new(0);
 
         std::thread::scope(|s| {
-            let server = s.spawn(|| back.serve(&chan, &mut || stop.load(Ordering::Relaxed)));
+            let server = s.spawn(|| {
+                // SAFETY: gettid has no preconditions.
+                tid.store(unsafe { libc::gettid() }, Ordering::Relaxed);
+                back.serve(&chan, &wake, &mut || stop.load(Ordering::Relaxed))
+            });
             // Published while the back end polls: answered, doorbell or not.
             if front.submit(&[request(true, 1, 16, 0)]).unwrap() {
                 chan.doorbell.write(1).unwrap();
             }
             assert_eq!(wait_for(&mut front), [(1, BlkStatus::Okay)]);
-            // Long past its spin time the back end sleeps, having asked for the doorbell.
+            // Long past its spin time the back end sleeps, having asked for the doorbell, and
+            // nothing wakes it while the ring is idle: no timer.
             std::thread::sleep(SPIN * 20);
+            let switches = || crate::test_util::context_switches(tid.load(Ordering::Relaxed));
+            let before = switches();
+            std::thread::sleep(Duration::from_millis(500));
+            let woke = switches() - before;
+            assert!(
+                woke <= 1,
+                "an idle ring woke its thread {woke} times in 500 ms"
+            );
             assert!(front.submit(&[request(false, 2, 16, 1)]).unwrap());
             chan.doorbell.write(1).unwrap();
             assert_eq!(wait_for(&mut front), [(2, BlkStatus::Okay)]);
+            // A wake-up that does not mean stop is slept through.
+            wake.write(1).unwrap();
+            std::thread::sleep(Duration::from_millis(20));
+            assert!(!server.is_finished());
             let asked = Instant::now();
             stop.store(true, Ordering::Relaxed);
+            wake.write(1).unwrap();
             server.join().unwrap().unwrap();
-            assert!(asked.elapsed() < SLEEP_MAX + Duration::from_secs(1));
+            assert!(asked.elapsed() < Duration::from_secs(1));
         });
         // The front end asked to hear of its first response (rsp_event starts at 1).
         assert!(chan.notified.load(Ordering::Relaxed) >= 1);

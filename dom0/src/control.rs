@@ -16,7 +16,8 @@
 //! `network-detach` (`dom`, `devid`), `network-list` (`dom`), `top`, `status` (`dom`: also a
 //! domain that ended recently: `{"live":false,"shutdown_code":0,"crashed":false,...}`),
 //! `vcpu-list` (`dom`, optional: all domains), `vcpu-pin` (`dom`, `vcpu`: an index or null for
-//! all, `cpus`: host CPU numbers or null for all).
+//! all, `cpus`: host CPU numbers or null for all), `mem-set` (`dom`, `mib`: the balloon's new
+//! target, 1 MiB up to the domain's `maxmem`).
 //!
 //! Clients are not trusted: a request line is at most [`MAX_REQUEST`] bytes, and every field is
 //! checked as it is parsed ([`parse_request`]): a [`DomainSpec`] or a [`DomRef`] that exists is a
@@ -125,6 +126,19 @@ fn de_device_spec<'de, D: serde::Deserializer<'de>>(d: D) -> Result<String, D::E
 /// A host CPU list from a client: as in a domain file.
 fn de_cpus<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Vec<u32>>, D::Error> {
     crate::xlcfg::de_cpus(d)
+}
+
+/// A memory target from a client: 1 MiB up to the most a domain file allows (the daemon then
+/// checks it against the domain's own `maxmem`).
+fn de_target_mib<'de, D: serde::Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+    let m = u64::deserialize(d)?;
+    let max = *crate::xlcfg::MEMORY_MIB.end();
+    if !(1..=max).contains(&m) {
+        return Err(serde::de::Error::custom(format!(
+            "memory target must be 1 to {max} MiB, not {m}"
+        )));
+    }
+    Ok(m)
 }
 
 /// The protocol version this build speaks.
@@ -260,6 +274,15 @@ pub enum Request {
         #[serde(default, deserialize_with = "de_cpus")]
         cpus: Option<Vec<u32>>,
     },
+    /// Sets a domain's memory target (Xen's `xl mem-set`): its balloon gives memory back or takes
+    /// it again, up to this.
+    MemSet {
+        /// Name or id.
+        dom: DomRef,
+        /// The target, MiB.
+        #[serde(deserialize_with = "de_target_mib")]
+        mib: u64,
+    },
 }
 
 fn default_lines() -> usize {
@@ -293,8 +316,15 @@ pub struct DomainInfo {
     pub name: DomainName,
     /// Id.
     pub id: u32,
-    /// Memory, MiB.
+    /// Memory the domain holds now, MiB (its reservation, rounded down: what it has not given
+    /// back; the host's real use is `host_kib` in `top`).
     pub mem: u64,
+    /// Its balloon's target, MiB (`memory` until `mem-set`).
+    #[serde(default)]
+    pub target: u64,
+    /// The most it may hold, MiB (`maxmem`, else `memory`).
+    #[serde(default)]
+    pub maxmem: u64,
     /// vCPUs.
     pub vcpus: u32,
     /// xl's state letters: r(unning) b(locked) p(aused) s(hutdown) c(rashed) d(ying).

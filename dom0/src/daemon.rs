@@ -2,23 +2,29 @@
 //! control protocol ([`crate::control`]) to `xl`.
 //!
 //! One thread accepts connections, one per connection serves requests, and a lifecycle thread
-//! watches for domains that stopped and applies their `on_poweroff` / `on_reboot` / `on_crash`
-//! action. All state sits behind one mutex; nothing slow (a guest's shutdown or its release of a
-//! device, a console stream) is waited for while holding it.
+//! applies a stopped domain's `on_poweroff` / `on_reboot` / `on_crash` action. It sleeps until a
+//! domain stops (each domain's stop watch sends its id on a channel) or a put-off restart is due,
+//! and then handles that domain alone: nothing looks at every domain on a timer. All state sits
+//! behind one mutex; nothing slow (a guest's shutdown or its release of a device, a console
+//! stream) is waited for while holding it. Requests find a domain by id or by name in O(log n)
+//! (a map each); only `list`, `top`, `vcpu-list` and `info` go over every domain, as their
+//! answers do.
 //!
 //! Everything on the socket is outside input: the peer's credentials are checked when it
 //! connects ([`Access`]), at most [`MAX_CLIENTS`] connections are served at once, a request line
 //! is bounded ([`control::MAX_REQUEST`]) and every request is checked as it is parsed
 //! ([`control::parse_request`]); a bad one gets `{"error":...}` and nothing else happens.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
+use hypervisor::domain::StopWatch;
 use hypervisor::{
     Domain, DomainConfig, DomainShared, DomainState, Hypervisor, VcpuError, VcpuState,
 };
@@ -99,6 +105,9 @@ pub enum DaemonError {
     /// vCPU placement failed.
     #[error("vCPU placement")]
     Vcpu(#[from] VcpuError),
+    /// A memory target could not be set.
+    #[error("memory target")]
+    Balloon(#[from] crate::balloon::BalloonError),
 }
 
 /// Largest kernel image the daemon reads.
@@ -136,6 +145,10 @@ struct Managed {
     restarts: Restarts,
     /// Stopped and kept for inspection (`on_*=preserve`).
     preserved: bool,
+    /// Its balloon's target, MiB (`memory` until `mem-set`; a restart starts from `memory`).
+    target_mib: u64,
+    /// Sends the domain's id to the lifecycle thread when it stops (`None` until it is listed).
+    stop_watch: Option<StopWatch>,
 }
 
 impl Managed {
@@ -201,11 +214,38 @@ fn backoff(streak: u32) -> Duration {
 #[derive(Default)]
 struct State {
     domains: BTreeMap<u32, Managed>,
+    /// Each listed name's domain (during a restart, the new one).
+    names: HashMap<DomainName, u32>,
     switches: HashMap<SwitchName, Arc<Switch>>,
     /// Switches with a TAP uplink, by switch name: the TAP's interface name.
     uplinks: HashMap<SwitchName, IfName>,
     /// How the last domains to go ended (id, name, final state), newest last.
     ended: std::collections::VecDeque<(u32, DomainName, DomainState)>,
+}
+
+impl State {
+    /// Lists domain `id`.
+    fn insert(&mut self, id: u32, m: Managed) {
+        self.names.insert(m.spec.name.clone(), id);
+        self.domains.insert(id, m);
+    }
+
+    /// Takes domain `id` off the list.
+    fn remove(&mut self, id: u32) -> Option<Managed> {
+        let m = self.domains.remove(&id)?;
+        if self.names.get(&m.spec.name) == Some(&id) {
+            self.names.remove(&m.spec.name);
+        }
+        Some(m)
+    }
+
+    /// The id of the listed domain `dom` names.
+    fn find(&self, dom: &DomRef) -> Option<u32> {
+        match dom {
+            DomRef::Id(id) => self.domains.contains_key(id).then_some(*id),
+            DomRef::Name(n) => self.names.get(n).copied(),
+        }
+    }
 }
 
 /// Ended domains remembered for `status`.
@@ -269,6 +309,8 @@ pub struct Daemon {
     access: Access,
     state: Mutex<State>,
     changed: Condvar,
+    /// Ids of domains that stopped, for the lifecycle thread (sent by their stop watches).
+    stopped: (Sender<u32>, Receiver<u32>),
     started: Instant,
     clients: AtomicUsize,
 }
@@ -284,6 +326,9 @@ impl std::fmt::Debug for Daemon {
 /// Restarts allowed within [`RESTART_WINDOW`] before a domain is given up on.
 const MAX_RESTARTS: usize = 5;
 const RESTART_WINDOW: Duration = Duration::from_secs(10);
+
+/// Longest a console stream of a stopped domain waits for the daemon to act on the stop.
+const STOP_HANDLED_WAIT: Duration = Duration::from_secs(5);
 
 /// Connections served at once; more are told to try later and closed.
 pub const MAX_CLIENTS: usize = 128;
@@ -331,6 +376,7 @@ impl Daemon {
             access,
             state: Mutex::default(),
             changed: Condvar::new(),
+            stopped: crossbeam_channel::unbounded(),
             started: Instant::now(),
             clients: AtomicUsize::new(0),
         })
@@ -461,33 +507,50 @@ impl Daemon {
             return;
         };
         let keys = Arc::clone(&shared);
+        let hung_up = Arc::new(AtomicBool::new(false));
+        let hang_up = Arc::clone(&hung_up);
         let _ = std::thread::Builder::new()
             .name("console-in".into())
             .spawn(move || {
                 let mut buf = [0u8; 256];
                 loop {
                     match input.read(&mut buf) {
-                        Ok(0) | Err(_) => return,
+                        Ok(0) | Err(_) => break,
                         Ok(n) => {
                             keys.console.send_input(&buf[..n]);
                         }
                     }
                 }
+                // The client went away: end the output stream too, however quiet the guest.
+                // Release: pairs with the Acquire in `stream_from`, which this wakes.
+                hang_up.store(true, Ordering::Release);
+                keys.console.wake_readers();
             });
         let mut pos = 0;
-        loop {
-            let (bytes, next) = shared.console.read_from(pos, Duration::from_millis(200));
+        let ended = loop {
+            // Sleeps until there is output, the client hung up, or there will be no output: the
+            // domain stopped and its output is all in.
+            let (bytes, next) = shared.console.stream_from(pos, &hung_up);
             pos = next;
-            if !bytes.is_empty() && out.write_all(&bytes).is_err() {
-                break;
+            if bytes.is_empty() {
+                break !hung_up.load(Ordering::Acquire);
             }
-            // The domain is gone (destroyed or restarted as another id) or stopped (preserved):
-            // its output is all in, end the stream.
-            if bytes.is_empty()
-                && (shared.state().is_final() || !self.lock().domains.contains_key(&id))
-            {
-                break;
+            if out.write_all(&bytes).is_err() {
+                break false;
             }
+        };
+        if ended {
+            // The stream ends once the daemon has acted on the stop (destroyed, restarted,
+            // preserved, or a restart put off), so a client that looks next sees the outcome.
+            // Bounded in case the action itself stalls; it wakes with the action.
+            let st = self.lock();
+            let _ = self
+                .changed
+                .wait_timeout_while(st, STOP_HANDLED_WAIT, |st| {
+                    st.domains
+                        .get(&id)
+                        .is_some_and(|m| !m.preserved && m.restarts.due.is_none())
+                });
         }
         // Ends the connection for both threads: the client sees the end of the stream even
         // though the input thread still holds a handle on the socket.
@@ -496,11 +559,8 @@ impl Daemon {
 
     /// A live domain's id from its name or id.
     fn find(&self, dom: &DomRef) -> Result<u32, DaemonError> {
-        let st = self.lock();
-        st.domains
-            .iter()
-            .find(|(id, m)| dom.matches(**id, &m.spec.name))
-            .map(|(id, _)| *id)
+        self.lock()
+            .find(dom)
             .ok_or_else(|| DaemonError::NoDomain(dom.clone()))
     }
 
@@ -625,28 +685,44 @@ impl Daemon {
                 })
             }
             Request::Top => Ok(self.top()),
+            Request::MemSet { dom, mib } => {
+                let id = self.find(&dom)?;
+                let (shared, max) =
+                    self.with(id, |m| (Arc::clone(m.domain.shared()), m.spec.max_memory()))?;
+                if mib > max {
+                    return Err(crate::balloon::BalloonError::AboveMax {
+                        domid: id,
+                        target: mib,
+                        max,
+                    }
+                    .into());
+                }
+                crate::balloon::set_target(self.hv.store(), &shared, mib)?;
+                self.with(id, |m| m.target_mib = mib)?;
+                Ok(json!({ "id": id, "target": mib }))
+            }
             Request::VcpuList { dom } => {
                 let only = dom.map(|d| self.find(&d)).transpose()?;
                 let st = self.lock();
-                let rows = st
-                    .domains
-                    .iter()
-                    .filter(|(id, _)| only.is_none_or(|o| o == **id))
-                    .flat_map(|(id, m)| {
-                        m.domain.shared().vcpus().into_iter().map(move |v| {
-                            json!({
-                                "name": m.spec.name, "id": id, "vcpu": v.index, "cpu": v.cpu,
-                                "state": match v.state {
-                                    VcpuState::Running => "r--",
-                                    VcpuState::Blocked => "-b-",
-                                    VcpuState::Paused => "--p",
-                                    VcpuState::Offline => "---",
-                                },
-                                "time_s": v.time.as_secs_f64(), "affinity": v.affinity,
-                            })
+                let rows = match only {
+                    Some(o) => st.domains.range(o..=o),
+                    None => st.domains.range(..),
+                }
+                .flat_map(|(id, m)| {
+                    m.domain.shared().vcpus().into_iter().map(move |v| {
+                        json!({
+                            "name": m.spec.name, "id": id, "vcpu": v.index, "cpu": v.cpu,
+                            "state": match v.state {
+                                VcpuState::Running => "r--",
+                                VcpuState::Blocked => "-b-",
+                                VcpuState::Paused => "--p",
+                                VcpuState::Offline => "---",
+                            },
+                            "time_s": v.time.as_secs_f64(), "affinity": v.affinity,
                         })
                     })
-                    .collect();
+                })
+                .collect();
                 Ok(Value::Array(rows))
             }
             Request::VcpuPin { dom, vcpu, cpus } => {
@@ -660,11 +736,7 @@ impl Daemon {
             }
             Request::Status { dom } => {
                 let st = self.lock();
-                if let Some((id, m)) = st
-                    .domains
-                    .iter()
-                    .find(|(id, m)| dom.matches(**id, &m.spec.name))
-                {
+                if let Some((id, m)) = st.find(&dom).and_then(|id| st.domains.get_key_value(&id)) {
                     return Ok(status_json(*id, &m.spec.name, true, &m.domain.state()));
                 }
                 st.ended
@@ -721,10 +793,13 @@ impl Daemon {
             .iter()
             .map(|(id, m)| {
                 let (letter, detail) = state_letter(m.domain.shared());
+                let held = hypervisor::reservation::stats(m.domain.shared()).held_pages;
                 DomainInfo {
                     name: m.spec.name.clone(),
                     id: *id,
-                    mem: m.spec.memory,
+                    mem: (held * pv_protocol::PAGE_SIZE as u64) >> 20,
+                    target: m.target_mib,
+                    maxmem: m.spec.max_memory(),
                     vcpus: m.spec.vcpus,
                     state: letter.into(),
                     time: m.domain.shared().cpu_time().as_secs_f64(),
@@ -768,8 +843,12 @@ impl Daemon {
                         blk.written_bytes += s.written_bytes;
                         blk.errors += s.errors + s.unsupported;
                     }
+                    let mem = hypervisor::reservation::stats(m.domain.shared());
+                    let kib = |pages: u64| pages * (pv_protocol::PAGE_SIZE as u64 / 1024);
                     json!({
                         "name": m.spec.name, "id": id, "vcpus": m.spec.vcpus,
+                        "mem_kib": kib(mem.held_pages), "maxmem_kib": kib(mem.max_pages),
+                        "target_kib": m.target_mib * 1024, "host_kib": mem.host_bytes / 1024,
                         "state": state_letter(m.domain.shared()).0,
                         "cpu_s": m.domain.shared().cpu_time().as_secs_f64(),
                         "net_rx_packets": rx, "net_tx_packets": tx,
@@ -812,9 +891,9 @@ impl Daemon {
         }
         let mut st = self.lock();
         if st
-            .domains
-            .iter()
-            .any(|(id, m)| m.spec.name == spec.name && Some(*id) != replaces)
+            .names
+            .get(&spec.name)
+            .is_some_and(|id| Some(*id) != replaces)
         {
             return Err(DaemonError::NameTaken(spec.name.clone()));
         }
@@ -823,6 +902,7 @@ impl Daemon {
             .create_domain(DomainConfig {
                 name: spec.name.to_string(),
                 mem_mib: spec.memory,
+                max_mem_mib: spec.maxmem,
                 vcpus: spec.vcpus,
                 kernel,
                 cmdline,
@@ -840,7 +920,20 @@ impl Daemon {
             vifs: Vec::new(),
             restarts,
             preserved: false,
+            target_mib: spec.memory,
+            stop_watch: None,
         };
+        // The balloon's keys, before the guest can look for them (it boots meanwhile, but reads
+        // its target only once started; a missing one it takes as no request).
+        if let Err(e) = crate::balloon::publish(
+            self.hv.store(),
+            m.domain.shared(),
+            spec.memory,
+            spec.max_memory(),
+        ) {
+            m.domain.destroy();
+            return Err(e.into());
+        }
         let devices = (|| {
             for d in &spec.disks {
                 m.disks
@@ -859,8 +952,20 @@ impl Daemon {
             return Err(e);
         }
         tracing::info!(domid = id, name = %spec.name, "domain created");
-        st.domains.insert(id, m);
-        let old = replaces.and_then(|r| st.domains.remove(&r).map(|m| (r, m)));
+        // Watched once listed, with the lock held: the lifecycle thread, which takes the lock
+        // to look the id up, finds it however soon the domain stops.
+        let tx = self.stopped.0.clone();
+        m.stop_watch = Some(m.domain.shared().watch_stop(Box::new(move || {
+            // Unbounded: never blocks the stopping thread; the receiver lives with the daemon.
+            let _ = tx.send(id);
+        })));
+        st.insert(id, m);
+        if let Some(r) = replaces {
+            // Before anyone can see the successor in the list (the old one's teardown may take a
+            // while on a busy host).
+            tracing::info!(old = r, domid = id, name = %spec.name, "domain restarted");
+        }
+        let old = replaces.and_then(|r| st.remove(r).map(|m| (r, m)));
         if let Some((r, m)) = &old {
             Self::remember(&mut st, *r, &m.spec.name, m.domain.state());
         }
@@ -969,8 +1074,7 @@ impl Daemon {
         };
         // Borrow dance: plugging needs the switch table and the domain at once.
         let mut m = st
-            .domains
-            .remove(&domain_shared)
+            .remove(domain_shared)
             .ok_or(DaemonError::NoDomain(DomRef::Id(id)))?;
         let plugged = self.plug_vif(&mut st, &m.domain, devid, &v);
         let out = plugged.map(|vif| {
@@ -979,7 +1083,7 @@ impl Daemon {
             m.vifs.push((devid, v, vif));
             json!({ "id": id, "devid": devid, "mac": mac.to_string() })
         });
-        st.domains.insert(id, m);
+        st.insert(id, m);
         out
     }
 
@@ -1031,7 +1135,7 @@ impl Daemon {
     fn destroy(&self, id: u32) {
         let m = {
             let mut st = self.lock();
-            let m = st.domains.remove(&id);
+            let m = st.remove(id);
             if let Some(m) = &m {
                 let state = m.domain.state();
                 Self::remember(&mut st, id, &m.spec.name, state);
@@ -1054,68 +1158,90 @@ impl Daemon {
         self.changed.notify_all();
     }
 
-    /// Applies `on_*` actions to domains that stopped, every 50 ms.
+    /// Applies `on_*` actions to domains that stopped: sleeps until one stops (its id arrives
+    /// from its stop watch) or a restart put off by its back-off is due, and handles that
+    /// domain alone.
     fn lifecycle(self: Arc<Self>) {
+        let stopped = self.stopped.1.clone();
+        // Restarts put off: when each is due (an id may be in it more than once; harmless).
+        let mut due: BTreeSet<(Instant, u32)> = BTreeSet::new();
         loop {
-            std::thread::sleep(Duration::from_millis(50));
-            // (id, final state, action, seen for the first time)
-            let stopped: Vec<(u32, DomainState, Action, bool)> = {
-                let st = self.lock();
-                st.domains
-                    .iter()
-                    .filter(|(_, m)| !m.preserved)
-                    .filter_map(|(id, m)| {
-                        let s = m.domain.state();
-                        let action = match &s {
-                            DomainState::Shutdown { reason, .. } => match reason {
-                                ShutdownReason::Reboot => m.spec.on_reboot,
-                                ShutdownReason::Crash | ShutdownReason::Watchdog => m.spec.on_crash,
-                                _ => m.spec.on_poweroff,
-                            },
-                            DomainState::Crashed { .. } => m.spec.on_crash,
-                            DomainState::Destroyed => Action::Destroy,
-                            _ => return None,
-                        };
-                        Some((*id, s, action, m.restarts.due.is_none()))
-                    })
-                    .collect()
+            let id = match due.first() {
+                None => match stopped.recv() {
+                    Ok(id) => id,
+                    Err(_) => return,
+                },
+                Some(&(at, id)) => match stopped.recv_deadline(at) {
+                    Ok(id) => id,
+                    Err(RecvTimeoutError::Timeout) => {
+                        due.remove(&(at, id));
+                        id
+                    }
+                    Err(RecvTimeoutError::Disconnected) => return,
+                },
             };
-            for (id, state, action, first) in stopped {
-                if first {
-                    match &state {
-                        DomainState::Crashed { detail } => tracing::error!(
-                            domid = id,
-                            "domain crashed: {detail}; on_crash={action:?}"
-                        ),
-                        s => tracing::info!(domid = id, state = ?s, "domain stopped; {action:?}"),
-                    }
-                }
-                match action {
-                    Action::Destroy => self.destroy(id),
-                    Action::Preserve => {
-                        let devices = self
-                            .with(id, |m| {
-                                m.preserved = true;
-                                m.unplug_all()
-                            })
-                            .ok();
-                        // Outside the lock: each device waits a while for the (stopped) guest.
-                        drop(devices);
-                        self.changed.notify_all();
-                    }
-                    Action::Restart => {
-                        if self.restart_due(id) {
-                            self.restart(id);
-                        }
-                    }
-                }
+            if let Some(at) = self.on_stopped(id) {
+                due.insert((at, id));
             }
         }
     }
 
-    /// Puts domain `id`'s restart off by its back-off the first time it is seen stopped; whether
-    /// the restart is due now.
-    fn restart_due(&self, id: u32) -> bool {
+    /// Applies domain `id`'s `on_*` action if it has stopped (and is still listed, and not
+    /// preserved). Returns when to look again: a restart put off by its back-off.
+    fn on_stopped(&self, id: u32) -> Option<Instant> {
+        // (final state, action, seen for the first time)
+        let (state, action, first) = {
+            let st = self.lock();
+            let m = st.domains.get(&id).filter(|m| !m.preserved)?;
+            let s = m.domain.state();
+            let action = match &s {
+                DomainState::Shutdown { reason, .. } => match reason {
+                    ShutdownReason::Reboot => m.spec.on_reboot,
+                    ShutdownReason::Crash | ShutdownReason::Watchdog => m.spec.on_crash,
+                    _ => m.spec.on_poweroff,
+                },
+                DomainState::Crashed { .. } => m.spec.on_crash,
+                DomainState::Destroyed => Action::Destroy,
+                _ => return None,
+            };
+            (s, action, m.restarts.due.is_none())
+        };
+        if first {
+            match &state {
+                DomainState::Crashed { detail } => {
+                    tracing::error!(domid = id, "domain crashed: {detail}; on_crash={action:?}")
+                }
+                s => tracing::info!(domid = id, state = ?s, "domain stopped; {action:?}"),
+            }
+        }
+        match action {
+            Action::Destroy => self.destroy(id),
+            Action::Preserve => {
+                let devices = self
+                    .with(id, |m| {
+                        m.preserved = true;
+                        m.unplug_all()
+                    })
+                    .ok();
+                // Outside the lock: each device waits a while for the (stopped) guest.
+                drop(devices);
+                self.changed.notify_all();
+            }
+            Action::Restart => match self.restart_due(id) {
+                Some(at) => {
+                    // Put off: console streams waiting for the outcome may end.
+                    self.changed.notify_all();
+                    return Some(at);
+                }
+                None => self.restart(id),
+            },
+        }
+        None
+    }
+
+    /// Puts domain `id`'s restart off by its back-off the first time it is seen stopped; when
+    /// the restart is due, or `None` if it is due now (or the domain is gone).
+    fn restart_due(&self, id: u32) -> Option<Instant> {
         let now = Instant::now();
         self.with(id, |m| {
             let r = &mut m.restarts;
@@ -1135,9 +1261,10 @@ impl Daemon {
                 }
                 (now + wait, streak)
             });
-            at <= now
+            (at > now).then_some(at)
         })
-        .unwrap_or(false)
+        .ok()
+        .flatten()
     }
 
     fn restart(&self, id: u32) {
@@ -1175,9 +1302,8 @@ impl Daemon {
         };
         restarts.recent.push(now);
         match self.create(&spec, owner, false, restarts, Some(id)) {
-            Ok(new) => {
-                tracing::info!(old = id, domid = new, name = %spec.name, "domain restarted");
-            }
+            // Logged by `create` as the successor is listed.
+            Ok(_) => {}
             Err(e) => {
                 tracing::error!(domid = id, "restart failed: {}", control::chain(&e));
                 self.destroy(id);

@@ -100,6 +100,22 @@ pub trait GrantMapper: Send {
     fn io_region(&self) -> Option<(NonNull<u8>, usize)> {
         None
     }
+
+    /// Runs `register` with the [`io_region`](Self::io_region) when there is one that may be
+    /// registered now; whether it did and `register` succeeded. A mapper whose range can change
+    /// (a domain that gives memory back) decides under its own lock.
+    fn with_io_region(&self, register: &mut dyn FnMut(NonNull<u8>, usize) -> bool) -> bool {
+        self.io_region()
+            .is_some_and(|(base, len)| register(base, len))
+    }
+
+    /// Whether a range registered through [`with_io_region`](Self::with_io_region) still shows
+    /// the pages I/O must reach. Once false, the back end must unregister it (and use per-I/O
+    /// pinning) before it submits I/O again: the guest gave pages of it back, so the kernel's
+    /// pins hold freed pages that a repopulated frame no longer shows.
+    fn io_region_valid(&self) -> bool {
+        true
+    }
 }
 
 fn out_of_page(gref: GrantRef, e: pv_protocol::RegionError) -> GrantFailure {
@@ -209,7 +225,11 @@ impl PersistentCache {
 pub struct DomainGrants {
     dom: Arc<hypervisor::DomainShared>,
     persistent: Option<std::sync::Mutex<PersistentCache>>,
+    /// The reservation generation the registered memory is valid for ([`NOT_REGISTERED`]: none).
+    registered: std::sync::atomic::AtomicU64,
 }
+
+const NOT_REGISTERED: u64 = u64::MAX;
 
 impl DomainGrants {
     /// Grants of `dom`, mapped for dom0 per request.
@@ -217,6 +237,7 @@ impl DomainGrants {
         Self {
             dom,
             persistent: None,
+            registered: NOT_REGISTERED.into(),
         }
     }
 
@@ -231,6 +252,7 @@ impl DomainGrants {
         Self {
             dom,
             persistent: Some(std::sync::Mutex::new(PersistentCache::new(capacity))),
+            registered: NOT_REGISTERED.into(),
         }
     }
 
@@ -280,10 +302,22 @@ impl DomainGrants {
 }
 
 impl GrantMapper for DomainGrants {
-    fn io_region(&self) -> Option<(NonNull<u8>, usize)> {
-        // The domain's whole memory: one mapping, kept alive by the Arc this value holds.
-        let base = NonNull::new(self.dom.ram.host_base() as *mut u8)?;
-        Some((base, self.dom.ram.size() as usize))
+    fn with_io_region(&self, register: &mut dyn FnMut(NonNull<u8>, usize) -> bool) -> bool {
+        // The domain's whole memory (one mapping, kept alive by the Arc this value holds), but
+        // only while it holds every frame of it: registering pins every page, which would back
+        // the frames it gave back again.
+        let Some(g) = hypervisor::reservation::with_whole_memory(&self.dom, register) else {
+            return false;
+        };
+        // Relaxed: read only by the thread that registered.
+        self.registered
+            .store(g, std::sync::atomic::Ordering::Relaxed);
+        true
+    }
+
+    fn io_region_valid(&self) -> bool {
+        let g = self.registered.load(std::sync::atomic::Ordering::Relaxed);
+        g != NOT_REGISTERED && g == self.dom.reservation.generation()
     }
 
     fn copy_from(&self, gref: GrantRef, offset: usize, dst: &mut [u8]) -> Result<(), GrantFailure> {

@@ -5,6 +5,7 @@
 //! later run in its own process.
 #![deny(missing_docs)]
 
+pub mod balloon;
 pub mod blkback;
 pub mod control;
 pub mod daemon;
@@ -18,3 +19,28 @@ pub mod vbd;
 pub mod vif;
 pub mod xenbus;
 pub mod xlcfg;
+
+#[cfg(test)]
+pub(crate) mod test_util {
+    /// How many times thread `tid` of this process went to sleep (its voluntary context
+    /// switches): each sleep is one, so the count grows by one per wake-up.
+    pub(crate) fn context_switches(tid: libc::pid_t) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/self/task/{tid}/status")).unwrap();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("voluntary_ctxt_switches:"))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap()
+    }
+
+    /// The id of this process's thread called `name` (the first one, if several).
+    pub(crate) fn thread_named(name: &str) -> Option<libc::pid_t> {
+        std::fs::read_dir("/proc/self/task").ok()?.find_map(|e| {
+            let e = e.ok()?;
+            let comm = std::fs::read_to_string(e.path().join("comm")).ok()?;
+            (comm.trim_end() == name)
+                .then(|| e.file_name().to_str()?.parse().ok())
+                .flatten()
+        })
+    }
+}

@@ -672,8 +672,10 @@ fn run(name: &str, rx: &Receiver<Command>, wake: &EventFd) {
                 revents: 0,
             })
             .collect();
+        // No timeout: a port's eventfd (a guest's doorbell, a TAP's completions) or the control
+        // eventfd wakes it; an idle switch never wakes.
         // SAFETY: `fds` is a valid array of pollfds for the duration of the call.
-        unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, 100) };
+        unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, -1) };
         let _ = wake.read();
         for s in &mut ports {
             s.port.clear_wakeup();
@@ -899,13 +901,30 @@ mod tests {
         assert_eq!(f.route(2, &frame(A, B), end), Route::Unicast(1));
     }
 
+    /// Frames for a [`TestPort`] to receive; adding some signals the port's eventfd, as a
+    /// guest's doorbell would.
+    struct Inbox {
+        frames: Mutex<VecDeque<Vec<u8>>>,
+        wake: EventFd,
+    }
+
+    impl Inbox {
+        fn extend(&self, frames: impl IntoIterator<Item = Vec<u8>>) {
+            self.frames.lock().unwrap().extend(frames);
+            self.wake.write(1).unwrap();
+        }
+
+        fn push(&self, frame: Vec<u8>) {
+            self.extend([frame]);
+        }
+    }
+
     /// A port fed and drained by the test.
     struct TestPort {
         name: String,
         counters: Arc<PortCounters>,
-        inbox: Arc<Mutex<VecDeque<Vec<u8>>>>,
+        inbox: Arc<Inbox>,
         outbox: Arc<Mutex<Vec<Vec<u8>>>>,
-        wake: EventFd,
         mac: Option<Mac>,
     }
 
@@ -917,7 +936,7 @@ mod tests {
             &self.counters
         }
         fn receive(&mut self, buf: &mut [u8]) -> Result<Option<FrameMeta>, PortError> {
-            Ok(self.inbox.lock().unwrap().pop_front().map(|f| {
+            Ok(self.inbox.frames.lock().unwrap().pop_front().map(|f| {
                 buf[..f.len()].copy_from_slice(&f);
                 FrameMeta {
                     len: f.len(),
@@ -944,28 +963,33 @@ mod tests {
         }
         fn flush(&mut self) {}
         fn arm(&mut self) -> Result<bool, PortError> {
-            Ok(!self.inbox.lock().unwrap().is_empty())
+            Ok(!self.inbox.frames.lock().unwrap().is_empty())
         }
         fn wait_fd(&self) -> RawFd {
-            self.wake.as_raw_fd()
+            self.inbox.wake.as_raw_fd()
+        }
+        fn clear_wakeup(&mut self) {
+            let _ = self.inbox.wake.read();
         }
     }
 
-    type Boxes = (Arc<Mutex<VecDeque<Vec<u8>>>>, Arc<Mutex<Vec<Vec<u8>>>>);
+    type Boxes = (Arc<Inbox>, Arc<Mutex<Vec<Vec<u8>>>>);
 
     fn test_port(name: &str) -> (Box<dyn Port>, Boxes) {
         test_port_with(name, None)
     }
 
     fn test_port_with(name: &str, mac: Option<Mac>) -> (Box<dyn Port>, Boxes) {
-        let inbox = Arc::new(Mutex::new(VecDeque::new()));
+        let inbox = Arc::new(Inbox {
+            frames: Mutex::default(),
+            wake: EventFd::new(EFD_NONBLOCK).unwrap(),
+        });
         let outbox = Arc::new(Mutex::new(Vec::new()));
         let p = TestPort {
             name: name.into(),
             counters: Arc::default(),
             inbox: Arc::clone(&inbox),
             outbox: Arc::clone(&outbox),
-            wake: EventFd::new(EFD_NONBLOCK).unwrap(),
             mac,
         };
         (Box::new(p), (inbox, outbox))
@@ -988,9 +1012,9 @@ mod tests {
         let ida = sw.add_port(pa).unwrap();
         let _idb = sw.add_port(pb).unwrap();
         let idc = sw.add_port(pc).unwrap();
-        // A speaks to unknown B: flooded to b and c (the thread sleeps; the add woke it, and a
-        // frame appearing in an inbox is noticed within its 100 ms poll timeout).
-        a_in.lock().unwrap().push_back(frame(B, A));
+        // A speaks to unknown B: flooded to b and c (the thread sleeps until a's eventfd says
+        // there is a frame).
+        a_in.push(frame(B, A));
         wait_for(|| b_out.lock().unwrap().len() == 1 && c_out.lock().unwrap().len() == 1);
         assert!(a_out.lock().unwrap().is_empty());
         sw.remove_port(idc).unwrap();
@@ -1001,6 +1025,25 @@ mod tests {
         assert_eq!((stats[1].tx_packets, stats[1].tx_bytes), (1, 60));
         sw.remove_port(ida).unwrap();
         sw.remove_port(ida).unwrap(); // already gone: fine
+    }
+
+    /// An idle switch sleeps until a port's eventfd or a command wakes it: no timer.
+    #[test]
+    fn an_idle_switch_thread_never_wakes_until_a_port_has_work() {
+        let sw = Switch::new("quiet").unwrap();
+        let (pa, (a_in, _a_out)) = test_port("a");
+        let (pb, (_b_in, b_out)) = test_port("b");
+        sw.add_port(pa).unwrap();
+        sw.add_port(pb).unwrap();
+        let tid = crate::test_util::thread_named("switch-quiet").unwrap();
+        // Past its spin after the last command.
+        std::thread::sleep(Duration::from_millis(20));
+        let before = crate::test_util::context_switches(tid);
+        std::thread::sleep(Duration::from_millis(500));
+        let woke = crate::test_util::context_switches(tid) - before;
+        assert!(woke <= 1, "an idle switch woke {woke} times in 500 ms");
+        a_in.push(frame(B, A));
+        wait_for(|| b_out.lock().unwrap().len() == 1);
     }
 
     fn wait_long_for(what: impl Fn() -> bool) {
@@ -1021,12 +1064,10 @@ mod tests {
         sw.add_port(pa).unwrap();
         sw.add_port(pb).unwrap();
         sw.add_port(pt).unwrap();
-        a_in.lock().unwrap().push_back(frame(BCAST, A));
-        b_in.lock().unwrap().push_back(frame(BCAST, B));
+        a_in.push(frame(BCAST, A));
+        b_in.push(frame(BCAST, B));
         wait_for(|| t_out.lock().unwrap().len() == 2);
-        t_in.lock()
-            .unwrap()
-            .extend(random_macs(FLOOD).map(|m| frame(NOWHERE, m)));
+        t_in.extend(random_macs(FLOOD).map(|m| frame(NOWHERE, m)));
         // Unknown destination: flooded to both guests.
         wait_long_for(|| {
             a_out.lock().unwrap().len() == FLOOD + 1 && b_out.lock().unwrap().len() == FLOOD + 1
@@ -1034,24 +1075,22 @@ mod tests {
         // A guest plugged in after the flood, and an outside host claiming a's address.
         let (pc, (c_in, c_out)) = test_port_with("vif3.0", Some(Mac(C)));
         sw.add_port(pc).unwrap();
-        c_in.lock().unwrap().push_back(frame(BCAST, C));
+        c_in.push(frame(BCAST, C));
         wait_for(|| t_out.lock().unwrap().len() == 3);
-        t_in.lock().unwrap().push_back(frame(BCAST, A));
+        t_in.push(frame(BCAST, A));
         wait_for(|| c_out.lock().unwrap().len() == 1);
         for o in [&a_out, &b_out, &c_out, &t_out] {
             o.lock().unwrap().clear();
         }
         // From outside to each guest, then to everyone (so all before it has been switched).
         let x = [2, 0xee, 0, 0, 0, 2];
-        t_in.lock()
-            .unwrap()
-            .extend([frame(A, x), frame(B, x), frame(C, x), frame(BCAST, x)]);
+        t_in.extend([frame(A, x), frame(B, x), frame(C, x), frame(BCAST, x)]);
         wait_for(|| c_out.lock().unwrap().len() >= 2);
         assert_eq!(*a_out.lock().unwrap(), [frame(A, x), frame(BCAST, x)]);
         assert_eq!(*b_out.lock().unwrap(), [frame(B, x), frame(BCAST, x)]);
         assert_eq!(*c_out.lock().unwrap(), [frame(C, x), frame(BCAST, x)]);
         // Guest to guest stays inside, whatever the outside claimed.
-        b_in.lock().unwrap().extend([frame(A, B), frame(BCAST, B)]);
+        b_in.extend([frame(A, B), frame(BCAST, B)]);
         wait_for(|| t_out.lock().unwrap().len() == 1);
         assert_eq!(*t_out.lock().unwrap(), [frame(BCAST, B)]);
         assert_eq!(a_out.lock().unwrap()[2..], [frame(A, B), frame(BCAST, B)]);
@@ -1069,18 +1108,16 @@ mod tests {
         sw.add_port(pa).unwrap();
         sw.add_port(pm).unwrap();
         // a announces itself; m then claims a's address: dropped, counted, nothing learned.
-        a_in.lock().unwrap().push_back(frame([0xff; 6], A));
+        a_in.push(frame([0xff; 6], A));
         wait_for(|| m_out.lock().unwrap().len() == 1);
-        m_in.lock().unwrap().push_back(frame([0xff; 6], A));
+        m_in.push(frame([0xff; 6], A));
         wait_for(|| sw.ports().unwrap()[1].2.errors == 1);
         assert!(
             a_out.lock().unwrap().is_empty(),
             "the spoofed frame went nowhere"
         );
         // Traffic for a still reaches a.
-        m_in.lock()
-            .unwrap()
-            .push_back(frame(A, [2, 0, 0, 0, 0, 0x66]));
+        m_in.push(frame(A, [2, 0, 0, 0, 0, 0x66]));
         wait_for(|| a_out.lock().unwrap().len() == 1);
         let stats = sw.ports().unwrap();
         assert_eq!((stats[1].2.rx_packets, stats[1].2.errors), (1, 1));

@@ -3,7 +3,6 @@
 
 use std::path::Path;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 
 use hypervisor::DomainShared;
 use hypervisor::evtchn::HostPort;
@@ -16,7 +15,7 @@ use pv_protocol::{PAGE_SIZE, SharedRegion};
 use crate::blkback::{BlkBack, BlkCounters, BlkStats, MAX_INDIRECT_SEGMENTS};
 use crate::disk::{Disk, DiskError};
 use crate::grants::DomainGrants;
-use crate::xenbus::{DeviceDirs, DeviceThread, XenbusError, map_ring};
+use crate::xenbus::{DeviceCtx, DeviceDirs, DeviceThread, Waiter, XenbusError, map_ring};
 
 pub use crate::xenbus::state;
 
@@ -26,12 +25,9 @@ pub enum VbdError {
     /// The image.
     #[error("disk image")]
     Disk(#[from] DiskError),
-    /// The store refused an entry.
+    /// The store refused an entry, or the back-end thread could not start.
     #[error("device handshake")]
     Xenbus(#[from] XenbusError),
-    /// The back-end thread could not start.
-    #[error("cannot start the back-end thread")]
-    Thread(#[source] std::io::Error),
 }
 
 /// An attached disk; dropping it detaches it (the back end closes and releases everything).
@@ -85,10 +81,9 @@ impl Vbd {
         let dev = {
             let (dom, counters) = (Arc::clone(dom), Arc::clone(&counters));
             let name = format!("dom{}-vbd{devid}", dom.id);
-            DeviceThread::spawn(dirs, name, move |dirs, stop| {
-                serve(dirs, &dom, disk, stop, max_queues, &counters);
-            })
-            .map_err(VbdError::Thread)?
+            DeviceThread::spawn(dirs, &Arc::clone(&dom), name, move |dirs, ctx| {
+                serve(dirs, ctx, disk, max_queues, &counters);
+            })?
         };
         Ok(Self { dev, counters })
     }
@@ -187,18 +182,28 @@ fn read_queues(
 }
 
 /// The back-end thread: handshake, then serve every queue (one thread each) until stopped or
-/// closed.
+/// closed. It sleeps until the front end's state changes, the domain stops or the device is
+/// detached (see [`DeviceCtx`]); a serving queue also wakes for its doorbell and its disk.
 fn serve(
     dirs: &DeviceDirs,
-    dom: &Arc<DomainShared>,
+    ctx: &DeviceCtx,
     disk: Disk,
-    stop: &AtomicBool,
     max_queues: u32,
     counters: &Arc<BlkCounters>,
 ) {
+    let dom = ctx.dom();
     let frontend = dirs.frontend.as_str();
-    let gone = || stop.load(Ordering::Relaxed) || dom.state().is_final();
-    if !dirs.wait_initialised(&gone) {
+    let waiter = match ctx.waiter() {
+        Ok(w) => w,
+        Err(e) => {
+            tracing::error!(domid = dom.id, "{frontend}: {e}");
+            dirs.set_state(state::CLOSED);
+            return;
+        }
+    };
+    if !ctx.wait_until(&waiter, || {
+        dirs.frontend_state() == Some(state::INITIALISED)
+    }) {
         dirs.set_state(state::CLOSED);
         return;
     }
@@ -212,10 +217,21 @@ fn serve(
     };
     // Persistent grants when the front end offers them too (we always do).
     let persistent = dirs.front_u32(keys::FEATURE_PERSISTENT) == Some(1);
-    // Every queue gets its own handle on the image, ring, channel, io_uring and grant cache;
-    // queues share nothing but the file.
+    // Every queue gets its own handle on the image, ring, channel, io_uring and grant cache,
+    // and its own waiter; queues share nothing but the file.
     let mut backs = Vec::with_capacity(queues.len());
+    let mut waiters = vec![waiter];
     for (q, qr) in queues.iter().enumerate() {
+        if q > 0 {
+            match ctx.waiter() {
+                Ok(w) => waiters.push(w),
+                Err(e) => {
+                    tracing::error!(domid = dom.id, "{frontend} queue {q}: {e}");
+                    dirs.set_state(state::CLOSED);
+                    return;
+                }
+            }
+        }
         match connect_queue(dom, qr, &disk, persistent, counters) {
             Ok(b) => backs.push(b),
             Err(why) => {
@@ -232,21 +248,21 @@ fn serve(
         "{frontend} connected ({} queue(s))",
         backs.len()
     );
-    let closing = || gone() || dirs.front_closing();
+    let closing = || ctx.gone() || dirs.front_closing();
     std::thread::scope(|s| {
-        let mut backs = backs.into_iter();
-        let first = backs.next();
-        for (q, b) in backs.enumerate() {
+        let mut queues = backs.into_iter().zip(&waiters);
+        let first = queues.next();
+        for (q, (b, w)) in queues.enumerate() {
             let closing = &closing;
             let spawned = std::thread::Builder::new()
                 .name(format!("dom{}-vbd-q{}", dom.id, q + 1))
-                .spawn_scoped(s, move || serve_queue(dom, frontend, b, closing));
+                .spawn_scoped(s, move || serve_queue(dom, frontend, b, w, closing));
             if let Err(e) = spawned {
                 tracing::error!(domid = dom.id, "{frontend}: no thread for a queue: {e}");
             }
         }
-        if let Some(b) = first {
-            serve_queue(dom, frontend, b, &closing);
+        if let Some((b, w)) = first {
+            serve_queue(dom, frontend, b, w, &closing);
         }
     });
     // Tear down in order: stop serving (done: every queue's back end and channel are dropped by
@@ -285,14 +301,15 @@ fn connect_queue<'a>(
     Ok((back, hp))
 }
 
-/// Serves one queue until the device closes or the ring breaks.
+/// Serves one queue until the device closes or the ring breaks; `waiter` wakes it for that.
 fn serve_queue(
     dom: &Arc<DomainShared>,
     frontend: &str,
     (mut back, hp): QueueBack<'_>,
+    waiter: &Waiter,
     closing: &(dyn Fn() -> bool + Sync),
 ) {
-    if let Err(e) = back.serve(&hp, &mut || closing()) {
+    if let Err(e) = back.serve(&hp, waiter.eventfd(), &mut || closing()) {
         dom.guest_fault("vbd-ring", format_args!("{frontend}: {e}"));
     }
     // The back end (its in-flight I/O cancelled and drained, or what the kernel has not

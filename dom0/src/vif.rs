@@ -3,12 +3,11 @@
 //! thread.
 //!
 //! A small per-vif thread runs the handshake, hands the connected port to the switch, and then
-//! watches for the end (the front end's `Closing`, a detach, the domain's end) to unplug it,
-//! which releases the rings, the grants and the channel, and to say `Closed`.
+//! sleeps until the end (the front end's `Closing`, a detach, the domain's end: it is woken for
+//! each, never by a timer) to unplug it, which releases the rings, the grants and the channel,
+//! and to say `Closed`.
 
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
-use std::time::Duration;
 
 use hypervisor::DomainShared;
 use hypervisor::evtchn::HostPort;
@@ -20,17 +19,14 @@ use pv_protocol::{PAGE_SIZE, SharedRegion};
 use crate::grants::DomainGrants;
 use crate::netback::{VifFeatures, VifPort};
 use crate::switch::{Mac, Port, PortCounters, Switch};
-use crate::xenbus::{DeviceDirs, DeviceThread, XenbusError, map_ring, state};
+use crate::xenbus::{DeviceCtx, DeviceDirs, DeviceThread, XenbusError, map_ring, state};
 
 /// Errors attaching a vif.
 #[derive(Debug, thiserror::Error)]
 pub enum VifError {
-    /// The store refused an entry.
+    /// The store refused an entry, or the vif thread could not start.
     #[error("device handshake")]
     Xenbus(#[from] XenbusError),
-    /// The handshake thread could not start.
-    #[error("cannot start the vif thread")]
-    Thread(#[source] std::io::Error),
 }
 
 /// An attached vif; dropping it unplugs it from the switch and detaches it.
@@ -69,10 +65,9 @@ impl Vif {
             let (dom, switch, counters) =
                 (Arc::clone(dom), Arc::clone(switch), Arc::clone(&counters));
             let name = format!("dom{}-vif{devid}", dom.id);
-            DeviceThread::spawn(dirs, name, move |dirs, stop| {
-                serve(dirs, &dom, devid, mac, &switch, stop, &counters);
-            })
-            .map_err(VifError::Thread)?
+            DeviceThread::spawn(dirs, &Arc::clone(&dom), name, move |dirs, ctx| {
+                serve(dirs, ctx, devid, mac, &switch, &counters);
+            })?
         };
         Ok(Self { dev, mac, counters })
     }
@@ -165,15 +160,24 @@ fn connect(
 /// The vif thread: handshake, plug into the switch, wait for the end, unplug.
 fn serve(
     dirs: &DeviceDirs,
-    dom: &Arc<DomainShared>,
+    ctx: &DeviceCtx,
     devid: u32,
     mac: Mac,
     switch: &Switch,
-    stop: &AtomicBool,
     counters: &OnceLock<Arc<PortCounters>>,
 ) {
-    let gone = || stop.load(Ordering::Relaxed) || dom.state().is_final();
-    if !dirs.wait_initialised(&gone) {
+    let dom = ctx.dom();
+    let waiter = match ctx.waiter() {
+        Ok(w) => w,
+        Err(e) => {
+            tracing::error!(domid = dom.id, "{}: {e}", dirs.frontend);
+            dirs.set_state(state::CLOSED);
+            return;
+        }
+    };
+    if !ctx.wait_until(&waiter, || {
+        dirs.frontend_state() == Some(state::INITIALISED)
+    }) {
         dirs.set_state(state::CLOSED);
         return;
     }
@@ -201,9 +205,8 @@ fn serve(
         dirs.frontend,
         switch.name()
     );
-    while !gone() && !dirs.front_closing() {
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    // Until the front end closes, the domain stops or the device is detached.
+    ctx.wait_until(&waiter, || dirs.front_closing());
     // Unplugging drops the port: its rings, then the channel and the grant mappings.
     let _ = switch.remove_port(id);
     dirs.set_state(state::CLOSED);

@@ -2,7 +2,8 @@
 //!
 //! A file is a list of `KEY = VALUE` settings, one per line (a list may span lines), `#` starts a
 //! comment. Values are strings in single or double quotes, integers, or lists of strings in
-//! brackets. Known keys: `name`, `memory` (MiB), `vcpus`, `cpus` (host CPUs the vCPUs may run
+//! brackets. Known keys: `name`, `memory` (MiB), `maxmem` (MiB the domain may balloon up to, at
+//! least `memory`), `vcpus`, `cpus` (host CPUs the vCPUs may run
 //! on: `"0-1,3"` or `"all"`), `kernel`, `cmdline` (or `extra`),
 //! `on_poweroff` / `on_reboot` / `on_crash` (`destroy` | `restart` | `preserve`), `disk` and `vif`
 //! (lists of device specs, as in xl-disk-configuration(5) and xl-network-configuration(5)).
@@ -803,19 +804,20 @@ pub fn parse_cpu_list(text: &str) -> Result<Vec<u32>, String> {
     Ok(cpus)
 }
 
-/// A domain as a configuration file describes it.
+/// A domain as a configuration file describes it. Deserialized through `SpecFields`, which
+/// checks each field, and then how they fit together (`maxmem` at least `memory`).
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(try_from = "SpecFields")]
 pub struct DomainSpec {
     /// Unique name.
     pub name: DomainName,
-    /// Memory in MiB.
-    #[serde(deserialize_with = "de_memory")]
+    /// Memory in MiB (at boot).
     pub memory: u64,
+    /// Most memory in MiB the domain may balloon up to (Xen's `maxmem`; `memory` when absent).
+    pub maxmem: Option<u64>,
     /// vCPUs.
-    #[serde(deserialize_with = "de_vcpus")]
     pub vcpus: u32,
     /// Host CPUs the vCPUs may run on (all when absent).
-    #[serde(default, deserialize_with = "de_cpus")]
     pub cpus: Option<Vec<u32>>,
     /// Kernel ELF (the project's own guest kernel when absent).
     pub kernel: Option<HostPath>,
@@ -828,11 +830,60 @@ pub struct DomainSpec {
     /// On crash.
     pub on_crash: Action,
     /// Disks (at most one per vdev).
-    #[serde(deserialize_with = "de_disks")]
     pub disks: Vec<DiskSpec>,
     /// Network interfaces (1 to 8).
-    #[serde(deserialize_with = "de_vifs")]
     pub vifs: Vec<VifSpec>,
+}
+
+/// A [`DomainSpec`]'s fields as they arrive from a client, each checked on its own.
+#[derive(serde::Deserialize)]
+struct SpecFields {
+    name: DomainName,
+    #[serde(deserialize_with = "de_memory")]
+    memory: u64,
+    #[serde(default, deserialize_with = "de_maxmem")]
+    maxmem: Option<u64>,
+    #[serde(deserialize_with = "de_vcpus")]
+    vcpus: u32,
+    #[serde(default, deserialize_with = "de_cpus")]
+    cpus: Option<Vec<u32>>,
+    kernel: Option<HostPath>,
+    cmdline: Cmdline,
+    on_poweroff: Action,
+    on_reboot: Action,
+    on_crash: Action,
+    #[serde(deserialize_with = "de_disks")]
+    disks: Vec<DiskSpec>,
+    #[serde(deserialize_with = "de_vifs")]
+    vifs: Vec<VifSpec>,
+}
+
+impl TryFrom<SpecFields> for DomainSpec {
+    type Error = String;
+    fn try_from(f: SpecFields) -> Result<Self, String> {
+        check_maxmem(f.memory, f.maxmem)?;
+        Ok(DomainSpec {
+            name: f.name,
+            memory: f.memory,
+            maxmem: f.maxmem,
+            vcpus: f.vcpus,
+            cpus: f.cpus,
+            kernel: f.kernel,
+            cmdline: f.cmdline,
+            on_poweroff: f.on_poweroff,
+            on_reboot: f.on_reboot,
+            on_crash: f.on_crash,
+            disks: f.disks,
+            vifs: f.vifs,
+        })
+    }
+}
+
+impl DomainSpec {
+    /// The most memory in MiB the domain may hold: `maxmem`, else `memory`.
+    pub fn max_memory(&self) -> u64 {
+        self.maxmem.unwrap_or(self.memory)
+    }
 }
 
 /// Most vifs per domain.
@@ -882,6 +933,22 @@ fn check_memory(m: u64) -> Result<(), String> {
 
 fn de_memory<'de, D: serde::Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
     checked(d, |&m: &u64| check_memory(m))
+}
+
+fn de_maxmem<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    checked(d, |m: &Option<u64>| {
+        m.map_or(Ok(()), |m| check_range("maxmem", m, &MEMORY_MIB))
+    })
+}
+
+/// `maxmem`, when set, is at least `memory` (Xen refuses less too).
+fn check_maxmem(memory: u64, maxmem: Option<u64>) -> Result<(), String> {
+    match maxmem {
+        Some(m) if m < memory => Err(format!(
+            "`maxmem` ({m} MiB) must be at least `memory` ({memory} MiB)"
+        )),
+        _ => Ok(()),
+    }
 }
 
 fn de_vcpus<'de, D: serde::Deserializer<'de>>(d: D) -> Result<u32, D::Error> {
@@ -968,6 +1035,7 @@ impl DomainSpec {
         let mut spec = DomainSpec {
             name: DomainName(String::new()),
             memory: 64,
+            maxmem: None,
             vcpus: 1,
             cpus: None,
             kernel: None,
@@ -979,6 +1047,7 @@ impl DomainSpec {
             vifs: Vec::new(),
         };
         let mut name_line = None;
+        let mut maxmem_line = None;
         for s in settings {
             let err = |reason: String| ConfigError {
                 file: file.to_owned(),
@@ -1017,6 +1086,10 @@ impl DomainSpec {
                     let m = want_int(&(0..=u64::MAX))?;
                     check_memory(m).map_err(err)?;
                     spec.memory = m;
+                }
+                "maxmem" => {
+                    spec.maxmem = Some(want_int(&MEMORY_MIB)?);
+                    maxmem_line = Some(s.line);
                 }
                 "vcpus" => spec.vcpus = want_int(&VCPUS)? as u32,
                 "cpus" => {
@@ -1067,6 +1140,13 @@ impl DomainSpec {
                 }
                 other => return Err(err(format!("unknown setting `{}`", Shown(other)))),
             }
+        }
+        if let (Some(line), Err(reason)) = (maxmem_line, check_maxmem(spec.memory, spec.maxmem)) {
+            return Err(ConfigError {
+                file: file.to_owned(),
+                line,
+                reason,
+            });
         }
         if name_line.is_none() {
             return Err(ConfigError {
@@ -1177,6 +1257,13 @@ vif = [ 'mac=02:53:00:00:00:01,bridge=br0,ip=10.0.0.2', 'bridge=lan,uplink=tap' 
             ("name = \"x\" memory = 64\n", 1, "unexpected `m`"),
             ("= 3\n", 1, "expected a setting name"),
             ("name = 'a b'\n", 1, "letters, digits"),
+            (
+                "name = \"x\"\nmaxmem = 32\nmemory = 64\n",
+                2,
+                "`maxmem` (32 MiB) must be at least `memory` (64 MiB)",
+            ),
+            ("name = \"x\"\nmaxmem = 8\n", 2, "from 16 to 16384"),
+            ("name = \"x\"\nmaxmem = \"1G\"\n", 2, "must be a number"),
         ];
         for (text, line, why) in cases {
             let e = spec(text).unwrap_err();
@@ -1206,6 +1293,27 @@ vif = [ 'mac=02:53:00:00:00:01,bridge=br0,ip=10.0.0.2', 'bridge=lan,uplink=tap' 
         assert!(
             e.to_string().contains("the least the guest kernel runs in"),
             "{e}"
+        );
+    }
+
+    #[test]
+    fn maxmem_is_optional_and_at_least_memory() {
+        let s = spec("name = \"x\"\nmemory = 64\n").unwrap();
+        assert_eq!((s.maxmem, s.max_memory()), (None, 64));
+        let s = spec("name = \"x\"\nmaxmem = 128\nmemory = 64\n").unwrap();
+        assert_eq!((s.maxmem, s.max_memory()), (Some(128), 128));
+        assert!(spec("name = \"x\"\nmaxmem = 64\n").is_ok(), "equal is fine");
+        // The same check holds for a spec that arrives as JSON.
+        let mut v = serde_json::to_value(&s).unwrap();
+        v["maxmem"] = serde_json::json!(32);
+        let e = serde_json::from_value::<DomainSpec>(v.clone()).unwrap_err();
+        assert!(e.to_string().contains("must be at least `memory`"), "{e}");
+        v["maxmem"] = serde_json::json!(1 << 20);
+        assert!(serde_json::from_value::<DomainSpec>(v.clone()).is_err());
+        v.as_object_mut().unwrap().remove("maxmem");
+        assert_eq!(
+            serde_json::from_value::<DomainSpec>(v).unwrap().maxmem,
+            None
         );
     }
 

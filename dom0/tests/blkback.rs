@@ -623,11 +623,12 @@ fn a_full_ring_of_unmergeable_indirect_requests_completes_with_nothing_lost() {
     let chan =
         Chan(vmm_sys_util::eventfd::EventFd::new(vmm_sys_util::eventfd::EFD_NONBLOCK).unwrap());
     let stop = std::sync::atomic::AtomicBool::new(false);
+    let wake = vmm_sys_util::eventfd::EventFd::new(vmm_sys_util::eventfd::EFD_NONBLOCK).unwrap();
     let reads: Vec<_> = (0..REQS)
         .map(|r| indirect(300 + r as u64, IndirectOp::Read, r))
         .collect();
     let got = std::thread::scope(|s| {
-        let server = s.spawn(|| back.serve(&chan, &mut || stop.load(SeqCst)));
+        let server = s.spawn(|| back.serve(&chan, &wake, &mut || stop.load(SeqCst)));
         if front.submit(&reads).unwrap() {
             chan.0.write(1).unwrap();
         }
@@ -638,6 +639,7 @@ fn a_full_ring_of_unmergeable_indirect_requests_completes_with_nothing_lost() {
             std::thread::sleep(std::time::Duration::from_millis(1));
         }
         stop.store(true, SeqCst);
+        wake.write(1).unwrap();
         server.join().unwrap().unwrap();
         got.sort_by_key(|x| x.0);
         got

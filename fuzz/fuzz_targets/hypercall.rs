@@ -8,6 +8,7 @@
 
 use libfuzzer_sys::fuzz_target;
 use pv_protocol::evtchn::EvtchnCommand;
+use pv_protocol::memory::{MAX_EXTENTS, MemoryCmd, MemoryReservation, Reservation};
 use pv_protocol::hypercall::{
     ConsoleIoCmd, Errno, Hypercall, HypercallRequest, MAX_CONSOLE_IO, MAX_POLL_PORTS,
     MAX_TIMER_NS, Poll, SchedCmd, SchedPoll, SchedShutdown, Shutdown, SingleshotTimer,
@@ -75,6 +76,21 @@ fuzz_target!(|data: &[u8]| {
                     } else {
                         // A short argument is refused, never read past.
                         assert!(EvtchnCommand::parse(op, arg).is_err());
+                    }
+                }
+                Hypercall::MemoryOp(
+                    MemoryCmd::DecreaseReservation { .. } | MemoryCmd::PopulatePhysmap { .. },
+                ) => {
+                    if let Ok((raw, _)) = MemoryReservation::read_from_prefix(arg) {
+                        match Reservation::parse(&raw) {
+                            Ok(r) => {
+                                // The dispatcher allocates `count * 8` bytes for the frame list.
+                                assert!(r.count <= MAX_EXTENTS);
+                                assert_eq!(u64::from(r.count), raw.nr_extents);
+                                assert_eq!(Reservation::parse(&r.to_raw()), Ok(r));
+                            }
+                            Err(e) => assert!(e.errno().as_i64() < 0),
+                        }
                     }
                 }
                 _ => {}

@@ -37,6 +37,14 @@ pub enum BootError {
     /// The command line does not fit.
     #[error("command line is {0} bytes, at most {max} fit", max = CMDLINE_MAX - 1)]
     CmdlineTooLong(usize),
+    /// The kernel ends beyond the memory the domain holds at boot.
+    #[error("the kernel ends at {end:#x}, beyond the domain's memory ({limit:#x})")]
+    KernelTooLarge {
+        /// Its end.
+        end: u64,
+        /// The memory.
+        limit: u64,
+    },
     /// Memory size outside what the layout supports.
     #[error("memory size {0} MiB is outside 4 MiB..=64 GiB")]
     BadMemorySize(u64),
@@ -124,6 +132,12 @@ pub fn min_mem_bytes(kernel: &[u8], vcpus: u32) -> Result<u64> {
 
 /// Loads `kernel` and returns its entry point.
 pub fn load_kernel(ram: &GuestRam, kernel: &[u8]) -> Result<u64> {
+    load_kernel_below(ram, kernel, u64::MAX).map(|(entry, _)| entry)
+}
+
+/// Loads `kernel`, which must end at or below `limit` (the memory the domain holds at boot:
+/// frames above it are absent); returns its entry point and end.
+pub fn load_kernel_below(ram: &GuestRam, kernel: &[u8], limit: u64) -> Result<(u64, u64)> {
     let loaded = Elf::load(
         ram.inner(),
         None,
@@ -131,7 +145,13 @@ pub fn load_kernel(ram: &GuestRam, kernel: &[u8]) -> Result<u64> {
         Some(GuestAddress(KERNEL_MIN_LOAD)),
     )
     .map_err(BootError::Elf)?;
-    Ok(loaded.kernel_load.0)
+    if loaded.kernel_end > limit {
+        return Err(BootError::KernelTooLarge {
+            end: loaded.kernel_end,
+            limit,
+        });
+    }
+    Ok((loaded.kernel_load.0, loaded.kernel_end))
 }
 
 /// Writes the identity-mapping page tables, the GDT and the TSS; returns the mapped size.
@@ -235,6 +255,8 @@ pub struct StartParams<'a> {
     pub domid: u32,
     /// vCPUs.
     pub vcpus: u32,
+    /// Bytes of memory the domain holds at boot (from 0; the rest of `ram` is absent).
+    pub mem_bytes: u64,
     /// Identity-mapped bytes.
     pub mapped: u64,
     /// TSC frequency.
@@ -263,7 +285,7 @@ pub fn write_start_info(ram: &GuestRam, p: &StartParams<'_>) -> Result<()> {
         abi_minor: u32::from(ABI_VERSION_MINOR),
         domid: p.domid,
         nr_vcpus: p.vcpus,
-        mem_bytes: ram.size(),
+        mem_bytes: p.mem_bytes.min(ram.size()),
         mapped_bytes: p.mapped,
         tsc_khz: p.tsc_khz,
         features: u64::from(p.features.bits()),
@@ -277,7 +299,8 @@ pub fn write_start_info(ram: &GuestRam, p: &StartParams<'_>) -> Result<()> {
         console_evtchn: 0,
         max_ports: p.max_ports,
         flags: p.flags.bits(),
-        _reserved: [0; 16],
+        max_mem_bytes: ram.size(),
+        _reserved: [0; 15],
         cmdline: [0; CMDLINE_MAX],
     };
     si.cmdline[..bytes.len()].copy_from_slice(bytes);

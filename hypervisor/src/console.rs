@@ -1,6 +1,7 @@
 //! A domain's console: a bounded history of what the guest printed, optionally echoed live.
 
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Condvar, Mutex};
 use std::time::{Duration, Instant};
 
@@ -15,6 +16,8 @@ pub type Echo = Box<dyn Fn(&[u8]) + Send + Sync>;
 struct History {
     bytes: VecDeque<u8>,
     total: u64,
+    /// The domain has stopped and its output is all in: nothing more will come.
+    finished: bool,
 }
 
 /// Keystrokes queued for the guest, beyond which input is refused (a guest that does not read
@@ -104,6 +107,40 @@ impl Console {
         h.bytes.iter().copied().collect()
     }
 
+    /// Marks the output complete (the domain stopped and its last output was collected) and
+    /// wakes every reader.
+    pub(crate) fn finish(&self) {
+        self.history
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .finished = true;
+        self.grew.notify_all();
+    }
+
+    /// Wakes every [`stream_from`](Self::stream_from) so that it looks at its `hung_up` flag
+    /// again (call it after setting one).
+    pub fn wake_readers(&self) {
+        let _h = self.history.lock().unwrap_or_else(|p| p.into_inner());
+        self.grew.notify_all();
+    }
+
+    /// Whether the output is complete: the domain has stopped and nothing more will come.
+    pub fn is_finished(&self) -> bool {
+        self.history
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .finished
+    }
+
+    /// Output past stream position `from` (maybe none) and the new position. Bytes already
+    /// dropped from the bounded history are skipped (the data then starts at the oldest byte
+    /// kept).
+    fn since(h: &History, from: u64) -> (Vec<u8>, u64) {
+        let oldest = h.total - h.bytes.len() as u64;
+        let skip = from.saturating_sub(oldest) as usize;
+        (h.bytes.iter().skip(skip).copied().collect(), h.total)
+    }
+
     /// Streams output: waits up to `timeout` for bytes past stream position `from` and returns
     /// them with the new position. Bytes already dropped from the bounded history are skipped
     /// (the returned data then starts at the oldest byte kept).
@@ -113,9 +150,23 @@ impl Console {
             .grew
             .wait_timeout_while(h, timeout, |h| h.total <= from)
             .unwrap_or_else(|p| p.into_inner());
-        let oldest = h.total - h.bytes.len() as u64;
-        let skip = from.saturating_sub(oldest) as usize;
-        (h.bytes.iter().skip(skip).copied().collect(), h.total)
+        Self::since(&h, from)
+    }
+
+    /// As [`read_from`](Self::read_from), with no timeout: waits until there are bytes past
+    /// `from`, the output is [finished](Self::is_finished), or `hung_up` is set (by whoever then
+    /// calls [`wake_readers`](Self::wake_readers)); returns nothing new in the last two cases.
+    pub fn stream_from(&self, from: u64, hung_up: &AtomicBool) -> (Vec<u8>, u64) {
+        let h = self.history.lock().unwrap_or_else(|p| p.into_inner());
+        // Acquire: pairs with the Release store of whoever sets it before waking us; checked
+        // under the lock `wake_readers` takes, so a hang-up after this check wakes this wait.
+        let waiting =
+            |h: &mut History| h.total <= from && !h.finished && !hung_up.load(Ordering::Acquire);
+        let h = self
+            .grew
+            .wait_while(h, waiting)
+            .unwrap_or_else(|p| p.into_inner());
+        Self::since(&h, from)
     }
 
     /// The history as (lossy) text.
@@ -171,7 +222,28 @@ mod tests {
         assert_eq!(c.read_from(pos, Duration::ZERO).0, b"two\n");
         assert!(c.read_from(8, Duration::from_millis(10)).0.is_empty());
         c.write(&vec![b'y'; HISTORY_BYTES]);
-        let (got, _) = c.read_from(pos, Duration::ZERO);
+        let (got, total) = c.read_from(pos, Duration::ZERO);
         assert_eq!(got.len(), HISTORY_BYTES, "only what is still kept");
+        let hung_up = AtomicBool::new(false);
+        assert_eq!(c.stream_from(pos, &hung_up).0.len(), HISTORY_BYTES);
+        // A stream waiting with no timeout ends when its reader hangs up, and when the output
+        // does; another stream's hang-up wakes it without ending it.
+        std::thread::scope(|s| {
+            let reader = s.spawn(|| c.stream_from(total, &hung_up));
+            c.wake_readers();
+            std::thread::sleep(Duration::from_millis(20));
+            assert!(!reader.is_finished());
+            hung_up.store(true, Ordering::Release);
+            c.wake_readers();
+            assert_eq!(reader.join().unwrap(), (Vec::new(), total));
+        });
+        let hung_up = AtomicBool::new(false);
+        std::thread::scope(|s| {
+            let reader = s.spawn(|| c.stream_from(total, &hung_up));
+            std::thread::sleep(Duration::from_millis(20));
+            c.finish();
+            assert_eq!(reader.join().unwrap(), (Vec::new(), total));
+        });
+        assert!(c.is_finished());
     }
 }

@@ -128,6 +128,40 @@ pub enum VcpuError {
     Pin(u32, #[source] std::io::Error),
 }
 
+/// Called when a domain reaches a final state ([`DomainShared::watch_stop`]).
+pub type OnStop = Box<dyn Fn() + Send + Sync>;
+
+/// Whoever wants to hear of the domain's stop.
+#[derive(Default)]
+pub(crate) struct StopWatchers {
+    next: u64,
+    list: Vec<(u64, OnStop)>,
+}
+
+impl std::fmt::Debug for StopWatchers {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StopWatchers")
+            .field("watchers", &self.list.len())
+            .finish()
+    }
+}
+
+/// A callback registered with [`DomainShared::watch_stop`]; dropping it removes it (once the drop
+/// returns, it is not running and is never called again).
+#[derive(Debug)]
+pub struct StopWatch {
+    dom: std::sync::Weak<DomainShared>,
+    id: u64,
+}
+
+impl Drop for StopWatch {
+    fn drop(&mut self) {
+        if let Some(d) = self.dom.upgrade() {
+            d.stop_watchers().list.retain(|(id, _)| *id != self.id);
+        }
+    }
+}
+
 /// What every vCPU thread of a domain shares.
 #[derive(Debug)]
 pub struct DomainShared {
@@ -147,6 +181,8 @@ pub struct DomainShared {
     pub console: Console,
     pub(crate) inner: Mutex<Inner>,
     pub(crate) changed: Condvar,
+    /// Told when the domain reaches a final state (never under `inner`).
+    stop_watchers: Mutex<StopWatchers>,
     faults: Mutex<HashMap<&'static str, u64>>,
     /// Event-channel ports.
     pub(crate) ports: Mutex<crate::evtchn::PortTable>,
@@ -156,6 +192,8 @@ pub struct DomainShared {
     pub grant_frames: u32,
     /// Live host mappings of this domain's grants.
     pub(crate) maptrack: Mutex<crate::grant::MapTrack>,
+    /// Which frames of its memory hold memory, and how many may ([`crate::reservation`]).
+    pub reservation: crate::reservation::Reservation,
     /// The config store (shared by all domains).
     pub store: Arc<crate::store::Store>,
     /// Tells the PV-device thread to finish.
@@ -189,6 +227,10 @@ impl DomainShared {
             ports: Mutex::new(crate::evtchn::PortTable::new(cfg.max_ports, cfg.vcpus)),
             grant_frames: cfg.grant_frames,
             maptrack: Mutex::default(),
+            reservation: crate::reservation::Reservation::new(
+                cfg.mem_mib << 8,
+                ram.size() / pv_protocol::PAGE_SIZE as u64,
+            ),
             store,
             pvdev_stop,
             timers,
@@ -211,12 +253,45 @@ impl DomainShared {
                 ],
             }),
             changed: Condvar::new(),
+            stop_watchers: Mutex::default(),
             faults: Mutex::new(HashMap::new()),
         }
     }
 
     pub(crate) fn lock(&self) -> MutexGuard<'_, Inner> {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn stop_watchers(&self) -> MutexGuard<'_, StopWatchers> {
+        self.stop_watchers.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Calls `f` once the domain reaches a final state (shut down, crashed or destroyed), or at
+    /// once if it has already: a thread that must act on the domain's end sleeps on what `f`
+    /// signals instead of looking at the state on a timer. `f` runs on the thread that stopped
+    /// the domain (a vCPU's, or the destroyer's), with the watcher list locked and no other lock
+    /// of the domain held: it must not block, nor register or drop a watch of this domain; it
+    /// should only signal (write an eventfd, send on a channel). It may be called more than once.
+    pub fn watch_stop(self: &Arc<Self>, f: OnStop) -> StopWatch {
+        let id = {
+            let mut w = self.stop_watchers();
+            w.next += 1;
+            let id = w.next;
+            w.list.push((id, f));
+            id
+        };
+        // After the push: a stop that this read misses comes after it (the state lock orders the
+        // two), so that stop's call of the watchers finds `f` in the list.
+        if self.state().is_final() {
+            let w = self.stop_watchers();
+            if let Some((_, f)) = w.list.iter().find(|(i, _)| *i == id) {
+                f();
+            }
+        }
+        StopWatch {
+            dom: Arc::downgrade(self),
+            id,
+        }
     }
 
     /// CPU time the domain's vCPUs have used (in the guest and in exits), as `xl list` shows.
@@ -320,12 +395,26 @@ impl DomainShared {
         self.changed.notify_all();
         crate::vcpu::kick_all(&g.vcpu_threads());
         let _ = self.pvdev_stop.write(1);
+        if g.pvdev_done {
+            // The PV-device thread is gone already: no more output comes from the ring.
+            self.console.finish();
+        }
+        drop(g);
+        // After the state is final and without the state lock (watchers may read the state).
+        for (_, f) in &self.stop_watchers().list {
+            f();
+        }
         true
     }
 
     /// Called by the PV-device thread when it exits.
     pub(crate) fn pvdev_finished(&self) {
-        self.lock().pvdev_done = true;
+        let mut g = self.lock();
+        g.pvdev_done = true;
+        if g.state.is_final() {
+            // The last pass after the stop collected the output written before it.
+            self.console.finish();
+        }
         self.changed.notify_all();
     }
 

@@ -7,6 +7,10 @@
 //! mapping cannot race: whichever exchange comes first wins, and the loser sees a changed word.
 //! The mapping hands out checked access to that one page only, and clears its bits on drop once
 //! the last mapping of the entry goes away.
+//!
+//! Mappings are also counted per frame, so that a frame another domain has mapped is never given
+//! back (freed) by its owner's balloon ([`crate::reservation`]), and a frame given back is never
+//! mapped: both are decided under the map-track lock.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, Weak};
@@ -54,6 +58,14 @@ pub enum GrantError {
         /// The frame in the entry.
         frame: u32,
     },
+    /// The granted frame is one the granting domain gave back (it holds no memory).
+    #[error("grant ref {gref} names frame {frame:#x}, which its domain gave back")]
+    GivenBack {
+        /// The reference.
+        gref: u32,
+        /// The frame in the entry.
+        frame: u32,
+    },
     /// The guest kept changing the entry while we tried to claim it.
     #[error("grant ref {0} changed under us repeatedly")]
     Busy(u32),
@@ -73,13 +85,22 @@ pub enum GrantError {
 /// Result alias for this module.
 pub type Result<T> = std::result::Result<T, GrantError>;
 
-/// Live mappings of a domain's grants, by reference: how many and how (read, write).
+/// Live mappings of a domain's grants, by reference: how many and how (read, write); and by
+/// frame: how many mappings (of any reference) show it.
 #[derive(Debug, Default)]
 pub(crate) struct MapTrack {
     maps: HashMap<u32, (u32, u32)>,
+    frames: HashMap<u32, u32>,
 }
 
-fn track(d: &DomainShared) -> std::sync::MutexGuard<'_, MapTrack> {
+impl MapTrack {
+    /// Whether another domain has `frame` mapped now.
+    pub(crate) fn frame_mapped(&self, frame: u64) -> bool {
+        u32::try_from(frame).is_ok_and(|f| self.frames.contains_key(&f))
+    }
+}
+
+pub(crate) fn track(d: &DomainShared) -> std::sync::MutexGuard<'_, MapTrack> {
     d.maptrack.lock().unwrap_or_else(|p| p.into_inner())
 }
 
@@ -154,9 +175,17 @@ pub fn map(
                     .is_none_or(|end| end > d.ram.size())
                 {
                     drop(track);
-                    release(d, gref, !readonly);
+                    release(d, gref, !readonly, None);
                     return Err(GrantError::BadFrame { gref, frame });
                 }
+                // Under the map-track lock, as the balloon's give-back: a frame is either absent
+                // and not mapped, or mapped (counted here) and then not given back.
+                if d.reservation.is_absent(u64::from(frame)) {
+                    drop(track);
+                    release(d, gref, !readonly, None);
+                    return Err(GrantError::GivenBack { gref, frame });
+                }
+                *track.frames.entry(frame).or_insert(0) += 1;
                 return Ok(GrantMapping {
                     dom: Arc::downgrade(d),
                     domid: d.id,
@@ -173,11 +202,20 @@ pub fn map(
     Err(GrantError::Busy(gref))
 }
 
-fn release(d: &DomainShared, gref: u32, writable: bool) {
+/// Ends one mapping of `gref` (of `frame`, if it was counted).
+fn release(d: &DomainShared, gref: u32, writable: bool, frame: Option<u32>) {
     let Ok((table, off)) = entry_word(d, gref) else {
         return;
     };
     let mut track = track(d);
+    if let Some(f) = frame
+        && let Some(n) = track.frames.get_mut(&f)
+    {
+        *n -= 1;
+        if *n == 0 {
+            track.frames.remove(&f);
+        }
+    }
     let Some(e) = track.maps.get_mut(&gref) else {
         return;
     };
@@ -383,7 +421,7 @@ pub fn map_ring(granter: &Arc<DomainShared>, refs: &[GrantRef], mapper: u32) -> 
 impl Drop for GrantMapping {
     fn drop(&mut self) {
         if let Some(d) = self.dom.upgrade() {
-            release(&d, self.gref, self.writable);
+            release(&d, self.gref, self.writable, Some((self.gpa / 4096) as u32));
         }
     }
 }

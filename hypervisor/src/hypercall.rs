@@ -162,6 +162,7 @@ fn dispatch(
         }
         Hypercall::VcpuOp(cmd) => vcpu_op(dom, vcpu, cmd),
         Hypercall::EventChannelOp { op, arg } => event_channel_op(dom, vcpu, op, arg.0),
+        Hypercall::MemoryOp(cmd) => crate::reservation::memory_op(dom, vcpu, cmd),
         Hypercall::GrantTableOp(GnttabCmd::QuerySize { arg }) => {
             let mut q: GnttabQuerySize = dom
                 .ram

@@ -17,6 +17,7 @@ pub mod grant;
 pub mod hypercall;
 pub mod memory;
 pub mod pvdev;
+pub mod reservation;
 pub mod store;
 mod timer;
 pub mod vcpu;
@@ -95,8 +96,11 @@ pub enum KvmFlavour {
 pub struct DomainConfig {
     /// Name.
     pub name: String,
-    /// Memory in MiB.
+    /// Memory in MiB the domain holds at boot.
     pub mem_mib: u64,
+    /// Size of its physical map in MiB (xl.cfg's `maxmem`), at least `mem_mib`: it may populate
+    /// frames up to here ([`reservation`]). `None`: `mem_mib`.
+    pub max_mem_mib: Option<u64>,
     /// vCPUs.
     pub vcpus: u32,
     /// ELF64 kernel image (default: the Splitvisor guest kernel).
@@ -120,6 +124,7 @@ impl Default for DomainConfig {
         Self {
             name: "domain".into(),
             mem_mib: 64,
+            max_mem_mib: None,
             vcpus: 1,
             kernel: None,
             cmdline: "selftest".into(),
@@ -217,9 +222,17 @@ impl Hypervisor {
                 cfg.mem_mib
             )));
         }
+        let max_mem_mib = cfg.max_mem_mib.unwrap_or(cfg.mem_mib);
+        if !(cfg.mem_mib..=MAX_MEM_MIB).contains(&max_mem_mib) {
+            return Err(Error::Config(format!(
+                "max_mem_mib = {max_mem_mib} ({}..={MAX_MEM_MIB})",
+                cfg.mem_mib
+            )));
+        }
         let kernel = cfg.kernel.as_deref().unwrap_or(guest_drivers::GUEST_KERNEL);
-        // A kernel must fit with the room the boot ABI promises it: a guest running outside its
-        // memory would only crash (see `vcpu`), so it is refused before anything is built.
+        // A kernel must fit the memory the domain holds at boot, with the room the boot ABI
+        // promises it: a guest running outside its memory would only crash (see `vcpu`), or with
+        // maxmem use frames it does not hold, so it is refused before anything is built.
         let need = boot::min_mem_bytes(kernel, cfg.vcpus)?;
         if cfg.mem_mib << 20 < need {
             return Err(Error::MemoryTooSmall {
@@ -231,8 +244,10 @@ impl Hypervisor {
         // of this domain is gone, and is then reused only after the pool's delay.
         let lease = self.domids.allocate()?;
         let id = lease.id();
-        let ram = memory::GuestRam::new(cfg.mem_mib << 20)?;
-        let entry = boot::load_kernel(&ram, kernel)?;
+        let ram = memory::GuestRam::new(max_mem_mib << 20)?;
+        // With maxmem, frames above `mem_mib` are absent: the image must lie below them (it
+        // does: `need` above counts it; loading checks again).
+        let (entry, _) = boot::load_kernel_below(&ram, kernel, cfg.mem_mib << 20)?;
         let mapped = boot::write_tables(&ram)?;
 
         let vm = self
@@ -272,6 +287,7 @@ impl Hypervisor {
             &boot::StartParams {
                 domid: id,
                 vcpus: cfg.vcpus,
+                mem_bytes: cfg.mem_mib << 20,
                 mapped,
                 tsc_khz,
                 features: hypercall::features(),

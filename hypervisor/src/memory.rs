@@ -21,6 +21,20 @@ pub enum MemoryError {
     /// A second host view of guest pages could not be mapped.
     #[error("cannot map a view of {0} guest page(s)")]
     View(usize, #[source] std::io::Error),
+    /// Freeing guest pages (a hole in the memfd) failed.
+    #[error("cannot free guest range {gpa:#x}+{len:#x}")]
+    Punch {
+        /// Start of the range.
+        gpa: u64,
+        /// Its length.
+        len: u64,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The memfd's size could not be read.
+    #[error("cannot read the size of guest memory")]
+    Stat(#[source] std::io::Error),
     /// An access (partly) outside guest memory.
     #[error("guest range {gpa:#x}+{len:#x} is outside guest memory")]
     OutOfRange {
@@ -154,6 +168,52 @@ impl GuestRam {
         Ok(view)
     }
 
+    /// Frees the host memory behind `gpa..gpa + len` (page-aligned): the range becomes a hole of
+    /// the memfd, and reads as zeros (a fresh page at the next access, by anyone).
+    pub fn punch(&self, gpa: u64, len: u64) -> Result<()> {
+        let page = pv_protocol::PAGE_SIZE as u64;
+        let bad = || MemoryError::OutOfRange {
+            gpa,
+            len: len as usize,
+        };
+        if !gpa.is_multiple_of(page)
+            || !len.is_multiple_of(page)
+            || gpa.checked_add(len).is_none_or(|e| e > self.size)
+        {
+            return Err(bad());
+        }
+        let (off, n) = (
+            libc::off_t::try_from(gpa).map_err(|_| bad())?,
+            libc::off_t::try_from(len).map_err(|_| bad())?,
+        );
+        // SAFETY: fallocate on our own memfd with a range checked to lie inside it; no memory of
+        // ours is passed. Mappings of the range (ours, KVM's through the MMU notifier) are zapped
+        // by the kernel and fault in fresh zero pages afterwards.
+        let r = unsafe {
+            libc::fallocate(
+                self._memfd.as_raw_fd(),
+                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                off,
+                n,
+            )
+        };
+        if r != 0 {
+            return Err(MemoryError::Punch {
+                gpa,
+                len,
+                source: std::io::Error::last_os_error(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Host memory the memfd has allocated now (`st_blocks`): the pages anyone has touched and
+    /// nobody has freed since.
+    pub fn allocated_bytes(&self) -> Result<u64> {
+        let m = self._memfd.metadata().map_err(MemoryError::Stat)?;
+        Ok(std::os::unix::fs::MetadataExt::blocks(&m) * 512)
+    }
+
     fn check(&self, gpa: u64, len: usize) -> Result<()> {
         match gpa.checked_add(len as u64) {
             Some(end) if end <= self.size => Ok(()),
@@ -261,6 +321,32 @@ mod tests {
         ));
         ram.write_obj(0x100, &0xdead_beef_u32).unwrap();
         assert_eq!(ram.read_obj::<u32>(0x100).unwrap(), 0xdead_beef);
+    }
+
+    #[test]
+    fn a_punched_range_frees_its_memory_and_reads_as_zeros() {
+        let ram = GuestRam::new(1 << 20).unwrap();
+        assert_eq!(ram.allocated_bytes().unwrap(), 0);
+        ram.write(0x3000, &[0xa5; 8192]).unwrap();
+        assert_eq!(ram.allocated_bytes().unwrap(), 8192);
+        ram.punch(0x3000, 4096).unwrap();
+        assert_eq!(ram.allocated_bytes().unwrap(), 4096);
+        let mut b = [0xffu8; 8];
+        ram.read(0x3000, &mut b).unwrap();
+        assert_eq!(b, [0; 8]);
+        ram.read(0x4000, &mut b).unwrap();
+        assert_eq!(b, [0xa5; 8], "the neighbour keeps its data");
+        for (gpa, len) in [
+            (0x3001, 4096),
+            (0x3000, 100),
+            ((1 << 20) - 4096, 8192),
+            (u64::MAX - 4095, 4096),
+        ] {
+            assert!(
+                matches!(ram.punch(gpa, len), Err(MemoryError::OutOfRange { .. })),
+                "{gpa:#x}+{len}"
+            );
+        }
     }
 
     #[test]

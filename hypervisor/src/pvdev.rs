@@ -3,8 +3,9 @@
 //!
 //! Both rings live in pages of the guest's memory (start-info says where) and each has an event
 //! channel bound to a host endpoint, so the guest's kicks arrive through the ioeventfd doorbell
-//! without a VMM exit. The thread sleeps in `poll` on those eventfds, a wake-up eventfd (store
-//! watch events) and a stop eventfd.
+//! without a VMM exit. The thread sleeps in `poll`, with no timeout, on those eventfds, a wake-up
+//! eventfd (store watch events, console input) and a stop eventfd: an idle domain's thread never
+//! wakes.
 //!
 //! Store messages are copied out of the ring, reassembled, bounded (`PAYLOAD_MAX`), parsed by
 //! pv-protocol and answered; a malformed one gets an error reply. A guest that stops reading its
@@ -56,7 +57,7 @@ fn wait(fds: &[&EventFd]) {
         })
         .collect();
     // SAFETY: `pfds` is a valid array of `pfds.len()` pollfds for the duration of the call.
-    unsafe { libc::poll(pfds.as_mut_ptr(), pfds.len() as libc::nfds_t, 1000) };
+    unsafe { libc::poll(pfds.as_mut_ptr(), pfds.len() as libc::nfds_t, -1) };
     for f in fds {
         // Non-blocking eventfds: a failed read only means nothing was signalled.
         let _ = f.read();
@@ -100,8 +101,9 @@ fn serve(dom: &Arc<DomainShared>, store: &Store, devs: &PvDevs) {
         let mut buf = [0u8; 2048];
         let mut drained = false;
         // Bounded: a guest writing from several vCPUs could otherwise keep this thread here
-        // and starve its store; what is left is read on the next pass.
-        for _ in 0..CONSOLE_READS_PER_PASS {
+        // and starve its store; what is left is read on the next pass, at once.
+        let mut more = false;
+        for i in 0..CONSOLE_READS_PER_PASS {
             if console_broken {
                 break;
             }
@@ -110,6 +112,7 @@ fn serve(dom: &Arc<DomainShared>, store: &Store, devs: &PvDevs) {
                 Ok(n) => {
                     dom.console.write(&buf[..n]);
                     drained = true;
+                    more = i + 1 == CONSOLE_READS_PER_PASS;
                 }
                 Err(e) => {
                     // The ring stays broken; the guest still has the console hypercall.
@@ -144,6 +147,9 @@ fn serve(dom: &Arc<DomainShared>, store: &Store, devs: &PvDevs) {
         }
         if stopping {
             break;
+        }
+        if more {
+            continue;
         }
         wait(&[
             devs.store_port.eventfd(),

@@ -139,6 +139,16 @@ impl Watches {
 
     /// Adds a watch (not held yet); returns its shared path and token.
     fn add(&mut self, domid: u32, path: &str, token: &str) -> (Arc<str>, Arc<str>) {
+        let (path, token) = self.index(domid, path, token);
+        let (list, bytes) = self.by_dom.entry(domid).or_default();
+        *bytes += path.len() + token.len();
+        list.push((Arc::clone(&path), Arc::clone(&token)));
+        (path, token)
+    }
+
+    /// Puts a watch in the path index only (not in `by_dom`: dom0's in-process watches, which
+    /// no quota counts and which go one by one, never with a domain).
+    fn index(&mut self, domid: u32, path: &str, token: &str) -> (Arc<str>, Arc<str>) {
         let token: Arc<str> = Arc::from(token);
         let path = match self.by_path.get_key_value(path) {
             Some((p, _)) => Arc::clone(p),
@@ -149,14 +159,23 @@ impl Watches {
         };
         let group = self.by_path.entry(Arc::clone(&path)).or_default();
         group.entry(domid).or_default().push(Arc::clone(&token));
-        let (list, bytes) = self.by_dom.entry(domid).or_default();
-        *bytes += path.len() + token.len();
-        list.push((Arc::clone(&path), Arc::clone(&token)));
         (path, token)
     }
 
     /// Removes one watch; whether it was held.
     fn remove(&mut self, domid: u32, path: &str, token: &str) -> bool {
+        if !self.unindex(domid, path, token) {
+            return false;
+        }
+        if let Some((list, bytes)) = self.by_dom.get_mut(&domid) {
+            list.retain(|(p, t)| !(**p == *path && **t == *token));
+            *bytes = bytes.saturating_sub(path.len() + token.len());
+        }
+        true
+    }
+
+    /// Takes a watch out of the path index; whether it was there.
+    fn unindex(&mut self, domid: u32, path: &str, token: &str) -> bool {
         let Some(group) = self.by_path.get_mut(path) else {
             return false;
         };
@@ -178,10 +197,6 @@ impl Watches {
                     self.lens.remove(&path.len());
                 }
             }
-        }
-        if let Some((list, bytes)) = self.by_dom.get_mut(&domid) {
-            list.retain(|(p, t)| !(**p == *path && **t == *token));
-            *bytes = bytes.saturating_sub(path.len() + token.len());
         }
         true
     }
@@ -215,8 +230,39 @@ struct Tx {
     owned_delta: i64,
 }
 
-/// Called when a domain has new watch events queued.
+/// Called when a domain has new watch events queued, or (for [`Store::watch_local`]) when a
+/// watched path changed. It runs with the store's lock held: it must not call the store, and
+/// should only signal (write an eventfd, notify a condition variable whose waiters never hold
+/// its mutex while they call the store).
 pub type Wake = Box<dyn Fn() + Send + Sync>;
+
+/// Tokens of dom0's in-process watches start with a NUL, which no token from a ring can hold
+/// (the wire's strings end at their first NUL).
+const LOCAL_TOKEN: char = '\0';
+
+/// A watch of dom0's own, in this process ([`Store::watch_local`]): its callback is called for
+/// every change at or below the watched path, and the watch goes when this is dropped.
+pub struct LocalWatch {
+    store: Arc<Store>,
+    path: Arc<str>,
+    token: Arc<str>,
+}
+
+impl std::fmt::Debug for LocalWatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LocalWatch")
+            .field("path", &self.path)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Drop for LocalWatch {
+    fn drop(&mut self) {
+        let mut g = self.store.lock();
+        g.watches.unindex(0, &self.path, &self.token);
+        g.local.remove(&self.token);
+    }
+}
 
 #[derive(Default)]
 struct Inner {
@@ -232,6 +278,10 @@ struct Inner {
     events: HashMap<u32, EventQueue>,
     /// Each introduced domain's waker: a domain is introduced from `introduce` to `release`.
     wakers: HashMap<u32, Arc<Wake>>,
+    /// dom0's in-process watches, by token: called at once instead of queuing an event.
+    local: HashMap<Arc<str>, Wake>,
+    /// Numbers the tokens of in-process watches.
+    next_local: u64,
     /// Ids that some node's permissions (live, or in an open transaction) named while no
     /// domain with the id was introduced: `introduce` forgets them before a new domain gets the
     /// id, and introducing any other id needs no pass over the store. At most one entry per
@@ -620,6 +670,26 @@ impl Store {
         let (path, token) = g.watches.add(domid, &path, token);
         g.queue_event(domid, &path, &path, &token);
         Ok(())
+    }
+
+    /// Watches `path` (absolute, or relative to dom0's home) for dom0, in this process: `wake`
+    /// is called (with the store's lock held, see [`Wake`]) once at once, as a watch fires at
+    /// registration, and then for every change at or below the path, including its removal or
+    /// the removal of an ancestor, and for nothing else. No event is queued; the caller reads
+    /// what it needs. Costs one entry in the watch index, until the returned watch is dropped.
+    pub fn watch_local(self: &Arc<Self>, path: &str, wake: Wake) -> LocalWatch {
+        let path = Self::absolute(0, path);
+        let mut g = self.lock();
+        g.next_local += 1;
+        let token = format!("{LOCAL_TOKEN}local-{}", g.next_local);
+        let (path, token) = g.watches.index(0, &path, &token);
+        wake();
+        g.local.insert(Arc::clone(&token), wake);
+        LocalWatch {
+            store: Arc::clone(self),
+            path,
+            token,
+        }
     }
 
     /// Removes a watch.
@@ -1113,6 +1183,13 @@ impl Inner {
     /// event quota (see [`EventQueue::lost`] for what happens beyond it); wakes the domain's
     /// server when its queue was empty (it drains everything queued once woken).
     fn queue_event(&mut self, domid: u32, watched: &Arc<str>, path: &Arc<str>, token: &Arc<str>) {
+        if domid == 0
+            && token.starts_with(LOCAL_TOKEN)
+            && let Some(w) = self.local.get(token)
+        {
+            w();
+            return;
+        }
         let (cap, cap_bytes) = (self.quota.queued_events, self.quota.queued_event_bytes);
         let q = self.events.entry(domid).or_default();
         let was_empty = q.is_empty();
@@ -1928,9 +2005,17 @@ mod tests {
             *lens.entry(path.len()).or_default() += 1;
             for (d, tokens) in group {
                 assert!(!tokens.is_empty());
+                // dom0's in-process watches are indexed by path only.
+                let listed: Vec<_> = tokens
+                    .iter()
+                    .filter(|t| *d != 0 || !g.local.contains_key(*t))
+                    .collect();
+                if listed.is_empty() {
+                    continue;
+                }
                 let (n, b) = by_dom.entry(*d).or_default();
-                *n += tokens.len();
-                *b += tokens.iter().map(|t| path.len() + t.len()).sum::<usize>();
+                *n += listed.len();
+                *b += listed.iter().map(|t| path.len() + t.len()).sum::<usize>();
             }
         }
         assert_eq!(g.watches.lens, lens);
@@ -2175,5 +2260,47 @@ mod tests {
         s.release(2);
         assert_eq!(s.read(0, 0, "/local/domain/2/x"), Err(StoreErrno::ENOENT));
         assert_eq!(s.next_event(2), None);
+    }
+
+    #[test]
+    fn a_local_watch_calls_back_for_its_subtree_only_and_queues_nothing() {
+        use std::sync::atomic::{AtomicU32, Ordering::Relaxed};
+        let s = Arc::new(store());
+        let calls = Arc::new(AtomicU32::new(0));
+        let n = || calls.load(Relaxed);
+        let c = Arc::clone(&calls);
+        let w = s.watch_local(
+            "/local/domain/2/device/vbd/5/state",
+            Box::new(move || {
+                c.fetch_add(1, Relaxed);
+            }),
+        );
+        assert_eq!(n(), 1, "once at registration");
+        s.write(2, 0, "device/vbd/5/state", b"1").unwrap();
+        assert_eq!(n(), 2);
+        s.write(2, 0, "device/vbd/5/state/x", b"").unwrap();
+        assert_eq!(n(), 3, "below it");
+        s.write(2, 0, "device/vbd/5/ring-ref", b"8").unwrap();
+        s.write(2, 0, "device/vbd/6/state", b"1").unwrap();
+        s.read(2, 0, "device/vbd/5/state").unwrap();
+        assert_eq!(n(), 3, "beside it, or a read: nothing");
+        // A transaction's change is news at its commit.
+        let t = s.transaction_start(2).unwrap();
+        s.write(2, t, "device/vbd/5/state", b"3").unwrap();
+        assert_eq!(n(), 3);
+        s.transaction_end(2, t, true).unwrap();
+        assert_eq!(n(), 4);
+        // The domain goes: its home and everything below are removed.
+        check_derived(&s);
+        s.release(2);
+        assert_eq!(n(), 5);
+        assert_eq!(s.next_event(0), None, "nothing queued for dom0");
+        drop(w);
+        s.introduce(2, "two again", Box::new(|| {}));
+        s.write(2, 0, "device/vbd/5/state", b"1").unwrap();
+        assert_eq!(n(), 5, "gone with its handle");
+        check_derived(&s);
+        assert!(s.lock().local.is_empty());
+        assert!(s.lock().watches.by_path.is_empty());
     }
 }

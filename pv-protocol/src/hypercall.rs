@@ -20,7 +20,7 @@
 //! request out of the page once and calls [`Hypercall::parse`]; argument
 //! structs referenced by guest-physical address are copied and parsed
 //! by the handler (see [`crate::evtchn::EvtchnCommand::parse`],
-//! [`SchedShutdown`], [`SchedPoll`]).
+//! [`SchedShutdown`], [`SchedPoll`], [`crate::memory::Reservation::parse`]).
 
 use core::mem::{offset_of, size_of};
 
@@ -28,6 +28,7 @@ use bitflags::bitflags;
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
 
 use crate::evtchn::{EvtchnError, EvtchnOp};
+use crate::memory::MemoryCmd;
 
 /// I/O port whose write (`out 0xe8, al`) triggers a hypercall.
 pub const HYPERCALL_PORT: u16 = 0xe8;
@@ -36,8 +37,8 @@ pub const HYPERCALL_REQUEST_OFFSET: usize = 0;
 
 /// Major version of this ABI; `XEN_VERSION(VERSION)` returns `major << 16 | minor`.
 pub const ABI_VERSION_MAJOR: u16 = 0;
-/// Minor version of this ABI.
-pub const ABI_VERSION_MINOR: u16 = 1;
+/// Minor version of this ABI (2: `memory_op` and start-info's `max_mem_bytes`).
+pub const ABI_VERSION_MINOR: u16 = 2;
 
 /// Largest `count` accepted by `CONSOLE_IO` (one page per call; a guest
 /// writes longer output in several calls).
@@ -50,6 +51,8 @@ pub const MAX_TIMER_NS: u64 = 86_400 * 1_000_000_000;
 
 /// Hypercall numbers (Xen's `__HYPERVISOR_*`).
 pub mod nr {
+    /// `memory_op(cmd, arg)` ([`crate::memory`]).
+    pub const MEMORY_OP: u64 = 12;
     /// `xen_version(cmd, arg)`.
     pub const XEN_VERSION: u64 = 17;
     /// `console_io(cmd, count, buffer)`.
@@ -333,6 +336,8 @@ pub enum Hypercall {
         /// Argument address.
         arg: Gpa,
     },
+    /// Memory reservation (balloon) operation.
+    MemoryOp(MemoryCmd),
 }
 
 impl Hypercall {
@@ -388,6 +393,7 @@ impl Hypercall {
                 op: EvtchnOp::from_u64(a0)?,
                 arg: Gpa(a1),
             },
+            nr::MEMORY_OP => Self::MemoryOp(MemoryCmd::from_args(a0, a1).ok_or(unknown(a0))?),
             n => return Err(HypercallError::UnknownHypercall(n)),
         })
     }
@@ -420,6 +426,10 @@ impl Hypercall {
                 (nr::VCPU_OP, [9, u64::from(vcpu), 0])
             }
             Self::EventChannelOp { op, arg } => (nr::EVENT_CHANNEL_OP, [op as u64, arg.0, 0]),
+            Self::MemoryOp(m) => {
+                let (cmd, arg) = m.to_args();
+                (nr::MEMORY_OP, [cmd, arg, 0])
+            }
         };
         HypercallRequest {
             nr,
@@ -669,6 +679,8 @@ mod tests {
             (nr::GRANT_TABLE_OP, 0),
             (nr::EVENT_CHANNEL_OP, 2),
             (nr::VCPU_OP, 0),
+            (nr::MEMORY_OP, 0),
+            (nr::MEMORY_OP, 2),
         ] {
             let e = Hypercall::parse(&req(n, [cmd, 0, 1])).unwrap_err();
             assert_eq!(e.errno(), Errno::ENOSYS, "{e:?}");
@@ -797,6 +809,9 @@ mod tests {
             )),
             any::<u32>()
                 .prop_map(|vcpu| Hypercall::VcpuOp(VcpuOpCmd::StopSingleshotTimer { vcpu })),
+            (0u64..8, gpa.clone()).prop_filter_map("known memory op", |(c, arg)| {
+                MemoryCmd::from_args(c, arg.0).map(Hypercall::MemoryOp)
+            }),
             (0u64..11, gpa).prop_filter_map("known evtchn op", |(op, arg)| {
                 EvtchnOp::from_u64(op)
                     .ok()

@@ -22,6 +22,7 @@ pub mod fixed;
 pub mod grant;
 pub mod hypercall;
 pub mod inet;
+pub mod memory;
 pub mod netif;
 pub mod platform;
 pub mod ring;

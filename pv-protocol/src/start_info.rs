@@ -93,7 +93,7 @@ pub struct StartInfo {
     pub domid: u32,
     /// Number of vCPUs (each enters the kernel with its index in `rsi`).
     pub nr_vcpus: u32,
-    /// Bytes of guest memory, from address 0.
+    /// Bytes of guest memory the domain holds at boot, from address 0.
     pub mem_bytes: u64,
     /// Guest addresses below this are identity-mapped.
     pub mapped_bytes: u64,
@@ -121,8 +121,12 @@ pub struct StartInfo {
     pub max_ports: u32,
     /// Flags ([`StartFlags`] bits).
     pub flags: u64,
+    /// Size of the domain's physical map (xl.cfg's `maxmem`), at least `mem_bytes`: frames
+    /// from `mem_bytes` up to here exist but hold no memory until populated
+    /// ([`crate::memory`]). Zero from hypervisors before ABI 0.2: then `mem_bytes`.
+    pub max_mem_bytes: u64,
     /// Reserved for later extension; zero.
-    pub _reserved: [u64; 16],
+    pub _reserved: [u64; 15],
     /// NUL-terminated command line.
     pub cmdline: [u8; CMDLINE_MAX],
 }
@@ -144,6 +148,8 @@ const _: () = assert!(offset_of!(StartInfo, console_ring) == 104);
 const _: () = assert!(offset_of!(StartInfo, console_evtchn) == 112);
 const _: () = assert!(offset_of!(StartInfo, max_ports) == 116);
 const _: () = assert!(offset_of!(StartInfo, flags) == 120);
+const _: () = assert!(offset_of!(StartInfo, max_mem_bytes) == 128);
+const _: () = assert!(offset_of!(StartInfo, _reserved) == 136);
 const _: () = assert!(offset_of!(StartInfo, cmdline) == 256);
 const _: () = assert!(size_of::<StartInfo>() <= PAGE_SIZE);
 
@@ -167,6 +173,12 @@ impl StartInfo {
             .position(|&b| b == 0)
             .unwrap_or(CMDLINE_MAX);
         core::str::from_utf8(&self.cmdline[..end]).unwrap_or("")
+    }
+
+    /// Bytes of the physical map: [`max_mem_bytes`](Self::max_mem_bytes), or `mem_bytes` when a
+    /// hypervisor does not say.
+    pub fn physmap_bytes(&self) -> u64 {
+        self.max_mem_bytes.max(self.mem_bytes)
     }
 
     /// Whether the magic and major ABI version match this crate's.

@@ -190,6 +190,51 @@ fn triple_fault_is_a_crash_with_registers_and_harms_no_neighbour() {
     assert_selftest_passed(&good.console().text(), &gs);
 }
 
+/// Whoever must act on a domain's end hears of it when it happens, on the thread that stopped
+/// the domain, instead of looking at the state on a timer; a late watcher hears at once.
+#[test]
+fn a_stop_watch_is_called_when_the_domain_stops_and_not_after_it_is_dropped() {
+    use std::sync::atomic::{AtomicU32, Ordering::SeqCst};
+    use std::sync::{Arc, mpsc};
+    let hv = hypervisor();
+    let bad = hv.create_domain(cfg("crash", 1, "crash")).unwrap();
+    let (tx, rx) = mpsc::channel();
+    let seen = {
+        let shared = Arc::clone(bad.shared());
+        bad.shared().watch_stop(Box::new(move || {
+            let _ = tx.send(shared.state());
+        }))
+    };
+    // The state the callback reads is already the final one.
+    assert!(matches!(
+        rx.recv_timeout(T),
+        Ok(DomainState::Crashed { .. })
+    ));
+    drop(seen);
+    let late = Arc::new(AtomicU32::new(0));
+    let l = Arc::clone(&late);
+    let _w = bad.shared().watch_stop(Box::new(move || {
+        l.fetch_add(1, SeqCst);
+    }));
+    assert_eq!(late.load(SeqCst), 1, "already stopped: called at once");
+
+    let dom = hv.create_domain(cfg("ticker", 1, "ticker")).unwrap();
+    let calls = Arc::new(AtomicU32::new(0));
+    let (c, d) = (Arc::clone(&calls), Arc::clone(&calls));
+    let kept = dom.shared().watch_stop(Box::new(move || {
+        c.fetch_add(1, SeqCst);
+    }));
+    let dropped = dom.shared().watch_stop(Box::new(move || {
+        d.fetch_add(100, SeqCst);
+    }));
+    assert!(dom.console().wait_for("tick 1\n", T));
+    assert_eq!(calls.load(SeqCst), 0, "not while it runs");
+    drop(dropped);
+    dom.destroy();
+    assert_eq!(calls.load(SeqCst), 1);
+    drop(kept);
+}
+
 #[test]
 fn destroying_a_running_domain_stops_every_vcpu() {
     let hv = hypervisor();

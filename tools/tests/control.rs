@@ -57,7 +57,7 @@ fn create(name: &str, dir: &Path) -> Value {
     json!({
         "v": 1, "op": "create", "paused": true,
         "spec": {
-            "name": name, "memory": 64, "vcpus": 1, "cpus": null, "kernel": null,
+            "name": name, "memory": 64, "maxmem": null, "vcpus": 1, "cpus": null, "kernel": null,
             "cmdline": "idle", "on_poweroff": "destroy", "on_reboot": "destroy",
             "on_crash": "destroy",
             "disks": [{
@@ -240,6 +240,41 @@ fn malformed_requests_get_errors_and_the_daemon_and_a_bystander_live_on() {
             "host CPU set",
         ),
         (json!({"v": 1, "op": "dmesg", "lines": -5}), "invalid value"),
+        (
+            json!({"v": 1, "op": "mem-set", "dom": "bystander"}),
+            "missing field `mib`",
+        ),
+        (
+            json!({"v": 1, "op": "mem-set", "dom": "bystander", "mib": 0}),
+            "memory target must be 1 to 16384 MiB",
+        ),
+        (
+            json!({"v": 1, "op": "mem-set", "dom": "bystander", "mib": 16385}),
+            "memory target must be",
+        ),
+        (
+            json!({"v": 1, "op": "mem-set", "dom": "bystander", "mib": u64::MAX}),
+            "memory target must be",
+        ),
+        (
+            json!({"v": 1, "op": "mem-set", "dom": "bystander", "mib": -1}),
+            "invalid value",
+        ),
+        (
+            json!({"v": 1, "op": "mem-set", "dom": "bystander", "mib": "64"}),
+            "invalid type",
+        ),
+        (
+            json!({"v": 1, "op": "mem-set", "dom": "bystander", "mib": 65}),
+            "maxmem 64 MiB",
+        ),
+        (
+            json!({"v": 1, "op": "mem-set", "dom": "99999", "mib": 32}),
+            "no domain",
+        ),
+        (spec("maxmem", json!(32)), "must be at least `memory`"),
+        (spec("maxmem", json!(16385)), "maxmem"),
+        (spec("maxmem", json!(-3)), "invalid value"),
         (json!({"v": 1, "op": "status", "dom": 1}), "invalid type"),
         (json!(null), "invalid type"),
         (json!([]), "invalid type"),
@@ -335,6 +370,7 @@ fn any_json() -> impl Strategy<Value = Value> {
 
 const OPS: &[&str] = &[
     "hello",
+    "mem-set",
     "info",
     "list",
     "create",
@@ -364,6 +400,7 @@ fn any_request(dir: &Path) -> impl Strategy<Value = Value> {
     const FIELDS: &[&str] = &[
         "/spec/name",
         "/spec/memory",
+        "/spec/maxmem",
         "/spec/vcpus",
         "/spec/cpus",
         "/spec/kernel",
@@ -392,7 +429,7 @@ fn any_request(dir: &Path) -> impl Strategy<Value = Value> {
                 prop::sample::select(
                     &[
                         "dom", "spec", "vdev", "devid", "vcpu", "cpus", "lines", "reboot", "wait",
-                        "base", "x"
+                        "base", "mib", "x"
                     ][..]
                 ),
                 any_json(),

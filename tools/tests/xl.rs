@@ -102,6 +102,12 @@ fn bad_domain_files_are_refused_with_file_line_and_reason() {
         )),
         "{err}"
     );
+    let cfg = env.cfg("bad3.cfg", "name = \"x\"\nmemory = 128\nmaxmem = 64\n");
+    let err = env.fails(&["create", &cfg]);
+    assert!(
+        err.contains("bad3.cfg:3: `maxmem` (64 MiB) must be at least `memory` (128 MiB)"),
+        "{err}"
+    );
     // Nothing was started for a file that does not parse.
     assert!(!env.dir.join("run").join(dom0::control::SOCKET).exists());
 }
@@ -214,8 +220,8 @@ fn crash_loops_back_off_exponentially_before_each_restart() {
     assert!(env.list().is_empty());
 }
 
-/// A preserved domain's devices are released without the daemon's lock held: the stopped guest
-/// never answers the polite detach, which waits for it, and meanwhile every request is served.
+/// A preserved domain's devices are released without the daemon's lock held (a detach may wait
+/// for a guest, though not for a stopped one), and meanwhile every request is served.
 #[test]
 fn preserving_a_domain_does_not_stall_the_daemon() {
     let env = Env::new("preserve");
@@ -238,8 +244,8 @@ fn preserving_a_domain_does_not_stall_the_daemon() {
         let asked = Instant::now();
         raw.send(br#"{"v":1,"op":"hello"}"#);
         let doms = env.list();
-        // Preserved: its disk goes (blkverify never released it, so the detach waits
-        // CLOSE_TIMEOUT for the stopped guest).
+        // Preserved: its disk goes (blkverify never released it; the stopped guest is not
+        // waited for).
         let done = doms[0].state == "s" && env.ok(&["block-list", "p"]).lines().count() == 1;
         worst = worst.max(asked.elapsed());
         if done {
@@ -636,4 +642,127 @@ fn vcpu_list_and_vcpu_pin() {
     let cfg = env.cfg("x.cfg", &format!("name = \"x\"\ncpus = \"{online}\"\n"));
     let err = env.fails(&["create", &cfg]);
     assert!(err.contains("cpus"), "{err}");
+}
+
+/// One domain's row of `xl top -n 1`, by column name.
+fn top_row(env: &Env, name: &str) -> std::collections::HashMap<String, String> {
+    let top = env.ok(&["top", "-n", "1"]);
+    let mut lines = top.lines();
+    let head: Vec<String> = lines
+        .next()
+        .unwrap()
+        .split_whitespace()
+        .map(String::from)
+        .collect();
+    let row = lines
+        .find(|l| l.split_whitespace().next() == Some(name))
+        .unwrap_or_else(|| panic!("{name} in {top}"));
+    head.into_iter()
+        .zip(row.split_whitespace().map(String::from))
+        .collect()
+}
+
+fn kib(row: &std::collections::HashMap<String, String>, col: &str) -> u64 {
+    row[col].parse().unwrap()
+}
+
+#[test]
+fn mem_set_moves_a_domain_down_and_up_to_its_maxmem_and_no_further() {
+    let env = Env::new("memset");
+    let cfg = env.cfg(
+        "b.cfg",
+        "name = \"b\"\nmemory = 64\nmaxmem = 96\nextra = \"balloon\"\n",
+    );
+    env.ok(&["create", &cfg]);
+    let idle = env.cfg("i.cfg", "name = \"i\"\nmemory = 64\nextra = \"idle\"\n");
+    env.ok(&["create", &idle]);
+    env.wait_until("the balloon is up", || {
+        env.console("b", Duration::from_millis(200))
+            .contains("balloon: up")
+    });
+    let d = env
+        .list()
+        .into_iter()
+        .find(|d| d.name.as_str() == "b")
+        .unwrap();
+    assert_eq!((d.mem, d.target, d.maxmem), (64, 64, 96));
+    let before = top_row(&env, "b");
+    assert_eq!(kib(&before, "MEM(k)"), 64 << 10);
+    assert_eq!(kib(&before, "MAXMEM(k)"), 96 << 10);
+    // The checking balloon touched every free page: the host backs them.
+    assert!(kib(&before, "HOST(k)") > 40 << 10, "{before:?}");
+
+    let idle_before = top_row(&env, "i");
+    // Down: the list shows what it holds, the host's memory for it really drops.
+    env.ok(&["mem-set", "b", "4"]);
+    env.ok(&["mem-set", "i", "4m"]);
+    env.wait_until("b gave its free memory back", || {
+        env.list()
+            .iter()
+            .any(|d| d.name.as_str() == "b" && d.mem < 20)
+    });
+    env.wait_until("the idle domain gave its free memory back", || {
+        env.list()
+            .iter()
+            .any(|d| d.name.as_str() == "i" && d.mem < 20)
+    });
+    let low = top_row(&env, "b");
+    assert!(kib(&low, "HOST(k)") < 8 << 10, "{low:?}");
+    assert!(kib(&low, "MEM(k)") < 20 << 10, "{low:?}");
+    let idle_low = top_row(&env, "i");
+    assert!(
+        kib(&idle_low, "HOST(k)") <= kib(&idle_low, "MEM(k)"),
+        "{idle_low:?}"
+    );
+    eprintln!(
+        "64 MiB domains, mem-set 4: checking balloon host {} -> {} KiB; idle host {} -> {} KiB, \
+         holding {} -> {} KiB",
+        kib(&before, "HOST(k)"),
+        kib(&low, "HOST(k)"),
+        kib(&idle_before, "HOST(k)"),
+        kib(&idle_low, "HOST(k)"),
+        kib(&idle_before, "MEM(k)"),
+        kib(&idle_low, "MEM(k)"),
+    );
+    let text = env.ok(&["list"]);
+    let row: Vec<&str> = text
+        .lines()
+        .find(|l| l.starts_with("b "))
+        .unwrap()
+        .split_whitespace()
+        .collect();
+    assert!(row[2].parse::<u64>().unwrap() < 20, "{text}");
+
+    // Up to maxmem, and its checks still pass.
+    env.ok(&["mem-set", "b", "96"]);
+    env.wait_until("b is back at 96 MiB", || {
+        env.list()
+            .iter()
+            .any(|d| d.name.as_str() == "b" && d.mem == 96)
+    });
+    let c = env.console("b", Duration::from_millis(300));
+    assert!(
+        c.contains("holding 98304 KiB, 0 given back, check ok"),
+        "{c}"
+    );
+    assert!(!c.contains("FAILED"), "{c}");
+    // Not beyond it, not to nothing, not for a domain that is not there.
+    let err = env.fails(&["mem-set", "b", "97"]);
+    assert!(err.contains("maxmem 96 MiB"), "{err}");
+    let err = env.fails(&["mem-set", "i", "65"]);
+    assert!(err.contains("maxmem 64 MiB"), "{err}");
+    let o = env.xl(&["mem-set", "b", "0"]);
+    assert!(!o.status.success());
+    let err = env.fails(&["mem-set", "nosuch", "64"]);
+    assert!(err.contains("no domain"), "{err}");
+    assert_eq!(
+        env.list()
+            .iter()
+            .find(|d| d.name.as_str() == "b")
+            .unwrap()
+            .target,
+        96
+    );
+    env.ok(&["shutdown", "-w", "b"]);
+    env.ok(&["shutdown", "-w", "i"]);
 }

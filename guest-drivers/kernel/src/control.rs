@@ -16,7 +16,7 @@
 
 use core::sync::atomic::{AtomicU64, Ordering};
 
-use crate::store::W_SHUTDOWN;
+use crate::store::{W_BALLOON, W_SHUTDOWN};
 
 use pv_protocol::hypercall::ShutdownReason;
 use pv_protocol::start_info::StartInfo;
@@ -191,11 +191,13 @@ pub fn sleep(
 }
 
 /// `idle`: prints `idle: up`, then sleeps forever, echoing console input lines and obeying the
-/// toolstack's shutdown requests. It wakes for nothing else: asleep, it costs the host nothing.
+/// toolstack's shutdown requests and memory target (when the balloon was started). It wakes for
+/// nothing else: asleep, it costs the host nothing.
 pub fn idle(cpu: &Cpu) -> u32 {
     kprintln!(cpu, "idle: up");
     let mut input = LineInput::new();
     loop {
-        sleep(cpu, &[], None, 0, Some(&mut input));
+        sleep(cpu, &[], None, W_BALLOON, Some(&mut input));
+        let _ = crate::balloon::poll(cpu);
     }
 }

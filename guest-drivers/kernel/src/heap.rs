@@ -9,6 +9,9 @@ use core::alloc::{GlobalAlloc, Layout};
 
 use crate::sync::SpinLock;
 
+/// Most memory the heap takes: what any job needs (4 MiB, `KERNEL_FREE_MIN`) with room to spare,
+/// as the static arena had. Memory above the heap is the balloon's free RAM (`balloon.rs`).
+pub const MAX_BYTES: usize = 8 << 20;
 const MIN_SHIFT: u32 = 4;
 const CLASSES: usize = 17; // 16 B .. 1 MiB
 /// Most alignment a block has (larger alignments are refused).
@@ -37,13 +40,18 @@ fn class(layout: Layout) -> Option<usize> {
     (c < CLASSES).then_some(c)
 }
 
-/// Gives the heap the memory `base..end` (called once, by vCPU 0, before anything allocates;
-/// the range must be unused memory of the domain's, identity-mapped).
+/// Gives the heap the memory `base..end`, at most [`MAX_BYTES`] of it (called once, by vCPU 0,
+/// before anything allocates; the range must be unused memory of the domain's, identity-mapped).
 pub fn init(base: usize, end: usize) {
     HEAP.state.with(|s| {
         s.bump = base.max(1);
-        s.end = end.max(s.bump);
+        s.end = end.min(s.bump.saturating_add(MAX_BYTES)).max(s.bump);
     });
+}
+
+/// The end of the heap: the first byte the kernel does not use (free RAM starts there).
+pub fn end() -> usize {
+    HEAP.state.with(|s| s.end)
 }
 
 /// Bytes of the arena never handed out yet (freed blocks not counted).

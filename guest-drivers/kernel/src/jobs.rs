@@ -1172,11 +1172,14 @@ pub fn blkverify(cpu: &Cpu) -> u32 {
     c.failed
 }
 
-/// `blksoak [secs=S]` (default 10 s): a bystander for soak tests. Until S seconds have passed, it
-/// writes the `blkverify` regions with a pattern that changes every pass, flushes, reads them
-/// back and checks every byte; it reports its progress every 10 s and ends with
-/// `blksoak: done, P passes, E errors`. Exit code = errors (a failed request or a wrong byte).
+/// `blksoak [secs=S] [balloon=1]` (default 10 s): a bystander for soak tests. Until S seconds
+/// have passed, it writes the `blkverify` regions with a pattern that changes every pass,
+/// flushes, reads them back and checks every byte; it reports its progress every 10 s and ends
+/// with `blksoak: done, P passes, E errors`. Exit code = errors (a failed request or a wrong
+/// byte, or with `balloon=1` a checking balloon's bad page, which follows its target meanwhile).
 pub fn blksoak(cpu: &Cpu, cmdline: &str) -> u32 {
+    let ballooning = crate::text::num(cmdline, "balloon", 0) == Some(1)
+        && crate::balloon::start(cpu, true).is_some();
     use pv_protocol::blkif::BlkStatus;
     let deadline = crate::control::secs_deadline(cmdline)
         .unwrap_or_else(|| crate::control::rdtsc() + crate::control::ticks(10_000));
@@ -1220,9 +1223,17 @@ pub fn blksoak(cpu: &Cpu, cmdline: &str) -> u32 {
             report = crate::control::rdtsc() + crate::control::ticks(10_000);
         }
         crate::control::poll(cpu);
+        if ballooning && let Some(b) = crate::balloon::poll(cpu) {
+            crate::balloon::report(cpu, &b);
+        }
     }
+    let bad = if ballooning {
+        crate::balloon::bad_pages()
+    } else {
+        0
+    };
     kprintln!(cpu, "blksoak: done, {pass} passes, {errors} errors");
-    errors
+    errors + bad as u32
 }
 
 /// Writes the `blkverify` patterns (all regions but the discarded one), flushes, says so, then

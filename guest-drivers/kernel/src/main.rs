@@ -6,13 +6,14 @@
 //! hypercall page) and shared pages described by pv-protocol. The job comes from the command
 //! line: `selftest` checks the hypervisor's services and shuts down with the number of failures
 //! as its exit code; `hostile` throws garbage at the hypervisor to prove it survives; `idle` and
-//! `hotplug` wait for the toolstack (shutdown requests, console input, devices coming and going).
+//! `hotplug` wait for the toolstack (shutdown requests, console input, devices coming and going);
+//! `idle` and `balloon` follow the toolstack's memory target (`balloon`).
 //!
 //! Memory: the image is small; the boot stacks and then the heap (which holds every page a
-//! device grants) lie above it, inside the memory start-info gives. Sleeping: every job that
-//! waits sleeps in `sched_op(poll)` on exactly what can wake it (its ports, the store's watch
-//! events, console input, and the timer event only where it has a deadline): an idle guest
-//! costs the host nothing.
+//! device grants) lie above it, inside the memory start-info gives; the balloon manages the free
+//! RAM above the heap. Sleeping: every job that waits sleeps in `sched_op(poll)` on exactly what
+//! can wake it (its ports, the store's watch events, console input, and the timer event only
+//! where it has a deadline): an idle guest costs the host nothing.
 // `cargo clippy --all-targets` checks this binary in test mode too (with std and its panic
 // handler); the freestanding attributes apply to the real build only.
 #![cfg_attr(not(test), no_std)]
@@ -21,8 +22,11 @@
 
 extern crate alloc;
 
+mod balloon;
+mod balloonhostile;
 mod blkfront;
 mod blkhostile;
+mod blockforever;
 mod console;
 mod control;
 mod demo;
@@ -164,10 +168,17 @@ extern "C" fn kmain(start_info: u64, index: u64) -> ! {
         "udpsink" => netjobs::udpsink(&cpu, si, cmdline),
         "udpbench" => netjobs::udpbench(&cpu, si, cmdline),
         "nethostile" => netjobs::nethostile(&cpu, si, cmdline),
-        "idle" => control::idle(&cpu),
+        "idle" => {
+            // An idle domain follows `xl mem-set` (a watch on its memory target).
+            let _ = balloon::init(&cpu, si, false);
+            control::idle(&cpu)
+        }
+        "balloon" => balloon::job(&cpu, si, cmdline),
+        "balloonhostile" => balloonhostile::balloonhostile(&cpu, si),
         "timer" => jobs::timer(&cpu, si, cmdline),
         "touch-beyond" => jobs::touch_beyond(&cpu, si),
         "hotplug" => hotplug::hotplug(&cpu, cmdline),
+        "block-forever" => blockforever::block_forever(&cpu),
         other => {
             kprintln!(&cpu, "unknown job {other:?}");
             2

@@ -27,6 +27,8 @@ pub const W_DEVICE: u32 = 1 << 1;
 pub const W_BACKEND: u32 = 1 << 2;
 /// The watch of [`wait_for`] (one at a time).
 pub const W_WAIT: u32 = 1 << 3;
+/// The balloon's watch on `memory/target`.
+pub const W_BALLOON: u32 = 1 << 4;
 /// Kernel watches: `k0` .. `k7`.
 const KERNEL_WATCHES: u32 = 8;
 
@@ -372,6 +374,8 @@ pub fn wait_until<T>(
         let _ = unwatch(cpu, path, W_WAIT);
     }
     take_fired(W_WAIT);
+    // A handshake may leave its domain idle: no timer may fire into it later.
+    crate::timer::cancel(cpu);
     found
 }
 

@@ -41,6 +41,16 @@ pub fn forget_armed() {
     ARMED.store(0, Ordering::Relaxed);
 }
 
+/// Stops the timer if it is armed for a deadline still to come (a wait that ended early), so
+/// that it does not fire later into a domain with nothing to do.
+pub fn cancel(cpu: &Cpu) {
+    // Relaxed: see `init`.
+    let d = ARMED.swap(0, Ordering::Relaxed);
+    if d != 0 && !past(d) {
+        cpu.stop_timer(cpu.index);
+    }
+}
+
 /// The timer's port (0: none).
 pub fn port() -> u32 {
     // Relaxed: see `init`.

@@ -18,7 +18,7 @@ use splitvisor_tools::client::{Client, ConnectError};
 #[command(
     name = "xl",
     version,
-    after_help = "Not implemented yet: mem-set, save/restore, migrate."
+    after_help = "Not implemented yet: mem-max, save/restore, migrate."
 )]
 struct Cli {
     /// The daemon's runtime directory (default: $SPLITVISOR_RUNTIME_DIR, /run/splitvisor for
@@ -44,7 +44,7 @@ enum Verb {
         /// Settings that override the file's (`memory=256`, `extra="ticker"`).
         overrides: Vec<String>,
     },
-    /// List domains: Name ID Mem VCPUs State Time(s).
+    /// List domains: Name ID Mem VCPUs State Time(s) (Mem: MiB the domain holds now).
     List {
         /// Long listing: each domain's configuration and state detail, as JSON.
         #[arg(short = 'l', long)]
@@ -109,6 +109,15 @@ enum Verb {
         /// Refreshes before exiting (default: until interrupted).
         #[arg(short = 'n')]
         iterations: Option<u64>,
+    },
+    /// Set a domain's memory target: its balloon gives memory back or takes it again, up to
+    /// its maxmem (`xl mem-set DOM 256`, `256m`, `1g`).
+    MemSet {
+        /// Name or id.
+        domain: DomRef,
+        /// The target: MiB, or with a suffix k, m or g.
+        #[arg(value_parser = parse_mib)]
+        mib: u64,
     },
     /// List vCPUs: Name ID VCPU CPU State Time(s) Affinity (all domains, or one).
     VcpuList {
@@ -578,6 +587,9 @@ fn run(cli: Cli) -> Result<(), Fail> {
                 cpus,
             })?;
         }
+        Verb::MemSet { domain, mib } => {
+            connect(&dir)?.call(Request::MemSet { dom: domain, mib })?;
+        }
         Verb::Top { delay, iterations } => {
             let mut c = connect(&dir)?;
             let tty = std::io::stdout().is_terminal();
@@ -594,6 +606,9 @@ fn run(cli: Cli) -> Result<(), Fail> {
                         "STATE",
                         "CPU(s)",
                         "VCPUS",
+                        "MEM(k)",
+                        "MAXMEM(k)",
+                        "HOST(k)",
                         "NET_RX(pkts)",
                         "NET_TX(pkts)",
                         "NET_RX(B)",
@@ -615,6 +630,9 @@ fn run(cli: Cli) -> Result<(), Fail> {
                         d["state"].as_str().unwrap_or("?").into(),
                         format!("{:.2}", d["cpu_s"].as_f64().unwrap_or(0.0)),
                         d["vcpus"].to_string(),
+                        d["mem_kib"].to_string(),
+                        d["maxmem_kib"].to_string(),
+                        d["host_kib"].to_string(),
                         d["net_rx_packets"].to_string(),
                         d["net_tx_packets"].to_string(),
                         d["net_rx_bytes"].to_string(),
@@ -718,6 +736,34 @@ fn run(cli: Cli) -> Result<(), Fail> {
     Ok(())
 }
 
+/// A memory size as `xl mem-set` takes it: MiB, or a number with `k`, `m` or `g` (any case);
+/// whole MiB, at least 1.
+fn parse_mib(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let (digits, unit_kib) = match t.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => (
+            &t[..i],
+            match c.to_ascii_lowercase() {
+                'k' => 1,
+                'm' => 1 << 10,
+                'g' => 1 << 20,
+                _ => return Err(format!("{s:?}: the unit must be k, m or g")),
+            },
+        ),
+        _ => (t, 1 << 10),
+    };
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| format!("{s:?}: not a memory size"))?;
+    let kib = n
+        .checked_mul(unit_kib)
+        .ok_or_else(|| format!("{s:?}: too large"))?;
+    if kib % 1024 != 0 || kib == 0 {
+        return Err(format!("{s:?}: must be a whole number of MiB, at least 1"));
+    }
+    Ok(kib / 1024)
+}
+
 fn main() -> ExitCode {
     match run(Cli::parse()) {
         Ok(()) => ExitCode::SUCCESS,
@@ -731,6 +777,26 @@ fn main() -> ExitCode {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn memory_sizes_parse_as_xl_takes_them() {
+        assert_eq!(parse_mib("256"), Ok(256));
+        assert_eq!(parse_mib("256m"), Ok(256));
+        assert_eq!(parse_mib("2G"), Ok(2048));
+        assert_eq!(parse_mib("4096k"), Ok(4));
+        for bad in [
+            "",
+            "0",
+            "1k",
+            "x",
+            "12t",
+            "-1",
+            "99999999999999999999g",
+            "g",
+        ] {
+            assert!(parse_mib(bad).is_err(), "{bad:?}");
+        }
+    }
 
     #[test]
     fn cpu_lists_print_as_xen_writes_them() {

@@ -73,11 +73,12 @@ struct sv_hvm_param {
 #define SV_HYPERCALL_PORT		0xe8
 #define SV_HYPERCALL_REQUEST_OFFSET	0
 #define SV_ABI_VERSION_MAJOR		0
-#define SV_ABI_VERSION_MINOR		1
+#define SV_ABI_VERSION_MINOR		2
 #define SV_MAX_CONSOLE_IO		4096
 #define SV_MAX_POLL_PORTS		128
 #define SV_MAX_TIMER_NS			86400000000000ull	/* one day */
 
+#define SV_HYPERVISOR_memory_op		12
 #define SV_HYPERVISOR_xen_version	17
 #define SV_HYPERVISOR_console_io	18
 #define SV_HYPERVISOR_grant_table_op	20
@@ -161,6 +162,34 @@ struct sv_vcpu_set_singleshot_timer {
 	__u32 _pad;
 };
 
+/*
+ * memory_op (Xen's XENMEM_*): give frames back, populate them again, ask what is held.
+ * The result is how many frames were done; when the first is refused, -errno (E2BIG, EINVAL,
+ * EPERM, EFAULT, ENOENT: not held, EBUSY: mapped through a grant, EEXIST: held already,
+ * ENOMEM: at the maximum reservation).
+ */
+#define SV_XENMEM_increase_reservation	0	/* not offered */
+#define SV_XENMEM_decrease_reservation	1
+#define SV_XENMEM_current_reservation	3	/* arg: a __u16 domid; result: pages */
+#define SV_XENMEM_maximum_reservation	4	/* arg: a __u16 domid; result: pages */
+#define SV_XENMEM_populate_physmap	6
+#define SV_MEMORY_MAX_EXTENTS		512	/* frames per call */
+
+struct sv_memory_reservation {
+	__u64 extent_start;	/* guest address of nr_extents __u64 frame numbers */
+	__u64 nr_extents;
+	__u32 extent_order;	/* 0 */
+	__u32 mem_flags;	/* 0 */
+	__u16 domid;		/* SV_DOMID_SELF */
+	__u16 _pad[3];
+};
+
+/* Store keys under the domain's home: the toolstack's target and maximum, the balloon's report
+ * (all in KiB). */
+#define SV_MEMORY_TARGET_KEY		"memory/target"
+#define SV_MEMORY_STATIC_MAX_KEY	"memory/static-max"
+#define SV_MEMORY_CURRENT_KEY		"memory/current"
+
 /* ------------------------------------------------------------------ */
 /* start_info: what the domain learns at boot                         */
 /* ------------------------------------------------------------------ */
@@ -206,7 +235,8 @@ struct sv_start_info {
 	__u32 console_evtchn;
 	__u32 max_ports;
 	__u64 flags;
-	__u64 _reserved[16];
+	__u64 max_mem_bytes;	/* physical map; 0 before ABI 0.2: mem_bytes */
+	__u64 _reserved[15];
 	__u8 cmdline[SV_CMDLINE_MAX];
 };
 
