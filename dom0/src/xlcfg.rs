@@ -1262,7 +1262,7 @@ vif = [ 'mac=02:53:00:00:00:01,bridge=br0,ip=10.0.0.2', 'bridge=lan,uplink=tap' 
                 2,
                 "`maxmem` (32 MiB) must be at least `memory` (64 MiB)",
             ),
-            ("name = \"x\"\nmaxmem = 8\n", 2, "from 16 to 16384"),
+            ("name = \"x\"\nmaxmem = 8\n", 2, "from 9 to 16384"),
             ("name = \"x\"\nmaxmem = \"1G\"\n", 2, "must be a number"),
         ];
         for (text, line, why) in cases {
