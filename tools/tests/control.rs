@@ -633,17 +633,23 @@ fn xl_refuses_a_runtime_dir_or_a_daemon_it_cannot_trust() {
     std::fs::create_dir(&run).unwrap();
     let sock = std::os::unix::net::UnixListener::bind(run.join(dom0::control::SOCKET)).unwrap();
     let fd = std::os::fd::AsRawFd::as_raw_fd(&sock);
+    // The child says on this pipe when it listens: a connection made before that would carry
+    // the parent's (root's) credentials.
+    let mut ready = [0i32; 2];
+    // SAFETY: pipe fills the two descriptors.
+    assert_eq!(unsafe { libc::pipe(ready.as_mut_ptr()) }, 0);
     // SAFETY: the child only makes async-signal-safe system calls, then exits.
     let pid = unsafe { libc::fork() };
     assert!(pid >= 0);
     if pid == 0 {
         // SAFETY: as above. The peer credentials of a connection are those of whoever called
-        // listen(), here uid 4242.
+        // listen() last, here uid 4242.
         unsafe {
             if libc::setgid(4242) != 0 || libc::setuid(4242) != 0 {
                 libc::_exit(1);
             }
             libc::listen(fd, 4);
+            libc::write(ready[1], [1u8].as_ptr().cast(), 1);
             let c = libc::accept(fd, std::ptr::null_mut(), std::ptr::null_mut());
             let mut b = [0u8; 1];
             // Waits until xl hangs up; would see the request's first byte if it sent one.
@@ -651,6 +657,9 @@ fn xl_refuses_a_runtime_dir_or_a_daemon_it_cannot_trust() {
             libc::_exit(if n == 0 { 0 } else { 2 });
         }
     }
+    let mut b = [0u8; 1];
+    // SAFETY: reads one byte into `b` from the pipe made above.
+    assert_eq!(unsafe { libc::read(ready[0], b.as_mut_ptr().cast(), 1) }, 1);
     let e = xl_list();
     assert!(e.contains("runs as uid 4242"), "{e}");
     let mut status = 0;

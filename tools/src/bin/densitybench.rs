@@ -157,6 +157,20 @@ fn create(c: &mut Client, spec: DomainSpec) -> Result<u32, String> {
         .ok_or_else(|| "create answered without an id".into())
 }
 
+/// The guest memory the host backs for the idle domains (their memfds' allocated blocks, `xl
+/// top`'s HOST(k)) and what they hold (MEM(k)), KiB, summed.
+fn backed_kib(c: &mut Client) -> Result<(u64, u64), String> {
+    let v = c.call(Request::Top).map_err(|e| format!("top: {e}"))?;
+    let idle = || {
+        v.as_array()
+            .into_iter()
+            .flatten()
+            .filter(|d| d["name"].as_str().is_some_and(|n| n.starts_with("idle")))
+    };
+    let sum = |k: &str| idle().filter_map(|d| d[k].as_u64()).sum::<u64>();
+    Ok((sum("host_kib"), sum("mem_kib")))
+}
+
 /// A domain file for a guest running `extra` on switch `nb0`.
 fn net_spec(dir: &Path, name: &str, extra: &str, ip: &str) -> Result<DomainSpec, String> {
     let file = dir.join("net.cfg");
@@ -255,6 +269,7 @@ struct Row {
     n: usize,
     busy: f64,
     ping: (f64, f64),
+    backed_kib: f64,
     rss_kib: f64,
     mem_kib: f64,
     creates_per_s: f64,
@@ -307,6 +322,7 @@ fn run() -> Result<(), String> {
         let ping = ping_rtt(&run_dir, &work, &mut c, n)?;
         let mem_kib = base_mem.saturating_sub(mem_available_kib()?) as f64 / n as f64;
         let rss_kib = rss_kib(daemon.pid())?.saturating_sub(base_rss) as f64 / n as f64;
+        let backed_kib = backed_kib(&mut c)?.0 as f64 / n as f64;
         let list_ms = xl(&xl_exe, &run_dir, &["list"])?;
         let top_ms = xl(&xl_exe, &run_dir, &["top", "-n", "1"])?;
         eprintln!(
@@ -317,6 +333,7 @@ fn run() -> Result<(), String> {
             n,
             busy,
             ping,
+            backed_kib,
             rss_kib,
             mem_kib,
             creates_per_s,
@@ -326,8 +343,43 @@ fn run() -> Result<(), String> {
         });
     }
 
-    // Every guest is asked to power off at once and must acknowledge it.
+    // Ballooned down: every idle domain is asked to hold 4 MiB.
     let n = made;
+    let (before_backed, before_held) = backed_kib(&mut c)?;
+    let rss_before = rss_kib(daemon.pid())?;
+    for i in 0..n {
+        c.call(Request::MemSet {
+            dom: DomRef::Name(format!("idle{i}").parse()?),
+            mib: 4,
+        })
+        .map_err(|e| format!("mem-set idle{i}: {e}"))?;
+    }
+    let t = Instant::now();
+    let mut after = backed_kib(&mut c)?;
+    while t.elapsed() < Duration::from_secs(30) {
+        std::thread::sleep(Duration::from_millis(500));
+        let now = backed_kib(&mut c)?;
+        if now == after {
+            break;
+        }
+        after = now;
+    }
+    let rss_after = rss_kib(daemon.pid())?;
+    let balloon = format!(
+        "After `mem-set` of every idle domain to 4 MiB (settled in {:.1} s): they hold {:.0} KiB \
+         each (was {:.0}), the host backs {:.0} KiB of guest memory each (was {:.0}); the \
+         daemon's RSS per domain went from {:.0} to {:.0} KiB.",
+        t.elapsed().as_secs_f64(),
+        after.1 as f64 / n as f64,
+        before_held as f64 / n as f64,
+        after.0 as f64 / n as f64,
+        before_backed as f64 / n as f64,
+        rss_before.saturating_sub(base_rss) as f64 / n as f64,
+        rss_after.saturating_sub(base_rss) as f64 / n as f64,
+    );
+    eprintln!("densitybench: {balloon}");
+
+    // Every guest is asked to power off at once and must acknowledge it.
     let shutdown_ms = xl(&xl_exe, &run_dir, &["shutdown", "-a", "-w"])?;
     let doms: Vec<DomainInfo> =
         serde_json::from_value(c.call(Request::List).map_err(|e| e.to_string())?)
@@ -372,10 +424,11 @@ fn run() -> Result<(), String> {
         "# Density: idle domains on one host\n\n\
          `densitybench --counts {}` on a 2-core, 24 GiB host (KVM PVM), `idle` job, 1 vCPU, \
          {} MiB each; host busy before any domain: {base_busy:.2}%.\n\n\
-         | idle domains | host CPU busy | memory per domain: daemon RSS / MemAvailable | \
+         | idle domains | host CPU busy | guest memory backed per domain | \
+         memory per domain: daemon RSS / MemAvailable | \
          creates/s (API) | first console line p50 / p99 | `xl list` | `xl top -n 1` | \
          neighbour ping p50 / p99 |\n\
-         |---:|---:|---:|---:|---:|---:|---:|---:|",
+         |---:|---:|---:|---:|---:|---:|---:|---:|---:|",
         a.counts
             .iter()
             .map(usize::to_string)
@@ -386,10 +439,12 @@ fn run() -> Result<(), String> {
     for r in &rows {
         let _ = writeln!(
             t,
-            "| {} | {:.2}% | {:.0} / {:.0} KiB | {:.0} | {:.1} / {:.1} ms | {:.0} ms | {:.0} ms | \
+            "| {} | {:.2}% | {:.0} KiB | {:.0} / {:.0} KiB | {:.0} | {:.1} / {:.1} ms | {:.0} ms | \
+             {:.0} ms | \
              {:.0} / {:.0} us |",
             r.n,
             r.busy,
+            r.backed_kib,
             r.rss_kib,
             r.mem_kib,
             r.creates_per_s,
@@ -407,6 +462,7 @@ fn run() -> Result<(), String> {
          includes the two guests of that pair (a `netecho` waiting for frames).",
         ping0.0, ping0.1
     );
+    let _ = writeln!(t, "\n{balloon}");
     let _ = writeln!(
         t,
         "\nAt {n} domains: `xl shutdown -a -w` took {shutdown_ms:.0} ms and {clean} of {n} guests \
