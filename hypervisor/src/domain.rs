@@ -342,6 +342,12 @@ impl DomainShared {
         if let Some(tid) = slot.tid {
             set_affinity(tid, cpus).map_err(|e| VcpuError::Pin(index, e))?;
         }
+        drop(g);
+        // Linux moves a sleeping thread only when it next wakes, so a vCPU blocked in the
+        // hypervisor would keep showing (and, once woken, briefly run on) a CPU outside its new
+        // set. One spurious wake-up migrates it now, as Xen's vcpu_set_affinity does; the vCPU
+        // finds nothing new and sleeps again.
+        self.changed.notify_all();
         Ok(())
     }
 
