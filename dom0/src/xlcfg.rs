@@ -1016,7 +1016,11 @@ impl DomainSpec {
             settings.append(&mut s);
         }
         // The daemon needs absolute paths; a relative one is relative to the file's directory.
-        let dir = path.parent().unwrap_or(Path::new("."));
+        // (A bare file name's parent is "", which `absolute` refuses: that is ".".)
+        let dir = path
+            .parent()
+            .filter(|d| !d.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
         let base = std::path::absolute(dir).map_err(|e| ConfigError {
             file: path.to_owned(),
             line: 0,

@@ -66,6 +66,16 @@ fn create_list_console_pause_unpause_destroy() {
     assert!(env.list().is_empty());
     env.ok(&["create", &cfg]);
     assert_eq!(env.list()[0].id, 2);
+    // A file named without a directory is in the current one (its relative paths too).
+    let o = Command::new(XL)
+        .current_dir(&env.dir)
+        .arg("--runtime-dir")
+        .arg(env.dir.join("run"))
+        .args(["create", "ticker.cfg", "name=\"bare\""])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    env.ok(&["destroy", "bare"]);
     let err = env.fails(&["pause", "nosuch"]);
     assert!(err.contains("no domain \"nosuch\""), "{err}");
     let info = env.ok(&["info"]);

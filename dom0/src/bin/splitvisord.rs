@@ -45,6 +45,7 @@ fn run() -> Result<(), String> {
             other => return Err(format!("unknown argument {other:?} (try --help)")),
         }
     }
+    one_malloc_arena();
     raise_fd_limit();
     let access = Access::new(group.as_deref()).map_err(|e| control::chain(&e))?;
     peer::make_runtime_dir(&dir).map_err(|e| control::chain(&e))?;
@@ -126,6 +127,23 @@ fn raise_fd_limit() {
         && let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard)
     {
         eprintln!("splitvisord: cannot raise the open-file limit from {soft} to {hard}: {e}");
+    }
+}
+
+/// Keeps every thread on glibc's main malloc arena. All domains' guest memory is mapped in this
+/// one process, and KVM registers an MMU notifier per domain, so every change to the address
+/// space (mprotect, munmap, madvise) is announced to every domain's KVM: O(domains) each. Per-
+/// thread arenas grow with mprotect and shrink with madvise, many times per request (a `list` of
+/// 1000 domains took 250 ms, nearly all of it in those notifiers), while the main arena grows with
+/// brk, which announces nothing. The cost is one lock for all allocations, which the back ends'
+/// small per-request allocations (segment lists, mapping handles) share: see
+/// `benchmarks/results/density.md` for the A/B on the data path.
+fn one_malloc_arena() {
+    // SAFETY: mallopt only sets an allocator parameter; it is called before any thread starts.
+    if unsafe { libc::mallopt(libc::M_ARENA_MAX, 1) } != 1 {
+        eprintln!(
+            "splitvisord: cannot limit malloc to one arena (address-space changes will be slower)"
+        );
     }
 }
 

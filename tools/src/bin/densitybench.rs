@@ -13,7 +13,8 @@
 //! - how long `xl list` and `xl top -n 1` take;
 //! - a busy neighbour's latency: a `ping` guest pings a `netecho` guest (both on their own
 //!   switch, there for the whole run) 30 times, 100 ms apart: round-trip p50 and p99 as the guest
-//!   measures them, with no idle domain and with each N.
+//!   measures them, with no idle domain and with each N; and a block neighbour: a guest reading
+//!   4 KiB at random offsets one at a time for 3 s, p50 and p99 as it measures them.
 //!
 //! At the largest N: `xl shutdown -a -w` (every guest acknowledges its shutdown and powers off
 //! with code 0: the domains are kept, preserved, and checked), then the destroy rate through the
@@ -130,18 +131,23 @@ fn percentile(v: &[f64], p: f64) -> f64 {
     v[((v.len() - 1) as f64 * p).round() as usize]
 }
 
+/// Loads domain file `text`, written to `dir/name.cfg`.
+fn load(dir: &Path, name: &str, text: &str) -> Result<DomainSpec, String> {
+    let file = dir.join(format!("{name}.cfg"));
+    std::fs::write(&file, text).map_err(|e| e.to_string())?;
+    DomainSpec::load(&file, &[]).map_err(|e| e.to_string())
+}
+
 /// A domain file for idle domain `name`.
 fn spec(dir: &Path, name: &str, memory: u64) -> Result<DomainSpec, String> {
-    let file = dir.join("idle.cfg");
-    std::fs::write(
-        &file,
-        format!(
+    load(
+        dir,
+        "idle",
+        &format!(
             "name = \"{name}\"\nmemory = {memory}\nvcpus = 1\nextra = \"idle\"\n\
              on_poweroff = \"preserve\"\n"
         ),
     )
-    .map_err(|e| e.to_string())?;
-    DomainSpec::load(&file, &[]).map_err(|e| e.to_string())
 }
 
 fn create(c: &mut Client, spec: DomainSpec) -> Result<u32, String> {
@@ -173,39 +179,58 @@ fn backed_kib(c: &mut Client) -> Result<(u64, u64), String> {
 
 /// A domain file for a guest running `extra` on switch `nb0`.
 fn net_spec(dir: &Path, name: &str, extra: &str, ip: &str) -> Result<DomainSpec, String> {
-    let file = dir.join("net.cfg");
-    std::fs::write(
-        &file,
-        format!(
+    load(
+        dir,
+        "net",
+        &format!(
             "name = \"{name}\"\nmemory = 64\nvcpus = 1\nextra = \"{extra}\"\n\
              vif = [ 'bridge=nb0,ip={ip}' ]\non_poweroff = \"preserve\"\n"
         ),
     )
+}
+
+/// Boots `spec`, feeds its console lines to `f` until `f` gives an answer (or the console ends,
+/// or a minute passes), then destroys the domain.
+fn run_guest<T>(
+    dir: &Path,
+    c: &mut Client,
+    spec: DomainSpec,
+    mut f: impl FnMut(&str) -> Option<Result<T, String>>,
+) -> Result<T, String> {
+    let name = spec.name.to_string();
+    let id = create(c, spec)?;
+    let answer = (|| {
+        let mut con = Client::connect(dir).map_err(|e| format!("{e:?}"))?;
+        con.call(Request::Console {
+            dom: DomRef::Id(id),
+        })
+        .map_err(|e| e.to_string())?;
+        let _ = con.stream.set_read_timeout(Some(Duration::from_secs(60)));
+        for line in (&mut con.reader).lines() {
+            let line = line.map_err(|e| format!("console: {e}"))?;
+            if let Some(answer) = f(&line) {
+                return answer;
+            }
+        }
+        Err("the console ended without a result".into())
+    })();
+    c.call(Request::Destroy {
+        dom: DomRef::Id(id),
+    })
     .map_err(|e| e.to_string())?;
-    DomainSpec::load(&file, &[]).map_err(|e| e.to_string())
+    answer.map_err(|e| format!("{name}: {e}"))
 }
 
 /// Round trips (us) of 30 pings from a fresh guest to the `netecho` guest at 10.99.0.1: p50, p99.
 fn ping_rtt(dir: &Path, work: &Path, c: &mut Client, k: usize) -> Result<(f64, f64), String> {
-    let id = create(
-        c,
-        net_spec(
-            work,
-            &format!("pinger{k}"),
-            "ping 10.99.0.1 count=30",
-            "10.99.0.2",
-        )?,
+    let spec = net_spec(
+        work,
+        &format!("pinger{k}"),
+        "ping 10.99.0.1 count=30",
+        "10.99.0.2",
     )?;
-    let mut con = Client::connect(dir).map_err(|e| format!("{e:?}"))?;
-    con.call(Request::Console {
-        dom: DomRef::Id(id),
-    })
-    .map_err(|e| e.to_string())?;
-    let _ = con.stream.set_read_timeout(Some(Duration::from_secs(60)));
     let mut rtts = Vec::new();
-    let mut summary = String::new();
-    for line in (&mut con.reader).lines() {
-        let line = line.map_err(|e| format!("pinger console: {e}"))?;
+    run_guest(dir, c, spec, |line| {
         if let Some(us) = line.split_whitespace().find_map(|w| {
             w.strip_prefix("time=")?
                 .strip_suffix("us")?
@@ -214,19 +239,61 @@ fn ping_rtt(dir: &Path, work: &Path, c: &mut Client, k: usize) -> Result<(f64, f
         }) {
             rtts.push(us);
         }
-        if line.starts_with("ping: ") && line.contains(" sent, ") {
-            summary = line;
-            break;
+        if !(line.starts_with("ping: ") && line.contains(" sent, ")) {
+            None
+        } else if rtts.len() < 30 {
+            Some(Err(format!("{} replies ({line})", rtts.len())))
+        } else {
+            Some(Ok((percentile(&rtts, 0.5), percentile(&rtts, 0.99))))
         }
-    }
-    c.call(Request::Destroy {
-        dom: DomRef::Id(id),
     })
-    .map_err(|e| e.to_string())?;
-    if rtts.len() < 30 {
-        return Err(format!("pinger: {} replies ({summary})", rtts.len()));
+}
+
+/// The image the block neighbour reads: 64 MiB of pseudo-random data, written once.
+const LAT_IMAGE_MIB: usize = 64;
+
+/// Latency (us) of 4 KiB random reads at depth 1, from a fresh guest on `image` for 3 s (at
+/// most 2000 reads): p50, p99, as the guest measures them.
+fn blk_latency(dir: &Path, work: &Path, c: &mut Client, k: usize) -> Result<(f64, f64), String> {
+    let image = work.join("lat.img");
+    if !image.exists() {
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        let data: Vec<u8> = (0..LAT_IMAGE_MIB << 20)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect();
+        std::fs::write(&image, data).map_err(|e| format!("{}: {e}", image.display()))?;
     }
-    Ok((percentile(&rtts, 0.5), percentile(&rtts, 0.99)))
+    let spec = load(
+        work,
+        "blk",
+        &format!(
+            "name = \"reader{k}\"\nmemory = 64\nvcpus = 1\nextra = \"blkbench 3 1 0 4\"\n\
+             disk = [ 'vdev=xvda,access=ro,target={}' ]\non_poweroff = \"preserve\"\n",
+            image.display()
+        ),
+    )?;
+    run_guest(dir, c, spec, |line| {
+        let rest = line.strip_prefix("blkbench randread_4k_qd1_us ")?;
+        let w: Vec<&str> = rest.split_whitespace().collect();
+        let num = |key: &str| {
+            w.iter()
+                .position(|&v| v == key)
+                .and_then(|i| w.get(i + 1)?.parse::<f64>().ok())
+        };
+        Some(
+            match (num("p50"), num("p99"), num("reads"), num("errors")) {
+                (Some(p50), Some(p99), Some(n), Some(e)) if n >= 100.0 && e == 0.0 => {
+                    Ok((p50, p99))
+                }
+                _ => Err(format!("bad result: {line}")),
+            },
+        )
+    })
 }
 
 /// Creates a domain and times it until its console's first line.
@@ -269,10 +336,12 @@ struct Row {
     n: usize,
     busy: f64,
     ping: (f64, f64),
+    blk: (f64, f64),
     backed_kib: f64,
     rss_kib: f64,
     mem_kib: f64,
-    creates_per_s: f64,
+    /// None when every create of the batch was a timed-to-first-line sample.
+    creates_per_s: Option<f64>,
     ttfl: (f64, f64),
     list_ms: f64,
     top_ms: f64,
@@ -294,7 +363,8 @@ fn run() -> Result<(), String> {
     eprintln!("densitybench: host busy {base_busy:.2}% before any domain");
     create(&mut c, net_spec(&work, "echo", "netecho", "10.99.0.1")?)?;
     let ping0 = ping_rtt(&run_dir, &work, &mut c, 0)?;
-    eprintln!("densitybench: ping with no idle neighbour: {ping0:?} us");
+    let blk0 = blk_latency(&run_dir, &work, &mut c, 0)?;
+    eprintln!("densitybench: with no idle neighbour: ping {ping0:?} us, 4 KiB read {blk0:?} us");
 
     let mut rows = Vec::new();
     let mut made = 0usize;
@@ -306,7 +376,7 @@ fn run() -> Result<(), String> {
             create(&mut c, spec(&work, &format!("idle{made}"), a.memory)?)?;
             made += 1;
         }
-        let creates_per_s = timed as f64 / t.elapsed().as_secs_f64().max(1e-9);
+        let creates_per_s = (timed > 0).then(|| timed as f64 / t.elapsed().as_secs_f64().max(1e-9));
         let mut ttfl = Vec::new();
         while made < n {
             ttfl.push(time_to_first_line(
@@ -320,6 +390,7 @@ fn run() -> Result<(), String> {
         std::thread::sleep(Duration::from_secs(2));
         let busy = busy_share(a.idle_secs)?;
         let ping = ping_rtt(&run_dir, &work, &mut c, n)?;
+        let blk = blk_latency(&run_dir, &work, &mut c, n)?;
         let mem_kib = base_mem.saturating_sub(mem_available_kib()?) as f64 / n as f64;
         let rss_kib = rss_kib(daemon.pid())?.saturating_sub(base_rss) as f64 / n as f64;
         let backed_kib = backed_kib(&mut c)?.0 as f64 / n as f64;
@@ -327,12 +398,14 @@ fn run() -> Result<(), String> {
         let top_ms = xl(&xl_exe, &run_dir, &["top", "-n", "1"])?;
         eprintln!(
             "densitybench: {n} idle: host busy {busy:.2}%, {rss_kib:.0} KiB each, \
-             {creates_per_s:.0} creates/s, xl list {list_ms:.0} ms"
+             {} creates/s, xl list {list_ms:.0} ms, ping {ping:?} us, 4 KiB read {blk:?} us",
+            show_rate(creates_per_s)
         );
         rows.push(Row {
             n,
             busy,
             ping,
+            blk,
             backed_kib,
             rss_kib,
             mem_kib,
@@ -427,8 +500,8 @@ fn run() -> Result<(), String> {
          | idle domains | host CPU busy | guest memory backed per domain | \
          memory per domain: daemon RSS / MemAvailable | \
          creates/s (API) | first console line p50 / p99 | `xl list` | `xl top -n 1` | \
-         neighbour ping p50 / p99 |\n\
-         |---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+         neighbour ping p50 / p99 | neighbour 4 KiB read p50 / p99 |\n\
+         |---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
         a.counts
             .iter()
             .map(usize::to_string)
@@ -439,28 +512,34 @@ fn run() -> Result<(), String> {
     for r in &rows {
         let _ = writeln!(
             t,
-            "| {} | {:.2}% | {:.0} KiB | {:.0} / {:.0} KiB | {:.0} | {:.1} / {:.1} ms | {:.0} ms | \
-             {:.0} ms | \
-             {:.0} / {:.0} us |",
+            "| {} | {:.2}% | {:.0} KiB | {:.0} / {:.0} KiB | {} | {:.1} / {:.1} ms | {:.0} ms | \
+             {:.0} ms | {:.0} / {:.0} us | {:.0} / {:.0} us |",
             r.n,
             r.busy,
             r.backed_kib,
             r.rss_kib,
             r.mem_kib,
-            r.creates_per_s,
+            show_rate(r.creates_per_s),
             r.ttfl.0,
             r.ttfl.1,
             r.list_ms,
             r.top_ms,
             r.ping.0,
-            r.ping.1
+            r.ping.1,
+            r.blk.0,
+            r.blk.1
         );
     }
     let _ = writeln!(
         t,
-        "\nThe neighbour's ping with no idle domain: {:.0} / {:.0} us (p50 / p99). Host busy \
-         includes the two guests of that pair (a `netecho` waiting for frames).",
-        ping0.0, ping0.1
+        "\nThe neighbours with no idle domain beside them (p50 / p99): ping {:.0} / {:.0} us, \
+         4 KiB read {:.0} / {:.0} us. The ping neighbour is a fresh `ping` guest pinging a \
+         `netecho` guest (there for the whole run, and counted in host busy) 30 times, 100 ms \
+         apart; the block neighbour a fresh guest reading 4 KiB at random offsets of a {} MiB \
+         image one at a time for 3 s (at most 2000 reads), asleep on its event channel while each \
+         is in flight. Creates/s is left out (-) where every create of the batch was one of the {} \
+         timed to their first console line.",
+        ping0.0, ping0.1, blk0.0, blk0.1, LAT_IMAGE_MIB, SAMPLE
     );
     let _ = writeln!(t, "\n{balloon}");
     let _ = writeln!(
@@ -494,6 +573,10 @@ fn run() -> Result<(), String> {
     } else {
         Err(fails.join("; "))
     }
+}
+
+fn show_rate(r: Option<f64>) -> String {
+    r.map_or("-".into(), |r| format!("{r:.0}"))
 }
 
 fn main() {
