@@ -784,3 +784,37 @@ fn mem_set_moves_a_domain_down_and_up_to_its_maxmem_and_no_further() {
     env.ok(&["shutdown", "-w", "b"]);
     env.ok(&["shutdown", "-w", "i"]);
 }
+
+#[test]
+fn shutdown_all_waits_until_every_guest_has_acknowledged() {
+    let env = Env::new("shutall");
+    for name in ["a", "b", "c"] {
+        let cfg = env.cfg(
+            &format!("{name}.cfg"),
+            &format!("name = \"{name}\"\nextra = \"idle\"\non_poweroff = \"preserve\"\n"),
+        );
+        env.ok(&["create", &cfg]);
+    }
+    // Every guest is asked at once; -w returns when each has powered off by itself.
+    let out = env.xl(&["shutdown", "-a", "-w"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("3 domain(s) shut down"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let doms = env.list();
+    assert_eq!(doms.len(), 3);
+    for d in &doms {
+        assert_eq!(d.state, "s", "{d:?}");
+        assert!(d.detail.starts_with("Poweroff, exit code 0"), "{d:?}");
+    }
+    // Nothing left running: -a has nothing to ask.
+    let out = env.xl(&["shutdown", "-a", "-w"]);
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("0 domain(s) shut down"));
+}
