@@ -103,7 +103,7 @@ pub struct DomainConfig {
     pub max_mem_mib: Option<u64>,
     /// vCPUs.
     pub vcpus: u32,
-    /// ELF64 kernel image (default: the Splitvisor guest kernel).
+    /// ELF64 kernel image (default: the one the [`Hypervisor`] was opened with).
     pub kernel: Option<Vec<u8>>,
     /// Command line for the guest.
     pub cmdline: String,
@@ -146,18 +146,24 @@ pub struct Hypervisor {
     registry: Arc<evtchn::Registry>,
     store: Arc<store::Store>,
     timers: timer::Timers,
+    /// The kernel a domain boots when its configuration names none: the toolstack's choice.
+    default_kernel: &'static [u8],
 }
 
 impl Hypervisor {
     /// Opens `/dev/kvm` and detects the flavour; domain ids come from all of
-    /// [`domid::RANGE`], reused [`domid::REUSE_AFTER`] after their domain is gone.
-    pub fn new() -> Result<Self> {
-        Self::with_domids(domid::DomidPool::standard())
+    /// [`domid::RANGE`], reused [`domid::REUSE_AFTER`] after their domain is gone. A domain
+    /// whose configuration names no kernel boots `default_kernel` (an ELF64 image).
+    pub fn new(default_kernel: &'static [u8]) -> Result<Self> {
+        Self::with_domids(default_kernel, domid::DomidPool::standard())
     }
 
     /// As [`new`](Self::new), with domain ids from `domids` (a small range or a short reuse
     /// delay, for tests).
-    pub fn with_domids(domids: Arc<domid::DomidPool>) -> Result<Self> {
+    pub fn with_domids(
+        default_kernel: &'static [u8],
+        domids: Arc<domid::DomidPool>,
+    ) -> Result<Self> {
         let kvm = Kvm::new().map_err(Error::NoKvm)?;
         vcpu::init_kick();
         let flavour = detect_flavour(&kvm);
@@ -169,6 +175,7 @@ impl Hypervisor {
             registry: Arc::default(),
             store: Arc::default(),
             timers: timer::Timers::default(),
+            default_kernel,
         })
     }
 
@@ -229,7 +236,7 @@ impl Hypervisor {
                 cfg.mem_mib
             )));
         }
-        let kernel = cfg.kernel.as_deref().unwrap_or(guest_drivers::GUEST_KERNEL);
+        let kernel = cfg.kernel.as_deref().unwrap_or(self.default_kernel);
         // A kernel must fit the memory the domain holds at boot, with the room the boot ABI
         // promises it: a guest running outside its memory would only crash (see `vcpu`), or with
         // maxmem use frames it does not hold, so it is refused before anything is built.

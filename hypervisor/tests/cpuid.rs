@@ -94,7 +94,8 @@ fn elf(code: &[u8]) -> Vec<u8> {
 
 #[test]
 fn every_vcpu_sees_the_splitvisor_leaves_with_its_own_index() {
-    let hv = Hypervisor::new().expect("/dev/kvm is required for this test");
+    let hv =
+        Hypervisor::new(guest_drivers::GUEST_KERNEL).expect("/dev/kvm is required for this test");
     let dom = hv
         .create_domain(DomainConfig {
             name: "cpuid".into(),

@@ -26,7 +26,7 @@ pub fn tool(tool: &str, package: &str) -> Command {
 /// Opens KVM, or fails the test with a clear message: these scenarios need a real `/dev/kvm`
 /// and must never skip silently.
 pub fn hypervisor() -> Hypervisor {
-    match Hypervisor::new() {
+    match Hypervisor::new(guest_drivers::GUEST_KERNEL) {
         Ok(hv) => hv,
         Err(e) => panic!(
             "this test boots real domains and needs /dev/kvm: {e} ({})",

@@ -17,7 +17,7 @@ use pv_protocol::start_info::GRANT_TABLE_GPA;
 /// A hypervisor that gives ids from `range`, reused `delay` after release.
 fn hypervisor(range: Range<u32>, delay: Duration) -> Hypervisor {
     let pool = DomidPool::new(range, delay).unwrap();
-    Hypervisor::with_domids(pool)
+    Hypervisor::with_domids(guest_drivers::GUEST_KERNEL, pool)
         .unwrap_or_else(|e| panic!("this test boots real domains and needs /dev/kvm: {e}"))
 }
 

@@ -116,7 +116,7 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let hv = match Hypervisor::new() {
+    let hv = match Hypervisor::new(guest_drivers::GUEST_KERNEL) {
         Ok(hv) => hv,
         Err(e) => {
             eprintln!("splitvisor-boot: {}", dom0::control::chain(&e));

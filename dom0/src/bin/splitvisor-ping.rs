@@ -35,7 +35,8 @@ fn run() -> Result<u32, String> {
             other => return Err(format!("unknown argument {other:?} (try --help)")),
         }
     }
-    let hv = Hypervisor::new().map_err(|e| format!("hypervisor: {e}"))?;
+    let hv =
+        Hypervisor::new(guest_drivers::GUEST_KERNEL).map_err(|e| format!("hypervisor: {e}"))?;
     let sw = Arc::new(Switch::new("br0").map_err(|e| e.to_string())?);
     if let Some(name) = &tap {
         let t = Tap::create(name).map_err(|e| format!("tap {name}: {e}"))?;

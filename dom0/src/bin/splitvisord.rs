@@ -93,7 +93,8 @@ fn run() -> Result<(), String> {
         .with_writer(Mutex::new(log))
         .init();
 
-    let hv = Hypervisor::new().map_err(|e| format!("hypervisor: {}", control::chain(&e)))?;
+    let hv = Hypervisor::new(guest_drivers::GUEST_KERNEL)
+        .map_err(|e| format!("hypervisor: {}", control::chain(&e)))?;
     // We hold the lock, so a socket file here is a dead daemon's: replace it.
     let sock = dir.join(SOCKET);
     let _ = std::fs::remove_file(&sock);

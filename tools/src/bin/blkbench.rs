@@ -252,7 +252,7 @@ fn run() -> Result<(), String> {
     }
     prepare(&image)?;
     let b = Bench {
-        hv: Hypervisor::new().map_err(|e| e.to_string())?,
+        hv: Hypervisor::new(guest_drivers::GUEST_KERNEL).map_err(|e| e.to_string())?,
         image,
         seconds,
         fio: with_fio,

@@ -49,7 +49,7 @@ fn run() -> Result<(), String> {
             other => return Err(format!("unknown argument {other:?} (try --help)")),
         }
     }
-    let hv = Hypervisor::new().map_err(|e| {
+    let hv = Hypervisor::new(guest_drivers::GUEST_KERNEL).map_err(|e| {
         format!(
             "{e}: {}",
             std::error::Error::source(&e)

@@ -296,7 +296,7 @@ fn run() -> Result<(), String> {
             other => return Err(format!("unknown argument {other:?} (try --help)")),
         }
     }
-    let hv = Hypervisor::new().map_err(|e| e.to_string())?;
+    let hv = Hypervisor::new(guest_drivers::GUEST_KERNEL).map_err(|e| e.to_string())?;
     let pair = VethPair::new()?;
     // Rounds of (veth, guests) for each size: the host's speed drifts, so each guest run is
     // compared with the veth run just before it, and the table shows medians.
