@@ -18,7 +18,8 @@
 //!
 //! At the largest N: `xl shutdown -a -w` (every guest acknowledges its shutdown and powers off
 //! with code 0: the domains are kept, preserved, and checked), then the destroy rate through the
-//! API; and the create and destroy rate of a few domains through the `xl` binary.
+//! API; the two neighbours once more with no idle domain (the host's drift over the run); and
+//! the create and destroy rate of a few domains through the `xl` binary.
 //!
 //! Usage: `densitybench [--counts 10,100,1000] [--idle-secs S] [--memory MIB] [--out FILE]
 //! [--max-cpu PCT]`. With `--max-cpu`, it fails if the idle CPU share at the largest N is above
@@ -102,6 +103,35 @@ fn busy_share(secs: f64) -> Result<f64, String> {
     std::thread::sleep(Duration::from_secs_f64(secs));
     let (b1, t1) = cpu_jiffies()?;
     Ok(100.0 * (b1 - b0) as f64 / (t1 - t0).max(1) as f64)
+}
+
+/// The host's DAMON monitors that are running (`kdamond`s of the sysfs interface), with their
+/// schemes' actions: proactive reclaim walks every sampled page's mappings into every domain's
+/// KVM MMU notifier, so it matters here.
+fn damon() -> String {
+    let root = Path::new("/sys/kernel/mm/damon/admin/kdamonds");
+    let read = |p: PathBuf| std::fs::read_to_string(p).map(|s| s.trim().to_string());
+    let mut on = Vec::new();
+    for k in std::fs::read_dir(root).into_iter().flatten().flatten() {
+        if read(k.path().join("state")).is_ok_and(|s| s == "on") {
+            let actions: Vec<String> = std::fs::read_dir(k.path().join("contexts/0/schemes"))
+                .into_iter()
+                .flatten()
+                .flatten()
+                .filter_map(|s| read(s.path().join("action")).ok())
+                .collect();
+            on.push(format!(
+                "kdamond {} ({})",
+                k.file_name().to_string_lossy(),
+                actions.join(", ")
+            ));
+        }
+    }
+    if on.is_empty() {
+        "no DAMON monitor running".into()
+    } else {
+        format!("DAMON running: {}", on.join("; "))
+    }
 }
 
 fn mem_available_kib() -> Result<u64, String> {
@@ -471,6 +501,18 @@ fn run() -> Result<(), String> {
     }
     let destroys_per_s = doms.len() as f64 / t.elapsed().as_secs_f64().max(1e-9);
 
+    // The neighbours again with no idle domain, so that the host's drift over the run shows.
+    let echo = create(&mut c, net_spec(&work, "echo", "netecho", "10.99.0.1")?)?;
+    let ping_end = ping_rtt(&run_dir, &work, &mut c, n + 1)?;
+    let blk_end = blk_latency(&run_dir, &work, &mut c, n + 1)?;
+    c.call(Request::Destroy {
+        dom: DomRef::Id(echo),
+    })
+    .map_err(|e| e.to_string())?;
+    eprintln!(
+        "densitybench: no idle neighbour again: ping {ping_end:?} us, 4 KiB read {blk_end:?} us"
+    );
+
     // A few through the xl binary (its start-up included).
     let cfg = work.join("xl.cfg");
     let (mut xl_create, mut xl_destroy) = (Vec::new(), Vec::new());
@@ -496,7 +538,7 @@ fn run() -> Result<(), String> {
         t,
         "# Density: idle domains on one host\n\n\
          `densitybench --counts {}` on a 2-core, 24 GiB host (KVM PVM), `idle` job, 1 vCPU, \
-         {} MiB each; host busy before any domain: {base_busy:.2}%.\n\n\
+         {} MiB each; host busy before any domain: {base_busy:.2}%; {}.\n\n\
          | idle domains | host CPU busy | guest memory backed per domain | \
          memory per domain: daemon RSS / MemAvailable | \
          creates/s (API) | first console line p50 / p99 | `xl list` | `xl top -n 1` | \
@@ -507,7 +549,8 @@ fn run() -> Result<(), String> {
             .map(usize::to_string)
             .collect::<Vec<_>>()
             .join(","),
-        a.memory
+        a.memory,
+        damon()
     );
     for r in &rows {
         let _ = writeln!(
@@ -532,14 +575,24 @@ fn run() -> Result<(), String> {
     }
     let _ = writeln!(
         t,
-        "\nThe neighbours with no idle domain beside them (p50 / p99): ping {:.0} / {:.0} us, \
-         4 KiB read {:.0} / {:.0} us. The ping neighbour is a fresh `ping` guest pinging a \
+        "\nThe neighbours with no idle domain beside them (p50 / p99), first / after the largest \
+         count was destroyed: ping {:.0} / {:.0} us, then {:.0} / {:.0} us; 4 KiB read \
+         {:.0} / {:.0} us, then {:.0} / {:.0} us. The ping neighbour is a fresh `ping` guest pinging a \
          `netecho` guest (there for the whole run, and counted in host busy) 30 times, 100 ms \
          apart; the block neighbour a fresh guest reading 4 KiB at random offsets of a {} MiB \
          image one at a time for 3 s (at most 2000 reads), asleep on its event channel while each \
          is in flight. Creates/s is left out (-) where every create of the batch was one of the {} \
          timed to their first console line.",
-        ping0.0, ping0.1, blk0.0, blk0.1, LAT_IMAGE_MIB, SAMPLE
+        ping0.0,
+        ping0.1,
+        ping_end.0,
+        ping_end.1,
+        blk0.0,
+        blk0.1,
+        blk_end.0,
+        blk_end.1,
+        LAT_IMAGE_MIB,
+        SAMPLE
     );
     let _ = writeln!(t, "\n{balloon}");
     let _ = writeln!(
