@@ -794,7 +794,7 @@ impl Daemon {
         InfoReply {
             host: HostInfo {
                 kvm: format!("{:?}", self.hv.flavour()),
-                cores: cores.into(),
+                cores,
                 memory_mib: mem_kib / 1024,
                 kernel: kernel.trim().into(),
             },

@@ -7,6 +7,7 @@ use std::path::Path;
 
 use dom0::control::{self, Envelope, PROTOCOL_VERSION, Reply, Request};
 use dom0::peer;
+use serde::de::DeserializeOwned;
 use serde_json::Value;
 
 /// A connection to the daemon.
@@ -57,9 +58,13 @@ impl Client {
         Ok(Self { stream, reader })
     }
 
-    /// Sends `req` and waits for its answer: the op's data, or the daemon's error line.
-    pub fn call(&mut self, req: Request) -> Result<Value, CallError> {
-        self.call_text(req).map_err(CallError)
+    /// Sends `req` and waits for its answer: the op's reply (`T`, the type [`control::Answer`]
+    /// names for that op), or the daemon's error line. A reply that is not a `T` is an error
+    /// naming the op and what is wrong with it.
+    pub fn call<T: DeserializeOwned>(&mut self, req: Request) -> Result<T, CallError> {
+        let op = req.op();
+        let v = self.call_text(req).map_err(CallError)?;
+        serde_json::from_value(v).map_err(|e| CallError(format!("unexpected reply to {op}: {e}")))
     }
 
     fn call_text(&mut self, req: Request) -> Result<Value, String> {
