@@ -141,3 +141,42 @@ impl Drop for OwnDaemon {
         let _ = self.child.wait();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use dom0::control::{DomRef, Done, TopRow};
+
+    /// A client whose daemon answers every request with `reply`.
+    fn answered_with(reply: &str) -> Client {
+        let (stream, mut daemon) = UnixStream::pair().unwrap();
+        daemon.write_all(reply.as_bytes()).unwrap();
+        let reader = BufReader::new(stream.try_clone().unwrap());
+        Client { stream, reader }
+    }
+
+    #[test]
+    fn a_reply_of_the_wrong_shape_is_an_error_naming_the_op() {
+        let destroy = || Request::Destroy { dom: DomRef::Id(3) };
+        let done: Done = answered_with("{\"ok\":{\"id\":3}}\n")
+            .call(destroy())
+            .unwrap();
+        assert_eq!(done, Done { id: 3 });
+        let e = answered_with("{\"ok\":{\"domid\":3}}\n")
+            .call::<Done>(destroy())
+            .unwrap_err();
+        assert_eq!(e.0, "unexpected reply to destroy: missing field `id`");
+        let e = answered_with("{\"ok\":[{\"name\":\"web\",\"id\":1}]}\n")
+            .call::<Vec<TopRow>>(Request::Top)
+            .unwrap_err();
+        assert!(
+            e.0.starts_with("unexpected reply to top: missing field"),
+            "{e}"
+        );
+        assert!(!e.0.contains('\n'));
+        let e = answered_with("{\"error\":\"no domain \\\"3\\\"\"}\n")
+            .call::<Done>(destroy())
+            .unwrap_err();
+        assert_eq!(e.0, "no domain \"3\"");
+    }
+}
