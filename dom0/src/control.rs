@@ -2,7 +2,8 @@
 //!
 //! Version 1. The client sends one request per line, a JSON object with the protocol version
 //! and an `op`: `{"v":1,"op":"list"}`. The daemon answers each with one line: `{"ok":VALUE}` or
-//! `{"error":"cause: cause: cause"}`. A request with another version is refused with an error
+//! `{"error":"cause: cause: cause"}`, where VALUE is the op's reply type ([`Answer`] lists them:
+//! [`HelloReply`], [`TopRow`]s, ...). A request with another version is refused with an error
 //! naming both versions. After a successful `console` request the connection stops being
 //! line-based: the daemon streams the guest's console output (history first) and forwards every
 //! byte the client sends to the guest's console input, until either side closes.
@@ -28,7 +29,8 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::xlcfg::{DomainName, DomainSpec, HostPath, Shown, Vdev};
+use crate::switch::Mac;
+use crate::xlcfg::{DomainName, DomainSpec, HostPath, Shown, SwitchName, Vdev};
 
 /// Longest request line, newline included. A longer one is answered with an error and the
 /// connection is closed.
@@ -299,14 +301,328 @@ pub struct Envelope {
     pub req: Request,
 }
 
-/// A reply on the wire.
+impl Request {
+    /// The op's name on the wire.
+    pub fn op(&self) -> &'static str {
+        match self {
+            Request::Hello => "hello",
+            Request::Info => "info",
+            Request::List => "list",
+            Request::Create { .. } => "create",
+            Request::Destroy { .. } => "destroy",
+            Request::Shutdown { .. } => "shutdown",
+            Request::Pause { .. } => "pause",
+            Request::Unpause { .. } => "unpause",
+            Request::Console { .. } => "console",
+            Request::Dmesg { .. } => "dmesg",
+            Request::BlockAttach { .. } => "block-attach",
+            Request::BlockDetach { .. } => "block-detach",
+            Request::BlockList { .. } => "block-list",
+            Request::NetworkAttach { .. } => "network-attach",
+            Request::NetworkDetach { .. } => "network-detach",
+            Request::NetworkList { .. } => "network-list",
+            Request::Top => "top",
+            Request::Status { .. } => "status",
+            Request::VcpuList { .. } => "vcpu-list",
+            Request::VcpuPin { .. } => "vcpu-pin",
+            Request::MemSet { .. } => "mem-set",
+        }
+    }
+}
+
+/// A reply on the wire: `T` is the op's reply type ([`Answer`] as the daemon sends it), or
+/// [`serde_json::Value`] for a client that reads any reply.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
-pub enum Reply {
+pub enum Reply<T = serde_json::Value> {
     /// Success, with the op's data.
-    Ok(serde_json::Value),
+    Ok(T),
     /// Failure: the cause chain as one line.
     Error(String),
+}
+
+/// What the daemon answers an op with: each variant is that op's reply, and is sent as it is
+/// (no tag on the wire). Every field of a reply is required, `null` ones too: a client that
+/// reads a field the daemon does not send gets an error naming it, never a `null`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(untagged)]
+pub enum Answer {
+    /// `hello`.
+    Hello(HelloReply),
+    /// `info`.
+    Info(InfoReply),
+    /// `list`.
+    List(Vec<DomainInfo>),
+    /// `create`.
+    Create(CreateReply),
+    /// `destroy`, `shutdown`, `pause`, `unpause`, `console`, `vcpu-pin`.
+    Done(Done),
+    /// `dmesg`: the lines, joined by newlines.
+    Dmesg(String),
+    /// `block-attach`.
+    BlockAttach(BlockAttachReply),
+    /// `block-detach`.
+    BlockDetach(BlockDetachReply),
+    /// `block-list`.
+    BlockList(Vec<VbdRow>),
+    /// `network-attach`.
+    NetworkAttach(NetworkAttachReply),
+    /// `network-detach`.
+    NetworkDetach(NetworkDetachReply),
+    /// `network-list`.
+    NetworkList(Vec<VifRow>),
+    /// `top`.
+    Top(Vec<TopRow>),
+    /// `status`.
+    Status(StatusReply),
+    /// `vcpu-list`.
+    VcpuList(Vec<VcpuRow>),
+    /// `mem-set`.
+    MemSet(MemSetReply),
+}
+
+/// The reply to an op that returns nothing but the domain it acted on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Done {
+    /// The domain's id.
+    pub id: u32,
+}
+
+/// The reply to `hello`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HelloReply {
+    /// The daemon's version.
+    pub version: String,
+    /// The protocol version it speaks.
+    pub protocol: u32,
+    /// Its process id.
+    pub pid: u32,
+    /// Its runtime directory.
+    pub runtime_dir: PathBuf,
+}
+
+/// The reply to `info`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InfoReply {
+    /// The host.
+    pub host: HostInfo,
+    /// How many domains there are.
+    pub domains: usize,
+    /// The switches' names.
+    pub switches: Vec<SwitchName>,
+    /// The daemon's version.
+    pub splitvisor: String,
+    /// The protocol version it speaks.
+    pub protocol: u32,
+    /// Seconds since it started.
+    pub uptime_s: u64,
+}
+
+/// The host, in `info`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostInfo {
+    /// Which KVM.
+    pub kvm: String,
+    /// Online CPUs (-1 if unknown).
+    pub cores: i64,
+    /// Total memory, MiB (0 if unknown).
+    pub memory_mib: u64,
+    /// The kernel's release.
+    pub kernel: String,
+}
+
+/// The reply to `create`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CreateReply {
+    /// The new domain's id.
+    pub id: u32,
+    /// Its name.
+    pub name: DomainName,
+}
+
+/// The reply to `block-attach`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BlockAttachReply {
+    /// The domain's id.
+    pub id: u32,
+    /// The disk's device name.
+    pub vdev: Vdev,
+    /// Its device id.
+    pub devid: u32,
+}
+
+/// The reply to `block-detach`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BlockDetachReply {
+    /// The domain's id.
+    pub id: u32,
+    /// The disk's device name.
+    pub vdev: Vdev,
+}
+
+/// One row of `block-list`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VbdRow {
+    /// Device name.
+    pub vdev: Vdev,
+    /// Device id.
+    pub devid: u32,
+    /// The image file.
+    pub target: HostPath,
+    /// Read-only.
+    pub readonly: bool,
+    /// The back end's XenBus state.
+    #[serde(deserialize_with = "Option::deserialize")]
+    pub backend_state: Option<u32>,
+    /// The front end's XenBus state.
+    #[serde(deserialize_with = "Option::deserialize")]
+    pub frontend_state: Option<u32>,
+    /// Reads served.
+    pub reads: u64,
+    /// Writes served.
+    pub writes: u64,
+    /// Bytes read.
+    pub read_bytes: u64,
+    /// Bytes written.
+    pub written_bytes: u64,
+    /// Failed and unsupported requests.
+    pub errors: u64,
+}
+
+/// The reply to `network-attach`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetworkAttachReply {
+    /// The domain's id.
+    pub id: u32,
+    /// The interface's device id.
+    pub devid: u32,
+    /// Its MAC.
+    pub mac: Mac,
+}
+
+/// The reply to `network-detach`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetworkDetachReply {
+    /// The domain's id.
+    pub id: u32,
+    /// The interface's device id.
+    pub devid: u32,
+}
+
+/// One row of `network-list`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VifRow {
+    /// Device id.
+    pub devid: u32,
+    /// MAC.
+    pub mac: Mac,
+    /// The switch it is plugged into.
+    pub bridge: SwitchName,
+    /// The back end's XenBus state.
+    #[serde(deserialize_with = "Option::deserialize")]
+    pub backend_state: Option<u32>,
+    /// The front end's XenBus state.
+    #[serde(deserialize_with = "Option::deserialize")]
+    pub frontend_state: Option<u32>,
+    /// Frames the switch port received (the guest sent).
+    pub rx_packets: u64,
+    /// Frames the switch port sent (to the guest).
+    pub tx_packets: u64,
+    /// Frames to the guest dropped.
+    pub tx_dropped: u64,
+    /// Errors.
+    pub errors: u64,
+}
+
+/// One row of `top`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TopRow {
+    /// Name.
+    pub name: DomainName,
+    /// Id.
+    pub id: u32,
+    /// vCPUs.
+    pub vcpus: u32,
+    /// Memory the domain holds, KiB.
+    pub mem_kib: u64,
+    /// The most it may hold, KiB.
+    pub maxmem_kib: u64,
+    /// Its balloon's target, KiB.
+    pub target_kib: u64,
+    /// The host memory it really uses, KiB.
+    pub host_kib: u64,
+    /// xl's state letter.
+    pub state: String,
+    /// CPU seconds used.
+    pub cpu_s: f64,
+    /// Frames the guest received.
+    pub net_rx_packets: u64,
+    /// Frames the guest sent.
+    pub net_tx_packets: u64,
+    /// Bytes the guest received.
+    pub net_rx_bytes: u64,
+    /// Bytes the guest sent.
+    pub net_tx_bytes: u64,
+    /// Disks.
+    pub disks: usize,
+    /// Block reads.
+    pub vbd_rd: u64,
+    /// Block writes.
+    pub vbd_wr: u64,
+    /// Sectors read.
+    pub vbd_rsect: u64,
+    /// Sectors written.
+    pub vbd_wsect: u64,
+    /// Failed and unsupported block requests.
+    pub vbd_err: u64,
+}
+
+/// The reply to `status`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StatusReply {
+    /// Id.
+    pub id: u32,
+    /// Name.
+    pub name: DomainName,
+    /// Still there (else it ended recently).
+    pub live: bool,
+    /// Its state (`Running`, `Shutdown { reason: .., code: .. }`, ...).
+    pub state: String,
+    /// The guest's exit code, if it shut down.
+    #[serde(deserialize_with = "Option::deserialize")]
+    pub shutdown_code: Option<u32>,
+    /// It crashed.
+    pub crashed: bool,
+}
+
+/// One row of `vcpu-list`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct VcpuRow {
+    /// The domain's name.
+    pub name: DomainName,
+    /// The domain's id.
+    pub id: u32,
+    /// The vCPU's index.
+    pub vcpu: u32,
+    /// The host CPU it last ran on.
+    #[serde(deserialize_with = "Option::deserialize")]
+    pub cpu: Option<u32>,
+    /// xl's state: `r--`, `-b-`, `--p` or `---`.
+    pub state: String,
+    /// CPU seconds used.
+    pub time_s: f64,
+    /// The host CPUs it may run on (all when absent).
+    #[serde(deserialize_with = "Option::deserialize")]
+    pub affinity: Option<Vec<u32>>,
+}
+
+/// The reply to `mem-set`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemSetReply {
+    /// The domain's id.
+    pub id: u32,
+    /// Its new target, MiB.
+    pub target: u64,
 }
 
 /// One row of `list`.
@@ -391,8 +707,256 @@ mod tests {
         );
         let back: Envelope = serde_json::from_str(r#"{"v":1,"op":"dmesg"}"#).unwrap();
         assert_eq!(back.req, Request::Dmesg { lines: 50 });
-        let r = serde_json::to_string(&Reply::Error("no such domain".into())).unwrap();
+        let r = serde_json::to_string(&Reply::<Answer>::Error("no such domain".into())).unwrap();
         assert_eq!(r, r#"{"error":"no such domain"}"#);
         assert!(serde_json::from_str::<Envelope>(r#"{"v":1,"op":"reformat-disk"}"#).is_err());
+    }
+
+    fn name(n: &str) -> DomainName {
+        DomainName::try_from(n.to_string()).unwrap()
+    }
+
+    fn spec() -> DomainSpec {
+        let f = Path::new("/cfg/web.cfg");
+        let text = "name = \"web\"\nmemory = 96\nvcpus = 2\n\
+                    disk = [ '/img/web.img,raw,xvda,rw' ]\nvif = [ 'bridge=br0' ]\n";
+        let settings = crate::xlcfg::parse_settings(text, f).unwrap();
+        DomainSpec::from_settings(&settings, f, Some(Path::new("/cfg"))).unwrap()
+    }
+
+    /// Serializes `reply` as the daemon sends it (inside [`Answer`] and [`Reply`]), reads it back
+    /// as a client does, and checks it came back equal; returns the `ok` value's JSON.
+    fn round_trip<T>(reply: T, wrap: fn(T) -> Answer) -> String
+    where
+        T: Serialize + serde::de::DeserializeOwned + PartialEq + fmt::Debug + Clone,
+    {
+        let text = serde_json::to_string(&Reply::Ok(wrap(reply.clone()))).unwrap();
+        let back: Reply<T> = serde_json::from_str(&text).unwrap();
+        assert_eq!(back, Reply::Ok(reply.clone()), "{text}");
+        serde_json::to_string(&reply).unwrap()
+    }
+
+    #[test]
+    fn every_reply_round_trips() {
+        let mac: Mac = "00:16:3e:00:00:01".parse().unwrap();
+        let xvdb = Vdev::from_index(1).unwrap();
+        let br: SwitchName = "br0".to_string().try_into().unwrap();
+        round_trip(
+            HelloReply {
+                version: "0.1.0".into(),
+                protocol: PROTOCOL_VERSION,
+                pid: 42,
+                runtime_dir: "/run/splitvisor".into(),
+            },
+            Answer::Hello,
+        );
+        round_trip(
+            InfoReply {
+                host: HostInfo {
+                    kvm: "Upstream".into(),
+                    cores: 8,
+                    memory_mib: 16384,
+                    kernel: "6.8.0".into(),
+                },
+                domains: 3,
+                switches: vec![br.clone()],
+                splitvisor: "0.1.0".into(),
+                protocol: PROTOCOL_VERSION,
+                uptime_s: 77,
+            },
+            Answer::Info,
+        );
+        round_trip(
+            vec![DomainInfo {
+                name: name("web"),
+                id: 1,
+                mem: 95,
+                target: 96,
+                maxmem: 96,
+                vcpus: 2,
+                state: "b".into(),
+                time: 1.5,
+                detail: String::new(),
+                restarts: 0,
+                spec: spec(),
+            }],
+            Answer::List,
+        );
+        round_trip(
+            CreateReply {
+                id: 1,
+                name: name("web"),
+            },
+            Answer::Create,
+        );
+        round_trip(Done { id: 1 }, Answer::Done);
+        round_trip("a\nb".to_string(), Answer::Dmesg);
+        round_trip(
+            BlockAttachReply {
+                id: 1,
+                vdev: xvdb,
+                devid: xvdb.devid(),
+            },
+            Answer::BlockAttach,
+        );
+        round_trip(BlockDetachReply { id: 1, vdev: xvdb }, Answer::BlockDetach);
+        round_trip(
+            vec![VbdRow {
+                vdev: xvdb,
+                devid: xvdb.devid(),
+                target: HostPath::new(Path::new("/img/b.img"), None).unwrap(),
+                readonly: true,
+                backend_state: Some(4),
+                frontend_state: None,
+                reads: 1,
+                writes: 2,
+                read_bytes: 512,
+                written_bytes: 1024,
+                errors: 0,
+            }],
+            Answer::BlockList,
+        );
+        round_trip(
+            NetworkAttachReply {
+                id: 1,
+                devid: 0,
+                mac,
+            },
+            Answer::NetworkAttach,
+        );
+        round_trip(
+            NetworkDetachReply { id: 1, devid: 0 },
+            Answer::NetworkDetach,
+        );
+        round_trip(
+            vec![VifRow {
+                devid: 0,
+                mac,
+                bridge: br,
+                backend_state: Some(4),
+                frontend_state: Some(4),
+                rx_packets: 3,
+                tx_packets: 4,
+                tx_dropped: 0,
+                errors: 0,
+            }],
+            Answer::NetworkList,
+        );
+        round_trip(vec![top_row()], Answer::Top);
+        round_trip(
+            StatusReply {
+                id: 1,
+                name: name("web"),
+                live: false,
+                state: "Shutdown { reason: Poweroff, code: 3 }".into(),
+                shutdown_code: Some(3),
+                crashed: false,
+            },
+            Answer::Status,
+        );
+        round_trip(
+            vec![VcpuRow {
+                name: name("web"),
+                id: 1,
+                vcpu: 0,
+                cpu: None,
+                state: "-b-".into(),
+                time_s: 0.25,
+                affinity: Some(vec![0, 2]),
+            }],
+            Answer::VcpuList,
+        );
+        round_trip(MemSetReply { id: 1, target: 32 }, Answer::MemSet);
+    }
+
+    fn top_row() -> TopRow {
+        TopRow {
+            name: name("web"),
+            id: 1,
+            vcpus: 2,
+            mem_kib: 98304,
+            maxmem_kib: 98304,
+            target_kib: 98304,
+            host_kib: 2048,
+            state: "b".into(),
+            cpu_s: 0.5,
+            net_rx_packets: 1,
+            net_tx_packets: 2,
+            net_rx_bytes: 60,
+            net_tx_bytes: 120,
+            disks: 1,
+            vbd_rd: 3,
+            vbd_wr: 4,
+            vbd_rsect: 5,
+            vbd_wsect: 6,
+            vbd_err: 0,
+        }
+    }
+
+    /// The field names are the wire format: renaming one must fail here (and be a new protocol
+    /// version), not print `null` in an old client.
+    #[test]
+    fn replies_keep_their_wire_format() {
+        let top = serde_json::to_string(&Reply::Ok(Answer::Top(vec![top_row()]))).unwrap();
+        assert_eq!(
+            top,
+            r#"{"ok":[{"name":"web","id":1,"vcpus":2,"mem_kib":98304,"maxmem_kib":98304,"#
+                .to_owned()
+                + r#""target_kib":98304,"host_kib":2048,"state":"b","cpu_s":0.5,"#
+                + r#""net_rx_packets":1,"net_tx_packets":2,"net_rx_bytes":60,"net_tx_bytes":120,"#
+                + r#""disks":1,"vbd_rd":3,"vbd_wr":4,"vbd_rsect":5,"vbd_wsect":6,"vbd_err":0}]}"#
+        );
+        let status = StatusReply {
+            id: 7,
+            name: name("web"),
+            live: true,
+            state: "Running".into(),
+            shutdown_code: None,
+            crashed: false,
+        };
+        assert_eq!(
+            serde_json::to_string(&status).unwrap(),
+            r#"{"id":7,"name":"web","live":true,"state":"Running","shutdown_code":null,"crashed":false}"#
+        );
+        assert_eq!(
+            serde_json::to_string(&Reply::Ok(Answer::Done(Done { id: 7 }))).unwrap(),
+            r#"{"ok":{"id":7}}"#
+        );
+        let hello = HelloReply {
+            version: "0.1.0".into(),
+            protocol: 1,
+            pid: 9,
+            runtime_dir: "/run/splitvisor".into(),
+        };
+        assert_eq!(
+            serde_json::to_string(&hello).unwrap(),
+            r#"{"version":"0.1.0","protocol":1,"pid":9,"runtime_dir":"/run/splitvisor"}"#
+        );
+        // A reply from before (keys in another order) still reads; one missing a field does not.
+        let old = r#"{"crashed":true,"id":7,"live":false,"name":"web","shutdown_code":null,"state":"Crashed"}"#;
+        assert!(serde_json::from_str::<StatusReply>(old).unwrap().crashed);
+        let renamed =
+            r#"{"crashed":true,"id":7,"live":false,"name":"web","code":null,"state":"x"}"#;
+        assert!(serde_json::from_str::<StatusReply>(renamed).is_err());
+    }
+
+    #[test]
+    fn op_names_are_the_wire_tags() {
+        for req in [
+            Request::Hello,
+            Request::Top,
+            Request::VcpuList { dom: None },
+            Request::MemSet {
+                dom: DomRef::Id(1),
+                mib: 4,
+            },
+            Request::NetworkDetach {
+                dom: DomRef::Id(1),
+                devid: 0,
+            },
+        ] {
+            let v = serde_json::to_value(&req).unwrap();
+            assert_eq!(v.get("op").and_then(|o| o.as_str()), Some(req.op()));
+        }
     }
 }

@@ -29,11 +29,13 @@ use hypervisor::{
     Domain, DomainConfig, DomainShared, DomainState, Hypervisor, VcpuError, VcpuState,
 };
 use pv_protocol::hypercall::ShutdownReason;
-use serde_json::{Value, json};
 
 use crate::blkback::BlkStats;
 use crate::control::{
-    self, DomRef, DomainInfo, Envelope, MAX_REQUEST, PROTOCOL_VERSION, Reply, Request,
+    self, Answer, BlockAttachReply, BlockDetachReply, CreateReply, DomRef, DomainInfo, Done,
+    Envelope, HelloReply, HostInfo, InfoReply, MAX_REQUEST, MemSetReply, NetworkAttachReply,
+    NetworkDetachReply, PROTOCOL_VERSION, Reply, Request, StatusReply, TopRow, VbdRow, VcpuRow,
+    VifRow,
 };
 use crate::disk::Disk;
 use crate::peer::{self, Access, Role};
@@ -290,15 +292,19 @@ fn state_letter(dom: &DomainShared) -> (&'static str, String) {
     }
 }
 
-fn status_json(id: u32, name: &DomainName, live: bool, s: &DomainState) -> Value {
-    let (code, crashed) = match s {
+fn status(id: u32, name: &DomainName, live: bool, s: &DomainState) -> Answer {
+    let (shutdown_code, crashed) = match s {
         DomainState::Shutdown { reason, code } => (Some(*code), *reason == ShutdownReason::Crash),
         DomainState::Crashed { .. } => (None, true),
         _ => (None, false),
     };
-    json!({
-        "id": id, "name": name, "live": live, "state": format!("{s:?}"),
-        "shutdown_code": code, "crashed": crashed,
+    Answer::Status(StatusReply {
+        id,
+        name: name.clone(),
+        live,
+        state: format!("{s:?}"),
+        shutdown_code,
+        crashed,
     })
 }
 
@@ -344,7 +350,7 @@ impl Drop for ClientSlot<'_> {
 }
 
 /// Sends `reply` as one line.
-fn send(out: &mut impl Write, reply: &Reply) -> std::io::Result<()> {
+fn send(out: &mut impl Write, reply: &Reply<Answer>) -> std::io::Result<()> {
     let mut text = serde_json::to_string(reply).unwrap_or_default();
     text.push('\n');
     out.write_all(text.as_bytes())
@@ -475,7 +481,7 @@ impl Daemon {
                     req: Request::Console { dom },
                     ..
                 }) => match self.find(&dom) {
-                    Ok(id) => (Reply::Ok(json!({ "id": id })), Some(id)),
+                    Ok(id) => (Reply::Ok(Answer::Done(Done { id })), Some(id)),
                     Err(e) => (Reply::Error(control::chain(&e)), None),
                 },
                 Ok(env) => {
@@ -564,41 +570,44 @@ impl Daemon {
             .ok_or_else(|| DaemonError::NoDomain(dom.clone()))
     }
 
-    fn handle(&self, req: Request, role: Role) -> Result<Value, DaemonError> {
+    fn handle(&self, req: Request, role: Role) -> Result<Answer, DaemonError> {
         match req {
-            Request::Hello => Ok(json!({
-                "version": env!("CARGO_PKG_VERSION"),
-                "protocol": PROTOCOL_VERSION,
-                "pid": std::process::id(),
-                "runtime_dir": self.runtime,
+            Request::Hello => Ok(Answer::Hello(HelloReply {
+                version: env!("CARGO_PKG_VERSION").into(),
+                protocol: PROTOCOL_VERSION,
+                pid: std::process::id(),
+                runtime_dir: self.runtime.clone(),
             })),
-            Request::Info => Ok(self.info()),
-            Request::List => Ok(serde_json::to_value(self.list()).unwrap_or_default()),
+            Request::Info => Ok(Answer::Info(self.info())),
+            Request::List => Ok(Answer::List(self.list())),
             Request::Create { spec, paused } => {
                 let id = self.create(&spec, role, paused, Restarts::new(), None)?;
-                Ok(json!({ "id": id, "name": spec.name }))
+                Ok(Answer::Create(CreateReply {
+                    id,
+                    name: spec.name.clone(),
+                }))
             }
             Request::Destroy { dom } => {
                 let id = self.find(&dom)?;
                 self.destroy(id);
-                Ok(json!({ "id": id }))
+                Ok(Answer::Done(Done { id }))
             }
             Request::Shutdown { dom, reboot, wait } => {
                 let id = self.find(&dom)?;
                 self.shutdown(id, reboot, wait)?;
-                Ok(json!({ "id": id }))
+                Ok(Answer::Done(Done { id }))
             }
             Request::Pause { dom } => {
                 let id = self.find(&dom)?;
                 self.with(id, |m| m.domain.pause())?
                     .map_err(|e| DaemonError::Lifecycle(id, e))?;
-                Ok(json!({ "id": id }))
+                Ok(Answer::Done(Done { id }))
             }
             Request::Unpause { dom } => {
                 let id = self.find(&dom)?;
                 self.with(id, |m| m.domain.unpause())?
                     .map_err(|e| DaemonError::Lifecycle(id, e))?;
-                Ok(json!({ "id": id }))
+                Ok(Answer::Done(Done { id }))
             }
             // Turns the connection into a stream: served by `client`, never here.
             Request::Console { .. } => Err(DaemonError::NotHere("console")),
@@ -607,7 +616,7 @@ impl Daemon {
                     .map_err(DaemonError::Log)?;
                 let all: Vec<&str> = text.lines().collect();
                 let tail = all[all.len().saturating_sub(lines)..].join("\n");
-                Ok(Value::String(tail))
+                Ok(Answer::Dmesg(tail))
             }
             Request::BlockAttach { dom, spec, base } => {
                 let id = self.find(&dom)?;
@@ -622,25 +631,29 @@ impl Daemon {
                 })?;
                 // Dropped outside the lock: the guest gets time to release it.
                 drop(vbd.ok_or_else(|| DaemonError::NoDevice(id, vdev.to_string()))?);
-                Ok(json!({ "id": id, "vdev": vdev }))
+                Ok(Answer::BlockDetach(BlockDetachReply { id, vdev }))
             }
             Request::BlockList { dom } => {
                 let id = self.find(&dom)?;
                 self.with(id, |m| {
-                    Value::Array(
+                    Answer::BlockList(
                         m.disks
                             .iter()
                             .map(|(d, v)| {
                                 let c = v.stats();
-                                json!({
-                                    "vdev": d.vdev, "devid": d.devid(), "target": d.target,
-                                    "readonly": d.readonly,
-                                    "backend_state": v.backend_state(),
-                                    "frontend_state": v.frontend_state(),
-                                    "reads": c.reads, "writes": c.writes,
-                                    "read_bytes": c.read_bytes, "written_bytes": c.written_bytes,
-                                    "errors": c.errors + c.unsupported,
-                                })
+                                VbdRow {
+                                    vdev: d.vdev,
+                                    devid: d.devid(),
+                                    target: d.target.clone(),
+                                    readonly: d.readonly,
+                                    backend_state: v.backend_state(),
+                                    frontend_state: v.frontend_state(),
+                                    reads: c.reads,
+                                    writes: c.writes,
+                                    read_bytes: c.read_bytes,
+                                    written_bytes: c.written_bytes,
+                                    errors: c.errors + c.unsupported,
+                                }
                             })
                             .collect(),
                     )
@@ -661,30 +674,33 @@ impl Daemon {
                     Some(m.vifs.remove(i))
                 })?;
                 drop(vif.ok_or_else(|| DaemonError::NoDevice(id, format!("vif {devid}")))?);
-                Ok(json!({ "id": id, "devid": devid }))
+                Ok(Answer::NetworkDetach(NetworkDetachReply { id, devid }))
             }
             Request::NetworkList { dom } => {
                 let id = self.find(&dom)?;
                 self.with(id, |m| {
-                    Value::Array(
+                    Answer::NetworkList(
                         m.vifs
                             .iter()
                             .map(|(devid, s, v)| {
                                 let c = v.counters().map(|c| c.snapshot()).unwrap_or_default();
-                                json!({
-                                    "devid": devid, "mac": v.mac().to_string(),
-                                    "bridge": s.bridge,
-                                    "backend_state": v.backend_state(),
-                                    "frontend_state": v.frontend_state(),
-                                    "rx_packets": c.rx_packets, "tx_packets": c.tx_packets,
-                                    "tx_dropped": c.tx_dropped, "errors": c.errors,
-                                })
+                                VifRow {
+                                    devid: *devid,
+                                    mac: v.mac(),
+                                    bridge: s.bridge.clone(),
+                                    backend_state: v.backend_state(),
+                                    frontend_state: v.frontend_state(),
+                                    rx_packets: c.rx_packets,
+                                    tx_packets: c.tx_packets,
+                                    tx_dropped: c.tx_dropped,
+                                    errors: c.errors,
+                                }
                             })
                             .collect(),
                     )
                 })
             }
-            Request::Top => Ok(self.top()),
+            Request::Top => Ok(Answer::Top(self.top())),
             Request::MemSet { dom, mib } => {
                 let id = self.find(&dom)?;
                 let (shared, max) =
@@ -699,7 +715,7 @@ impl Daemon {
                 }
                 crate::balloon::set_target(self.hv.store(), &shared, mib)?;
                 self.with(id, |m| m.target_mib = mib)?;
-                Ok(json!({ "id": id, "target": mib }))
+                Ok(Answer::MemSet(MemSetReply { id, target: mib }))
             }
             Request::VcpuList { dom } => {
                 let only = dom.map(|d| self.find(&d)).transpose()?;
@@ -709,21 +725,24 @@ impl Daemon {
                     None => st.domains.range(..),
                 }
                 .flat_map(|(id, m)| {
-                    m.domain.shared().vcpus().into_iter().map(move |v| {
-                        json!({
-                            "name": m.spec.name, "id": id, "vcpu": v.index, "cpu": v.cpu,
-                            "state": match v.state {
-                                VcpuState::Running => "r--",
-                                VcpuState::Blocked => "-b-",
-                                VcpuState::Paused => "--p",
-                                VcpuState::Offline => "---",
-                            },
-                            "time_s": v.time.as_secs_f64(), "affinity": v.affinity,
-                        })
+                    m.domain.shared().vcpus().into_iter().map(move |v| VcpuRow {
+                        name: m.spec.name.clone(),
+                        id: *id,
+                        vcpu: v.index,
+                        cpu: v.cpu,
+                        state: match v.state {
+                            VcpuState::Running => "r--",
+                            VcpuState::Blocked => "-b-",
+                            VcpuState::Paused => "--p",
+                            VcpuState::Offline => "---",
+                        }
+                        .into(),
+                        time_s: v.time.as_secs_f64(),
+                        affinity: v.affinity,
                     })
                 })
                 .collect();
-                Ok(Value::Array(rows))
+                Ok(Answer::VcpuList(rows))
             }
             Request::VcpuPin { dom, vcpu, cpus } => {
                 let id = self.find(&dom)?;
@@ -732,18 +751,18 @@ impl Daemon {
                 for v in vcpu.map_or(all, |v| vec![v]) {
                     shared.pin_vcpu(v, cpus.as_deref())?;
                 }
-                Ok(json!({ "id": id }))
+                Ok(Answer::Done(Done { id }))
             }
             Request::Status { dom } => {
                 let st = self.lock();
                 if let Some((id, m)) = st.find(&dom).and_then(|id| st.domains.get_key_value(&id)) {
-                    return Ok(status_json(*id, &m.spec.name, true, &m.domain.state()));
+                    return Ok(status(*id, &m.spec.name, true, &m.domain.state()));
                 }
                 st.ended
                     .iter()
                     .rev()
                     .find(|(id, name, _)| dom.matches(*id, name))
-                    .map(|(id, name, s)| status_json(*id, name, false, s))
+                    .map(|(id, name, s)| status(*id, name, false, s))
                     .ok_or(DaemonError::NoDomain(dom))
             }
         }
@@ -759,7 +778,7 @@ impl Daemon {
         Ok(f(m))
     }
 
-    fn info(&self) -> Value {
+    fn info(&self) -> InfoReply {
         let mem_kib = std::fs::read_to_string("/proc/meminfo")
             .ok()
             .and_then(|m| {
@@ -772,19 +791,19 @@ impl Daemon {
         let cores = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) };
         let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
         let st = self.lock();
-        json!({
-            "host": {
-                "kvm": format!("{:?}", self.hv.flavour()),
-                "cores": cores,
-                "memory_mib": mem_kib / 1024,
-                "kernel": kernel.trim(),
+        InfoReply {
+            host: HostInfo {
+                kvm: format!("{:?}", self.hv.flavour()),
+                cores,
+                memory_mib: mem_kib / 1024,
+                kernel: kernel.trim().into(),
             },
-            "domains": st.domains.len(),
-            "switches": st.switches.keys().collect::<Vec<_>>(),
-            "splitvisor": env!("CARGO_PKG_VERSION"),
-            "protocol": PROTOCOL_VERSION,
-            "uptime_s": self.started.elapsed().as_secs(),
-        })
+            domains: st.domains.len(),
+            switches: st.switches.keys().cloned().collect(),
+            splitvisor: env!("CARGO_PKG_VERSION").into(),
+            protocol: PROTOCOL_VERSION,
+            uptime_s: self.started.elapsed().as_secs(),
+        }
     }
 
     fn list(&self) -> Vec<DomainInfo> {
@@ -817,50 +836,56 @@ impl Daemon {
             .collect()
     }
 
-    fn top(&self) -> Value {
+    fn top(&self) -> Vec<TopRow> {
         let st = self.lock();
-        Value::Array(
-            st.domains
-                .iter()
-                .map(|(id, m)| {
-                    let (mut rx, mut tx, mut rxb, mut txb) = (0, 0, 0, 0);
-                    for (_, _, v) in &m.vifs {
-                        if let Some(c) = v.counters() {
-                            let s = c.snapshot();
-                            // The port's rx is what the guest sent.
-                            tx += s.rx_packets;
-                            txb += s.rx_bytes;
-                            rx += s.tx_packets;
-                            rxb += s.tx_bytes;
-                        }
+        st.domains
+            .iter()
+            .map(|(id, m)| {
+                let (mut rx, mut tx, mut rxb, mut txb) = (0, 0, 0, 0);
+                for (_, _, v) in &m.vifs {
+                    if let Some(c) = v.counters() {
+                        let s = c.snapshot();
+                        // The port's rx is what the guest sent.
+                        tx += s.rx_packets;
+                        txb += s.rx_bytes;
+                        rx += s.tx_packets;
+                        rxb += s.tx_bytes;
                     }
-                    let mut blk = BlkStats::default();
-                    for (_, v) in &m.disks {
-                        let s = v.stats();
-                        blk.reads += s.reads;
-                        blk.writes += s.writes;
-                        blk.read_bytes += s.read_bytes;
-                        blk.written_bytes += s.written_bytes;
-                        blk.errors += s.errors + s.unsupported;
-                    }
-                    let mem = hypervisor::reservation::stats(m.domain.shared());
-                    let kib = |pages: u64| pages * (pv_protocol::PAGE_SIZE as u64 / 1024);
-                    json!({
-                        "name": m.spec.name, "id": id, "vcpus": m.spec.vcpus,
-                        "mem_kib": kib(mem.held_pages), "maxmem_kib": kib(mem.max_pages),
-                        "target_kib": m.target_mib * 1024, "host_kib": mem.host_bytes / 1024,
-                        "state": state_letter(m.domain.shared()).0,
-                        "cpu_s": m.domain.shared().cpu_time().as_secs_f64(),
-                        "net_rx_packets": rx, "net_tx_packets": tx,
-                        "net_rx_bytes": rxb, "net_tx_bytes": txb,
-                        "disks": m.disks.len(),
-                        "vbd_rd": blk.reads, "vbd_wr": blk.writes,
-                        "vbd_rsect": blk.read_bytes / 512, "vbd_wsect": blk.written_bytes / 512,
-                        "vbd_err": blk.errors,
-                    })
-                })
-                .collect(),
-        )
+                }
+                let mut blk = BlkStats::default();
+                for (_, v) in &m.disks {
+                    let s = v.stats();
+                    blk.reads += s.reads;
+                    blk.writes += s.writes;
+                    blk.read_bytes += s.read_bytes;
+                    blk.written_bytes += s.written_bytes;
+                    blk.errors += s.errors + s.unsupported;
+                }
+                let mem = hypervisor::reservation::stats(m.domain.shared());
+                let kib = |pages: u64| pages * (pv_protocol::PAGE_SIZE as u64 / 1024);
+                TopRow {
+                    name: m.spec.name.clone(),
+                    id: *id,
+                    vcpus: m.spec.vcpus,
+                    mem_kib: kib(mem.held_pages),
+                    maxmem_kib: kib(mem.max_pages),
+                    target_kib: m.target_mib * 1024,
+                    host_kib: mem.host_bytes / 1024,
+                    state: state_letter(m.domain.shared()).0.into(),
+                    cpu_s: m.domain.shared().cpu_time().as_secs_f64(),
+                    net_rx_packets: rx,
+                    net_tx_packets: tx,
+                    net_rx_bytes: rxb,
+                    net_tx_bytes: txb,
+                    disks: m.disks.len(),
+                    vbd_rd: blk.reads,
+                    vbd_wr: blk.writes,
+                    vbd_rsect: blk.read_bytes / 512,
+                    vbd_wsect: blk.written_bytes / 512,
+                    vbd_err: blk.errors,
+                }
+            })
+            .collect()
     }
 
     /// Builds a domain from `spec` with its devices. With `replaces`, the new domain takes the
@@ -1030,7 +1055,7 @@ impl Daemon {
         spec: &str,
         base: Option<&Path>,
         role: Role,
-    ) -> Result<Value, DaemonError> {
+    ) -> Result<Answer, DaemonError> {
         let mut st = self.lock();
         let m = st
             .domains
@@ -1053,13 +1078,17 @@ impl Daemon {
             ));
         }
         let vbd = self.plug_disk(&m.domain, &d, role)?;
-        let out = json!({ "id": id, "vdev": d.vdev, "devid": d.devid() });
+        let out = Answer::BlockAttach(BlockAttachReply {
+            id,
+            vdev: d.vdev,
+            devid: d.devid(),
+        });
         m.spec.disks.push(d.clone());
         m.disks.push((d, vbd));
         Ok(out)
     }
 
-    fn network_attach(&self, id: u32, spec: &str) -> Result<Value, DaemonError> {
+    fn network_attach(&self, id: u32, spec: &str) -> Result<Answer, DaemonError> {
         let v = VifSpec::parse(spec).map_err(|e| spec_error(spec, e))?;
         let mut st = self.lock();
         let (devid, domain_shared) = {
@@ -1081,7 +1110,7 @@ impl Daemon {
             let mac = vif.mac();
             m.spec.vifs.push(v.clone());
             m.vifs.push((devid, v, vif));
-            json!({ "id": id, "devid": devid, "mac": mac.to_string() })
+            Answer::NetworkAttach(NetworkAttachReply { id, devid, mac })
         });
         st.insert(id, m);
         out

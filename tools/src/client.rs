@@ -7,6 +7,7 @@ use std::path::Path;
 
 use dom0::control::{self, Envelope, PROTOCOL_VERSION, Reply, Request};
 use dom0::peer;
+use serde::de::DeserializeOwned;
 use serde_json::Value;
 
 /// A connection to the daemon.
@@ -57,9 +58,13 @@ impl Client {
         Ok(Self { stream, reader })
     }
 
-    /// Sends `req` and waits for its answer: the op's data, or the daemon's error line.
-    pub fn call(&mut self, req: Request) -> Result<Value, CallError> {
-        self.call_text(req).map_err(CallError)
+    /// Sends `req` and waits for its answer: the op's reply (`T`, the type [`control::Answer`]
+    /// names for that op), or the daemon's error line. A reply that is not a `T` is an error
+    /// naming the op and what is wrong with it.
+    pub fn call<T: DeserializeOwned>(&mut self, req: Request) -> Result<T, CallError> {
+        let op = req.op();
+        let v = self.call_text(req).map_err(CallError)?;
+        serde_json::from_value(v).map_err(|e| CallError(format!("unexpected reply to {op}: {e}")))
     }
 
     fn call_text(&mut self, req: Request) -> Result<Value, String> {
@@ -134,5 +139,44 @@ impl Drop for OwnDaemon {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use dom0::control::{DomRef, Done, TopRow};
+
+    /// A client whose daemon answers every request with `reply`.
+    fn answered_with(reply: &str) -> Client {
+        let (stream, mut daemon) = UnixStream::pair().unwrap();
+        daemon.write_all(reply.as_bytes()).unwrap();
+        let reader = BufReader::new(stream.try_clone().unwrap());
+        Client { stream, reader }
+    }
+
+    #[test]
+    fn a_reply_of_the_wrong_shape_is_an_error_naming_the_op() {
+        let destroy = || Request::Destroy { dom: DomRef::Id(3) };
+        let done: Done = answered_with("{\"ok\":{\"id\":3}}\n")
+            .call(destroy())
+            .unwrap();
+        assert_eq!(done, Done { id: 3 });
+        let e = answered_with("{\"ok\":{\"domid\":3}}\n")
+            .call::<Done>(destroy())
+            .unwrap_err();
+        assert_eq!(e.0, "unexpected reply to destroy: missing field `id`");
+        let e = answered_with("{\"ok\":[{\"name\":\"web\",\"id\":1}]}\n")
+            .call::<Vec<TopRow>>(Request::Top)
+            .unwrap_err();
+        assert!(
+            e.0.starts_with("unexpected reply to top: missing field"),
+            "{e}"
+        );
+        assert!(!e.0.contains('\n'));
+        let e = answered_with("{\"error\":\"no domain \\\"3\\\"\"}\n")
+            .call::<Done>(destroy())
+            .unwrap_err();
+        assert_eq!(e.0, "no domain \"3\"");
     }
 }

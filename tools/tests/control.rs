@@ -9,7 +9,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use dom0::control::{MAX_REQUEST, Reply};
+use dom0::control::{CreateReply, HelloReply, MAX_REQUEST, Reply};
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestRunner};
 use serde_json::{Value, json};
@@ -19,10 +19,9 @@ use common::{Env, Raw, XL, last_tick};
 
 /// The daemon's pid (from `hello`).
 fn daemon_pid(raw: &mut Raw) -> u64 {
-    match raw.send(br#"{"v":1,"op":"hello"}"#) {
-        Reply::Ok(v) => v["pid"].as_u64().unwrap(),
-        Reply::Error(e) => panic!("hello: {e}"),
-    }
+    raw.call::<HelloReply>(br#"{"v":1,"op":"hello"}"#)
+        .pid
+        .into()
 }
 
 /// The bystander is listed and running (r or b), and its ticks have gone past `after`.
@@ -317,10 +316,8 @@ fn malformed_requests_get_errors_and_the_daemon_and_a_bystander_live_on() {
     let log = std::fs::read_to_string(env.dir.join("run").join(dom0::control::LOG)).unwrap();
     assert!(!log.contains("panicked"), "{log}");
     // And the valid request next to them works.
-    let Reply::Ok(v) = raw.send(ok.to_string().as_bytes()) else {
-        panic!("the valid create was refused")
-    };
-    assert_eq!(v["name"], "fresh");
+    let v: CreateReply = raw.call(ok.to_string().as_bytes());
+    assert_eq!(v.name.as_str(), "fresh");
     env.ok(&["destroy", "fresh"]);
 
     // A line longer than the limit gets an error, then the connection is closed.

@@ -6,6 +6,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use dom0::control::{DomainInfo, VbdRow};
+
 mod common;
 use common::{Env, Raw, XL, last_tick};
 
@@ -250,28 +252,24 @@ fn preserving_a_domain_does_not_stall_the_daemon() {
     let mut raw = Raw::new(&env);
     let mut worst = Duration::ZERO;
     let t = Instant::now();
-    let ok = |r: dom0::control::Reply| match r {
-        dom0::control::Reply::Ok(v) => v,
-        dom0::control::Reply::Error(e) => panic!("{e}"),
-    };
     loop {
         // Only the daemon's answers are timed (not the start-up of xl processes).
         let asked = Instant::now();
         raw.send(br#"{"v":1,"op":"hello"}"#);
-        let doms = ok(raw.send(br#"{"v":1,"op":"list"}"#));
+        let doms: Vec<DomainInfo> = raw.call(br#"{"v":1,"op":"list"}"#);
         // Preserved: its disk goes (blkverify never released it; the stopped guest is not
         // waited for).
-        let done = doms[0]["state"] == "s"
-            && ok(raw.send(br#"{"v":1,"op":"block-list","dom":"p"}"#))
-                .as_array()
-                .is_some_and(Vec::is_empty);
+        let done = doms.first().is_some_and(|d| d.state == "s")
+            && raw
+                .call::<Vec<VbdRow>>(br#"{"v":1,"op":"block-list","dom":"p"}"#)
+                .is_empty();
         worst = worst.max(asked.elapsed());
         if done {
             break;
         }
         assert!(
             t.elapsed() < Duration::from_secs(30),
-            "not preserved: {doms}"
+            "not preserved: {doms:?}"
         );
         std::thread::sleep(Duration::from_millis(10));
     }

@@ -31,7 +31,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use dom0::control::{DomRef, DomainInfo, Request};
+use dom0::control::{CreateReply, DomRef, DomainInfo, Done, MemSetReply, Request, TopRow};
 use dom0::xlcfg::DomainSpec;
 use splitvisor_tools::client::{Client, OwnDaemon};
 use splitvisor_tools::results::median;
@@ -181,30 +181,24 @@ fn spec(dir: &Path, name: &str, memory: u64) -> Result<DomainSpec, String> {
 }
 
 fn create(c: &mut Client, spec: DomainSpec) -> Result<u32, String> {
-    let v = c
+    let v: CreateReply = c
         .call(Request::Create {
             spec: Box::new(spec),
             paused: false,
         })
         .map_err(|e| format!("create: {e}"))?;
-    v["id"]
-        .as_u64()
-        .and_then(|i| u32::try_from(i).ok())
-        .ok_or_else(|| "create answered without an id".into())
+    Ok(v.id)
 }
 
 /// The guest memory the host backs for the idle domains (their memfds' allocated blocks, `xl
 /// top`'s HOST(k)) and what they hold (MEM(k)), KiB, summed.
 fn backed_kib(c: &mut Client) -> Result<(u64, u64), String> {
-    let v = c.call(Request::Top).map_err(|e| format!("top: {e}"))?;
-    let idle = || {
-        v.as_array()
-            .into_iter()
-            .flatten()
-            .filter(|d| d["name"].as_str().is_some_and(|n| n.starts_with("idle")))
-    };
-    let sum = |k: &str| idle().filter_map(|d| d[k].as_u64()).sum::<u64>();
-    Ok((sum("host_kib"), sum("mem_kib")))
+    let v: Vec<TopRow> = c.call(Request::Top).map_err(|e| format!("top: {e}"))?;
+    let idle = || v.iter().filter(|d| d.name.as_str().starts_with("idle"));
+    Ok((
+        idle().map(|d| d.host_kib).sum(),
+        idle().map(|d| d.mem_kib).sum(),
+    ))
 }
 
 /// A domain file for a guest running `extra` on switch `nb0`.
@@ -231,7 +225,7 @@ fn run_guest<T>(
     let id = create(c, spec)?;
     let answer = (|| {
         let mut con = Client::connect(dir).map_err(|e| format!("{e:?}"))?;
-        con.call(Request::Console {
+        con.call::<Done>(Request::Console {
             dom: DomRef::Id(id),
         })
         .map_err(|e| e.to_string())?;
@@ -244,7 +238,7 @@ fn run_guest<T>(
         }
         Err("the console ended without a result".into())
     })();
-    c.call(Request::Destroy {
+    c.call::<Done>(Request::Destroy {
         dom: DomRef::Id(id),
     })
     .map_err(|e| e.to_string())?;
@@ -331,7 +325,7 @@ fn time_to_first_line(dir: &Path, c: &mut Client, spec: DomainSpec) -> Result<f6
     let t = Instant::now();
     let id = create(c, spec)?;
     let mut con = Client::connect(dir).map_err(|e| format!("{e:?}"))?;
-    con.call(Request::Console {
+    con.call::<Done>(Request::Console {
         dom: DomRef::Id(id),
     })
     .map_err(|e| e.to_string())?;
@@ -451,7 +445,7 @@ fn run() -> Result<(), String> {
     let (before_backed, before_held) = backed_kib(&mut c)?;
     let rss_before = rss_kib(daemon.pid())?;
     for i in 0..n {
-        c.call(Request::MemSet {
+        c.call::<MemSetReply>(Request::MemSet {
             dom: DomRef::Name(format!("idle{i}").parse()?),
             mib: 4,
         })
@@ -484,9 +478,7 @@ fn run() -> Result<(), String> {
 
     // Every guest is asked to power off at once and must acknowledge it.
     let shutdown_ms = xl(&xl_exe, &run_dir, &["shutdown", "-a", "-w"])?;
-    let doms: Vec<DomainInfo> =
-        serde_json::from_value(c.call(Request::List).map_err(|e| e.to_string())?)
-            .map_err(|e| e.to_string())?;
+    let doms: Vec<DomainInfo> = c.call(Request::List).map_err(|e| e.to_string())?;
     let clean = doms
         .iter()
         .filter(|d| d.name.as_str().starts_with("idle"))
@@ -494,7 +486,7 @@ fn run() -> Result<(), String> {
         .count();
     let t = Instant::now();
     for d in &doms {
-        c.call(Request::Destroy {
+        c.call::<Done>(Request::Destroy {
             dom: DomRef::Id(d.id),
         })
         .map_err(|e| format!("destroy {}: {e}", d.id))?;
@@ -505,7 +497,7 @@ fn run() -> Result<(), String> {
     let echo = create(&mut c, net_spec(&work, "echo", "netecho", "10.99.0.1")?)?;
     let ping_end = ping_rtt(&run_dir, &work, &mut c, n + 1)?;
     let blk_end = blk_latency(&run_dir, &work, &mut c, n + 1)?;
-    c.call(Request::Destroy {
+    c.call::<Done>(Request::Destroy {
         dom: DomRef::Id(echo),
     })
     .map_err(|e| e.to_string())?;

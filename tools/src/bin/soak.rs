@@ -21,9 +21,8 @@ use std::io::Read;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use dom0::control::{DomRef, Request};
+use dom0::control::{CreateReply, DomRef, Done, Request, StatusReply};
 use dom0::xlcfg::DomainSpec;
-use serde_json::Value;
 use splitvisor_tools::client::{Client, OwnDaemon};
 
 /// Most lines one hostile domain may leave in the daemon's log over the whole run.
@@ -127,7 +126,7 @@ fn log_lines(log: &Path, id: u64) -> usize {
 /// Everything the domain printed, once it has ended.
 fn console(dir: &Path, id: u64) -> Result<String, String> {
     let mut c = Client::connect(dir).map_err(|e| format!("console: {e:?}"))?;
-    c.call(Request::Console {
+    c.call::<Done>(Request::Console {
         dom: DomRef::Id(id as u32),
     })
     .map_err(|e| e.to_string())?;
@@ -169,13 +168,13 @@ fn run() -> Result<(), String> {
         let file = work.join(format!("{}.cfg", g.name));
         std::fs::write(&file, domain_file(g.name, &work, secs)).map_err(|e| e.to_string())?;
         let spec = DomainSpec::load(&file, &[]).map_err(|e| e.to_string())?;
-        let v = c
+        let v: CreateReply = c
             .call(Request::Create {
                 spec: Box::new(spec),
                 paused: false,
             })
             .map_err(|e| format!("create {}: {e}", g.name))?;
-        ids.push(v["id"].as_u64().ok_or("create answered without an id")?);
+        ids.push(u64::from(v.id));
     }
     let started = Instant::now();
     eprintln!("soak: {} domains up for {secs} s", GUESTS.len());
@@ -208,7 +207,7 @@ fn run() -> Result<(), String> {
 
     // Every guest ends by itself (secs=): wait for all to be stopped (preserved).
     let deadline = Instant::now() + Duration::from_secs(120);
-    let mut states: Vec<Value>;
+    let mut states: Vec<StatusReply>;
     loop {
         states = ids
             .iter()
@@ -219,7 +218,7 @@ fn run() -> Result<(), String> {
             })
             .collect::<Result<_, _>>()
             .map_err(|e| format!("status: {e}"))?;
-        let stopped = |s: &Value| !s["state"].as_str().unwrap_or("").starts_with("Running");
+        let stopped = |s: &StatusReply| !s.state.starts_with("Running");
         // The echo server never ends by itself.
         if states
             .iter()
@@ -264,9 +263,9 @@ fn run() -> Result<(), String> {
             (false, false) => said.last().copied().unwrap_or_default().to_string(),
         };
         let s = &states[i];
-        let how = match s["shutdown_code"].as_u64() {
+        let how = match s.shutdown_code {
             Some(code) => format!("exit {code}"),
-            None => s["state"].as_str().unwrap_or("?").to_string(),
+            None => s.state.clone(),
         };
         let h = half.get(i).copied().unwrap_or(0);
         let _ = writeln!(
@@ -292,7 +291,7 @@ fn run() -> Result<(), String> {
                     g.name, end[i]
                 ));
             }
-            if s["crashed"] == Value::Bool(true) {
+            if s.crashed {
                 failures.push(format!(
                     "{} crashed ({how}): its attack did not run",
                     g.name

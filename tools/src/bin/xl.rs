@@ -7,10 +7,12 @@ use std::process::{Command, ExitCode, Stdio};
 use std::time::{Duration, Instant};
 
 use clap::{Parser, Subcommand};
-use dom0::control::{self, DomRef, DomainInfo, Request};
+use dom0::control::{
+    self, BlockAttachReply, CreateReply, DomRef, DomainInfo, Done, InfoReply, NetworkAttachReply,
+    NetworkDetachReply, Request, StatusReply, TopRow, VbdRow, VcpuRow, VifRow,
+};
 use dom0::peer;
 use dom0::xlcfg::{DomainSpec, HostPath, Vdev};
-use serde_json::Value;
 use splitvisor_tools::client::{Client, ConnectError};
 
 /// Splitvisor's toolstack: create, inspect and control domains.
@@ -280,7 +282,7 @@ fn connect_or_start(dir: &Path) -> Result<Client, Fail> {
 fn shutdown_all(dir: &Path, wait: bool) -> Result<(), Fail> {
     let mut c = connect(dir)?;
     let running = |c: &mut Client| -> Result<std::collections::HashSet<u32>, Fail> {
-        let doms: Vec<DomainInfo> = serde_json::from_value(c.call(Request::List)?)?;
+        let doms: Vec<DomainInfo> = c.call(Request::List)?;
         Ok(doms
             .iter()
             .filter(|d| matches!(d.state.as_str(), "r" | "b" | "p"))
@@ -289,7 +291,7 @@ fn shutdown_all(dir: &Path, wait: bool) -> Result<(), Fail> {
     };
     let asked = running(&mut c)?;
     for &id in &asked {
-        c.call(Request::Shutdown {
+        c.call::<Done>(Request::Shutdown {
             dom: DomRef::Id(id),
             reboot: false,
             wait: false,
@@ -337,7 +339,7 @@ fn console(dir: &Path, dom: &DomRef) -> Result<(), Fail> {
 /// Attaches to `dom`'s console (its output so far comes first).
 fn open_console(dir: &Path, dom: &DomRef) -> Result<Client, Fail> {
     let mut c = connect(dir)?;
-    c.call(Request::Console { dom: dom.clone() })?;
+    c.call::<Done>(Request::Console { dom: dom.clone() })?;
     Ok(c)
 }
 
@@ -437,45 +439,32 @@ fn run(cli: Cli) -> Result<(), Fail> {
             let mut c = connect_or_start(&dir)?;
             // With -c the domain starts paused until the console is attached, so a guest that
             // ends at once still shows its output and its exit status.
-            let v = c.call(Request::Create {
+            let v: CreateReply = c.call(Request::Create {
                 spec: Box::new(spec),
                 paused: paused || attach,
             })?;
-            eprintln!(
-                "xl: created domain {} (id {})",
-                v["name"].as_str().unwrap_or("?"),
-                v["id"]
-            );
+            eprintln!("xl: created domain {} (id {})", v.name, v.id);
             if attach {
-                let id = DomRef::Id(
-                    v["id"]
-                        .as_u64()
-                        .and_then(|i| u32::try_from(i).ok())
-                        .ok_or_else(|| fail("the daemon answered create without an id"))?,
-                );
+                let id = DomRef::Id(v.id);
                 let con = open_console(&dir, &id)?;
                 if !paused {
-                    c.call(Request::Unpause { dom: id.clone() })?;
+                    c.call::<Done>(Request::Unpause { dom: id.clone() })?;
                 }
                 stream_console(con)?;
                 // The console ends when the domain goes: say how it ended, and pass a guest's
                 // failure on as ours.
                 // (Whether it is still listed — preserved, or about to be restarted — or gone.)
-                let s = connect(&dir)?.call(Request::Status { dom: id.clone() })?;
-                if s["crashed"] == Value::Bool(true) {
-                    return Err(fail(format!(
-                        "domain {id} crashed: {}",
-                        s["state"].as_str().unwrap_or("?")
-                    )));
+                let s: StatusReply = connect(&dir)?.call(Request::Status { dom: id.clone() })?;
+                if s.crashed {
+                    return Err(fail(format!("domain {id} crashed: {}", s.state)));
                 }
-                if let Some(c) = s["shutdown_code"].as_u64().filter(|&c| c != 0) {
+                if let Some(c) = s.shutdown_code.filter(|&c| c != 0) {
                     return Err(fail(format!("domain {id} exited with code {c}")));
                 }
             }
         }
         Verb::List { long, json } => {
-            let v = connect(&dir)?.call(Request::List)?;
-            let doms: Vec<DomainInfo> = serde_json::from_value(v)?;
+            let doms: Vec<DomainInfo> = connect(&dir)?.call(Request::List)?;
             if json || long {
                 println!("{}", serde_json::to_string_pretty(&doms)?);
                 return Ok(());
@@ -498,11 +487,11 @@ fn run(cli: Cli) -> Result<(), Fail> {
             print_table(&rows);
         }
         Verb::Destroy { domain } => {
-            connect(&dir)?.call(Request::Destroy { dom: domain })?;
+            connect(&dir)?.call::<Done>(Request::Destroy { dom: domain })?;
         }
         Verb::Shutdown { wait, all, domain } => match domain {
             Some(dom) if !all => {
-                connect(&dir)?.call(Request::Shutdown {
+                connect(&dir)?.call::<Done>(Request::Shutdown {
                     dom,
                     reboot: false,
                     wait,
@@ -511,59 +500,59 @@ fn run(cli: Cli) -> Result<(), Fail> {
             _ => shutdown_all(&dir, wait)?,
         },
         Verb::Reboot { wait, domain } => {
-            connect(&dir)?.call(Request::Shutdown {
+            connect(&dir)?.call::<Done>(Request::Shutdown {
                 dom: domain,
                 reboot: true,
                 wait,
             })?;
         }
         Verb::Pause { domain } => {
-            connect(&dir)?.call(Request::Pause { dom: domain })?;
+            connect(&dir)?.call::<Done>(Request::Pause { dom: domain })?;
         }
         Verb::Unpause { domain } => {
-            connect(&dir)?.call(Request::Unpause { dom: domain })?;
+            connect(&dir)?.call::<Done>(Request::Unpause { dom: domain })?;
         }
         Verb::Console { domain } => console(&dir, &domain)?,
         Verb::Dmesg { lines } => {
-            let v = connect(&dir)?.call(Request::Dmesg { lines })?;
-            println!("{}", v.as_str().unwrap_or_default());
+            let text: String = connect(&dir)?.call(Request::Dmesg { lines })?;
+            println!("{text}");
         }
         Verb::Info => {
-            let v = connect(&dir)?.call(Request::Info)?;
-            let h = &v["host"];
+            let v: InfoReply = connect(&dir)?.call(Request::Info)?;
+            let h = &v.host;
             for (k, val) in [
-                ("kvm", h["kvm"].to_string()),
-                ("nr_cpus", h["cores"].to_string()),
-                ("total_memory", format!("{} MiB", h["memory_mib"])),
-                ("host_kernel", h["kernel"].to_string()),
-                ("domains", v["domains"].to_string()),
-                ("switches", v["switches"].to_string()),
-                ("splitvisor_version", v["splitvisor"].to_string()),
-                ("protocol_version", v["protocol"].to_string()),
-                ("daemon_uptime", format!("{} s", v["uptime_s"])),
+                ("kvm", h.kvm.clone()),
+                ("nr_cpus", h.cores.to_string()),
+                ("total_memory", format!("{} MiB", h.memory_mib)),
+                ("host_kernel", h.kernel.clone()),
+                ("domains", v.domains.to_string()),
+                ("switches", serde_json::to_string(&v.switches)?),
+                ("splitvisor_version", v.splitvisor),
+                ("protocol_version", v.protocol.to_string()),
+                ("daemon_uptime", format!("{} s", v.uptime_s)),
             ] {
-                println!("{k:<20}: {}", val.trim_matches('"'));
+                println!("{k:<20}: {val}");
             }
         }
         Verb::VcpuList { domain } => {
-            let v = connect(&dir)?.call(Request::VcpuList { dom: domain })?;
+            let v: Vec<VcpuRow> = connect(&dir)?.call(Request::VcpuList { dom: domain })?;
             let mut rows = vec![
                 ["Name", "ID", "VCPU", "CPU", "State", "Time(s)", "Affinity"]
                     .map(String::from)
                     .to_vec(),
             ];
-            for d in v.as_array().into_iter().flatten() {
-                let affinity = match d["affinity"].as_array() {
+            for d in v {
+                let affinity = match d.affinity {
                     None => "all".to_string(),
-                    Some(a) => cpu_list(a.iter().filter_map(Value::as_u64)),
+                    Some(a) => cpu_list(a.into_iter().map(u64::from)),
                 };
                 rows.push(vec![
-                    d["name"].as_str().unwrap_or("?").into(),
-                    d["id"].to_string(),
-                    d["vcpu"].to_string(),
-                    d["cpu"].as_u64().map_or("-".into(), |c| c.to_string()),
-                    d["state"].as_str().unwrap_or("?").into(),
-                    format!("{:.1}", d["time_s"].as_f64().unwrap_or(0.0)),
+                    d.name.to_string(),
+                    d.id.to_string(),
+                    d.vcpu.to_string(),
+                    or_dash(d.cpu),
+                    d.state,
+                    format!("{:.1}", d.time_s),
                     affinity,
                 ]);
             }
@@ -581,21 +570,21 @@ fn run(cli: Cli) -> Result<(), Fail> {
                 "all" => None,
                 c => Some(dom0::xlcfg::parse_cpu_list(c).map_err(fail)?),
             };
-            connect(&dir)?.call(Request::VcpuPin {
+            connect(&dir)?.call::<Done>(Request::VcpuPin {
                 dom: domain,
                 vcpu,
                 cpus,
             })?;
         }
         Verb::MemSet { domain, mib } => {
-            connect(&dir)?.call(Request::MemSet { dom: domain, mib })?;
+            connect(&dir)?.call::<control::MemSetReply>(Request::MemSet { dom: domain, mib })?;
         }
         Verb::Top { delay, iterations } => {
             let mut c = connect(&dir)?;
             let tty = std::io::stdout().is_terminal();
             let mut n = 0;
             loop {
-                let v = c.call(Request::Top)?;
+                let v: Vec<TopRow> = c.call(Request::Top)?;
                 if tty {
                     print!("\x1b[H\x1b[2J");
                 }
@@ -623,26 +612,26 @@ fn run(cli: Cli) -> Result<(), Fail> {
                     .map(String::from)
                     .to_vec(),
                 ];
-                for d in v.as_array().into_iter().flatten() {
+                for d in v {
                     rows.push(vec![
-                        d["name"].as_str().unwrap_or("?").into(),
-                        d["id"].to_string(),
-                        d["state"].as_str().unwrap_or("?").into(),
-                        format!("{:.2}", d["cpu_s"].as_f64().unwrap_or(0.0)),
-                        d["vcpus"].to_string(),
-                        d["mem_kib"].to_string(),
-                        d["maxmem_kib"].to_string(),
-                        d["host_kib"].to_string(),
-                        d["net_rx_packets"].to_string(),
-                        d["net_tx_packets"].to_string(),
-                        d["net_rx_bytes"].to_string(),
-                        d["net_tx_bytes"].to_string(),
-                        d["disks"].to_string(),
-                        d["vbd_rd"].to_string(),
-                        d["vbd_wr"].to_string(),
-                        d["vbd_rsect"].to_string(),
-                        d["vbd_wsect"].to_string(),
-                        d["vbd_err"].to_string(),
+                        d.name.to_string(),
+                        d.id.to_string(),
+                        d.state,
+                        format!("{:.2}", d.cpu_s),
+                        d.vcpus.to_string(),
+                        d.mem_kib.to_string(),
+                        d.maxmem_kib.to_string(),
+                        d.host_kib.to_string(),
+                        d.net_rx_packets.to_string(),
+                        d.net_tx_packets.to_string(),
+                        d.net_rx_bytes.to_string(),
+                        d.net_tx_bytes.to_string(),
+                        d.disks.to_string(),
+                        d.vbd_rd.to_string(),
+                        d.vbd_wr.to_string(),
+                        d.vbd_rsect.to_string(),
+                        d.vbd_wsect.to_string(),
+                        d.vbd_err.to_string(),
                     ]);
                 }
                 print_table(&rows);
@@ -659,57 +648,47 @@ fn run(cli: Cli) -> Result<(), Fail> {
             let base = std::env::current_dir()
                 .ok()
                 .and_then(|d| HostPath::new(&d, None).ok());
-            let v = connect(&dir)?.call(Request::BlockAttach {
+            let v: BlockAttachReply = connect(&dir)?.call(Request::BlockAttach {
                 dom: domain,
                 spec,
                 base,
             })?;
-            eprintln!(
-                "xl: attached {} (device {})",
-                v["vdev"].as_str().unwrap_or("?"),
-                v["devid"]
-            );
+            eprintln!("xl: attached {} (device {})", v.vdev, v.devid);
         }
         Verb::BlockDetach { domain, vdev } => {
-            connect(&dir)?.call(Request::BlockDetach { dom: domain, vdev })?;
+            connect(&dir)?
+                .call::<control::BlockDetachReply>(Request::BlockDetach { dom: domain, vdev })?;
         }
         Verb::BlockList { domain } => {
-            let v = connect(&dir)?.call(Request::BlockList { dom: domain })?;
+            let v: Vec<VbdRow> = connect(&dir)?.call(Request::BlockList { dom: domain })?;
             let mut rows = vec![
                 ["Vdev", "BE", "State", "FE-State", "RO", "Target"]
                     .map(String::from)
                     .to_vec(),
             ];
-            for d in v.as_array().into_iter().flatten() {
+            for d in v {
                 rows.push(vec![
-                    d["vdev"].as_str().unwrap_or("?").into(),
-                    d["devid"].to_string(),
-                    d["backend_state"].to_string(),
-                    d["frontend_state"].to_string(),
-                    if d["readonly"].as_bool() == Some(true) {
-                        "ro"
-                    } else {
-                        "rw"
-                    }
-                    .into(),
-                    d["target"].as_str().unwrap_or("?").into(),
+                    d.vdev.to_string(),
+                    d.devid.to_string(),
+                    or_dash(d.backend_state),
+                    or_dash(d.frontend_state),
+                    if d.readonly { "ro" } else { "rw" }.into(),
+                    d.target.as_path().display().to_string(),
                 ]);
             }
             print_table(&rows);
         }
         Verb::NetworkAttach { domain, spec } => {
-            let v = connect(&dir)?.call(Request::NetworkAttach { dom: domain, spec })?;
-            eprintln!(
-                "xl: attached vif {} (mac {})",
-                v["devid"],
-                v["mac"].as_str().unwrap_or("?")
-            );
+            let v: NetworkAttachReply =
+                connect(&dir)?.call(Request::NetworkAttach { dom: domain, spec })?;
+            eprintln!("xl: attached vif {} (mac {})", v.devid, v.mac);
         }
         Verb::NetworkDetach { domain, devid } => {
-            connect(&dir)?.call(Request::NetworkDetach { dom: domain, devid })?;
+            connect(&dir)?
+                .call::<NetworkDetachReply>(Request::NetworkDetach { dom: domain, devid })?;
         }
         Verb::NetworkList { domain } => {
-            let v = connect(&dir)?.call(Request::NetworkList { dom: domain })?;
+            let v: Vec<VifRow> = connect(&dir)?.call(Request::NetworkList { dom: domain })?;
             let mut rows = vec![
                 [
                     "Idx", "Mac", "Bridge", "BE-State", "FE-State", "RX", "TX", "Dropped", "Errors",
@@ -717,23 +696,28 @@ fn run(cli: Cli) -> Result<(), Fail> {
                 .map(String::from)
                 .to_vec(),
             ];
-            for d in v.as_array().into_iter().flatten() {
+            for d in v {
                 rows.push(vec![
-                    d["devid"].to_string(),
-                    d["mac"].as_str().unwrap_or("?").into(),
-                    d["bridge"].as_str().unwrap_or("?").into(),
-                    d["backend_state"].to_string(),
-                    d["frontend_state"].to_string(),
-                    d["tx_packets"].to_string(),
-                    d["rx_packets"].to_string(),
-                    d["tx_dropped"].to_string(),
-                    d["errors"].to_string(),
+                    d.devid.to_string(),
+                    d.mac.to_string(),
+                    d.bridge.to_string(),
+                    or_dash(d.backend_state),
+                    or_dash(d.frontend_state),
+                    d.tx_packets.to_string(),
+                    d.rx_packets.to_string(),
+                    d.tx_dropped.to_string(),
+                    d.errors.to_string(),
                 ]);
             }
             print_table(&rows);
         }
     }
     Ok(())
+}
+
+/// A number, or `-` for none.
+fn or_dash(n: Option<u32>) -> String {
+    n.map_or("-".into(), |n| n.to_string())
 }
 
 /// A memory size as `xl mem-set` takes it: MiB, or a number with `k`, `m` or `g` (any case);

@@ -181,6 +181,16 @@ impl Raw {
         serde_json::from_str(&back).unwrap_or_else(|e| panic!("reply {back:?}: {e}"))
     }
 
+    /// Sends `line` and expects the op's reply, a `T`.
+    pub fn call<T: serde::de::DeserializeOwned>(&mut self, line: &[u8]) -> T {
+        let req = String::from_utf8_lossy(line).into_owned();
+        match self.send(line) {
+            Reply::Ok(v) => serde_json::from_value(v.clone())
+                .unwrap_or_else(|e| panic!("reply to {req}: {e}: {v}")),
+            Reply::Error(e) => panic!("{req} was refused: {e}"),
+        }
+    }
+
     /// Sends `req` and expects an error reply; returns its text.
     pub fn refused(&mut self, req: &Value) -> String {
         match self.send(req.to_string().as_bytes()) {
