@@ -7,18 +7,19 @@
 
 pub mod balloon;
 pub mod blkback;
-pub mod control;
 pub mod daemon;
 pub mod disk;
 pub mod grants;
 pub mod netback;
-pub mod peer;
 pub mod switch;
 pub mod tap;
 pub mod vbd;
 pub mod vif;
 pub mod xenbus;
-pub mod xlcfg;
+
+// The control protocol, the domain-file parser and the trust checks live in the light API crate
+// (which `xl` uses alone); re-exported so the daemon's paths stay `dom0::control` and so on.
+pub use splitvisor_api::{control, peer, xlcfg};
 
 #[cfg(test)]
 pub(crate) mod test_util {

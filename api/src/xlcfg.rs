@@ -18,7 +18,7 @@
 use std::fmt;
 use std::path::{Path, PathBuf};
 
-use crate::switch::Mac;
+use crate::mac::Mac;
 
 /// A configuration error: where and why.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -741,9 +741,7 @@ impl VifSpec {
                 .ok_or_else(|| format!("{:?}: vif settings are key=value", Shown(item)))?;
             match k {
                 "mac" => {
-                    let m = val
-                        .parse()
-                        .map_err(|e: crate::switch::BadMac| e.to_string())?;
+                    let m = val.parse().map_err(|e: crate::mac::BadMac| e.to_string())?;
                     mac = Some(check_mac(m)?);
                 }
                 "bridge" => bridge = Some(val.parse().map_err(|e| format!("bridge {e}"))?),

@@ -29,7 +29,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::switch::Mac;
+use crate::mac::Mac;
 use crate::xlcfg::{DomainName, DomainSpec, HostPath, Shown, SwitchName, Vdev};
 
 /// Longest request line, newline included. A longer one is answered with an error and the
