@@ -33,8 +33,8 @@ use std::time::{Duration, Instant};
 
 use dom0::control::{CreateReply, DomRef, DomainInfo, Done, MemSetReply, Request, TopRow};
 use dom0::xlcfg::DomainSpec;
-use splitvisor_tools::client::{Client, OwnDaemon};
 use splitvisor_tools::results::median;
+use splitvisor_xl::client::{Client, OwnDaemon};
 
 /// Domains whose time to first console line is measured at each count.
 const SAMPLE: usize = 20;

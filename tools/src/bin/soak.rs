@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 
 use dom0::control::{CreateReply, DomRef, Done, Request, StatusReply};
 use dom0::xlcfg::DomainSpec;
-use splitvisor_tools::client::{Client, OwnDaemon};
+use splitvisor_xl::client::{Client, OwnDaemon};
 
 /// Most lines one hostile domain may leave in the daemon's log over the whole run.
 const HOSTILE_LOG_LINES: usize = 200;

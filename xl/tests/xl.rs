@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use dom0::control::{DomainInfo, VbdRow};
+use splitvisor_api::control::{DomainInfo, VbdRow};
 
 mod common;
 use common::{Env, Raw, XL, last_tick};
@@ -121,7 +121,12 @@ fn bad_domain_files_are_refused_with_file_line_and_reason() {
         "{err}"
     );
     // Nothing was started for a file that does not parse.
-    assert!(!env.dir.join("run").join(dom0::control::SOCKET).exists());
+    assert!(
+        !env.dir
+            .join("run")
+            .join(splitvisor_api::control::SOCKET)
+            .exists()
+    );
 }
 
 #[test]
@@ -302,7 +307,7 @@ fn one_daemon_per_runtime_dir_and_a_stale_socket_is_replaced() {
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(err.contains("another splitvisord"), "{err}");
     // Kill it hard: the socket file stays behind.
-    let pid: i32 = std::fs::read_to_string(env.dir.join("run").join(dom0::control::LOCK))
+    let pid: i32 = std::fs::read_to_string(env.dir.join("run").join(splitvisor_api::control::LOCK))
         .unwrap()
         .trim()
         .parse()
@@ -314,7 +319,12 @@ fn one_daemon_per_runtime_dir_and_a_stale_socket_is_replaced() {
             || std::fs::read_to_string(format!("/proc/{pid}/stat"))
                 .is_ok_and(|s| s.contains(") Z "))
     });
-    assert!(env.dir.join("run").join(dom0::control::SOCKET).exists());
+    assert!(
+        env.dir
+            .join("run")
+            .join(splitvisor_api::control::SOCKET)
+            .exists()
+    );
     // Until the kernel has closed the dead daemon's listening socket a connection may still be
     // accepted and then reset; after that, the one-line "no daemon" answer.
     env.wait_until("connections refused", || {
@@ -579,7 +589,7 @@ fn thread_cpus(env: &Env, name: &str) -> String {
 }
 
 fn try_thread_cpus(env: &Env, name: &str) -> Option<String> {
-    let lock = env.dir.join("run").join(dom0::control::LOCK);
+    let lock = env.dir.join("run").join(splitvisor_api::control::LOCK);
     let pid = std::fs::read_to_string(lock).unwrap();
     let tasks = format!("/proc/{}/task", pid.trim());
     for t in std::fs::read_dir(&tasks).unwrap().flatten() {

@@ -1,14 +1,14 @@
-//! A client of `splitvisord`'s control protocol ([`dom0::control`]), as `xl` and the soak test
+//! A client of `splitvisord`'s control protocol ([`splitvisor_api::control`]), as `xl` and the soak test
 //! use it: it checks whom it talks to before it sends anything.
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 
-use dom0::control::{self, Envelope, PROTOCOL_VERSION, Reply, Request};
-use dom0::peer;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
+use splitvisor_api::control::{self, Envelope, PROTOCOL_VERSION, Reply, Request};
+use splitvisor_api::peer;
 
 /// A connection to the daemon.
 #[derive(Debug)]
@@ -145,7 +145,7 @@ impl Drop for OwnDaemon {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use dom0::control::{DomRef, Done, TopRow};
+    use splitvisor_api::control::{DomRef, Done, TopRow};
 
     /// A client whose daemon answers every request with `reply`.
     fn answered_with(reply: &str) -> Client {

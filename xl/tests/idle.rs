@@ -12,7 +12,7 @@ use splitvisor_tests::wake_ups;
 
 /// The daemon's pid, from its lock file.
 fn daemon_pid(env: &Env) -> String {
-    let lock = env.dir.join("run").join(dom0::control::LOCK);
+    let lock = env.dir.join("run").join(splitvisor_api::control::LOCK);
     std::fs::read_to_string(lock).unwrap().trim().to_owned()
 }
 

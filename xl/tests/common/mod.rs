@@ -9,14 +9,14 @@ use std::process::{Command, Output, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use dom0::control::{DomainInfo, Reply};
 use serde_json::Value;
+use splitvisor_api::control::{DomainInfo, Reply};
 
 /// The `xl` binary under test.
 pub const XL: &str = env!("CARGO_BIN_EXE_xl");
 
 /// Makes sure an up-to-date `splitvisord` sits next to `xl` (it belongs to another package, so
-/// `cargo test -p splitvisor-tools` alone would not build it, and a stale one would embed a
+/// `cargo test -p splitvisor-xl` alone would not build it, and a stale one would embed a
 /// stale guest kernel); a no-op when it is fresh.
 pub fn daemon_built() {
     static BUILT: OnceLock<()> = OnceLock::new();
@@ -139,7 +139,7 @@ impl Env {
 
 impl Drop for Env {
     fn drop(&mut self) {
-        let lock = self.dir.join("run").join(dom0::control::LOCK);
+        let lock = self.dir.join("run").join(splitvisor_api::control::LOCK);
         if let Some(pid) = std::fs::read_to_string(lock)
             .ok()
             .and_then(|p| p.trim().parse::<i32>().ok())
@@ -162,7 +162,8 @@ pub struct Raw {
 impl Raw {
     /// Connects to `env`'s daemon.
     pub fn new(env: &Env) -> Self {
-        let w = UnixStream::connect(env.dir.join("run").join(dom0::control::SOCKET)).unwrap();
+        let w =
+            UnixStream::connect(env.dir.join("run").join(splitvisor_api::control::SOCKET)).unwrap();
         // A request that makes the daemon hang fails the test instead of hanging it.
         w.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
         let r = BufReader::new(w.try_clone().unwrap());

@@ -9,10 +9,10 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use dom0::control::{CreateReply, HelloReply, MAX_REQUEST, Reply};
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestRunner};
 use serde_json::{Value, json};
+use splitvisor_api::control::{CreateReply, HelloReply, MAX_REQUEST, Reply};
 
 mod common;
 use common::{Env, Raw, XL, last_tick};
@@ -313,7 +313,8 @@ fn malformed_requests_get_errors_and_the_daemon_and_a_bystander_live_on() {
     assert_eq!(env.list().len(), 1);
     assert!(!env.dir.join("fresh.img").exists());
     // The refusals are logged.
-    let log = std::fs::read_to_string(env.dir.join("run").join(dom0::control::LOG)).unwrap();
+    let log =
+        std::fs::read_to_string(env.dir.join("run").join(splitvisor_api::control::LOG)).unwrap();
     assert!(!log.contains("panicked"), "{log}");
     // And the valid request next to them works.
     let v: CreateReply = raw.call(ok.to_string().as_bytes());
@@ -509,7 +510,7 @@ fn only_root_the_daemons_user_and_its_group_are_served() {
         .spawn()
         .unwrap();
     env.wait_until("the daemon listens", || {
-        run.join(dom0::control::SOCKET).exists()
+        run.join(splitvisor_api::control::SOCKET).exists()
     });
     // xl as uid 4242 with nogroup only as a supplementary group: the directory and socket let it
     // in, the daemon does not (its credentials name neither the user nor the group).
@@ -571,7 +572,7 @@ fn only_root_the_daemons_user_and_its_group_are_served() {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     use std::os::unix::fs::MetadataExt;
     assert_eq!(std::fs::metadata(mine.join("d.img")).unwrap().uid(), 4242);
-    let log = std::fs::read_to_string(run.join(dom0::control::LOG)).unwrap();
+    let log = std::fs::read_to_string(run.join(splitvisor_api::control::LOG)).unwrap();
     assert!(
         log.contains("connection refused") && log.contains("uid=4242"),
         "{log}"
@@ -628,7 +629,8 @@ fn xl_refuses_a_runtime_dir_or_a_daemon_it_cannot_trust() {
     // A trustworthy directory, but the socket in it is served by another user's process: xl
     // hangs up before sending anything (no keystroke reaches an impostor).
     std::fs::create_dir(&run).unwrap();
-    let sock = std::os::unix::net::UnixListener::bind(run.join(dom0::control::SOCKET)).unwrap();
+    let sock =
+        std::os::unix::net::UnixListener::bind(run.join(splitvisor_api::control::SOCKET)).unwrap();
     let fd = std::os::fd::AsRawFd::as_raw_fd(&sock);
     // The child says on this pipe when it listens: a connection made before that would carry
     // the parent's (root's) credentials.

@@ -7,13 +7,13 @@ use std::process::{Command, ExitCode, Stdio};
 use std::time::{Duration, Instant};
 
 use clap::{Parser, Subcommand};
-use dom0::control::{
+use splitvisor_api::control::{
     self, BlockAttachReply, CreateReply, DomRef, DomainInfo, Done, InfoReply, NetworkAttachReply,
     NetworkDetachReply, Request, StatusReply, TopRow, VbdRow, VcpuRow, VifRow,
 };
-use dom0::peer;
-use dom0::xlcfg::{DomainSpec, HostPath, Vdev};
-use splitvisor_tools::client::{Client, ConnectError};
+use splitvisor_api::peer;
+use splitvisor_api::xlcfg::{DomainSpec, HostPath, Vdev};
+use splitvisor_xl::client::{Client, ConnectError};
 
 /// Splitvisor's toolstack: create, inspect and control domains.
 #[derive(Debug, Parser)]
@@ -568,7 +568,7 @@ fn run(cli: Cli) -> Result<(), Fail> {
             };
             let cpus = match cpus.as_str() {
                 "all" => None,
-                c => Some(dom0::xlcfg::parse_cpu_list(c).map_err(fail)?),
+                c => Some(splitvisor_api::xlcfg::parse_cpu_list(c).map_err(fail)?),
             };
             connect(&dir)?.call::<Done>(Request::VcpuPin {
                 dom: domain,
