@@ -44,7 +44,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::disk::Disk;
 use crate::grants::{GrantMapper, MappedPage};
-use crate::netback::Notify;
+use crate::notify::Notify;
 
 /// Indirect segments per request this back-end advertises (`feature-max-indirect-segments`).
 pub const MAX_INDIRECT_SEGMENTS: usize = 256;

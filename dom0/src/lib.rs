@@ -11,6 +11,7 @@ pub mod daemon;
 pub mod disk;
 pub mod grants;
 pub mod netback;
+pub mod notify;
 pub mod switch;
 pub mod tap;
 pub mod vbd;

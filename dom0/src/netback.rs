@@ -15,7 +15,7 @@
 //! tests drive it with a mock front end.
 
 use std::any::Any;
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::RawFd;
 use std::sync::Arc;
 
 use pv_protocol::PAGE_SIZE;
@@ -27,31 +27,8 @@ use pv_protocol::netif::{
 use pv_protocol::ring::BackRing;
 
 use crate::grants::GrantMapper;
+use crate::notify::Notify;
 use crate::switch::{FrameMeta, Mac, Port, PortCounters, PortError, VIF_MAX_LEARNED};
-
-/// How a port tells its guest about responses, and learns of its requests.
-pub trait Notify: Send {
-    /// Signals the guest.
-    fn notify(&self);
-    /// Readable when the guest signalled.
-    fn wait_fd(&self) -> RawFd;
-    /// Consumes the guest's signals.
-    fn clear(&self);
-}
-
-impl Notify for hypervisor::evtchn::HostPort {
-    fn notify(&self) {
-        hypervisor::evtchn::HostPort::notify(self);
-    }
-
-    fn wait_fd(&self) -> RawFd {
-        self.eventfd().as_raw_fd()
-    }
-
-    fn clear(&self) {
-        let _ = self.eventfd().read();
-    }
-}
 
 /// What a vif negotiated with its front end.
 #[derive(Debug, Clone, Copy, Default)]
@@ -372,6 +349,7 @@ mod tests {
     use pv_protocol::netif::{NetTxSlot, NetifRxRequestRaw};
     use pv_protocol::test_utils::{MockFrontEnd, RingMemory};
     use std::cell::Cell;
+    use std::os::fd::AsRawFd;
     use std::ptr::NonNull;
     use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 

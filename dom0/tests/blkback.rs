@@ -487,7 +487,7 @@ impl GrantMapper for FixedRam {
 /// The event channel: an eventfd standing for the guest's doorbell.
 struct Chan(vmm_sys_util::eventfd::EventFd);
 
-impl dom0::netback::Notify for Chan {
+impl dom0::notify::Notify for Chan {
     fn notify(&self) {}
     fn wait_fd(&self) -> std::os::fd::RawFd {
         std::os::fd::AsRawFd::as_raw_fd(&self.0)
