@@ -385,7 +385,7 @@ fn populate(dom: &DomainShared, frames: &[u64]) -> (u64, Option<(u64, Refusal)>)
     let n = done.len() as u64;
     if n > 0 {
         // What a guest wrote into an absent frame goes: populated memory reads as zeros.
-        punch(dom, &runs_of(&mut done.clone()));
+        punch(dom, &runs_of(&mut done));
         let _track = crate::grant::track(dom);
         for &f in &done {
             r.set_absent(f, false);

@@ -68,14 +68,6 @@ fn write(cpu: &Cpu, path: &[u8], value: &[u8]) -> Result<(), StoreFail> {
     )
     .map(|_| ())
 }
-
-/// Waits (up to 5 s, on a store watch) for the back end at `be` to reach XenbusState `want`.
-fn wait_state(cpu: &Cpu, be: &[u8], want: u64) -> bool {
-    let mut k = [0u8; 128];
-    let path = join(&mut k, be, b"state");
-    crate::store::wait_for(cpu, path, 5000, |v| v.and_then(parse_u64) == Some(want))
-}
-
 /// Builds `prefix/suffix` into `buf`.
 fn join<'b>(buf: &'b mut [u8; 128], prefix: &[u8], suffix: &[u8]) -> &'b [u8] {
     let n = (prefix.len() + 1 + suffix.len()).min(128);
@@ -141,7 +133,7 @@ impl BlkFront {
         be[..be_len].copy_from_slice(&out[..be_len]);
         let be = &be[..be_len];
         // Wait for the back end's InitWait.
-        if !wait_state(cpu, be, 2) {
+        if !crate::netfront::wait_state(cpu, be, 2) {
             return Err("back end never reached InitWait");
         }
         let n = read(cpu, join(&mut key, be, b"sectors"), &mut out).map_err(|_| "no sectors")?;
@@ -242,7 +234,7 @@ impl BlkFront {
         // Our data pages are granted for good: let the back end keep them mapped.
         w(cpu, b"feature-persistent", b"1").map_err(|_| "write feature-persistent")?;
         w(cpu, b"state", b"3").map_err(|_| "write state")?;
-        if !wait_state(cpu, be, 4) {
+        if !crate::netfront::wait_state(cpu, be, 4) {
             return Err("back end never connected");
         }
         w(cpu, b"state", b"4").map_err(|_| "write state")?;
@@ -590,7 +582,7 @@ impl BlkFront {
             let n = read(cpu, join(&mut kb, dir, k), &mut o).ok()?;
             parse_u64(&o[..n])
         };
-        if !wait_state(cpu, be, 2) {
+        if !crate::netfront::wait_state(cpu, be, 2) {
             return Err("back end never reached InitWait");
         }
         let sectors = num(cpu, be, b"sectors").ok_or("no sectors")?;
@@ -630,7 +622,7 @@ impl BlkFront {
         // The data page stays granted while connected: the back end may keep it mapped.
         w(cpu, b"feature-persistent", b"1")?;
         w(cpu, b"state", b"3")?;
-        if !wait_state(cpu, be, 4) {
+        if !crate::netfront::wait_state(cpu, be, 4) {
             return Err("back end never connected");
         }
         w(cpu, b"state", b"4")?;

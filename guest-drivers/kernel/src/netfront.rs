@@ -193,7 +193,7 @@ fn list_vifs(cpu: &Cpu, ids: &mut [u32; 16]) -> usize {
 }
 
 /// Waits (5 s at most, on a store watch) for the back end's `state` to read `want`.
-fn wait_state(cpu: &Cpu, be: &[u8], want: u64) -> bool {
+pub(crate) fn wait_state(cpu: &Cpu, be: &[u8], want: u64) -> bool {
     let path = Path::new(&[be, b"state"]);
     crate::store::wait_for(cpu, path.as_bytes(), 5000, |v| {
         v.and_then(parse_u64) == Some(want)
@@ -672,18 +672,15 @@ impl NetFront {
     /// first, and returns at once if responses are already waiting. A broken ring sleeps the
     /// whole timeout (no busy loop).
     pub fn sleep(&mut self, cpu: &Cpu, timeout_ns: u64, tx_batch: u32) {
-        self.publish_rx();
-        self.flush();
-        // Cleared before arming: an event that arrives from here on leaves the port pending
-        // and the poll returns at once.
-        ev::clear_pending(self.port);
-        let rx = self.rx.final_check_for_responses();
+        if !self.prepare_sleep() {
+            return;
+        }
         let tx = if tx_batch > 0 && self.tx.in_flight() > 0 {
             self.tx.final_check_for_responses_after(tx_batch)
         } else {
             Ok(false)
         };
-        if rx == Ok(true) || tx == Ok(true) {
+        if tx == Ok(true) {
             return;
         }
         // 0 would mean "forever".
